@@ -1,0 +1,84 @@
+//! Errors of the core. Their `Display` text is exactly what a Lua user reads
+//! (`nil, err` or a logged line), so it is short, lowercase and specific.
+
+use std::fmt;
+
+/// Everything the core can refuse.
+///
+/// Across the C ABI an error travels as its negative code (see
+/// [`Error::code`]); Lua turns it back into this text through the module's
+/// `error_message(code)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// More keys pending in one sync interval than a store can hold.
+    TooManyKeys,
+    /// An integer sum left the range that a shared dict (a double) holds
+    /// exactly, or a sum left the int64 range.
+    OutOfExactRange,
+    /// A slot index that the store never handed out, or a null store.
+    BadSlot,
+    /// A Rust panic was caught at the C boundary (a bug in this library).
+    Internal,
+}
+
+impl Error {
+    const ALL: [Error; 4] = [
+        Error::TooManyKeys,
+        Error::OutOfExactRange,
+        Error::BadSlot,
+        Error::Internal,
+    ];
+
+    /// The negative number that stands for this error in C return values.
+    pub fn code(self) -> i32 {
+        match self {
+            Error::TooManyKeys => -1,
+            Error::OutOfExactRange => -2,
+            Error::BadSlot => -3,
+            Error::Internal => -4,
+        }
+    }
+
+    /// The error a negative C return value stands for, if any.
+    pub fn from_code(code: i32) -> Option<Error> {
+        Error::ALL.iter().copied().find(|e| e.code() == code)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Error::TooManyKeys => "too many pending keys",
+            Error::OutOfExactRange => "value out of exact integer range",
+            Error::BadSlot => "bad slot",
+            Error::Internal => "internal error",
+        })
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_distinct_negatives() {
+        for e in Error::ALL {
+            assert!(e.code() < 0);
+            assert_eq!(Error::from_code(e.code()), Some(e));
+        }
+        assert_eq!(Error::from_code(0), None);
+        assert_eq!(Error::from_code(5), None);
+        assert_eq!(Error::from_code(-99), None);
+    }
+
+    #[test]
+    fn messages_are_what_lua_users_read() {
+        assert_eq!(
+            Error::OutOfExactRange.to_string(),
+            "value out of exact integer range"
+        );
+        assert_eq!(Error::TooManyKeys.to_string(), "too many pending keys");
+    }
+}

@@ -1,0 +1,231 @@
+//! The C ABI that LuaJIT calls through `ffi.cdef` on the hot and sync paths.
+//!
+//! Every function here is a thin wrapper over [`crate::pending`]: it checks
+//! its pointers, catches any panic (a panic unwinding into nginx would abort
+//! the worker) and reports failures as negative [`Error`] codes. The
+//! declarations Lua uses are in `lua/resty/counter/store.lua`; change both
+//! together and bump [`ABI_VERSION`].
+
+use std::cell::{Cell, RefCell};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
+
+use crate::error::Error;
+use crate::pending::{Delta, PendingStore, Slot};
+
+/// The version of the layout and signatures below. The Lua side refuses to
+/// run against a library whose version differs from the one it declares.
+pub const ABI_VERSION: i32 = 1;
+
+thread_local! {
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    static IN_GUARD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Replaces the default panic hook, which would print raw text to stderr
+/// (nginx's error log), with one that keeps the message for the Lua side to
+/// log properly. Idempotent.
+///
+/// `std::sync::Once` is all this needs, and has been in std since 1.0;
+/// `once_cell` (or std's `OnceLock`, which needs rustc 1.70 while we build
+/// on Debian 12's 1.63) would only matter for a lazily built value.
+pub fn install_panic_hook() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            LAST_PANIC.with(|last| *last.borrow_mut() = Some(info.to_string()));
+            // Unit tests keep the default report for their own failures.
+            if cfg!(test) && !IN_GUARD.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// The message of the last panic caught in this thread, once.
+pub fn take_panic_message() -> Option<String> {
+    LAST_PANIC.with(|last| last.borrow_mut().take())
+}
+
+/// Runs `body`, turning a panic into `on_panic`.
+fn guarded<T>(on_panic: T, body: impl FnOnce() -> T) -> T {
+    install_panic_hook();
+    IN_GUARD.with(|flag| flag.set(true));
+    let result = panic::catch_unwind(AssertUnwindSafe(body));
+    IN_GUARD.with(|flag| flag.set(false));
+    result.unwrap_or(on_panic)
+}
+
+/// Creates an empty store. Returns null if a panic occurred (allocation
+/// failure aborts the process, as everywhere in Rust).
+///
+/// The caller owns the store and frees it with [`rc_store_free`] (in Lua,
+/// through `ffi.gc`).
+#[no_mangle]
+pub extern "C" fn rc_store_new() -> *mut PendingStore {
+    guarded(std::ptr::null_mut(), || {
+        Box::into_raw(Box::new(PendingStore::new()))
+    })
+}
+
+/// Frees a store made by [`rc_store_new`]. Null is ignored.
+///
+/// # Safety
+///
+/// `store` is null or a pointer from [`rc_store_new`] not yet freed; no
+/// pointer obtained from it is used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn rc_store_free(store: *mut PendingStore) {
+    if !store.is_null() {
+        guarded((), || drop(Box::from_raw(store)));
+    }
+}
+
+/// Hands out a zeroed slot and writes the (possibly moved) base of the slot
+/// array to `*slots`.
+///
+/// # Errors
+///
+/// Returns the slot index (>= 0), or a negative [`Error`] code:
+/// `TooManyKeys`, `BadSlot` for a null pointer, `Internal` on a panic.
+///
+/// # Safety
+///
+/// `store` is null or a live store; `slots` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_store_alloc(store: *mut PendingStore, slots: *mut *mut Slot) -> i64 {
+    let (store, slots) = match (store.as_mut(), slots.as_mut()) {
+        (Some(store), Some(slots)) => (store, slots),
+        _ => return Error::BadSlot.code().into(),
+    };
+    guarded(Error::Internal.code().into(), || match store.alloc() {
+        Ok(slot) => {
+            *slots = store.slots_ptr();
+            i64::from(slot)
+        }
+        Err(e) => e.code().into(),
+    })
+}
+
+/// Adds to a slot in use: how a delta that failed to apply goes back.
+///
+/// # Errors
+///
+/// Returns 0, or a negative [`Error`] code: `BadSlot`, `OutOfExactRange`
+/// (int64 overflow; the slot is unchanged), `Internal` on a panic.
+///
+/// # Safety
+///
+/// `store` is null or a live store.
+#[no_mangle]
+pub unsafe extern "C" fn rc_store_add(
+    store: *mut PendingStore,
+    slot: u32,
+    integer: i64,
+    fractional: f64,
+) -> i32 {
+    let store = match store.as_mut() {
+        Some(store) => store,
+        None => return Error::BadSlot.code(),
+    };
+    guarded(Error::Internal.code(), || {
+        match store.add(slot, integer, fractional) {
+            Ok(()) => 0,
+            Err(e) => e.code(),
+        }
+    })
+}
+
+/// Drains every pending delta. Writes their number to `*count` and returns
+/// them, valid until the next drain of this store or its free.
+///
+/// # Errors
+///
+/// On a null argument or a panic, writes 0 and returns null.
+///
+/// # Safety
+///
+/// `store` is null or a live store; `count` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_store_drain(store: *mut PendingStore, count: *mut u32) -> *const Delta {
+    let (store, count) = match (store.as_mut(), count.as_mut()) {
+        (Some(store), Some(count)) => (store, count),
+        _ => return std::ptr::null(),
+    };
+    *count = 0;
+    guarded(std::ptr::null(), || {
+        let drained = store.drain();
+        // Bounded by MAX_PENDING_KEYS.
+        *count = drained.len() as u32;
+        drained.as_ptr()
+    })
+}
+
+/// How many keys have a delta pending (0 for null).
+///
+/// # Safety
+///
+/// `store` is null or a live store.
+#[no_mangle]
+pub unsafe extern "C" fn rc_store_pending_keys(store: *const PendingStore) -> u32 {
+    match store.as_ref() {
+        // Bounded by MAX_PENDING_KEYS.
+        Some(store) => store.pending_keys() as u32,
+        None => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ptr;
+
+    #[test]
+    fn null_arguments_are_errors_not_crashes() {
+        unsafe {
+            let mut slots = ptr::null_mut();
+            assert_eq!(
+                rc_store_alloc(ptr::null_mut(), &mut slots),
+                i64::from(Error::BadSlot.code())
+            );
+            assert_eq!(
+                rc_store_add(ptr::null_mut(), 0, 1, 0.0),
+                Error::BadSlot.code()
+            );
+            let mut count = 7;
+            assert!(rc_store_drain(ptr::null_mut(), &mut count).is_null());
+            assert_eq!(rc_store_pending_keys(ptr::null()), 0);
+            rc_store_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn a_store_round_trips_through_the_c_abi() {
+        unsafe {
+            let store = rc_store_new();
+            assert!(!store.is_null());
+            let mut slots = ptr::null_mut();
+            let slot = rc_store_alloc(store, &mut slots);
+            assert_eq!(slot, 0);
+            (*slots).integer += 41;
+            assert_eq!(rc_store_add(store, 0, 1, 0.5), 0);
+            assert_eq!(rc_store_add(store, 9, 1, 0.0), Error::BadSlot.code());
+            assert_eq!(rc_store_pending_keys(store), 1);
+            let mut count = 0;
+            let drained = rc_store_drain(store, &mut count);
+            assert_eq!(count, 1);
+            assert_eq!((*drained).value, 42.5);
+            rc_store_free(store);
+        }
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error_code_and_a_message() {
+        let code = guarded(Error::Internal.code(), || panic!("boom"));
+        assert_eq!(code, Error::Internal.code());
+        let message = take_panic_message().unwrap_or_default();
+        assert!(message.contains("boom"), "{:?}", message);
+        assert_eq!(take_panic_message(), None);
+    }
+}

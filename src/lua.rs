@@ -1,0 +1,50 @@
+//! The mlua binding: what `require "resty_counter_core"` returns. The only
+//! module that knows Lua.
+//!
+//! It carries the cold paths: set-up (the panic hook, the ABI check, the
+//! core's limits as Lua numbers) and turning error codes from the FFI
+//! functions into the messages users read. Hot paths never come here: an
+//! mlua call costs ~65 ns and is never compiled by the JIT.
+
+use mlua::prelude::*;
+
+use crate::error::Error;
+use crate::ffi;
+use crate::pending::{MAX_KEY_LEN, MAX_PENDING_KEYS, MAX_SAFE_INTEGER};
+
+#[mlua::lua_module]
+fn resty_counter_core(lua: &Lua) -> LuaResult<LuaTable<'_>> {
+    ffi::install_panic_hook();
+    let module = lua.create_table()?;
+    module.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
+    module.set("ffi_abi", ffi::ABI_VERSION)?;
+    // Below 2^53, so exact as a Lua number.
+    module.set("max_safe_integer", MAX_SAFE_INTEGER as f64)?;
+    module.set("max_key_len", MAX_KEY_LEN)?;
+    module.set("max_pending_keys", MAX_PENDING_KEYS)?;
+    module.set(
+        "error_message",
+        lua.create_function(|_, code: LuaValue| Ok(error_message(code)))?,
+    )?;
+    module.set(
+        "take_panic_message",
+        lua.create_function(|_, ()| Ok(ffi::take_panic_message()))?,
+    )?;
+    Ok(module)
+}
+
+/// The text for an error code returned by an FFI function; codes come from
+/// Lua as numbers (or int64 cdata turned into numbers by the shim).
+fn error_message(code: LuaValue<'_>) -> String {
+    let known = match code {
+        LuaValue::Integer(code) => i32::try_from(code).ok().and_then(Error::from_code),
+        LuaValue::Number(code) if code.fract() == 0.0 && code.abs() <= f64::from(i32::MAX) => {
+            Error::from_code(code as i32)
+        }
+        _ => None,
+    };
+    match known {
+        Some(error) => error.to_string(),
+        None => format!("unknown error code {:?}", code),
+    }
+}
