@@ -94,17 +94,18 @@ pub unsafe extern "C" fn rc_store_free(store: *mut PendingStore) {
 ///
 /// `store` is null or a live store; `slots` is null or writable.
 #[no_mangle]
-pub unsafe extern "C" fn rc_store_alloc(store: *mut PendingStore, slots: *mut *mut Slot) -> i64 {
+pub unsafe extern "C" fn rc_store_alloc(store: *mut PendingStore, slots: *mut *mut Slot) -> i32 {
     let (store, slots) = match (store.as_mut(), slots.as_mut()) {
         (Some(store), Some(slots)) => (store, slots),
-        _ => return Error::BadSlot.code().into(),
+        _ => return Error::BadSlot.code(),
     };
-    guarded(Error::Internal.code().into(), || match store.alloc() {
+    guarded(Error::Internal.code(), || match store.alloc() {
         Ok(slot) => {
             *slots = store.slots_ptr();
-            i64::from(slot)
+            // Below MAX_PENDING_KEYS (2^22): fits an i32.
+            slot as i32
         }
-        Err(e) => e.code().into(),
+        Err(e) => e.code(),
     })
 }
 
@@ -187,7 +188,7 @@ mod tests {
             let mut slots = ptr::null_mut();
             assert_eq!(
                 rc_store_alloc(ptr::null_mut(), &mut slots),
-                i64::from(Error::BadSlot.code())
+                Error::BadSlot.code()
             );
             assert_eq!(
                 rc_store_add(ptr::null_mut(), 0, 1, 0.0),

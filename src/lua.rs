@@ -22,6 +22,8 @@ fn resty_counter_core(lua: &Lua) -> LuaResult<LuaTable<'_>> {
     module.set("max_safe_integer", MAX_SAFE_INTEGER as f64)?;
     module.set("max_key_len", MAX_KEY_LEN)?;
     module.set("max_pending_keys", MAX_PENDING_KEYS)?;
+    // What a null return from an FFI function means: a panic was caught.
+    module.set("internal_error_code", Error::Internal.code())?;
     module.set(
         "error_message",
         lua.create_function(|_, code: LuaValue| Ok(error_message(code)))?,

@@ -1,0 +1,120 @@
+# lua-resty-counter-rs
+#
+#   make run    install what is missing, build, serve the demo on 127.0.0.1
+#   make test   install what is missing, build, run every test
+#   make bench  benchmarks inside nginx workers, as ratios from one run
+#
+# The top-level targets install Debian packages first and then re-enter make,
+# so that a cargo installed by `deps` is the one the build finds.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+ROOT := $(CURDIR)
+PORT ?= 8080
+RUN_DIR ?= $(ROOT)/target/run
+LUAJIT ?= luajit
+BUSTED ?= /usr/bin/busted
+
+# Debian packages the project needs, by what they give: nginx with the lua
+# module (the OpenResty stand-in), LuaJIT and busted for the specs, luarocks
+# for the install test, luacheck, wrk and curl for the scenarios.
+DEB_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk \
+	lua-resty-core luajit2 lua-busted luarocks lua-check wrk curl \
+	ca-certificates gcc make procps
+
+# rustup's cargo when there is one; otherwise Debian's (installed by deps).
+CARGO ?= $(shell command -v cargo 2>/dev/null || \
+	{ test -x $(HOME)/.cargo/bin/cargo && echo $(HOME)/.cargo/bin/cargo; } || \
+	echo /usr/bin/cargo)
+CARGO_MINOR := $(shell $(CARGO) --version 2>/dev/null | \
+	sed -n 's/^cargo 1\.\([0-9]*\).*/\1/p')
+# Debian 12's cargo (1.65) reaches the crates registry only through the
+# sparse protocol, which it has behind an unstable flag.
+ifneq ($(CARGO_MINOR),)
+ifeq ($(shell test $(CARGO_MINOR) -lt 68 && echo old),old)
+export CARGO_UNSTABLE_SPARSE_REGISTRY := true
+export __CARGO_TEST_CHANNEL_OVERRIDE_DO_NOT_USE_THIS := nightly
+endif
+endif
+
+MODULE_SO := target/lua/resty_counter_core.so
+
+.PHONY: run test bench deps build serve check unit-test lint spec scenario \
+	msrv-check clean
+
+run: deps
+	@$(MAKE) --no-print-directory serve
+
+test: deps
+	@$(MAKE) --no-print-directory check
+
+bench: deps
+	@$(MAKE) --no-print-directory build
+	$(LUAJIT) bench/run.lua
+
+deps:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
+			grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if ! command -v cargo >/dev/null 2>&1 && \
+	   ! test -x $(HOME)/.cargo/bin/cargo; then \
+		missing="$$missing cargo"; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		$$sudo apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q \
+			--no-install-recommends $$missing; \
+	fi
+
+build: $(MODULE_SO)
+
+$(MODULE_SO): Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs)
+	$(CARGO) build --release
+	@mkdir -p target/lua
+	cp target/release/libresty_counter_core.so $@
+
+check: build unit-test lint spec scenario
+
+unit-test:
+	$(CARGO) test --no-default-features
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --no-default-features --all-targets -- -D warnings
+	luacheck -q lua spec bench examples
+
+# busted specs inside a real nginx worker (spec/resty/).
+spec: build
+	$(LUAJIT) spec/run-in-nginx.lua
+
+# Several workers, reloads, shutdown and the luarocks install, driven over
+# HTTP from the host (spec/scenario/).
+scenario: build
+	COUNTER_ROOT=$(ROOT) $(LUAJIT) $(BUSTED) -o utfTerminal spec/scenario
+
+# Builds with Debian 12's own rustc, the oldest toolchain we promise.
+msrv-check:
+	@test -x /usr/bin/rustc || { echo "no /usr/bin/rustc (apt-get install cargo)"; exit 1; }
+	RUSTC=/usr/bin/rustc CARGO_TARGET_DIR=target/msrv \
+	CARGO_UNSTABLE_SPARSE_REGISTRY=true \
+	__CARGO_TEST_CHANNEL_OVERRIDE_DO_NOT_USE_THIS=nightly \
+		/usr/bin/cargo build --release
+
+serve: build
+	@mkdir -p $(RUN_DIR)/logs
+	@chmod 1777 $(RUN_DIR)
+	@sed -e 's|@ROOT@|$(ROOT)|g; s|@PORT@|$(PORT)|g; s|@DIR@|$(RUN_DIR)|g' \
+		examples/nginx.conf > $(RUN_DIR)/nginx.conf
+	@echo "counting requests on http://127.0.0.1:$(PORT)/ ;" \
+		"counts: http://127.0.0.1:$(PORT)/counts (Ctrl-C stops)"
+	nginx -p $(RUN_DIR) -c $(RUN_DIR)/nginx.conf -g 'daemon off;'
+
+clean:
+	$(CARGO) clean
+	rm -f resty_counter_core.so
