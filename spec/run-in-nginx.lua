@@ -59,7 +59,7 @@ local function run_with_nginx()
     io.write(nginx.read_file(srv.dir .. "/busted.out") or "(no busted output)\n")
     local crashes = {}
     for _, line in ipairs(srv:errors()) do
-        if line:find("signal") or line:find("panicked") or line:find("alert") then
+        if line:find("exited on signal") or line:find("panicked") or line:find("alert") then
             crashes[#crashes + 1] = line
         end
     end

@@ -260,7 +260,7 @@ function server:errors()
     for line in ((self:error_log() or "") .. "\n"):gmatch("([^\n]*)\n") do
         if line:find("%[error%]") or line:find("%[crit%]")
            or line:find("%[alert%]") or line:find("%[emerg%]")
-           or line:find("signal %d+") or line:find("panicked")
+           or line:find("exited on signal") or line:find("panicked")
         then
             found[#found + 1] = line
         end

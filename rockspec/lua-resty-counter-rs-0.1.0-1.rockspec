@@ -1,0 +1,37 @@
+-- Install from a checkout (builds the Rust core with cargo, no download):
+--   luarocks --lua-version 5.1 make rockspec/lua-resty-counter-rs-0.1.0-1.rockspec --tree <dir>
+package = "lua-resty-counter-rs"
+version = "0.1.0-1"
+source = {
+    url = "git+https://example.invalid/lua-resty-counter-rs.git",
+    tag = "v0.1.0",
+}
+description = {
+    summary = "Counting for OpenResty with a Rust core: lock-free per-worker counters synced to shared dicts",
+    detailed = [[
+A drop-in for Kong's lua-resty-counter (require "resty.counter") whose
+per-worker counts live in native memory owned by a Rust core, written by
+LuaJIT through its FFI. Integers stay exact, failed syncs are retried,
+evictions are counted, and reloads lose no count.
+]],
+    license = "Apache-2.0",
+}
+dependencies = {
+    "lua == 5.1",
+}
+build = {
+    type = "command",
+    -- The Makefile picks rustup's cargo or Debian's and copies the library
+    -- to target/lua/ under its module name.
+    build_command = "make build",
+    install = {
+        lua = {
+            ["resty.counter"] = "lua/resty/counter.lua",
+            ["resty.counter.check"] = "lua/resty/counter/check.lua",
+            ["resty.counter.store"] = "lua/resty/counter/store.lua",
+        },
+        lib = {
+            resty_counter_core = "target/lua/resty_counter_core.so",
+        },
+    },
+}
