@@ -1,0 +1,187 @@
+-- Runs inside every nginx worker of bench/run.lua: the hot-path costs and
+-- the sync cost, each case started at once in all workers (a barrier in
+-- the shared dict), so that 2 workers contend as they would in production.
+
+local ffi = require "ffi"
+local counter = require "resty.counter"
+
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+int clock_gettime(int clk_id, bench_timespec *tp);
+]]
+
+local _M = {}
+
+local ts = ffi.new("bench_timespec")
+local function now()
+    ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+    return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
+local N = 10000000
+local N_DICT = 1000000
+local KEYS8 = { "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8" }
+
+
+-- Every worker waits here until all have arrived (60 s at most).
+local function barrier(dict, name, workers)
+    dict:incr("barrier:" .. name, 1, 0)
+    for _ = 1, 60000 do
+        if dict:get("barrier:" .. name) >= workers then
+            return
+        end
+        ngx.sleep(0.001)
+    end
+    error("barrier " .. name .. " timed out")
+end
+
+
+-- Each loop walks its keys in an inner loop: a modulo per call would cost
+-- more than the increments being measured.
+local function lua_table(n, keys)
+    local t = {}
+    for _, k in ipairs(keys) do
+        t[k] = 0
+    end
+    local nkeys = #keys
+    for _ = 1, n / nkeys do
+        for j = 1, nkeys do
+            local k = keys[j]
+            t[k] = t[k] + 1
+        end
+    end
+    return t
+end
+
+
+-- The predecessors' algorithm (Kong's lua-resty-counter, knyar's
+-- prometheus): a per-worker table of increments, flushed by a timer.
+local buffered = {}
+local buffered_mt = { __index = buffered }
+function buffered.incr(self, key, step)
+    step = step or 1
+    local v = self.increments[key]
+    self.increments[key] = (v or 0) + step
+end
+
+local function lua_buffered(n, keys)
+    local c = setmetatable({ increments = {} }, buffered_mt)
+    local nkeys = #keys
+    for _ = 1, n / nkeys do
+        for j = 1, nkeys do
+            c:incr(keys[j])
+        end
+    end
+    return c
+end
+
+
+local function ours(n, keys, c)
+    local nkeys = #keys
+    for _ = 1, n / nkeys do
+        for j = 1, nkeys do
+            c:incr(keys[j])
+        end
+    end
+end
+
+
+local function ours_step(n, keys, c)
+    local nkeys = #keys
+    for _ = 1, n / nkeys do
+        for j = 1, nkeys do
+            c:incr(keys[j], 3)
+        end
+    end
+end
+
+
+local function shdict(n, keys, dict)
+    local nkeys = #keys
+    for _ = 1, n / nkeys do
+        for j = 1, nkeys do
+            dict:incr(keys[j], 1, 0)
+        end
+    end
+end
+
+
+local function timed(fn, n, ...)
+    local start = now()
+    fn(n, ...)
+    return (now() - start) * 1e9 / n
+end
+
+
+function _M.run(dir, id, workers)
+    local dict = ngx.shared.bench
+    local out = assert(io.open(dir .. "/result." .. id, "w"))
+    local function report(case, value)
+        out:write(case, "\t", string.format("%.3f", value), "\n")
+        out:flush()
+    end
+
+    local c = assert(counter.new("bench"))
+    for _, set in ipairs({ { "1 key", { "k1" } }, { "8 keys", KEYS8 } }) do
+        local label, keys = set[1], set[2]
+        -- Warm up every loop once so that each is measured compiled.
+        lua_table(N / 10, keys)
+        lua_buffered(N / 10, keys)
+        ours(N / 10, keys, c)
+        ours_step(N / 10, keys, c)
+        c:sync()
+
+        barrier(dict, "table " .. label, workers)
+        report("lua table, " .. label, timed(lua_table, N, keys))
+        barrier(dict, "buffered " .. label, workers)
+        report("lua buffered, " .. label, timed(lua_buffered, N, keys))
+        barrier(dict, "ours " .. label, workers)
+        report("ours, " .. label, timed(ours, N, keys, c))
+        barrier(dict, "ours step " .. label, workers)
+        report("ours step 3, " .. label, timed(ours_step, N, keys, c))
+        c:sync()
+        barrier(dict, "shdict " .. label, workers)
+        report("shdict, " .. label, timed(shdict, N_DICT, keys, dict))
+    end
+
+    -- Sync cost: D dirty keys, each with a delta of 5; the keys already
+    -- exist in the dict (steady state). Best of 5 rounds.
+    for _, dirty in ipairs({ 100, 1000, 10000 }) do
+        local keys = {}
+        for i = 1, dirty do
+            keys[i] = "sync-" .. id .. "-" .. i
+        end
+        local best, best_plain = math.huge, math.huge
+        for round = 0, 5 do
+            for i = 1, dirty do
+                c:incr(keys[i], 5)
+            end
+            barrier(dict, "sync " .. dirty .. " " .. round, workers)
+            local start = now()
+            assert(c:sync())
+            local took = now() - start
+            -- The baseline: the same deltas from a plain Lua table.
+            local pending = {}
+            for i = 1, dirty do
+                pending[keys[i]] = 5
+            end
+            barrier(dict, "plain " .. dirty .. " " .. round, workers)
+            start = now()
+            for key, delta in pairs(pending) do
+                dict:incr(key, delta, 0)
+            end
+            local took_plain = now() - start
+            if round > 0 then      -- round 0 creates the keys
+                best = math.min(best, took)
+                best_plain = math.min(best_plain, took_plain)
+            end
+        end
+        report("sync ms, " .. dirty .. " keys", best * 1e3)
+        report("plain flush ms, " .. dirty .. " keys", best_plain * 1e3)
+    end
+
+    out:write("done\n")
+    out:close()
+end
+
+return _M
