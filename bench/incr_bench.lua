@@ -76,6 +76,8 @@ local function lua_buffered(n, keys)
 end
 
 
+-- Two loops, not one with a step argument: each needs its own trace, as a
+-- call site in production has (one shared loop measured 17 ns for step 3).
 local function ours(n, keys, c)
     local nkeys = #keys
     for _ = 1, n / nkeys do
