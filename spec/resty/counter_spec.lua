@@ -447,17 +447,27 @@ describe("resty.counter", function()
                 if what == "stop" then
                     compiled = compiled + 1
                 elseif what == "abort" then
-                    local src = debug.getinfo(func, "S").short_src
-                    aborts[#aborts + 1] = string.format("%s:%s %s", src,
-                        tostring(pc), string.format(traceerr[code] or "?", info))
+                    -- Only the library's own code: the test's loop header
+                    -- may abort once on the unroll limit before it forms a
+                    -- loop trace, which says nothing of incr.
+                    local at = require("jit.util").funcinfo(func, pc)
+                    local src = at.source or ""
+                    if src:find("/resty/counter%.lua$")
+                       or src:find("/resty/counter/[%w_]+%.lua$")
+                    then
+                        aborts[#aborts + 1] = string.format("%s %s", at.loc,
+                            string.format(traceerr[code] or "?", info))
+                    end
                 end
             end
             local c = counter.new("counters")
             jit.flush()
             jit.attach(on_trace, "trace")
-            for i = 1, 200000 do
+            for _ = 1, 100000 do
                 c:incr("hot")
-                c:incr(i % 2 == 0 and "even" or "odd", 2)
+                c:incr("hot")
+                c:incr("even", 2)
+                c:incr("odd", 2)
             end
             jit.attach(on_trace)
             c:sync()
@@ -465,6 +475,7 @@ describe("resty.counter", function()
             assert.is_true(compiled > 0, "the loop was compiled")
             assert.equal(200000, dict:get("hot"))
             assert.equal(200000, dict:get("even"))
+            assert.equal(200000, dict:get("odd"))
         end)
     end)
 end)
