@@ -20,6 +20,7 @@ end
 
 local N = 10000000
 local N_DICT = 1000000
+local ROUNDS = 5
 local KEYS8 = { "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8" }
 
 
@@ -133,17 +134,29 @@ function _M.run(dir, id, workers)
         ours_step(N / 10, keys, c)
         c:sync()
 
-        barrier(dict, "table " .. label, workers)
-        report("lua table, " .. label, timed(lua_table, N, keys))
-        barrier(dict, "buffered " .. label, workers)
-        report("lua buffered, " .. label, timed(lua_buffered, N, keys))
-        barrier(dict, "ours " .. label, workers)
-        report("ours, " .. label, timed(ours, N, keys, c))
-        barrier(dict, "ours step " .. label, workers)
-        report("ours step 3, " .. label, timed(ours_step, N, keys, c))
-        c:sync()
-        barrier(dict, "shdict " .. label, workers)
-        report("shdict, " .. label, timed(shdict, N_DICT, keys, dict))
+        -- Rounds interleave the cases, so that a noisy moment on this
+        -- shared machine hits all of them alike; each keeps its best round.
+        local best = {}
+        local function measure(case, fn, n, ...)
+            barrier(dict, case .. " " .. label .. " " .. best.round, workers)
+            local ns = timed(fn, n, ...)
+            if not best[case] or ns < best[case] then
+                best[case] = ns
+            end
+        end
+        for round = 1, ROUNDS do
+            best.round = round
+            measure("lua table", lua_table, N, keys)
+            measure("lua buffered", lua_buffered, N, keys)
+            measure("ours", ours, N, keys, c)
+            measure("ours step 3", ours_step, N, keys, c)
+            c:sync()
+            measure("shdict", shdict, N_DICT, keys, dict)
+        end
+        for _, case in ipairs({ "lua table", "lua buffered", "ours",
+                                "ours step 3", "shdict" }) do
+            report(case .. ", " .. label, best[case])
+        end
     end
 
     -- Sync cost: D dirty keys, each with a delta of 5; the keys already
