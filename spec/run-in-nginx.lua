@@ -10,7 +10,8 @@
 package.path = "spec/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
 
-local DICTS = { "counters 1m", "other 1m", "tiny 12k" }
+local DICTS = { "counters 1m", "other 1m", "tiny 12k", "requests 1m",
+                "greencheek 1m" }
 
 local args = { ... }
 if #args == 0 then

@@ -19,14 +19,21 @@ pub enum Error {
     BadSlot,
     /// A Rust panic was caught at the C boundary (a bug in this library).
     Internal,
+    /// Bytes in the shared dict that are not a request record (something
+    /// else wrote to the key).
+    CorruptRecord,
+    /// An argument the caller should never pass (checked in Lua first).
+    BadArgument,
 }
 
 impl Error {
-    const ALL: [Error; 4] = [
+    const ALL: [Error; 6] = [
         Error::TooManyKeys,
         Error::OutOfExactRange,
         Error::BadSlot,
         Error::Internal,
+        Error::CorruptRecord,
+        Error::BadArgument,
     ];
 
     /// The negative number that stands for this error in C return values.
@@ -36,6 +43,8 @@ impl Error {
             Error::OutOfExactRange => -2,
             Error::BadSlot => -3,
             Error::Internal => -4,
+            Error::CorruptRecord => -5,
+            Error::BadArgument => -6,
         }
     }
 
@@ -52,6 +61,8 @@ impl fmt::Display for Error {
             Error::OutOfExactRange => "value out of exact integer range",
             Error::BadSlot => "bad slot",
             Error::Internal => "internal error",
+            Error::CorruptRecord => "corrupt record",
+            Error::BadArgument => "bad argument",
         })
     }
 }

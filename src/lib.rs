@@ -15,7 +15,10 @@
 
 pub mod error;
 pub mod ffi;
+pub mod histogram;
 pub mod pending;
+pub mod requests;
+pub mod stats;
 
 #[cfg(all(feature = "module", not(test)))]
 mod lua;

@@ -19,7 +19,7 @@ local setmetatable = setmetatable
 local tostring = tostring
 
 
-local FFI_ABI = 1
+local FFI_ABI = 2
 
 
 ffi.cdef[[
@@ -71,6 +71,8 @@ local _M = {
     max_key_len = core.max_key_len,
     -- A drained delta whose status is not this must stay pending.
     DELTA_OK = 0,
+    -- The library, for modules that declare more of its functions.
+    lib = C,
 }
 local mt = { __index = _M }
 
@@ -93,6 +95,9 @@ local function failure(code)
     end
     return msg
 end
+
+
+_M.failure = failure
 
 
 -- syntax: st, err = store.new()

@@ -1,0 +1,435 @@
+//! Renders request records read from the shared dict: the JSON of
+//! greencheek's request counter (with percentiles added) through
+//! `serde_json`, and the Prometheus text exposition format.
+//!
+//! The shim reads the records (one dict `get` each, no scan of the dict)
+//! and hands them over key by key; rendering, escaping and the arithmetic
+//! happen here.
+
+use std::fmt::Write as _;
+
+use serde_json::{Map, Number, Value};
+
+use crate::error::Error;
+use crate::histogram::Histogram;
+
+/// Upper bounds, in seconds, of the Prometheus latency buckets: the
+/// client libraries' defaults, which dashboards expect.
+const PROMETHEUS_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The most previous windows a report may show.
+pub const MAX_PREVIOUS_WINDOWS: usize = 64;
+
+#[derive(Debug)]
+struct KeyRecords {
+    key: String,
+    /// The current window first, then the previous ones.
+    windows: Vec<Histogram>,
+    /// Every request since the key was first recorded.
+    total: Histogram,
+}
+
+/// What the report says about the key registry.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub tracked: u64,
+    pub max_keys: u64,
+    pub overflow_key: String,
+}
+
+/// One report being put together.
+#[derive(Debug)]
+pub struct Report {
+    window: u64,
+    now: f64,
+    previous: usize,
+    keys: Vec<KeyRecords>,
+    key_info: Option<KeyInfo>,
+    corrupt: u64,
+    rendered: String,
+}
+
+/// Which record of a key [`Report::put`] receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// Every request since the key was first recorded.
+    Total,
+    /// 0 is the current window, 1 the one before, and so on.
+    Window(usize),
+}
+
+fn float(value: f64) -> Value {
+    Number::from_f64(value).map_or(Value::from(0), Value::Number)
+}
+
+impl Report {
+    /// A report at time `now` (seconds) over windows of `window` seconds,
+    /// showing `previous` windows before the current one.
+    ///
+    /// # Errors
+    ///
+    /// `BadArgument` for a zero window, more than [`MAX_PREVIOUS_WINDOWS`]
+    /// previous windows or a `now` that is not a finite positive number.
+    pub fn new(window: u64, now: f64, previous: usize) -> Result<Report, Error> {
+        if window == 0 || previous > MAX_PREVIOUS_WINDOWS || !now.is_finite() || now < 0.0 {
+            return Err(Error::BadArgument);
+        }
+        Ok(Report {
+            window,
+            now,
+            previous,
+            keys: Vec::new(),
+            key_info: None,
+            corrupt: 0,
+            rendered: String::new(),
+        })
+    }
+
+    /// The start (epoch seconds) of the window `age` windows before now.
+    fn window_start(&self, age: usize) -> i64 {
+        let current = (self.now / self.window as f64).floor() as i64;
+        (current - age as i64) * self.window as i64
+    }
+
+    /// Adds a key with empty records; returns its index for [`Report::put`].
+    /// Bytes that are not UTF-8 are shown as U+FFFD (the shim refuses such
+    /// keys, so this only guards against a foreign writer).
+    pub fn add_key(&mut self, key: &[u8]) -> usize {
+        self.keys.push(KeyRecords {
+            key: String::from_utf8_lossy(key).into_owned(),
+            windows: vec![Histogram::new(); self.previous + 1],
+            total: Histogram::new(),
+        });
+        self.keys.len() - 1
+    }
+
+    /// Sets one record of a key from its encoded form in the dict.
+    ///
+    /// # Errors
+    ///
+    /// `BadSlot` for an unknown key index or window; `CorruptRecord` when
+    /// the bytes are not a record (the record then stays empty and the
+    /// report counts it).
+    pub fn put(&mut self, key: usize, record: Record, bytes: &[u8]) -> Result<(), Error> {
+        let previous = self.previous;
+        let entry = self.keys.get_mut(key).ok_or(Error::BadSlot)?;
+        let target = match record {
+            Record::Total => &mut entry.total,
+            Record::Window(age) if age <= previous => &mut entry.windows[age],
+            Record::Window(_) => return Err(Error::BadSlot),
+        };
+        match Histogram::decode(bytes) {
+            Ok(h) => {
+                *target = h;
+                Ok(())
+            }
+            Err(_) => {
+                self.corrupt += 1;
+                Err(Error::CorruptRecord)
+            }
+        }
+    }
+
+    pub fn set_key_info(&mut self, info: KeyInfo) {
+        self.key_info = Some(info);
+    }
+
+    /// Records that could not be read.
+    pub fn corrupt_records(&self) -> u64 {
+        self.corrupt
+    }
+
+    fn window_json(&self, h: &Histogram, age: usize, rate_from: Option<&Histogram>) -> Value {
+        let mut period = Map::new();
+        period.insert("requests".into(), Value::from(h.count));
+        period.insert("latency_ms".into(), float(h.mean()));
+        period.insert(
+            "startofminute_epoch".into(),
+            Value::from(self.window_start(age)),
+        );
+        period.insert("p50".into(), float(h.percentile(0.50)));
+        period.insert("p90".into(), float(h.percentile(0.90)));
+        period.insert("p99".into(), float(h.percentile(0.99)));
+        period.insert("max".into(), float(h.max));
+        if age == 0 {
+            period.insert("epoch".into(), Value::from(self.now.floor() as i64));
+            period.insert("rate".into(), float(self.rate(h, rate_from)));
+        }
+        Value::Object(period)
+    }
+
+    /// The sliding-window estimate of requests per window:
+    /// `previous * ((window - elapsed) / window) + current`.
+    fn rate(&self, current: &Histogram, previous: Option<&Histogram>) -> f64 {
+        let window = self.window as f64;
+        let elapsed = self.now - self.window_start(0) as f64;
+        let carried = previous.map_or(0.0, |p| p.count as f64 * ((window - elapsed) / window));
+        carried + current.count as f64
+    }
+
+    fn key_json(&self, records: &KeyRecords) -> Value {
+        let mut windows = Map::new();
+        for (age, h) in records.windows.iter().enumerate() {
+            let name = if age == 0 {
+                "current".to_string()
+            } else {
+                format!("prev{}", age)
+            };
+            windows.insert(name, self.window_json(h, age, records.windows.get(1)));
+        }
+        Value::Object(windows)
+    }
+
+    /// The JSON of `stats` (every key) or, with `single`, of `single_stats`
+    /// (the first key's windows directly under "stats", all zero when no
+    /// key was added).
+    pub fn json(&mut self, free_space: f64, capacity: f64, single: bool) -> &str {
+        let mut info = Map::new();
+        info.insert("free_space".into(), float(free_space));
+        info.insert("capacity".into(), float(capacity));
+
+        let stats = if single {
+            match self.keys.first() {
+                Some(records) => self.key_json(records),
+                None => self.key_json(&KeyRecords {
+                    key: String::new(),
+                    windows: vec![Histogram::new(); self.previous + 1],
+                    total: Histogram::new(),
+                }),
+            }
+        } else {
+            let mut all = Map::new();
+            for records in &self.keys {
+                all.insert(records.key.clone(), self.key_json(records));
+            }
+            Value::Object(all)
+        };
+
+        let mut top = Map::new();
+        top.insert("shared_dict_info".into(), Value::Object(info));
+        top.insert("stats".into(), stats);
+        if let Some(keys) = &self.key_info {
+            let mut key_info = Map::new();
+            key_info.insert("tracked".into(), Value::from(keys.tracked));
+            key_info.insert("max_keys".into(), Value::from(keys.max_keys));
+            key_info.insert(
+                "overflow_key".into(),
+                Value::from(keys.overflow_key.clone()),
+            );
+            top.insert("key_info".into(), Value::Object(key_info));
+        }
+        self.rendered = Value::Object(top).to_string();
+        &self.rendered
+    }
+
+    /// The Prometheus text exposition format: requests as a counter and
+    /// latency as a histogram (both since the key was first recorded), the
+    /// sliding-window rate as a gauge; every sample labelled with the dict
+    /// and the key.
+    pub fn prometheus(&mut self, dict: &str) -> &str {
+        let mut out = String::new();
+        let dict = escape_label(dict);
+        let labels: Vec<String> = self
+            .keys
+            .iter()
+            .map(|r| format!("dict=\"{}\",key=\"{}\"", dict, escape_label(&r.key)))
+            .collect();
+
+        out.push_str("# HELP request_counter_requests_total Requests recorded, by key.\n");
+        out.push_str("# TYPE request_counter_requests_total counter\n");
+        for (records, labels) in self.keys.iter().zip(&labels) {
+            let _ = writeln!(
+                out,
+                "request_counter_requests_total{{{}}} {}",
+                labels, records.total.count
+            );
+        }
+
+        out.push_str("# HELP request_counter_latency_seconds Request latency, by key.\n");
+        out.push_str("# TYPE request_counter_latency_seconds histogram\n");
+        for (records, labels) in self.keys.iter().zip(&labels) {
+            let total = &records.total;
+            for le in PROMETHEUS_BUCKETS {
+                let _ = writeln!(
+                    out,
+                    "request_counter_latency_seconds_bucket{{{},le=\"{}\"}} {}",
+                    labels,
+                    le,
+                    total.count_at_or_below(le * 1000.0)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "request_counter_latency_seconds_bucket{{{},le=\"+Inf\"}} {}",
+                labels, total.count
+            );
+            let _ = writeln!(
+                out,
+                "request_counter_latency_seconds_sum{{{}}} {}",
+                labels,
+                total.sum / 1000.0
+            );
+            let _ = writeln!(
+                out,
+                "request_counter_latency_seconds_count{{{}}} {}",
+                labels, total.count
+            );
+        }
+
+        out.push_str(
+            "# HELP request_counter_rate Sliding-window estimate of requests per window, by key.\n",
+        );
+        out.push_str("# TYPE request_counter_rate gauge\n");
+        for (records, labels) in self.keys.iter().zip(&labels) {
+            let rate = self.rate(&records.windows[0], records.windows.get(1));
+            let _ = writeln!(
+                out,
+                "request_counter_rate{{{},window=\"{}\"}} {}",
+                labels, self.window, rate
+            );
+        }
+        self.rendered = out;
+        &self.rendered
+    }
+}
+
+/// A label value as the exposition format wants it: backslash, double quote
+/// and newline escaped.
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(latencies: &[f64]) -> Vec<u8> {
+        let mut h = Histogram::new();
+        for &v in latencies {
+            h.record(v);
+        }
+        let mut out = Vec::new();
+        h.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn json_has_the_original_fields_and_the_rate() {
+        // 15 s into the window that starts at 1537724100.
+        let mut report = Report::new(60, 1537724115.5, 2).unwrap();
+        let all = report.add_key(b"all");
+        report
+            .put(all, Record::Window(0), &encoded(&[10.0, 20.0]))
+            .unwrap();
+        report
+            .put(all, Record::Window(1), &encoded(&[1.0; 40]))
+            .unwrap();
+        let json: Value = serde_json::from_str(report.json(4096.0, 16384.0, false)).unwrap();
+
+        assert_eq!(json["shared_dict_info"]["free_space"], 4096.0);
+        assert_eq!(json["shared_dict_info"]["capacity"], 16384.0);
+        let current = &json["stats"]["all"]["current"];
+        assert_eq!(current["requests"], 2);
+        assert_eq!(current["latency_ms"], 15.0);
+        assert_eq!(current["startofminute_epoch"], 1537724100);
+        assert_eq!(current["epoch"], 1537724115);
+        // 40 * ((60 - 15.5) / 60) + 2
+        let rate = current["rate"].as_f64().unwrap();
+        assert!(
+            (rate - (40.0 * (44.5 / 60.0) + 2.0)).abs() < 1e-9,
+            "{}",
+            rate
+        );
+        assert_eq!(current["max"], 20.0);
+        let prev1 = &json["stats"]["all"]["prev1"];
+        assert_eq!(prev1["requests"], 40);
+        assert_eq!(prev1["startofminute_epoch"], 1537724040);
+        assert!(prev1.get("rate").is_none());
+        let prev2 = &json["stats"]["all"]["prev2"];
+        assert_eq!(prev2["requests"], 0);
+        assert_eq!(prev2["latency_ms"], 0.0);
+        assert_eq!(prev2["startofminute_epoch"], 1537723980);
+    }
+
+    #[test]
+    fn single_stats_puts_the_windows_directly_under_stats() {
+        let mut report = Report::new(60, 120.0, 2).unwrap();
+        let json: Value = serde_json::from_str(report.json(1.0, 2.0, true)).unwrap();
+        assert_eq!(json["stats"]["current"]["requests"], 0);
+        assert_eq!(json["stats"]["prev2"]["startofminute_epoch"], 0);
+
+        let key = report.add_key(b"login");
+        report
+            .put(key, Record::Window(0), &encoded(&[3.0]))
+            .unwrap();
+        let json: Value = serde_json::from_str(report.json(1.0, 2.0, true)).unwrap();
+        assert_eq!(json["stats"]["current"]["requests"], 1);
+    }
+
+    #[test]
+    fn keys_are_escaped_in_json_and_in_prometheus() {
+        let mut report = Report::new(60, 120.0, 1).unwrap();
+        let nasty = "a\"b\\c\nd|e</script>\u{1}é";
+        let key = report.add_key(nasty.as_bytes());
+        report
+            .put(key, Record::Total, &encoded(&[4.0, 40.0, 4000.0]))
+            .unwrap();
+
+        let json: Value = serde_json::from_str(report.json(0.0, 0.0, false)).unwrap();
+        assert!(json["stats"][nasty].is_object());
+
+        let text = report.prometheus("d\"x").to_string();
+        let labels = "dict=\"d\\\"x\",key=\"a\\\"b\\\\c\\nd|e</script>\u{1}é\"";
+        assert!(
+            text.contains(&format!("request_counter_requests_total{{{}}} 3\n", labels)),
+            "{}",
+            text
+        );
+        assert!(text.contains(&format!(
+            "request_counter_latency_seconds_bucket{{{},le=\"0.005\"}} 1\n",
+            labels
+        )));
+        assert!(text.contains(&format!(
+            "request_counter_latency_seconds_bucket{{{},le=\"0.05\"}} 2\n",
+            labels
+        )));
+        assert!(text.contains(&format!(
+            "request_counter_latency_seconds_bucket{{{},le=\"+Inf\"}} 3\n",
+            labels
+        )));
+        assert!(text.contains(&format!(
+            "request_counter_latency_seconds_sum{{{}}} 4.044\n",
+            labels
+        )));
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert_eq!(Report::new(0, 1.0, 2).unwrap_err(), Error::BadArgument);
+        assert_eq!(
+            Report::new(60, f64::NAN, 2).unwrap_err(),
+            Error::BadArgument
+        );
+        assert_eq!(Report::new(60, 1.0, 65).unwrap_err(), Error::BadArgument);
+        let mut report = Report::new(60, 1.0, 2).unwrap();
+        assert_eq!(report.put(0, Record::Total, &[]), Err(Error::BadSlot));
+        let key = report.add_key(b"k");
+        assert_eq!(report.put(key, Record::Window(3), &[]), Err(Error::BadSlot));
+        assert_eq!(
+            report.put(key, Record::Window(2), b"junk"),
+            Err(Error::CorruptRecord)
+        );
+        assert_eq!(report.corrupt_records(), 1);
+    }
+}
