@@ -201,8 +201,9 @@ _M.latency_ms = latency_ms
 
 -- The timer callback; the premature run at reload and shutdown flushes
 -- too (exit_worker catches what requests in flight add after it).
-local function tick(premature, self) -- luacheck: ignore
-    self:flush()
+local function tick(premature, self)
+    -- At exit, wait for the lock without yielding: the worker is going.
+    self:flush(premature)
 end
 
 
@@ -343,7 +344,9 @@ local function window_of(self, level)
         bad("clock", "returned " .. type(start) .. ", not a number",
             level + 1)
     end
-    return floor(start / self.window)
+    -- Not a tail call: the JIT gives up on traces with too many of them.
+    local w = floor(start / self.window)
+    return w
 end
 
 
@@ -410,10 +413,10 @@ function _M.record_with_all(self, key, latency)
 end
 
 
-local function lock(self)
+local function lock(self, no_yield)
     local dict = self.dict
     local token = worker_pid() .. ":" .. tostring(self)
-    local yieldable = YIELDABLE[get_phase()]
+    local yieldable = not no_yield and YIELDABLE[get_phase()]
     local deadline
     local wait = 0.001
     while true do
@@ -637,21 +640,21 @@ local function flush_locked(self)
 end
 
 
--- syntax: ok, err = r:flush()
+-- syntax: ok, err = r:flush(no_yield?)
 --
 -- context: any phase where shared dicts work; waits for another worker's
--- flush with ngx.sleep where it can, by spinning elsewhere (at most
--- lock_timeout)
+-- flush with ngx.sleep where it can, by spinning elsewhere or with
+-- `no_yield` (at most lock_timeout)
 --
 -- Merges this worker's records into the dict. What cannot be written
 -- stays pending for the next flush, and `nil, err` says why.
-function _M.flush(self)
+function _M.flush(self, no_yield)
     if self.flushing or #self.pending == 0 then
         return true
     end
 
     self.flushing = true
-    local token, err = lock(self)
+    local token, err = lock(self, no_yield)
     if not token then
         self.flushing = false
         self.metrics.failed = self.metrics.failed + 1
