@@ -195,6 +195,13 @@ function _M.run(dir, id, workers)
         report("plain flush ms, " .. dirty .. " keys", best_plain * 1e3)
     end
 
+    require("requests_bench").run({
+        report = report,
+        barrier = function(name) barrier(dict, name, workers) end,
+        timed = timed,
+        now = now,
+    }, id)
+
     out:write("done\n")
     out:close()
 end

@@ -114,9 +114,38 @@ for _, n in ipairs({ 100, 1000, 10000 }) do
                            one[sync], one[sync] * 1e6 / n, one[plain], two[sync], two[plain]))
 end
 print()
+print("request counter: ns per record_request() (8 keys), best of 5")
+print()
+io.write(string.format("| %-30s | %10s | %10s |\n", "case", "1 worker", "2 workers"))
+io.write("| --- | ---: | ---: |\n")
+for _, case in ipairs({ "record_request plain, 8 keys", "record_request ours, 8 keys" }) do
+    io.write(string.format("| %-30s | %10.1f | %10.1f |\n", case, one[case], two[case]))
+end
+local plain, ours = "record_request plain, 8 keys", "record_request ours, 8 keys"
+io.write(string.format("| %-30s | %9.1fx | %9.1fx |\n", "plain / ours",
+                       one[plain] / one[ours], two[plain] / two[ours]))
+print()
+print("request counter growth, 1 worker: ms for a flush, stats() and prometheus()")
+print()
+io.write(string.format("| %-6s | %14s | %16s | %10s | %15s | %14s |\n", "keys",
+                       "flush new keys", "flush known keys", "stats()", "prometheus()",
+                       "dict bytes/key"))
+io.write("| ---: | ---: | ---: | ---: | ---: | ---: |\n")
+for _, n in ipairs({ 100, 1000, 10000 }) do
+    local function v(name)
+        return one[name .. ", " .. n .. " keys"] or one[name .. ", " .. n .. " new keys"]
+    end
+    io.write(string.format("| %-6d | %14.3f | %16.3f | %10.3f | %15.3f | %14.0f |\n", n,
+                           v("flush ms"), one["flush ms, " .. n .. " known keys"],
+                           v("stats ms"), v("prometheus ms"), v("dict bytes per key")))
+end
+
+print()
 print("x table: the cost relative to a plain Lua table increment in the same run.")
 print("lua buffered: the predecessors' per-worker table (lua-resty-counter).")
 print("plain flush: dict:incr of the same deltas from a Lua table (no range check).")
+print("record_request plain: 4 dict:incr per request (requests and latency, for")
+print("the key and for \"all\"), as a straightforward Lua module does.")
 
 if #failed > 0 then
     print()

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use serde_json::{Map, Number, Value};
+use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::error::Error;
 use crate::histogram::Histogram;
@@ -48,6 +48,8 @@ pub struct Report {
     keys: Vec<KeyRecords>,
     key_info: Option<KeyInfo>,
     corrupt: u64,
+    /// "current", "prev1", "prev2", ...
+    window_names: Vec<String>,
     rendered: String,
 }
 
@@ -58,10 +60,6 @@ pub enum Record {
     Total,
     /// 0 is the current window, 1 the one before, and so on.
     Window(usize),
-}
-
-fn float(value: f64) -> Value {
-    Number::from_f64(value).map_or(Value::from(0), Value::Number)
 }
 
 impl Report {
@@ -83,6 +81,12 @@ impl Report {
             keys: Vec::new(),
             key_info: None,
             corrupt: 0,
+            window_names: (0..=previous)
+                .map(|age| match age {
+                    0 => "current".to_string(),
+                    _ => format!("prev{}", age),
+                })
+                .collect(),
             rendered: String::new(),
         })
     }
@@ -141,25 +145,6 @@ impl Report {
         self.corrupt
     }
 
-    fn window_json(&self, h: &Histogram, age: usize, rate_from: Option<&Histogram>) -> Value {
-        let mut period = Map::new();
-        period.insert("requests".into(), Value::from(h.count));
-        period.insert("latency_ms".into(), float(h.mean()));
-        period.insert(
-            "startofminute_epoch".into(),
-            Value::from(self.window_start(age)),
-        );
-        period.insert("p50".into(), float(h.percentile(0.50)));
-        period.insert("p90".into(), float(h.percentile(0.90)));
-        period.insert("p99".into(), float(h.percentile(0.99)));
-        period.insert("max".into(), float(h.max));
-        if age == 0 {
-            period.insert("epoch".into(), Value::from(self.now.floor() as i64));
-            period.insert("rate".into(), float(self.rate(h, rate_from)));
-        }
-        Value::Object(period)
-    }
-
     /// The sliding-window estimate of requests per window:
     /// `previous * ((window - elapsed) / window) + current`.
     fn rate(&self, current: &Histogram, previous: Option<&Histogram>) -> f64 {
@@ -169,58 +154,21 @@ impl Report {
         carried + current.count as f64
     }
 
-    fn key_json(&self, records: &KeyRecords) -> Value {
-        let mut windows = Map::new();
-        for (age, h) in records.windows.iter().enumerate() {
-            let name = if age == 0 {
-                "current".to_string()
-            } else {
-                format!("prev{}", age)
-            };
-            windows.insert(name, self.window_json(h, age, records.windows.get(1)));
-        }
-        Value::Object(windows)
-    }
-
     /// The JSON of `stats` (every key) or, with `single`, of `single_stats`
     /// (the first key's windows directly under "stats", all zero when no
-    /// key was added).
+    /// key was added). Streamed by `serde_json`, with no tree built first.
     pub fn json(&mut self, free_space: f64, capacity: f64, single: bool) -> &str {
-        let mut info = Map::new();
-        info.insert("free_space".into(), float(free_space));
-        info.insert("capacity".into(), float(capacity));
-
-        let stats = if single {
-            match self.keys.first() {
-                Some(records) => self.key_json(records),
-                None => self.key_json(&KeyRecords {
-                    key: String::new(),
-                    windows: vec![Histogram::new(); self.previous + 1],
-                    total: Histogram::new(),
-                }),
-            }
-        } else {
-            let mut all = Map::new();
-            for records in &self.keys {
-                all.insert(records.key.clone(), self.key_json(records));
-            }
-            Value::Object(all)
+        let mut out = Vec::with_capacity(256 + self.keys.len() * 512);
+        let view = ReportView {
+            report: self,
+            free_space,
+            capacity,
+            single,
         };
-
-        let mut top = Map::new();
-        top.insert("shared_dict_info".into(), Value::Object(info));
-        top.insert("stats".into(), stats);
-        if let Some(keys) = &self.key_info {
-            let mut key_info = Map::new();
-            key_info.insert("tracked".into(), Value::from(keys.tracked));
-            key_info.insert("max_keys".into(), Value::from(keys.max_keys));
-            key_info.insert(
-                "overflow_key".into(),
-                Value::from(keys.overflow_key.clone()),
-            );
-            top.insert("key_info".into(), Value::Object(key_info));
-        }
-        self.rendered = Value::Object(top).to_string();
+        // Writing to a Vec cannot fail, and every number is finite or null.
+        let _ = serde_json::to_writer(&mut out, &view);
+        // serde_json writes UTF-8 only.
+        self.rendered = String::from_utf8(out).unwrap_or_default();
         &self.rendered
     }
 
@@ -229,53 +177,46 @@ impl Report {
     /// sliding-window rate as a gauge; every sample labelled with the dict
     /// and the key.
     pub fn prometheus(&mut self, dict: &str) -> &str {
-        let mut out = String::new();
+        // Some 14 lines a key: build each from pieces made once.
+        let mut out = String::with_capacity(512 + self.keys.len() * 1400);
         let dict = escape_label(dict);
         let labels: Vec<String> = self
             .keys
             .iter()
-            .map(|r| format!("dict=\"{}\",key=\"{}\"", dict, escape_label(&r.key)))
+            .map(|r| format!("{{dict=\"{}\",key=\"{}\"", dict, escape_label(&r.key)))
+            .collect();
+        let edges: Vec<String> = PROMETHEUS_BUCKETS
+            .iter()
+            .map(|le| format!(",le=\"{}\"}} ", le))
             .collect();
 
         out.push_str("# HELP request_counter_requests_total Requests recorded, by key.\n");
         out.push_str("# TYPE request_counter_requests_total counter\n");
         for (records, labels) in self.keys.iter().zip(&labels) {
-            let _ = writeln!(
-                out,
-                "request_counter_requests_total{{{}}} {}",
-                labels, records.total.count
-            );
+            out.push_str("request_counter_requests_total");
+            out.push_str(labels);
+            let _ = writeln!(out, "}} {}", records.total.count);
         }
 
         out.push_str("# HELP request_counter_latency_seconds Request latency, by key.\n");
         out.push_str("# TYPE request_counter_latency_seconds histogram\n");
         for (records, labels) in self.keys.iter().zip(&labels) {
             let total = &records.total;
-            for le in PROMETHEUS_BUCKETS {
-                let _ = writeln!(
-                    out,
-                    "request_counter_latency_seconds_bucket{{{},le=\"{}\"}} {}",
-                    labels,
-                    le,
-                    total.count_at_or_below(le * 1000.0)
-                );
+            for (le, edge) in PROMETHEUS_BUCKETS.iter().zip(&edges) {
+                out.push_str("request_counter_latency_seconds_bucket");
+                out.push_str(labels);
+                out.push_str(edge);
+                let _ = writeln!(out, "{}", total.count_at_or_below(le * 1000.0));
             }
-            let _ = writeln!(
-                out,
-                "request_counter_latency_seconds_bucket{{{},le=\"+Inf\"}} {}",
-                labels, total.count
-            );
-            let _ = writeln!(
-                out,
-                "request_counter_latency_seconds_sum{{{}}} {}",
-                labels,
-                total.sum / 1000.0
-            );
-            let _ = writeln!(
-                out,
-                "request_counter_latency_seconds_count{{{}}} {}",
-                labels, total.count
-            );
+            out.push_str("request_counter_latency_seconds_bucket");
+            out.push_str(labels);
+            let _ = writeln!(out, ",le=\"+Inf\"}} {}", total.count);
+            out.push_str("request_counter_latency_seconds_sum");
+            out.push_str(labels);
+            let _ = writeln!(out, "}} {}", total.sum / 1000.0);
+            out.push_str("request_counter_latency_seconds_count");
+            out.push_str(labels);
+            let _ = writeln!(out, "}} {}", total.count);
         }
 
         out.push_str(
@@ -284,14 +225,135 @@ impl Report {
         out.push_str("# TYPE request_counter_rate gauge\n");
         for (records, labels) in self.keys.iter().zip(&labels) {
             let rate = self.rate(&records.windows[0], records.windows.get(1));
-            let _ = writeln!(
-                out,
-                "request_counter_rate{{{},window=\"{}\"}} {}",
-                labels, self.window, rate
-            );
+            out.push_str("request_counter_rate");
+            out.push_str(labels);
+            let _ = writeln!(out, ",window=\"{}\"}} {}", self.window, rate);
         }
         self.rendered = out;
         &self.rendered
+    }
+}
+
+struct ReportView<'a> {
+    report: &'a Report,
+    free_space: f64,
+    capacity: f64,
+    single: bool,
+}
+
+struct DictInfo {
+    free_space: f64,
+    capacity: f64,
+}
+
+struct AllKeys<'a>(&'a Report);
+
+struct KeyView<'a> {
+    report: &'a Report,
+    windows: &'a [Histogram],
+}
+
+struct WindowView<'a> {
+    report: &'a Report,
+    windows: &'a [Histogram],
+    age: usize,
+}
+
+impl Serialize for ReportView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let report = self.report;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry(
+            "shared_dict_info",
+            &DictInfo {
+                free_space: self.free_space,
+                capacity: self.capacity,
+            },
+        )?;
+        if self.single {
+            let empty = vec![Histogram::new(); report.previous + 1];
+            let windows = report.keys.first().map_or(&empty[..], |k| &k.windows[..]);
+            map.serialize_entry("stats", &KeyView { report, windows })?;
+        } else {
+            map.serialize_entry("stats", &AllKeys(report))?;
+        }
+        if let Some(info) = &report.key_info {
+            map.serialize_entry("key_info", info)?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for DictInfo {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry("free_space", &self.free_space)?;
+        map.serialize_entry("capacity", &self.capacity)?;
+        map.end()
+    }
+}
+
+impl Serialize for KeyInfo {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry("tracked", &self.tracked)?;
+        map.serialize_entry("max_keys", &self.max_keys)?;
+        map.serialize_entry("overflow_key", &self.overflow_key)?;
+        map.end()
+    }
+}
+
+impl Serialize for AllKeys<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let report = self.0;
+        let mut map = serializer.serialize_map(Some(report.keys.len()))?;
+        for records in &report.keys {
+            map.serialize_entry(
+                &records.key,
+                &KeyView {
+                    report,
+                    windows: &records.windows,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for KeyView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.windows.len()))?;
+        for age in 0..self.windows.len() {
+            map.serialize_entry(
+                &self.report.window_names[age],
+                &WindowView {
+                    report: self.report,
+                    windows: self.windows,
+                    age,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for WindowView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let report = self.report;
+        let h = &self.windows[self.age];
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("requests", &h.count)?;
+        map.serialize_entry("latency_ms", &h.mean())?;
+        map.serialize_entry("startofminute_epoch", &report.window_start(self.age))?;
+        map.serialize_entry("p50", &h.percentile(0.50))?;
+        map.serialize_entry("p90", &h.percentile(0.90))?;
+        map.serialize_entry("p99", &h.percentile(0.99))?;
+        map.serialize_entry("max", &h.max)?;
+        if self.age == 0 {
+            map.serialize_entry("epoch", &(report.now.floor() as i64))?;
+            map.serialize_entry("rate", &report.rate(h, self.windows.get(1)))?;
+        }
+        map.end()
     }
 }
 
@@ -313,6 +375,7 @@ fn escape_label(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn encoded(latencies: &[f64]) -> Vec<u8> {
         let mut h = Histogram::new();

@@ -697,6 +697,11 @@ local function report(self, only_key)
     local dict = self.dict
     local current = floor(now / self.window)
     local n = dict:get(COUNT_KEY) or 0
+    local prefixes = {}
+    for age = 0, self.previous do
+        prefixes[age] = WINDOW_PREFIX .. (current - age) .. ":"
+    end
+
     local function add(key)
         local index = C.rc_report_add_key(ptr, key, #key)
         if index < 0 then
@@ -709,8 +714,7 @@ local function report(self, only_key)
         end
 
         for age = 0, self.previous do
-            local record = dict:get(WINDOW_PREFIX .. (current - age) .. ":"
-                                    .. key)
+            local record = dict:get(prefixes[age] .. key)
             if type(record) == "string" then
                 C.rc_report_put(ptr, index, age, record, #record)
             end

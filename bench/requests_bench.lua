@@ -1,0 +1,115 @@
+-- The request counter's costs, run by bench/incr_bench.lua in every worker:
+-- record_request() against a straightforward per-request shared-dict
+-- implementation (what a plain Lua module such as greencheek's original
+-- does), and the cost of a flush, of stats() and of prometheus() as keys
+-- grow.
+
+local request_counter = require "resty.greencheek.request.counter"
+local requests = require "resty.counter.requests"
+
+local _M = {}
+
+local N = 1000000
+local ROUNDS = 5
+local KEYS8 = { "/a", "/b", "/c", "/d", "/e", "/f", "/g", "/h" }
+
+
+-- The baseline: per request, for the key and for "all", the shared-dict
+-- increments of requests and of latency in the current minute's keys.
+local function plain_record(dict, key, latency)
+    local minute = math.floor(ngx.now() / 60)
+    local ms = tonumber(latency) * 1000
+    local prefix = key .. "|" .. minute
+    dict:incr(prefix .. "|n", 1, 0, 180)
+    dict:incr(prefix .. "|ms", ms, 0, 180)
+    prefix = "all|" .. minute
+    dict:incr(prefix .. "|n", 1, 0, 180)
+    dict:incr(prefix .. "|ms", ms, 0, 180)
+end
+
+
+local function plain(n, keys, dict)
+    local nkeys = #keys
+    for _ = 1, n / nkeys do
+        for j = 1, nkeys do
+            plain_record(dict, keys[j], "0.012")
+        end
+    end
+end
+
+
+local function ours(n, keys)
+    local nkeys = #keys
+    for _ = 1, n / nkeys do
+        for j = 1, nkeys do
+            request_counter.record_request("bench_requests", keys[j], "0.012")
+        end
+    end
+end
+
+
+-- ctx: report(case, value), barrier(name), timed(fn, n, ...), now().
+function _M.run(ctx, id)
+    local dict = ngx.shared.bench_plain
+    assert(request_counter.configure("bench_requests",
+                                     { flush_interval = 3600 }))
+
+    plain(N / 10, KEYS8, dict)
+    ours(N / 10, KEYS8)
+    request_counter.flush("bench_requests")
+    local best = {}
+    for round = 1, ROUNDS do
+        ctx.barrier("record plain " .. round)
+        local ns = ctx.timed(plain, N / 10, KEYS8, dict)
+        best.plain = math.min(best.plain or math.huge, ns)
+        ctx.barrier("record ours " .. round)
+        ns = ctx.timed(ours, N, KEYS8)
+        best.ours = math.min(best.ours or math.huge, ns)
+        request_counter.flush("bench_requests")
+    end
+    ctx.report("record_request plain, 8 keys", best.plain)
+    ctx.report("record_request ours, 8 keys", best.ours)
+
+    -- Growth: K keys with one request each in this worker, flushed, then
+    -- reported. Each worker uses its own dict so that sizes stay exact.
+    for _, keys in ipairs({ 100, 1000, 10000 }) do
+        local name = "bench_stats_" .. id
+        local shdict = ngx.shared[name]
+        shdict:flush_all()
+        shdict:flush_expired()
+        local r = assert(requests.new(name, { max_keys = keys,
+                                              flush_interval = 3600 }))
+        for i = 1, keys do
+            r:record("/path/" .. i, 0.012)
+        end
+        local start = ctx.now()
+        assert(r:flush())
+        ctx.report("flush ms, " .. keys .. " new keys", (ctx.now() - start) * 1e3)
+
+        for i = 1, keys do
+            r:record("/path/" .. i, 0.012)
+        end
+        start = ctx.now()
+        assert(r:flush())
+        ctx.report("flush ms, " .. keys .. " known keys",
+                   (ctx.now() - start) * 1e3)
+
+        local stats_ms, prom_ms = math.huge, math.huge
+        for _ = 1, ROUNDS do
+            start = ctx.now()
+            local json = assert(r:stats())
+            stats_ms = math.min(stats_ms, ctx.now() - start)
+            assert(#json > keys * 100)
+            start = ctx.now()
+            assert(r:prometheus())
+            prom_ms = math.min(prom_ms, ctx.now() - start)
+        end
+        ctx.report("stats ms, " .. keys .. " keys", stats_ms * 1e3)
+        ctx.report("prometheus ms, " .. keys .. " keys", prom_ms * 1e3)
+        ctx.report("dict bytes per key, " .. keys .. " keys",
+                   (shdict:capacity() - shdict:free_space()) / keys)
+    end
+end
+
+
+return _M
