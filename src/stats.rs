@@ -286,9 +286,10 @@ impl Serialize for ReportView<'_> {
 
 impl Serialize for DictInfo {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Byte counts: integers, as the original shows them.
         let mut map = serializer.serialize_map(Some(2))?;
-        map.serialize_entry("free_space", &self.free_space)?;
-        map.serialize_entry("capacity", &self.capacity)?;
+        map.serialize_entry("free_space", &(self.free_space.max(0.0) as u64))?;
+        map.serialize_entry("capacity", &(self.capacity.max(0.0) as u64))?;
         map.end()
     }
 }
