@@ -7,12 +7,14 @@ source = {
     tag = "v0.1.0",
 }
 description = {
-    summary = "Counting for OpenResty with a Rust core: lock-free per-worker counters synced to shared dicts",
+    summary = "Counting for OpenResty with a Rust core: lock-free per-worker counters and request-per-minute stats synced to shared dicts",
     detailed = [[
 A drop-in for Kong's lua-resty-counter (require "resty.counter") whose
 per-worker counts live in native memory owned by a Rust core, written by
 LuaJIT through its FFI. Integers stay exact, failed syncs are retried,
-evictions are counted, and reloads lose no count.
+evictions are counted, and reloads lose no count. Also a drop-in for
+greencheek's request counter (require "resty.greencheek.request.counter"):
+requests per minute with latency percentiles, as JSON or Prometheus text.
 ]],
     license = "Apache-2.0",
 }
@@ -28,7 +30,10 @@ build = {
         lua = {
             ["resty.counter"] = "lua/resty/counter.lua",
             ["resty.counter.check"] = "lua/resty/counter/check.lua",
+            ["resty.counter.requests"] = "lua/resty/counter/requests.lua",
             ["resty.counter.store"] = "lua/resty/counter/store.lua",
+            ["resty.greencheek.request.counter"] =
+                "lua/resty/greencheek/request/counter.lua",
         },
         lib = {
             resty_counter_core = "target/lua/resty_counter_core.so",

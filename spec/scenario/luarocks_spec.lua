@@ -1,5 +1,6 @@
 -- The rockspec installs a working library into any tree: nginx, given only
--- that tree on its paths, counts with require "resty.counter".
+-- that tree on its paths, counts with require "resty.counter" and records
+-- requests with require "resty.greencheek.request.counter".
 
 package.path = "spec/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
@@ -8,6 +9,7 @@ local ROCKSPEC = "rockspec/lua-resty-counter-rs-0.1.0-1.rockspec"
 
 local CONF = [[
 lua_shared_dict counters 1m;
+lua_shared_dict request_stats 1m;
 init_worker_by_lua_block {
     package.loaded.c = assert(require("resty.counter").new("counters", 0.05))
 }
@@ -20,7 +22,18 @@ server {
         content_by_lua_block {
             ngx.say(package.searchpath("resty.counter", package.path))
         }
-        log_by_lua_block { package.loaded.c:incr("hits") }
+        log_by_lua_block {
+            package.loaded.c:incr("hits")
+            require("resty.greencheek.request.counter").record_request(
+                "request_stats", "hit", ngx.var.request_time)
+        }
+    }
+    location = /stats {
+        content_by_lua_block {
+            local rc = require "resty.greencheek.request.counter"
+            rc.flush("request_stats")
+            ngx.say(rc.single_stats("request_stats", "all"))
+        }
     }
     location = /hits {
         content_by_lua_block { ngx.say(ngx.shared.counters:get("hits")) }
@@ -71,6 +84,17 @@ describe("the rockspec", function()
             nginx.sleep(0.1)
         end
         assert.equal(10, hits)
+
+        local requests
+        for _ = 1, 50 do
+            local _, body = srv:get("/stats")
+            requests = tonumber(body:match('"current":{"requests":(%d+)'))
+            if requests == 10 then
+                break
+            end
+            nginx.sleep(0.1)
+        end
+        assert.equal(10, requests)
         assert.same({}, srv:errors())
     end)
 end)
