@@ -384,6 +384,35 @@ describe("resty.counter.requests", function()
             assert.equal(0, r:self_metrics().pending)
         end)
 
+        it("counts evictions in a tiny dict and never raises", function()
+            fresh("tiny")
+            local r = assert(requests.new("tiny", { max_keys = 100000,
+                                                    flush_interval = 3600 }))
+            local failures = 0
+            for round = 1, 5 do
+                for i = 1, 100 do
+                    r:record("key" .. round .. "-" .. i, 0.001)
+                end
+                if not r:flush() then
+                    failures = failures + 1
+                end
+            end
+            local m = r:self_metrics()
+            assert.is_true(m.evictions > 0, "no eviction counted")
+            -- What could not be written is still pending, not dropped.
+            assert.equal(m.pending > 0, failures > 0)
+        end)
+
+        it("flush_all() flushes every engine of the worker", function()
+            local r = engine()
+            r:record("k", 0.001)
+            assert.equal(1, r:self_metrics().pending)
+            -- (Its result also covers engines of other tests, on other
+            -- dicts: only this one's records are checked.)
+            requests.flush_all()
+            assert.equal(0, r:self_metrics().pending)
+        end)
+
         it("sets a TTL on window records and none on totals", function()
             local r, clock = engine()
             clock.now = T0 + 30
