@@ -3,6 +3,8 @@
 #   make run    install what is missing, build, serve the demo on 127.0.0.1
 #   make test   install what is missing, build, run every test
 #   make bench  benchmarks inside nginx workers, as ratios from one run
+#   make chaos  faults under load (reloads, kills, floods, bad input), one
+#               table row per case; `make chaos-full` adds a 30-minute soak
 #
 # The top-level targets install Debian packages first and then re-enter make,
 # so that a cargo installed by `deps` is the one the build finds.
@@ -41,8 +43,8 @@ endif
 
 MODULE_SO := target/lua/resty_counter_core.so
 
-.PHONY: run test bench deps build serve check unit-test lint spec scenario \
-	msrv-check clean
+.PHONY: run test bench chaos chaos-full deps build serve check unit-test lint \
+	spec scenario chaos-short msrv-check clean
 
 run: deps
 	@$(MAKE) --no-print-directory serve
@@ -53,6 +55,13 @@ test: deps
 bench: deps
 	@$(MAKE) --no-print-directory build
 	$(LUAJIT) bench/run.lua
+
+chaos: deps
+	@$(MAKE) --no-print-directory chaos-short
+
+chaos-full: deps
+	@$(MAKE) --no-print-directory build
+	$(LUAJIT) spec/chaos/run.lua full
 
 deps:
 	@missing=""; \
@@ -79,7 +88,7 @@ $(MODULE_SO): Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs)
 	@mkdir -p target/lua
 	cp target/release/libresty_counter_core.so $@
 
-check: build unit-test lint spec scenario
+check: build unit-test lint spec scenario chaos-short
 
 unit-test:
 	$(CARGO) test --no-default-features
@@ -106,6 +115,10 @@ spec: build
 # HTTP from the host (spec/scenario/).
 scenario: build
 	COUNTER_ROOT=$(ROOT) $(LUAJIT) $(BUSTED) -o utfTerminal spec/scenario
+
+# The short chaos run (about a minute), also part of `make test`.
+chaos-short: build
+	$(LUAJIT) spec/chaos/run.lua
 
 # Builds with Debian 12's own rustc, the oldest toolchain we promise.
 msrv-check:

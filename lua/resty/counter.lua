@@ -256,6 +256,14 @@ end
 -- raises; `nil, err` only if the key's pending sum could not be made room
 -- for (see apply_now).
 function _M.incr(self, key, step)
+    -- A bad step raises before the key gets a slot: a raised incr leaves
+    -- no trace, not even a key created at 0.
+    if step ~= nil and (type(step) ~= "number"
+                        or not (step >= -MAX_SAFE and step <= MAX_SAFE))
+    then
+        step = check_amount(step, "step", 2)
+    end
+
     local slot = self.touched[key]
     if not slot then
         local err
@@ -271,12 +279,6 @@ function _M.incr(self, key, step)
         -- range: no check on the common path.
         pending.integer = pending.integer + 1
         return true
-    end
-
-    if type(step) ~= "number"
-       or not (step >= -MAX_SAFE and step <= MAX_SAFE)
-    then
-        step = check_amount(step, "step", 2)
     end
 
     if step % 1 == 0 then

@@ -86,4 +86,34 @@ function _M.amount(value, name, level)
 end
 
 
+-- syntax: n = check.latency(value, level)
+--
+-- A duration in seconds: a finite number >= 0, or a numeric string as
+-- $request_time gives it. The messages are those of check.amount for the
+-- same mistakes.
+function _M.latency(value, level)
+    local n = value
+    if type(n) ~= "number" then
+        if type(n) ~= "string" then
+            bad("latency", "number expected, got " .. type(value), level + 1)
+        end
+
+        n = tonumber(n)
+        if not n then
+            bad("latency", fmt("%q is not a number", value), level + 1)
+        end
+    end
+
+    if not (n >= 0 and n < 1 / 0) then
+        if n ~= n or n == 1 / 0 or n == -1 / 0 then
+            bad("latency", tostring(n) .. " is not a finite number",
+                level + 1)
+        end
+        bad("latency", fmt("%.17g is negative", n), level + 1)
+    end
+
+    return n
+end
+
+
 return _M

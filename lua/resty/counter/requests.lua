@@ -26,7 +26,6 @@ local failure = store.failure
 local ngx = ngx
 local ngx_log = ngx.log
 local ngx_ERR = ngx.ERR
-local ngx_WARN = ngx.WARN
 local ngx_now = ngx.now
 local ngx_sleep = ngx.sleep
 local ngx_shared = ngx.shared
@@ -37,6 +36,7 @@ local req_start_time = ngx.req.start_time
 local timer_every = ngx.timer.every
 local worker_pid = ngx.worker.pid
 local check_key = check.key
+local check_latency = check.latency
 local ffi_gc = ffi.gc
 local ffi_new = ffi.new
 local ffi_string = ffi.string
@@ -174,27 +174,12 @@ _M.check_key = check_request_key
 -- syntax: ms = requests.latency_ms(latency, level)
 --
 -- A latency in seconds, as $request_time gives it (a string) or a number,
--- converted to milliseconds. Raises on anything else.
+-- converted to milliseconds. Raises on anything else (check.latency).
 local function latency_ms(latency, level)
-    local seconds = latency
-    if type(seconds) ~= "number" then
-        if type(seconds) ~= "string" then
-            bad("latency", "number of seconds expected, got "
-                .. type(latency), level + 1)
-        end
-
-        seconds = tonumber(seconds)
-        if not seconds then
-            bad("latency", fmt("%q is not a number", latency), level + 1)
-        end
+    if type(latency) == "number" and latency >= 0 and latency < HUGE then
+        return latency * 1000
     end
-
-    if not (seconds >= 0 and seconds < HUGE) then
-        bad("latency", tostring(seconds) .. " is not a finite number of "
-            .. "seconds >= 0", level + 1)
-    end
-
-    return seconds * 1000
+    return check_latency(latency, level + 1) * 1000
 end
 _M.latency_ms = latency_ms
 
@@ -274,8 +259,7 @@ function _M.new(shdict_name, opts)
         registered = {},    -- keys known to be registered in the dict
         full = false,       -- the dict's registry reached max_keys
         flushing = false,
-        metrics = { flushes = 0, failed = 0, evictions = 0, overflowed = 0,
-                    corrupt = 0 },
+        metrics = { flushes = 0, failed = 0, overflowed = 0, corrupt = 0 },
     }, mt)
 
     if get_phase() == "init" then
@@ -334,10 +318,12 @@ local function window_of(self, level)
     local start
     if clock then
         start = clock()
-    elseif get_request() then
-        start = req_start_time()
     else
-        start = ngx_now()
+        -- A timer has a request object too, whose start time is 0.
+        start = get_request() and req_start_time() or 0
+        if start == 0 then
+            start = ngx_now()
+        end
     end
 
     if type(start) ~= "number" then
@@ -420,7 +406,7 @@ local function lock(self, no_yield)
     local deadline
     local wait = 0.001
     while true do
-        local ok, err = dict:add(LOCK_KEY, token, LOCK_TTL)
+        local ok, err = dict:safe_add(LOCK_KEY, token, LOCK_TTL)
         if ok then
             return token
         end
@@ -463,14 +449,11 @@ local function merged(self, slot, stored)
 end
 
 
+-- Never evicts: in a full dict a write fails ("no memory") and the record
+-- stays pending, where an eviction would silently drop other records (or
+-- the key registry). Expired windows still make room.
 local function set(self, key, value, ttl)
-    local ok, err, forcible = self.dict:set(key, value, ttl)
-    if forcible then
-        self.metrics.evictions = self.metrics.evictions + 1
-        ngx_log(ngx_WARN, "resty.counter.requests: dict \"", self.dict_name,
-                "\" is full: writing \"", key, "\" evicted other keys")
-    end
-    return ok, err
+    return self.dict:safe_set(key, value, ttl)
 end
 
 
@@ -595,7 +578,7 @@ local function flush_slot(self, slot)
         -- Undo the window's part: the slot stays pending, whole.
         if ttl then
             if old_window then
-                self.dict:set(window_key, old_window, ttl)
+                set(self, window_key, old_window, ttl)
             else
                 self.dict:delete(window_key)
             end
@@ -805,12 +788,12 @@ end
 -- syntax: metrics = r:self_metrics()
 --
 -- This worker's own counts: flushes, failed (records kept pending after a
--- failed write), evictions, overflowed (requests counted under the
+-- failed write: the dict was full), overflowed (requests counted under the
 -- overflow key), corrupt (records replaced), pending (records now).
 function _M.self_metrics(self)
     local m = self.metrics
     return {
-        flushes = m.flushes, failed = m.failed, evictions = m.evictions,
+        flushes = m.flushes, failed = m.failed,
         overflowed = m.overflowed, corrupt = m.corrupt,
         pending = tonumber(C.rc_requests_pending(self.store)),
     }

@@ -1,0 +1,301 @@
+-- make chaos: faults against a real nginx on loopback, each compared with
+-- an independent ground truth (the access log), one table row per case:
+-- what was sent, counted, lost and duplicated.
+--
+--   luajit spec/chaos/run.lua          the short mode (in make test)
+--   luajit spec/chaos/run.lua full     plus a 30-minute soak with a reload
+--                                      every minute
+--
+-- Exits 1 when a case fails its criterion.
+
+package.path = "spec/?.lua;" .. package.path
+local nginx = require "helpers.nginx"
+local load = require "helpers.load"
+
+local CONF = assert(nginx.read_file("spec/chaos/chaos.conf"))
+local FULL = arg[1] == "full"
+local SYNC_INTERVAL = 0.1
+
+local rows = {}
+local failed = 0
+
+
+local function row(case, sent, counted, lost, dup, ok, detail)
+    rows[#rows + 1] = { case, tostring(sent), tostring(counted), tostring(lost),
+                        tostring(dup), ok and "ok" or "FAIL", detail or "" }
+    if not ok then
+        failed = failed + 1
+    end
+    io.stderr:write(string.format("%-52s %s %s\n", case, ok and "ok" or "FAIL",
+                                  detail or ""))
+end
+
+
+-- Access log lines: { msec, pid, uri } each.
+local function access(srv, file)
+    local lines = {}
+    local f = io.open(srv.dir .. "/" .. (file or "access.log"))
+    if f then
+        for line in f:lines() do
+            local msec, pid, uri = line:match("^([%d.]+) (%d+) (%S+) %d+$")
+            if msec then
+                lines[#lines + 1] = { tonumber(msec), pid, uri }
+            end
+        end
+        f:close()
+    end
+    return lines
+end
+
+
+-- counted (resty.counter) and recorded (request counter), polled until
+-- both reach `sent` (10 s at most).
+local function totals(srv, sent)
+    local counted, recorded
+    for _ = 1, 100 do
+        local status, body = srv:get("/totals")
+        if status == 200 then
+            counted, recorded = body:match("^(%d+) (%d+)")
+            counted, recorded = tonumber(counted), tonumber(recorded)
+            if counted >= sent and recorded >= sent then
+                break
+            end
+        end
+        nginx.sleep(0.1)
+    end
+    return counted or 0, recorded or 0
+end
+
+
+local function both_rows(case, sent, counted, recorded, extra_ok, detail)
+    row(case .. " (resty.counter)", sent, counted, math.max(sent - counted, 0),
+        math.max(counted - sent, 0), counted == sent and extra_ok, detail)
+    row(case .. " (request counter)", sent, recorded,
+        math.max(sent - recorded, 0), math.max(recorded - sent, 0),
+        recorded == sent and extra_ok, detail)
+end
+
+
+local function start(workers)
+    return nginx.start({ workers = workers or 2, http = CONF })
+end
+
+
+local function run_load(srv, seconds, slow)
+    local runs = { load.start(srv, "/fast", { seconds = seconds }) }
+    if slow then
+        runs[2] = load.start(srv, "/slow", { seconds = seconds, threads = 1,
+                                            connections = 16 })
+    end
+    return runs
+end
+
+
+local function wait_all(runs)
+    for _, run in ipairs(runs) do
+        load.wait(run)
+    end
+end
+
+
+local function hup_case(slow)
+    local srv = start(2)
+    local runs = run_load(srv, 6, slow)
+    nginx.sleep(0.5)
+    for _ = 1, 10 do
+        srv:signal("HUP")
+        nginx.sleep(0.5)
+    end
+    wait_all(runs)
+    local sent = #access(srv)
+    local counted, recorded = totals(srv, sent)
+    local errors = srv:errors()
+    both_rows("10 HUP reloads under load, " .. (slow and "handlers sleep 0.2 s"
+                                                 or "fast handlers"),
+              sent, counted, recorded, #errors == 0, errors[1])
+    srv:cleanup()
+end
+
+
+-- QUIT (graceful) or TERM (fast): what the last exiting worker saw.
+local function stop_case(signal)
+    local srv = start(2)
+    local runs = run_load(srv, 4, signal == "QUIT")
+    nginx.sleep(2)
+    srv:signal(signal)
+    local exited = srv:wait_exit(15)
+    wait_all(runs)
+    local sent = #access(srv)
+    local n = 0
+    while nginx.read_file(srv.dir .. "/final." .. (n + 1)) do
+        n = n + 1
+    end
+    local final = nginx.read_file(srv.dir .. "/final." .. n) or "0 0"
+    local counted, recorded = final:match("^(%d+) (%d+)")
+    local errors = srv:errors()
+    both_rows(signal .. " under load", sent, tonumber(counted),
+              tonumber(recorded), exited and n == 2 and #errors == 0,
+              (not exited and "nginx did not exit") or errors[1]
+              or (n ~= 2 and (n .. " workers ran exit_worker")))
+    srv:cleanup()
+end
+
+
+local function worker_pids(srv)
+    local pids = {}
+    local out = nginx.read("pgrep -P " .. srv:pid())
+    for pid in out:gmatch("%d+") do
+        pids[#pids + 1] = pid
+    end
+    return pids
+end
+
+
+-- kill -9 of a worker 3 times: the loss is at most what that worker logged
+-- in the sync interval before it died (plus the one in progress).
+local function kill_case()
+    local srv = start(2)
+    local runs = run_load(srv, 5, false)
+    local kills = {}
+    for i = 1, 3 do
+        nginx.sleep(1.2)
+        local pid = worker_pids(srv)[i % 2 + 1]
+        kills[#kills + 1] = { pid = pid, at = tonumber(nginx.read("date +%s.%N")) }
+        nginx.sh("kill -9 " .. pid)
+    end
+    wait_all(runs)
+    local lines = access(srv)
+    local sent = #lines
+    local counted, recorded = totals(srv, sent)
+    -- The bound: requests each killed worker logged in the last two sync
+    -- intervals before its death (one may be in progress at the kill).
+    local bound = 0
+    for _, kill in ipairs(kills) do
+        for _, line in ipairs(lines) do
+            if line[2] == kill.pid and line[1] > kill.at - 2 * SYNC_INTERVAL then
+                bound = bound + 1
+            end
+        end
+    end
+    for _, case in ipairs({ { "resty.counter", counted },
+                            { "request counter", recorded } }) do
+        local lost = sent - case[2]
+        row("kill -9 of a worker x3 (" .. case[1] .. ")", sent, case[2], lost,
+            math.max(-lost, 0), lost >= 0 and lost <= bound,
+            string.format("lost %.4f%% of sent; bound %d (2 intervals of the "
+                          .. "killed workers)", lost * 100 / sent, bound))
+    end
+    srv:cleanup()
+end
+
+
+local function flood_case()
+    local srv = start(2)
+    local run = load.start(srv, "/flood/x", { seconds = 3, keys = 20000 })
+    load.wait(run)
+    local sent = #access(srv, "flood.log")
+    nginx.sleep(0.5)
+    local _, body = srv:get("/metrics-sum")
+    local v = {}
+    for n in (body or ""):gmatch("%-?[%d.]+") do
+        v[#v + 1] = tonumber(n)
+    end
+    -- evictions (counter), lost (counter), failed writes (requests),
+    -- overflowed, pending, gc KB, tracked keys
+    local aborted = 0
+    for _, line in ipairs(srv:errors()) do
+        if line:find("entry thread aborted", 1, true) then
+            aborted = aborted + 1
+        end
+    end
+    local ok200 = tonumber(nginx.read("grep -c ' 200$' " .. srv.dir
+                                      .. "/flood.log"))
+    row("tiny dict (12k) flooded with distinct keys (resty.counter)", sent,
+        "evictions " .. (v[1] or "?"), v[2] or "?", 0,
+        aborted == 0 and ok200 == sent and (v[1] or 0) > 0 and v[2] == 0,
+        "every request 200, no error thrown to a request, evictions counted")
+    row("tiny dict (12k) flooded, key cap 50 (request counter)", sent,
+        "tracked " .. (v[7] or "?") .. ", overflowed " .. (v[4] or "?"), "-",
+        0, aborted == 0 and (v[7] or 99) <= 50 and (v[4] or 0) > 0,
+        "cap respected, nothing evicted; writes refused for lack of room "
+        .. "(kept pending, counted): " .. (v[3] or "?"))
+    srv:cleanup()
+end
+
+
+local function inside_cases()
+    local srv = start(2)
+    for _, case in ipairs({ "precision", "matrix" }) do
+        local status, body = srv:get("/inside?case=" .. case)
+        if status ~= 200 then
+            row("inside: " .. case, "-", "-", "-", "-", false,
+                "status " .. tostring(status) .. " " .. (srv:errors()[1] or ""))
+        else
+            for line in body:gmatch("[^\n]+") do
+                local f = {}
+                for field in (line .. "\t"):gmatch("([^\t]*)\t") do
+                    f[#f + 1] = field
+                end
+                row(f[1], f[2], f[3], f[4], f[5], f[6] == "ok", f[7])
+            end
+        end
+    end
+    srv:cleanup()
+end
+
+
+-- 30 minutes of load with a reload every minute: totals exact, worker
+-- memory and pending records flat.
+local function soak_case(minutes)
+    local srv = start(2)
+    local runs = run_load(srv, minutes * 60, true)
+    local samples = {}
+    for m = 1, minutes do
+        nginx.sleep(60)
+        srv:signal("HUP")
+        local rss = 0
+        for _, pid in ipairs(worker_pids(srv)) do
+            local status = nginx.read_file("/proc/" .. pid .. "/status") or ""
+            rss = rss + (tonumber(status:match("VmRSS:%s+(%d+)")) or 0)
+        end
+        local _, body = srv:get("/metrics-sum")
+        local pending = tonumber((body or ""):match("^%S+ %S+ %S+ %S+ (%S+)"))
+        samples[m] = { rss = rss, pending = pending or -1 }
+        io.stderr:write(string.format("soak minute %d: workers RSS %d kB, "
+                                      .. "pending records %d\n", m, rss,
+                                      pending or -1))
+    end
+    wait_all(runs)
+    local sent = #access(srv)
+    local counted, recorded = totals(srv, sent)
+    local first, last = samples[2] or samples[1], samples[#samples]
+    local flat = last.rss <= first.rss * 1.2
+    both_rows(minutes .. "-minute soak, a reload every minute", sent, counted,
+              recorded, flat,
+              string.format("workers RSS %d kB after minute 2, %d kB at the "
+                            .. "end; pending %d", first.rss, last.rss,
+                            last.pending))
+    srv:cleanup()
+end
+
+
+hup_case(false)
+hup_case(true)
+stop_case("QUIT")
+stop_case("TERM")
+kill_case()
+flood_case()
+inside_cases()
+if FULL then
+    soak_case(30)
+end
+
+print()
+print("| case | sent | counted | lost | duplicated | verdict | detail |")
+print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
+for _, r in ipairs(rows) do
+    print("| " .. table.concat(r, " | ") .. " |")
+end
+print()
+print(failed == 0 and "all cases passed" or (failed .. " case(s) FAILED"))
+os.exit(failed == 0 and 0 or 1)
