@@ -5,6 +5,8 @@
 #   make bench  benchmarks inside nginx workers, as ratios from one run
 #   make chaos  faults under load (reloads, kills, floods, bad input), one
 #               table row per case; `make chaos-full` adds a 30-minute soak
+#   make fuzz   cargo fuzz on every core function that takes outside input
+#               (FUZZ_SECONDS per target, default 60)
 #
 # The top-level targets install Debian packages first and then re-enter make,
 # so that a cargo installed by `deps` is the one the build finds.
@@ -43,8 +45,8 @@ endif
 
 MODULE_SO := target/lua/resty_counter_core.so
 
-.PHONY: run test bench chaos chaos-full deps build serve check unit-test lint \
-	spec scenario chaos-short msrv-check clean
+.PHONY: run test bench chaos chaos-full fuzz deps build serve check unit-test \
+	lint spec scenario chaos-short fuzz-short msrv-check clean
 
 run: deps
 	@$(MAKE) --no-print-directory serve
@@ -88,7 +90,7 @@ $(MODULE_SO): Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs)
 	@mkdir -p target/lua
 	cp target/release/libresty_counter_core.so $@
 
-check: build unit-test lint spec scenario chaos-short
+check: build unit-test lint spec scenario chaos-short fuzz-short
 
 unit-test:
 	$(CARGO) test --no-default-features
@@ -119,6 +121,33 @@ scenario: build
 # The short chaos run (about a minute), also part of `make test`.
 chaos-short: build
 	$(LUAJIT) spec/chaos/run.lua
+
+# cargo fuzz needs rustup's nightly toolchain; `make fuzz` installs the
+# cargo-fuzz command from crates.io when it is missing.
+FUZZ_TARGETS := histogram_decode request_merge report_render pending_store \
+	ffi_calls
+FUZZ_SECONDS ?= 60
+RUSTUP_CARGO := $(HOME)/.cargo/bin/cargo
+
+fuzz:
+	@$(RUSTUP_CARGO) +nightly --version >/dev/null 2>&1 || { \
+		echo "make fuzz needs rustup's nightly toolchain"; exit 1; }
+	@$(RUSTUP_CARGO) fuzz --version >/dev/null 2>&1 || \
+		$(RUSTUP_CARGO) install cargo-fuzz --locked
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "cargo fuzz run $$t ($(FUZZ_SECONDS) s)"; \
+		$(RUSTUP_CARGO) +nightly fuzz run $$t -- \
+			-max_total_time=$(FUZZ_SECONDS) 2>&1 | \
+			grep -E "^Done|panicked|ERROR|SUMMARY" || true; \
+		test "$${PIPESTATUS[0]}" = 0; \
+	done
+
+# In `make test`: 5 s a target when nightly and cargo-fuzz are there.
+fuzz-short:
+	@if $(RUSTUP_CARGO) +nightly --version >/dev/null 2>&1 && \
+	    $(RUSTUP_CARGO) fuzz --version >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=5; \
+	else echo "SKIPPED: fuzzing (needs rustup's nightly and cargo-fuzz; see make fuzz)"; fi
 
 # Builds with Debian 12's own rustc, the oldest toolchain we promise.
 msrv-check:

@@ -23,6 +23,10 @@ const MAX_EXPONENT: i32 = 30;
 /// Bucket 0 holds values below 2^MIN_EXPONENT; the others are log-linear.
 pub const BUCKETS: u16 = ((MAX_EXPONENT - MIN_EXPONENT + 1) * SUB_BUCKETS + 1) as u16;
 
+/// The largest value recorded as it is (1e12 ms, 31 years); larger ones
+/// are recorded as this, so that a sum can never overflow to infinity.
+pub const MAX_VALUE: f64 = 1e12;
+
 /// Encoding version, the first byte of every encoded histogram.
 const FORMAT_VERSION: u8 = 1;
 
@@ -91,10 +95,11 @@ impl Histogram {
     }
 
     /// Adds one observation. The caller passes a non-negative finite value
-    /// (the Lua side checks); anything else is counted as 0.
+    /// (the Lua side checks); anything else is counted as 0, and values
+    /// above [`MAX_VALUE`] as that.
     pub fn record(&mut self, value: f64) {
         let value = if value >= 0.0 && value.is_finite() {
-            value
+            value.min(MAX_VALUE)
         } else {
             0.0
         };
@@ -116,7 +121,8 @@ impl Histogram {
     /// Adds another histogram into this one.
     pub fn merge(&mut self, other: &Histogram) {
         self.count = self.count.saturating_add(other.count);
-        self.sum += other.sum;
+        // Finite stays finite, whatever a foreign record held.
+        self.sum = (self.sum + other.sum).min(f64::MAX);
         if other.max > self.max {
             self.max = other.max;
         }
@@ -155,7 +161,8 @@ impl Histogram {
         }
         let mut seen = 0u64;
         for &(bucket, count) in &self.buckets {
-            seen += count;
+            // A foreign record's counts may not add up: never overflow.
+            seen = seen.saturating_add(count);
             if seen >= rank {
                 return bucket_value(bucket).min(self.max);
             }
@@ -170,8 +177,7 @@ impl Histogram {
         self.buckets
             .iter()
             .take_while(|&&(bucket, _)| bucket_value(bucket) <= edge)
-            .map(|&(_, count)| count)
-            .sum()
+            .fold(0u64, |sum, &(_, count)| sum.saturating_add(count))
     }
 
     /// The bytes stored in the shared dict: version, count, sum, max, then
@@ -219,7 +225,7 @@ impl Histogram {
             if i > 0 && gap == 0 {
                 return Err(CorruptRecord);
             }
-            bucket += gap;
+            bucket = bucket.checked_add(gap).ok_or(CorruptRecord)?;
             if bucket >= u64::from(BUCKETS) {
                 return Err(CorruptRecord);
             }
@@ -391,6 +397,36 @@ mod tests {
         wrong_version[0] = 9;
         assert_eq!(Histogram::decode(&wrong_version), Err(CorruptRecord));
         assert_eq!(Histogram::decode(b"hello"), Err(CorruptRecord));
+    }
+
+    #[test]
+    fn huge_values_and_huge_records_stay_finite() {
+        let mut h = Histogram::new();
+        h.record(1e308);
+        h.record(1e308);
+        assert_eq!(h.max, MAX_VALUE);
+        assert_eq!(h.sum, 2.0 * MAX_VALUE);
+        let mut foreign = Histogram::new();
+        foreign.sum = f64::MAX;
+        foreign.count = u64::MAX;
+        h.merge(&foreign);
+        assert!(h.sum.is_finite());
+        assert_eq!(h.count, u64::MAX);
+        let mut bytes = Vec::new();
+        h.encode(&mut bytes);
+        assert_eq!(Histogram::decode(&bytes), Ok(h));
+    }
+
+    #[test]
+    fn a_bucket_gap_that_overflows_is_corrupt() {
+        let mut bytes = vec![FORMAT_VERSION, 1];
+        bytes.extend_from_slice(&1.0f64.to_le_bytes());
+        bytes.extend_from_slice(&1.0f64.to_le_bytes());
+        bytes.push(2); // two buckets
+        bytes.extend_from_slice(&[5, 1]); // bucket 5
+        bytes.extend_from_slice(&[0xff; 9]); // a gap near u64::MAX
+        bytes.extend_from_slice(&[0x01, 1]);
+        assert_eq!(Histogram::decode(&bytes), Err(CorruptRecord));
     }
 
     #[test]

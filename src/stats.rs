@@ -22,6 +22,10 @@ const PROMETHEUS_BUCKETS: [f64; 11] = [
 /// The most previous windows a report may show.
 pub const MAX_PREVIOUS_WINDOWS: usize = 64;
 
+/// The latest time a report accepts (epoch seconds, some 30 million years
+/// from now): far past any clock, small enough for exact window arithmetic.
+pub const MAX_NOW: f64 = 1e15;
+
 #[derive(Debug)]
 struct KeyRecords {
     key: String,
@@ -69,9 +73,9 @@ impl Report {
     /// # Errors
     ///
     /// `BadArgument` for a zero window, more than [`MAX_PREVIOUS_WINDOWS`]
-    /// previous windows or a `now` that is not a finite positive number.
+    /// previous windows or a `now` outside 0..=[`MAX_NOW`].
     pub fn new(window: u64, now: f64, previous: usize) -> Result<Report, Error> {
-        if window == 0 || previous > MAX_PREVIOUS_WINDOWS || !now.is_finite() || now < 0.0 {
+        if window == 0 || previous > MAX_PREVIOUS_WINDOWS || !(0.0..=MAX_NOW).contains(&now) {
             return Err(Error::BadArgument);
         }
         Ok(Report {
@@ -486,6 +490,8 @@ mod tests {
             Error::BadArgument
         );
         assert_eq!(Report::new(60, 1.0, 65).unwrap_err(), Error::BadArgument);
+        assert_eq!(Report::new(60, 1e300, 2).unwrap_err(), Error::BadArgument);
+        assert_eq!(Report::new(60, -1.0, 2).unwrap_err(), Error::BadArgument);
         let mut report = Report::new(60, 1.0, 2).unwrap();
         assert_eq!(report.put(0, Record::Total, &[]), Err(Error::BadSlot));
         let key = report.add_key(b"k");

@@ -1,0 +1,62 @@
+//! Reports from arbitrary keys, records and clock values: rendering never
+//! panics, the JSON always parses and carries every key, and each
+//! Prometheus sample line is well formed.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use resty_counter_core::stats::{Record, Report};
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 12 {
+        return;
+    }
+    let window = u64::from(u16::from_le_bytes([data[0], data[1]]));
+    let mut now_raw = [0u8; 8];
+    now_raw.copy_from_slice(&data[2..10]);
+    let now = f64::from_le_bytes(now_raw);
+    let previous = usize::from(data[10] % 70);
+    let mut report = match Report::new(window, now, previous) {
+        Ok(report) => report,
+        Err(_) => return,
+    };
+    // The rest: records of the form [key len][key][which][record len][record].
+    let mut rest = &data[11..];
+    let mut keys = Vec::new();
+    while rest.len() >= 3 {
+        let key_len = usize::from(rest[0]).min(rest.len() - 1);
+        let key = &rest[1..1 + key_len];
+        rest = &rest[1 + key_len..];
+        let index = report.add_key(key);
+        keys.push(String::from_utf8_lossy(key).into_owned());
+        if rest.len() < 2 {
+            break;
+        }
+        let which = if rest[0] == 255 {
+            Record::Total
+        } else {
+            Record::Window(usize::from(rest[0]))
+        };
+        let record_len = usize::from(rest[1]).min(rest.len() - 2);
+        let _ = report.put(index, which, &rest[2..2 + record_len]);
+        rest = &rest[2 + record_len..];
+    }
+
+    let json: serde_json::Value =
+        serde_json::from_str(report.json(1.0, 2.0, false)).expect("valid JSON");
+    for key in &keys {
+        assert!(json["stats"].get(key).is_some(), "key {:?} missing", key);
+    }
+    let _: serde_json::Value =
+        serde_json::from_str(report.json(1.0, 2.0, true)).expect("valid JSON");
+
+    let text = report.prometheus("dict\"\n\\").to_string();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        // name{labels} value: no raw newline can hide in a label.
+        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+        assert!(series.ends_with('}'), "{}", line);
+        assert!(value.parse::<f64>().is_ok() || value == "NaN", "{}", line);
+    }
+});
