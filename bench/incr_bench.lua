@@ -109,6 +109,38 @@ local function shdict(n, keys, dict)
 end
 
 
+-- This worker's resident memory, in bytes.
+local function rss()
+    local f = io.open("/proc/self/status")
+    local text = f and f:read("*a") or ""
+    if f then
+        f:close()
+    end
+    return (tonumber(text:match("VmRSS:%s+(%d+)")) or 0) * 1024
+end
+_M.rss = rss
+
+
+-- Starts counting JIT trace aborts in the library's own files; the
+-- function it returns stops and gives the count.
+local function count_aborts()
+    local aborts = 0
+    local function on_trace(what, _, func, pc)
+        if what == "abort" then
+            local src = require("jit.util").funcinfo(func, pc).source or ""
+            if src:find("/resty/") then
+                aborts = aborts + 1
+            end
+        end
+    end
+    jit.attach(on_trace, "trace")
+    return function()
+        jit.attach(on_trace)
+        return aborts
+    end
+end
+
+
 local function timed(fn, n, ...)
     local start = now()
     fn(n, ...)
@@ -123,6 +155,8 @@ function _M.run(dir, id, workers)
         out:write(case, "\t", string.format("%.3f", value), "\n")
         out:flush()
     end
+
+    local stop_counting = count_aborts()
 
     local c = assert(counter.new("bench"))
     for _, set in ipairs({ { "1 key", { "k1" } }, { "8 keys", KEYS8 } }) do
@@ -159,17 +193,27 @@ function _M.run(dir, id, workers)
         end
     end
 
+    local aborts = stop_counting()
+
     -- Sync cost: D dirty keys, each with a delta of 5; the keys already
     -- exist in the dict (steady state). Best of 5 rounds.
-    for _, dirty in ipairs({ 100, 1000, 10000 }) do
+    for _, dirty in ipairs({ 100, 1000, 10000, 100000 }) do
         local keys = {}
         for i = 1, dirty do
             keys[i] = "sync-" .. id .. "-" .. i
         end
         local best, best_plain = math.huge, math.huge
+        local dict_before = dict:capacity() - dict:free_space()
         for round = 0, 5 do
+            collectgarbage()
+            local rss_before = rss()
             for i = 1, dirty do
                 c:incr(keys[i], 5)
+            end
+            if round == 1 then
+                -- pending state per key: the slot, the key maps
+                report("worker bytes per pending key, " .. dirty .. " keys",
+                       (rss() - rss_before) / dirty)
             end
             barrier(dict, "sync " .. dirty .. " " .. round, workers)
             local start = now()
@@ -190,6 +234,11 @@ function _M.run(dir, id, workers)
                 best = math.min(best, took)
                 best_plain = math.min(best_plain, took_plain)
             end
+            if round == 0 then
+                report("dict bytes per key, " .. dirty .. " keys",
+                       (dict:capacity() - dict:free_space() - dict_before)
+                       / dirty)
+            end
         end
         report("sync ms, " .. dirty .. " keys", best * 1e3)
         report("plain flush ms, " .. dirty .. " keys", best_plain * 1e3)
@@ -200,7 +249,10 @@ function _M.run(dir, id, workers)
         barrier = function(name) barrier(dict, name, workers) end,
         timed = timed,
         now = now,
-    }, id)
+        rss = rss,
+        count_aborts = count_aborts,
+    }, id, function(n) aborts = aborts + n end)
+    report("trace aborts", aborts)
 
     out:write("done\n")
     out:close()

@@ -48,12 +48,14 @@ local function ours(n, keys)
 end
 
 
--- ctx: report(case, value), barrier(name), timed(fn, n, ...), now().
-function _M.run(ctx, id)
+-- ctx: report(case, value), barrier(name), timed(fn, n, ...), now(),
+-- rss(), count_aborts(); add_aborts(n) adds to the trace abort count.
+function _M.run(ctx, id, add_aborts)
     local dict = ngx.shared.bench_plain
     assert(request_counter.configure("bench_requests",
                                      { flush_interval = 3600 }))
 
+    local stop_counting = ctx.count_aborts()
     plain(N / 10, KEYS8, dict)
     ours(N / 10, KEYS8)
     request_counter.flush("bench_requests")
@@ -67,21 +69,26 @@ function _M.run(ctx, id)
         best.ours = math.min(best.ours or math.huge, ns)
         request_counter.flush("bench_requests")
     end
+    add_aborts(stop_counting())
     ctx.report("record_request plain, 8 keys", best.plain)
     ctx.report("record_request ours, 8 keys", best.ours)
 
     -- Growth: K keys with one request each in this worker, flushed, then
     -- reported. Each worker uses its own dict so that sizes stay exact.
-    for _, keys in ipairs({ 100, 1000, 10000 }) do
+    for _, keys in ipairs({ 100, 1000, 10000, 100000 }) do
         local name = "bench_stats_" .. id
         local shdict = ngx.shared[name]
         shdict:flush_all()
         shdict:flush_expired()
         local r = assert(requests.new(name, { max_keys = keys,
                                               flush_interval = 3600 }))
+        collectgarbage()
+        local rss_before = ctx.rss()
         for i = 1, keys do
             r:record("/path/" .. i, 0.012)
         end
+        ctx.report("worker bytes per pending record, " .. keys .. " keys",
+                   (ctx.rss() - rss_before) / keys)
         local start = ctx.now()
         assert(r:flush())
         ctx.report("flush ms, " .. keys .. " new keys", (ctx.now() - start) * 1e3)
@@ -106,7 +113,7 @@ function _M.run(ctx, id)
         end
         ctx.report("stats ms, " .. keys .. " keys", stats_ms * 1e3)
         ctx.report("prometheus ms, " .. keys .. " keys", prom_ms * 1e3)
-        ctx.report("dict bytes per key, " .. keys .. " keys",
+        ctx.report("requests dict bytes per key, " .. keys .. " keys",
                    (shdict:capacity() - shdict:free_space()) / keys)
     end
 end

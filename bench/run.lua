@@ -1,11 +1,30 @@
 -- make bench: costs measured inside nginx workers, with 1 and then 2
 -- workers, printed as ns/op and as ratios taken in the same run (absolute
--- times drift on a shared machine; ratios taken side by side do not).
+-- times drift on a shared machine; ratios taken side by side do not); then
+-- requests per second over HTTP with wrk, counting against not counting.
+-- Everything printed also goes to bench/RESULTS.md, with the machine, the
+-- versions and the date, and bench/overhead.png when gnuplot is there.
+--
+--   luajit bench/run.lua          (make bench)
+--   HTTP_ROUNDS=5 HTTP_SECONDS=5 luajit bench/run.lua
 
-package.path = "spec/?.lua;" .. package.path
+package.path = "spec/?.lua;bench/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
+local http = require "http"
 
 local CONF = assert(nginx.read_file("bench/bench.conf"))
+local HTTP_ROUNDS = tonumber(os.getenv("HTTP_ROUNDS")) or 3
+local HTTP_SECONDS = tonumber(os.getenv("HTTP_SECONDS")) or 4
+
+local lines = {}
+
+
+local function say(fmt, ...)
+    local text = select("#", ...) > 0 and string.format(fmt, ...) or fmt
+    io.write(text, "\n")
+    io.flush()
+    lines[#lines + 1] = text
+end
 
 
 local function run(workers)
@@ -18,7 +37,7 @@ local function run(workers)
     local results = {}
     for id = 0, workers - 1 do
         local text
-        for _ = 1, 3000 do         -- 300 s at most
+        for _ = 1, 6000 do         -- 600 s at most
             text = nginx.read_file(srv.dir .. "/result." .. id)
             if text and text:find("done\n", 1, true) then
                 break
@@ -30,7 +49,7 @@ local function run(workers)
             srv:cleanup()
             error("worker " .. id .. " did not finish: " .. (log or ""))
         end
-        for case, value in text:gmatch("([^\t\n]+)\t([%d.]+)\n") do
+        for case, value in text:gmatch("([^\t\n]+)\t([%-%d.]+)\n") do
             results[case] = results[case] or {}
             table.insert(results[case], tonumber(value))
         end
@@ -49,19 +68,21 @@ local function run(workers)
 end
 
 
+io.stderr:write("in-worker benchmarks, 1 worker then 2...\n")
 local one = run(1)
 local two = run(2)
 
 local function row(...)
-    io.write(string.format("| %-24s | %10s | %10s | %10s | %10s |\n", ...))
+    say("| %-24s | %10s | %10s | %10s | %10s |", ...)
 end
 
-print("ns per call, inside nginx workers (2 workers: each, running at once),")
-print("best of 5 interleaved rounds per case")
-print()
+say("## Hot path: ns per call inside nginx workers")
+say("")
+say("2 workers: each, running at once. Best of 5 interleaved rounds per case.")
+say("")
 row("case", "1 worker", "x table", "2 workers", "x table")
 row("---", "---:", "---:", "---:", "---:")
-local failed = {}
+local missed = {}
 for _, keys in ipairs({ "1 key", "8 keys" }) do
     local base1, base2 = one["lua table, " .. keys], two["lua table, " .. keys]
     for _, case in ipairs({ "lua table", "lua buffered", "ours", "ours step 3",
@@ -76,81 +97,152 @@ for _, keys in ipairs({ "1 key", "8 keys" }) do
         local ours, table_ns = r["ours, " .. keys], r["lua table, " .. keys]
         local shdict = r["shdict, " .. keys]
         if ours > 3 * table_ns then
-            failed[#failed + 1] = string.format(
+            missed[#missed + 1] = string.format(
                 "ours is %.1fx a Lua table (%s, %s): target 3x", ours / table_ns,
                 keys, label)
         end
         if shdict < 10 * ours then
-            failed[#failed + 1] = string.format(
-                "ours is only %.1fx cheaper than shdict:incr (%s, %s): target 10x",
+            missed[#missed + 1] = string.format(
+                "ours is %.1fx cheaper than shdict:incr (%s, %s): target 10x",
                 shdict / ours, keys, label)
         end
     end
 end
 
-print()
-print("ngx.shared.DICT:incr ns / ours ns (how many times cheaper ours is)")
-print()
-io.write(string.format("| %-24s | %10s | %10s |\n", "case", "1 worker", "2 workers"))
-io.write("| --- | ---: | ---: |\n")
+say("")
+say("`ngx.shared.DICT:incr` ns / ours ns (how many times cheaper ours is):")
+say("")
+say("| %-24s | %10s | %10s |", "case", "1 worker", "2 workers")
+say("| --- | ---: | ---: |")
 for _, keys in ipairs({ "1 key", "8 keys" }) do
     for _, case in ipairs({ "ours", "ours step 3" }) do
         local name = case .. ", " .. keys
-        io.write(string.format("| %-24s | %9.1fx | %9.1fx |\n", name,
-                               one["shdict, " .. keys] / one[name],
-                               two["shdict, " .. keys] / two[name]))
+        say("| %-24s | %9.1fx | %9.1fx |", name,
+            one["shdict, " .. keys] / one[name], two["shdict, " .. keys] / two[name])
     end
 end
+say("")
+say("JIT trace aborts in the library's code during these loops: %d (1 worker), "
+    .. "%d (2 workers)", one["trace aborts"] or -1, two["trace aborts"] or -1)
 
-print()
-print("sync of N dirty keys (delta 5 each, keys already in the dict), best of 5, ms")
-print()
-io.write(string.format("| %-10s | %9s | %8s | %11s | %9s | %11s |\n", "dirty keys",
-                       "1 worker", "ns/key", "plain flush", "2 workers", "plain flush"))
-io.write("| --- | ---: | ---: | ---: | ---: | ---: |\n")
-for _, n in ipairs({ 100, 1000, 10000 }) do
-    local sync, plain = "sync ms, " .. n .. " keys", "plain flush ms, " .. n .. " keys"
-    io.write(string.format("| %-10d | %9.3f | %8.1f | %11.3f | %9.3f | %11.3f |\n", n,
-                           one[sync], one[sync] * 1e6 / n, one[plain], two[sync], two[plain]))
+say("")
+say("## resty.counter sync: N dirty keys, delta 5 each, keys already in the dict")
+say("")
+say("Best of 5, ms; `plain flush`: dict:incr of the same deltas from a Lua table.")
+say("")
+say("| %-10s | %9s | %8s | %11s | %9s | %11s | %12s | %12s |", "dirty keys",
+    "1 worker", "ns/key", "plain flush", "2 workers", "plain flush",
+    "worker B/key", "dict B/key")
+say("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for _, n in ipairs({ 100, 1000, 10000, 100000 }) do
+    local suffix = ", " .. n .. " keys"
+    say("| %-10d | %9.3f | %8.1f | %11.3f | %9.3f | %11.3f | %12.0f | %12.0f |", n,
+        one["sync ms" .. suffix], one["sync ms" .. suffix] * 1e6 / n,
+        one["plain flush ms" .. suffix], two["sync ms" .. suffix],
+        two["plain flush ms" .. suffix],
+        one["worker bytes per pending key" .. suffix],
+        one["dict bytes per key" .. suffix])
 end
-print()
-print("request counter: ns per record_request() (8 keys), best of 5")
-print()
-io.write(string.format("| %-30s | %10s | %10s |\n", "case", "1 worker", "2 workers"))
-io.write("| --- | ---: | ---: |\n")
-for _, case in ipairs({ "record_request plain, 8 keys", "record_request ours, 8 keys" }) do
-    io.write(string.format("| %-30s | %10.1f | %10.1f |\n", case, one[case], two[case]))
-end
+
+say("")
+say("## Request counter: ns per record_request() (8 keys), best of 5")
+say("")
+say("`plain`: 4 dict:incr per request (requests and latency, for the key and for")
+say("\"all\"), as a straightforward Lua request counter does.")
+say("")
 local plain, ours = "record_request plain, 8 keys", "record_request ours, 8 keys"
-io.write(string.format("| %-30s | %9.1fx | %9.1fx |\n", "plain / ours",
-                       one[plain] / one[ours], two[plain] / two[ours]))
-print()
-print("request counter growth, 1 worker: ms for a flush, stats() and prometheus()")
-print()
-io.write(string.format("| %-6s | %14s | %16s | %10s | %15s | %14s |\n", "keys",
-                       "flush new keys", "flush known keys", "stats()", "prometheus()",
-                       "dict bytes/key"))
-io.write("| ---: | ---: | ---: | ---: | ---: | ---: |\n")
-for _, n in ipairs({ 100, 1000, 10000 }) do
-    local function v(name)
-        return one[name .. ", " .. n .. " keys"] or one[name .. ", " .. n .. " new keys"]
-    end
-    io.write(string.format("| %-6d | %14.3f | %16.3f | %10.3f | %15.3f | %14.0f |\n", n,
-                           v("flush ms"), one["flush ms, " .. n .. " known keys"],
-                           v("stats ms"), v("prometheus ms"), v("dict bytes per key")))
+say("| %-30s | %10s | %10s |", "case", "1 worker", "2 workers")
+say("| --- | ---: | ---: |")
+for _, case in ipairs({ plain, ours }) do
+    say("| %-30s | %10.1f | %10.1f |", case, one[case], two[case])
+end
+say("| %-30s | %9.1fx | %9.1fx |", "plain / ours", one[plain] / one[ours],
+    two[plain] / two[ours])
+
+say("")
+say("## Request counter growth (1 worker): ms and bytes per key")
+say("")
+say("| %-6s | %9s | %11s | %9s | %9s | %12s | %12s |", "keys", "flush new",
+    "flush known", "stats()", "metrics()", "worker B/key", "dict B/key")
+say("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for _, n in ipairs({ 100, 1000, 10000, 100000 }) do
+    local suffix = ", " .. n .. " keys"
+    say("| %-6d | %9.3f | %11.3f | %9.3f | %9.3f | %12.0f | %12.0f |", n,
+        one["flush ms, " .. n .. " new keys"], one["flush ms, " .. n .. " known keys"],
+        one["stats ms" .. suffix], one["prometheus ms" .. suffix],
+        one["worker bytes per pending record" .. suffix],
+        one["requests dict bytes per key" .. suffix])
 end
 
-print()
-print("x table: the cost relative to a plain Lua table increment in the same run.")
-print("lua buffered: the predecessors' per-worker table (lua-resty-counter).")
-print("plain flush: dict:incr of the same deltas from a Lua table (no range check).")
-print("record_request plain: 4 dict:incr per request (requests and latency, for")
-print("the key and for \"all\"), as a straightforward Lua module does.")
-
-if #failed > 0 then
-    print()
-    for _, f in ipairs(failed) do
-        print("MISSED: " .. f)
-    end
-    print("(targets: within 3x of a Lua table, at least 10x cheaper than shdict:incr)")
+io.stderr:write(string.format("HTTP with wrk: %d rounds of %d variants, %d s each...\n",
+                              HTTP_ROUNDS, #http.VARIANTS, HTTP_SECONDS))
+local rows = http.run(HTTP_ROUNDS, HTTP_SECONDS)
+say("")
+say("## Over HTTP: requests/s and latency, counting in log_by_lua")
+say("")
+say("wrk -t1 -c16 on loopback, pinned to CPU 1; one nginx worker pinned to CPU 0;")
+say("8 URIs; median of %d interleaved rounds of %d s. Overhead: how much", HTTP_ROUNDS,
+    HTTP_SECONDS)
+say("slower than the same nginx without counting.")
+say("")
+say("| %-50s | %9s | %8s | %8s | %8s | %9s |", "log phase", "req/s", "p50 us",
+    "p90 us", "p99 us", "overhead")
+say("| --- | ---: | ---: | ---: | ---: | ---: |")
+for _, r in ipairs(rows) do
+    say("| %-50s | %9.0f | %8.0f | %8.0f | %8.0f | %8.1f%% |", r.name, r.rps,
+        r.p50 or -1, r.p90 or -1, r.p99 or -1, r.overhead)
 end
+
+if #missed > 0 then
+    say("")
+    for _, m in ipairs(missed) do
+        say("MISSED: " .. m)
+    end
+    say("(targets: within 3x of a Lua table, at least 10x cheaper than shdict:incr)")
+end
+
+
+-- bench/RESULTS.md: the machine, versions, command and date, then the
+-- tables above; bench/overhead.png from the HTTP table.
+local function first_line(cmd)
+    return (nginx.read(cmd .. " 2>&1"):match("[^\n]+") or "?")
+end
+
+local chart = "bench/overhead.png"
+local data = os.tmpname()
+local f = assert(io.open(data, "w"))
+for i, r in ipairs(rows) do
+    f:write(string.format("%d \"%s\" %.2f\n", i - 1, r.name:gsub('"', "'"), r.overhead))
+end
+f:close()
+local charted = nginx.sh("command -v gnuplot >/dev/null")
+              and nginx.sh(string.format("gnuplot -e \"datafile='%s'; outfile='%s'\" "
+                                         .. "bench/overhead.gp", data, chart))
+os.remove(data)
+
+local header = {
+    "# Benchmark results",
+    "",
+    "Written by `make bench` (`luajit bench/run.lua`) on "
+        .. first_line("date -u '+%Y-%m-%d %H:%M UTC'") .. ".",
+    "",
+    "- machine: " .. first_line("uname -srm") .. ", " .. first_line("nproc")
+        .. " CPUs (" .. first_line("sed -n 's/^model name[^:]*: //p' /proc/cpuinfo")
+        .. "), shared with other work: absolute times drift, ratios taken in"
+        .. " one run hold better",
+    "- nginx: " .. first_line("nginx -v"),
+    "- lua-nginx-module: " .. first_line("dpkg-query -W -f='${Version}' "
+                                         .. "libnginx-mod-http-lua"),
+    "- LuaJIT: " .. first_line("luajit -v"),
+    "- rustc: " .. first_line("$HOME/.cargo/bin/rustc --version || rustc --version"),
+    "- wrk: " .. first_line("wrk -v"),
+    "",
+}
+if charted then
+    header[#header + 1] = "![overhead of counting over HTTP](overhead.png)"
+    header[#header + 1] = ""
+end
+f = assert(io.open("bench/RESULTS.md", "w"))
+f:write(table.concat(header, "\n"), "\n", table.concat(lines, "\n"), "\n")
+f:close()
+io.stderr:write("wrote bench/RESULTS.md" .. (charted and " and " .. chart or "") .. "\n")

@@ -1,0 +1,16 @@
+# The chart of bench/RESULTS.md: throughput lost to counting, per variant.
+#   gnuplot -e "datafile='rows.dat'; outfile='bench/overhead.png'" bench/overhead.gp
+# rows.dat: <index> "<variant>" <overhead %>
+set terminal pngcairo size 900,500 font 'sans,10'
+set output outfile
+set title 'Requests/s lost to counting in log\_by\_lua, against no counting (lower is better)'
+set ylabel 'overhead (%)'
+set style fill solid 0.8
+set boxwidth 0.6
+set xtics rotate by -25 left
+set grid ytics
+set key off
+set bmargin 10
+set rmargin 10
+plot datafile using 1:3:xtic(2) with boxes lc rgb '#4472c4', \
+     '' using 1:3:(sprintf('%.1f%%', $3)) with labels offset 0,1
