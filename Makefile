@@ -45,7 +45,7 @@ endif
 
 MODULE_SO := target/lua/resty_counter_core.so
 
-.PHONY: run test bench chaos chaos-full fuzz deps build serve check unit-test \
+.PHONY: run test bench chaos chaos-full fuzz deps bench-deps build serve check unit-test \
 	lint spec scenario chaos-short fuzz-short msrv-check clean
 
 run: deps
@@ -54,7 +54,7 @@ run: deps
 test: deps
 	@$(MAKE) --no-print-directory check
 
-bench: deps
+bench: bench-deps
 	@$(MAKE) --no-print-directory build
 	$(LUAJIT) bench/run.lua
 
@@ -65,9 +65,11 @@ chaos-full: deps
 	@$(MAKE) --no-print-directory build
 	$(LUAJIT) spec/chaos/run.lua full
 
-deps:
+# Installs the Debian packages of $(1) that are missing (with sudo when not
+# root), and cargo when there is none at all.
+define install_packages
 	@missing=""; \
-	for p in $(DEB_PACKAGES); do \
+	for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
 			grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -82,6 +84,14 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q \
 			--no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call install_packages,$(DEB_PACKAGES))
+
+# gnuplot draws bench/overhead.png.
+bench-deps:
+	$(call install_packages,$(DEB_PACKAGES) gnuplot-nox)
 
 build: $(MODULE_SO)
 
