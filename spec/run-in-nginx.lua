@@ -9,6 +9,7 @@
 
 package.path = "spec/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
+local redis_server = require "helpers.redis"
 
 local DICTS = { "counters 1m", "other 1m", "tiny 12k", "requests 1m",
                 "greencheek 1m" }
@@ -25,8 +26,23 @@ for i, a in ipairs(args) do
 end
 
 
+-- A real redis-server on loopback for the specs that talk to Redis; they
+-- find it through these environment variables.
+local REDIS_PASSWORD = "spec-password"
+local redis = redis_server.start({ password = REDIS_PASSWORD })
+local REDIS_ENV = {
+    REDIS_PORT = redis.port,
+    REDIS_SOCKET = redis.socket,
+    REDIS_PASSWORD = REDIS_PASSWORD,
+}
+
+
 local function run_with_resty()
-    local cmd = { "resty", "-I", nginx.root .. "/lua", "-I", nginx.root .. "/spec",
+    local cmd = { "REDIS_PORT=" .. redis.port, "REDIS_SOCKET=" .. redis.socket,
+                  "REDIS_PASSWORD=" .. REDIS_PASSWORD,
+                  "resty", "--main-conf", "'env REDIS_PORT; env REDIS_SOCKET; "
+                  .. "env REDIS_PASSWORD;'",
+                  "-I", nginx.root .. "/lua", "-I", nginx.root .. "/spec",
                   "-I", nginx.root .. "/target/lua" }
     for _, dict in ipairs(DICTS) do
         cmd[#cmd + 1] = "--shdict '" .. dict .. "'"
@@ -41,10 +57,15 @@ end
 
 local function run_with_nginx()
     local conf = assert(nginx.read_file(nginx.root .. "/spec/nginx/unit.conf"))
+    local env = { BUSTED_ARGS = table.concat(args, " ") }
+    for k, v in pairs(REDIS_ENV) do
+        env[k] = v
+    end
     local srv = nginx.start({
         workers = 2,
-        main = "env BUSTED_ARGS;",
-        env = { BUSTED_ARGS = table.concat(args, " ") },
+        main = "env BUSTED_ARGS; env REDIS_PORT; env REDIS_SOCKET; "
+               .. "env REDIS_PASSWORD;",
+        env = env,
         http = conf,
     })
 
@@ -80,9 +101,15 @@ end
 
 local has_resty = nginx.sh("command -v resty >/dev/null 2>&1")
 local ok
-if has_resty then
-    ok = run_with_resty()
-else
-    ok = run_with_nginx()
+local ran, err = pcall(function()
+    if has_resty then
+        ok = run_with_resty()
+    else
+        ok = run_with_nginx()
+    end
+end)
+redis:cleanup()
+if not ran then
+    error(err, 0)
 end
 os.exit(ok and 0 or 1)

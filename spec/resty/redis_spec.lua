@@ -1,0 +1,118 @@
+-- resty.counter.redis against the real redis-server that
+-- spec/run-in-nginx.lua starts on loopback (REDIS_PORT, REDIS_SOCKET,
+-- REDIS_PASSWORD), from inside an nginx worker.
+
+local redis = require "resty.counter.redis"
+
+local PORT = tonumber(os.getenv("REDIS_PORT"))
+local SOCKET = os.getenv("REDIS_SOCKET")
+local PASSWORD = os.getenv("REDIS_PASSWORD")
+
+
+local function client(opts)
+    opts = opts or {}
+    opts.port = opts.port or PORT
+    if opts.password == nil then
+        opts.password = PASSWORD
+    elseif opts.password == false then
+        opts.password = nil
+    end
+    return redis.new(opts)
+end
+
+
+local function raised(fn, ...)
+    local ok, err = pcall(fn, ...)
+    assert(not ok, "expected an error")
+    return err
+end
+
+
+describe("resty.counter.redis", function()
+    it("finds lua-resty-redis under one of its names", function()
+        assert.is_truthy(redis.driver_name == "resty.redis"
+                         or redis.driver_name == "nginx.redis")
+    end)
+
+    it("runs a script by EVALSHA, loading it once on NOSCRIPT", function()
+        local c = client()
+        assert(c:command("script", "flush"))
+        local script = redis.script("return redis.call('INCRBY', KEYS[1], "
+                                    .. "ARGV[1])")
+        assert.equal(40, #script.sha)
+        assert(c:command("del", "spec:eval"))
+        assert.equal(5, c:eval(script, 1, "spec:eval", "5"))
+        assert.equal(12, c:eval(script, 1, "spec:eval", "7"))
+        assert.equal(1, c:command("script", "exists", script.sha)[1])
+    end)
+
+    it("writes integers exactly: no 1e+14", function()
+        assert.equal("100000000000000", redis.integer(1e14))
+        assert.equal("-9007199254740991", redis.integer(-(2 ^ 53 - 1)))
+        assert.equal("9223372036854775807",
+                     redis.integer(9223372036854775807LL))
+        assert.equal("123", redis.integer("123"))
+        assert.is_nil(redis.integer(1.5))
+        assert.is_nil(redis.integer(2 ^ 53))
+        assert.is_nil(redis.integer(0 / 0))
+        assert.is_nil(redis.integer("1e14"))
+
+        local c = client()
+        assert(c:command("del", "spec:exact"))
+        assert.equal(1e14, c:command("incrby", "spec:exact",
+                                     redis.integer(1e14)))
+    end)
+
+    it("returns Redis error replies as nil, err", function()
+        local c = client()
+        assert(c:command("set", "spec:text", "abc"))
+        local script = redis.script("return redis.call('INCRBY', KEYS[1], 1)")
+        local res, err = c:eval(script, 1, "spec:text")
+        assert.is_nil(res)
+        assert.matches("value is not an integer", err, 1, true)
+        -- and the connection went back to the pool in a clean state
+        assert.equal(1, c:eval(script, 1, "spec:fresh" .. ngx.now()))
+    end)
+
+    it("reaches Redis through its Unix socket and another database",
+       function()
+        local c = client({ path = SOCKET, db = 3 })
+        assert(c:command("set", "spec:db", "three"))
+        assert.equal("three", c:command("get", "spec:db"))
+        local c0 = client()
+        assert.equal(ngx.null, c0:command("get", "spec:db"))
+    end)
+
+    it("fails fast and clearly on an unreachable address", function()
+        local c = client({ port = 1, connect_timeout = 0.05 })
+        ngx.update_time()
+        local start = ngx.now()
+        local res, err = c:command("ping")
+        ngx.update_time()
+        assert.is_nil(res)
+        assert.matches("redis connect to 127.0.0.1:1 failed: ", err, 1, true)
+        assert.is_true(ngx.now() - start < 1)
+    end)
+
+    it("says so when the password is wrong or missing", function()
+        local res, err = client({ password = "wrong" }):command("ping")
+        assert.is_nil(res)
+        assert.matches("redis AUTH failed", err, 1, true)
+        res, err = client({ password = false }):command("ping")
+        assert.is_nil(res)
+        assert.matches("NOAUTH", err, 1, true)
+    end)
+
+    it("raises on bad options, naming them", function()
+        assert.matches('bad "opts.redis" argument: table expected',
+                       raised(redis.new, "127.0.0.1"))
+        assert.matches('bad "opts.port" argument: an integer from 1 to 65535',
+                       raised(redis.new, { port = 0 }))
+        assert.matches('bad "opts.read_timeout" argument',
+                       raised(redis.new, { read_timeout = -1 }))
+        assert.matches('bad "opts.password" argument',
+                       raised(redis.new, { password = 5 }))
+        assert.matches('bad "opts.db" argument',
+                       raised(redis.new, { db = 1.5 }))
+    end)
+end)
