@@ -30,6 +30,7 @@ build = {
         lua = {
             ["resty.counter"] = "lua/resty/counter.lua",
             ["resty.counter.check"] = "lua/resty/counter/check.lua",
+            ["resty.counter.redis"] = "lua/resty/counter/redis.lua",
             ["resty.counter.requests"] = "lua/resty/counter/requests.lua",
             ["resty.counter.store"] = "lua/resty/counter/store.lua",
             ["resty.greencheek.request.counter"] =
