@@ -19,14 +19,23 @@ pub enum Error {
     BadSlot,
     /// A Rust panic was caught at the C boundary (a bug in this library).
     Internal,
+    /// An int64 update would leave the i64 range (Redis' message).
+    Overflow,
+    /// A stored value is not a base-10 int64 (Redis' message).
+    NotInteger,
+    /// An op or comparator code the core does not know, or a null pointer.
+    BadArgument,
 }
 
 impl Error {
-    const ALL: [Error; 4] = [
+    const ALL: [Error; 7] = [
         Error::TooManyKeys,
         Error::OutOfExactRange,
         Error::BadSlot,
         Error::Internal,
+        Error::Overflow,
+        Error::NotInteger,
+        Error::BadArgument,
     ];
 
     /// The negative number that stands for this error in C return values.
@@ -36,6 +45,9 @@ impl Error {
             Error::OutOfExactRange => -2,
             Error::BadSlot => -3,
             Error::Internal => -4,
+            Error::Overflow => -5,
+            Error::NotInteger => -6,
+            Error::BadArgument => -7,
         }
     }
 
@@ -52,6 +64,9 @@ impl fmt::Display for Error {
             Error::OutOfExactRange => "value out of exact integer range",
             Error::BadSlot => "bad slot",
             Error::Internal => "internal error",
+            Error::Overflow => "increment or decrement would overflow",
+            Error::NotInteger => "value is not an integer",
+            Error::BadArgument => "bad argument",
         })
     }
 }
