@@ -10,7 +10,8 @@
 package.path = "spec/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
 
-local DICTS = { "counters 1m", "other 1m", "tiny 12k" }
+local DICTS = { "counters 1m", "other 1m", "tiny 12k", "strict 1m", "lax 1m",
+                "limit 1m", "small 12k" }
 
 local args = { ... }
 if #args == 0 then
