@@ -217,6 +217,20 @@ function _M.apply(raw, op, cmp, operand, n)
 end
 
 
+local text_buf = ffi_new("char[20]")
+
+
+-- syntax: text = int.text(v)
+--
+-- A number (an exact integer) or an int64_t cdata as base-10 text.
+function _M.text(v)
+    if type(v) == "number" then
+        return fmt("%.0f", v)
+    end
+    return ffi_string(text_buf, C.rc_int_format(v, text_buf))
+end
+
+
 -- syntax: v = int.decode(raw)
 -- syntax: nil, err = int.decode(raw)
 --

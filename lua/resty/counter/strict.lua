@@ -701,9 +701,11 @@ function _M.clear(self)
 end
 
 
-_M.OP_ADD = OP_ADD
-_M.OP_SUB = OP_SUB
-_M.OP_SET = OP_SET
+-- For resty.counter.lax, which takes the same batches.
+_M._check_updates = check_updates
+_M._check_list = check_list
+_M._check_ttl = check_ttl
+_M._positive = positive
 
 
 return _M
