@@ -53,6 +53,7 @@ test: deps
 bench: deps
 	@$(MAKE) --no-print-directory build
 	$(LUAJIT) bench/run.lua
+	$(LUAJIT) bench/strict_run.lua
 
 deps:
 	@missing=""; \

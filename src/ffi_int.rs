@@ -68,17 +68,53 @@ pub unsafe extern "C" fn rc_int_apply(
                 Err(e) => return e.code(),
             }
         };
-        match int64::apply(old, op, cmp, operand, n) {
-            Ok(outcome) => {
-                out.new = outcome.new;
-                out.old = outcome.old;
-                // At most MAX_TEXT_LEN (20).
-                out.len = int64::format(outcome.new, &mut out.text) as i32;
-                i32::from(outcome.applied)
-            }
-            Err(e) => e.code(),
-        }
+        write_outcome(old, op, cmp, operand, n, out)
     })
+}
+
+/// [`rc_int_apply`] for a value stored as a number (a double the caller has
+/// checked to be an integer within +-(2^53 - 1)), passed as an i64.
+///
+/// # Errors
+///
+/// As [`rc_int_apply`], but never `NotInteger`.
+///
+/// # Safety
+///
+/// `out` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_int_apply_i64(
+    current: i64,
+    op: i32,
+    cmp: i32,
+    operand: i64,
+    n: i64,
+    out: *mut IntResult,
+) -> i32 {
+    let out = match out.as_mut() {
+        Some(out) => out,
+        None => return Error::BadArgument.code(),
+    };
+    let (op, cmp) = match (Op::from_code(op), Cmp::from_code(cmp)) {
+        (Some(op), Some(cmp)) => (op, cmp),
+        _ => return Error::BadArgument.code(),
+    };
+    guarded(Error::Internal.code(), || {
+        write_outcome(current, op, cmp, operand, n, out)
+    })
+}
+
+fn write_outcome(old: i64, op: Op, cmp: Cmp, operand: i64, n: i64, out: &mut IntResult) -> i32 {
+    match int64::apply(old, op, cmp, operand, n) {
+        Ok(outcome) => {
+            out.new = outcome.new;
+            out.old = outcome.old;
+            // At most MAX_TEXT_LEN (20).
+            out.len = int64::format(outcome.new, &mut out.text) as i32;
+            i32::from(outcome.applied)
+        }
+        Err(e) => e.code(),
+    }
 }
 
 /// Parses a stored value (or a decimal argument) into `*out`.
@@ -180,6 +216,12 @@ mod tests {
         assert_eq!(rc, Error::Overflow.code());
         let rc = unsafe { rc_int_apply(b"1.5".as_ptr(), 3, 2, 0, 0, 1, &mut out) };
         assert_eq!(rc, Error::NotInteger.code());
+        let rc = unsafe { rc_int_apply_i64(41, 0, 3, 100, 1, &mut out) };
+        assert_eq!((rc, out.old, out.new), (1, 41, 42));
+        let rc = unsafe { rc_int_apply_i64(i64::MAX, 0, 0, 0, 1, &mut out) };
+        assert_eq!(rc, Error::Overflow.code());
+        let rc = unsafe { rc_int_apply_i64(0, 5, 0, 0, 1, &mut out) };
+        assert_eq!(rc, Error::BadArgument.code());
     }
 
     #[test]

@@ -5,9 +5,11 @@
 -- is src/ffi_int.rs: change both together and bump INT_ABI there and here).
 -- Shared by resty.counter.strict, resty.counter.lax and resty.counter.limit.
 --
--- A counter value lives in the shared dict as a base-10 string, as Redis
--- keeps an INCR counter. To Lua a value is a number when it is within
--- +-(2^53 - 1), where a double is exact, and an int64_t cdata beyond.
+-- A counter value lives in the shared dict as a number while it is within
+-- +-(2^53 - 1), where a double is exact, and as a base-10 string beyond
+-- (as Redis keeps an INCR counter), so that it stays exact over the whole
+-- int64 range. To Lua a value is likewise a number within +-(2^53 - 1) and
+-- an int64_t cdata beyond.
 
 
 local ffi = require "ffi"
@@ -39,6 +41,8 @@ typedef struct {
 
 int32_t rc_int_apply(const char *current, size_t len, int32_t op,
     int32_t cmp, int64_t operand, int64_t n, rc_int_result_t *out);
+int32_t rc_int_apply_i64(int64_t current, int32_t op, int32_t cmp,
+    int64_t operand, int64_t n, rc_int_result_t *out);
 int32_t rc_int_parse(const char *text, size_t len, int64_t *out);
 int32_t rc_int_format(int64_t value, char *out);
 double rc_sliding_estimate(double prev, double current, double elapsed,
@@ -171,49 +175,46 @@ function _M.cmp(value, level)
 end
 
 
--- syntax: text = int.stored(raw)
--- syntax: nil, err = int.stored(raw)
---
--- A dict value as the core reads it: our base-10 strings, and numbers a
--- plain `dict:set` or `dict:incr` left there when they are exact integers.
--- nil stays nil (a missing key is 0).
-local function stored(raw)
-    local t = type(raw)
-    if t == "string" or raw == nil then
-        return raw
-    end
-    if t == "number" and raw == floor(raw) and raw <= MAX_SAFE
-       and raw >= -MAX_SAFE
-    then
-        return fmt("%.0f", raw)
-    end
-    return nil, "value is not an integer"
-end
-
-
--- syntax: applied, new, old, text = int.apply(raw, op, cmp, operand, n)
+-- syntax: applied, new, old, value = int.apply(raw, op, cmp, operand, n)
 -- syntax: nil, err = int.apply(raw, op, cmp, operand, n)
 --
 -- One update of a dict value (nil when missing): `op n` if the value
 -- compares true against `operand`. `applied` is true or false; `new` and
--- `old` are int64_t cdata; `text` is the new value to store when applied.
+-- `old` are int64_t cdata; `value` is what to store when applied: a number
+-- within +-(2^53 - 1), where a double is exact (no string to make), and
+-- the base-10 text beyond.
+--
+-- The dict values it reads are those it writes, and numbers a plain
+-- `dict:set` or `dict:incr` left there when they are exact integers.
 function _M.apply(raw, op, cmp, operand, n)
-    local current, err = stored(raw)
-    if err then
-        return nil, err
+    local rc
+    local t = type(raw)
+    if t == "number" then
+        if raw ~= floor(raw) or raw > MAX_SAFE or raw < -MAX_SAFE then
+            return nil, "value is not an integer"
+        end
+        rc = C.rc_int_apply_i64(raw, op, cmp or CMP_ALWAYS, operand or 0, n,
+                                result)
+    elseif t == "string" or raw == nil then
+        rc = C.rc_int_apply(raw, raw and #raw or 0, op, cmp or CMP_ALWAYS,
+                            operand or 0, n, result)
+    else
+        return nil, "value is not an integer"
     end
 
-    local rc = C.rc_int_apply(current, current and #current or 0, op,
-                              cmp or CMP_ALWAYS, operand or 0, n, result)
     if rc < 0 then
         return nil, core.error_message(rc)
     end
 
+    local new = result.new_value
     if rc == 1 then
-        return true, result.new_value, result.old_value,
+        if new <= MAX_SAFE and new >= -MAX_SAFE then
+            return true, new, result.old_value, tonumber(new)
+        end
+        return true, new, result.old_value,
                ffi_string(result.text, result.len)
     end
-    return false, result.old_value, result.old_value
+    return false, new, new
 end
 
 

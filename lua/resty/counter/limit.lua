@@ -120,8 +120,18 @@ function _M.new(shdict_name, opts)
         -- A window's count must outlive the next window (the sliding
         -- estimate reads it there).
         ttl = 2 * window,
+        cache = {},
+        cache_prev = {},
+        cache_index = false,
+        cached = 0,
     }, mt)
 end
+
+
+-- Count keys are cached per window (making the string costs more than
+-- the dict's incr); the cache starts afresh with each window, and past
+-- this many keys it stops growing until then.
+local MAX_CACHED = 10000
 
 
 -- The window now: its index, the time elapsed in it, and its count key.
@@ -129,14 +139,39 @@ local function current(self, key)
     local window = self.window
     local now = self.clock()
     local index = floor(now / window)
-    return index, now - index * window,
-           self.prefix .. tostring(index) .. "/" .. key
+    local cache = self.cache
+    if index ~= self.cache_index then
+        cache = {}
+        self.cache = cache
+        self.cache_index = index
+        self.cache_prev = {}
+        self.cached = 0
+    end
+
+    local dkey = cache[key]
+    if not dkey then
+        dkey = self.prefix .. tostring(index) .. "/" .. key
+        if self.cached < MAX_CACHED then
+            cache[key] = dkey
+            self.cached = self.cached + 1
+        end
+    end
+    return index, now - index * window, dkey
 end
 
 
+-- The count of the window before `index` (the current one).
 local function previous_count(self, index, key)
-    return self.dict:get(self.prefix .. tostring(index - 1) .. "/" .. key)
-           or 0
+    local cache = self.cache_prev
+    local dkey = cache[key]
+    if not dkey then
+        dkey = self.prefix .. tostring(index - 1) .. "/" .. key
+        if self.cached < MAX_CACHED then
+            cache[key] = dkey
+            self.cached = self.cached + 1
+        end
+    end
+    return self.dict:get(dkey) or 0
 end
 
 

@@ -3,8 +3,9 @@
 -- Strict counters: every call is atomic and immediately consistent across
 -- all workers of the node, with Redis' int64 semantics.
 --
--- Values live in a shared dict as base-10 strings (exact int64, see
--- resty.counter.int), under "<name>/<key>". A shared dict has no
+-- Values live in a shared dict under "<name>/<key>", as numbers within
+-- +-(2^53 - 1) and base-10 strings beyond (exact int64, see
+-- resty.counter.int). A shared dict has no
 -- compare-and-set, so every update runs under a per-key lock: a lock key
 -- "<name>!<key>" made with `safe_add` (atomic: one worker wins), with an
 -- expiry (`lock_ttl`) so that a worker that dies holding it cannot block
@@ -266,11 +267,11 @@ local function update(self, key, op, cmp, operand, n, ttl)
 
     local dkey = self.prefix .. key
     local raw, flags = dict:get(dkey)
-    local applied, new, old, text = int_apply(raw, op, cmp, operand, n)
+    local applied, new, old, value = int_apply(raw, op, cmp, operand, n)
     if applied then
         local exptime, new_flags = expiry(dict, dkey, raw ~= nil, flags, op,
                                           ttl)
-        ok, err = dict:safe_set(dkey, text, exptime, new_flags)
+        ok, err = dict:safe_set(dkey, value, exptime, new_flags)
         if not ok then
             applied, new = nil, err
         end
@@ -521,22 +522,24 @@ local function update_all(self, op, count, keys, cmps, operands, ns, ttls)
     end
 
     local prefix = self.prefix
-    -- Per dict key: its text now, and how it was found.
-    local texts, found, flags_of, exptimes = {}, {}, {}, {}
+    -- Per dict key: its value now, whether it was read, its flags then,
+    -- whether the batch changed it and the expiry the batch gave it.
+    local values, read, flags_of, dirty, exptimes = {}, {}, {}, {}, {}
     local news, olds = new_tab(count, 0), new_tab(count, 0)
     for i = 1, count do
         local dkey = prefix .. keys[i]
         local raw
-        if found[dkey] == nil then
+        if not read[dkey] then
             local flags
             raw, flags = dict:get(dkey)
-            found[dkey] = raw ~= nil
+            read[dkey] = true
+            values[dkey] = raw
             flags_of[dkey] = flags or 0
         else
-            raw = texts[dkey]
+            raw = values[dkey]
         end
 
-        local applied, new, old, text = int_apply(raw, op, cmps[i],
+        local applied, new, old, value = int_apply(raw, op, cmps[i],
                                                   operands[i], ns[i])
         if applied == nil then
             unlock_all(dict, lkeys)
@@ -548,12 +551,14 @@ local function update_all(self, op, count, keys, cmps, operands, ns, ttls)
             if raw == nil or op == OP_SET then
                 exptimes[dkey] = ttl and { ttl, FLAG_TTL } or { 0, 0 }
             end
-            texts[dkey] = text
+            values[dkey] = value
+            dirty[dkey] = true
         end
         news[i], olds[i] = lua_value(new), lua_value(old)
     end
 
-    for dkey, text in pairs(texts) do
+    for dkey in pairs(dirty) do
+        local value = values[dkey]
         local e = exptimes[dkey]
         local exptime, flags
         if e then
@@ -561,7 +566,7 @@ local function update_all(self, op, count, keys, cmps, operands, ns, ttls)
         else
             exptime, flags = expiry(dict, dkey, true, flags_of[dkey], OP_ADD)
         end
-        ok, err = dict:safe_set(dkey, text, exptime, flags)
+        ok, err = dict:safe_set(dkey, value, exptime, flags)
         if not ok then
             unlock_all(dict, lkeys)
             return nil, err
