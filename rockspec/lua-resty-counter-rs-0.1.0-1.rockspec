@@ -29,6 +29,10 @@ build = {
             ["resty.counter"] = "lua/resty/counter.lua",
             ["resty.counter.check"] = "lua/resty/counter/check.lua",
             ["resty.counter.store"] = "lua/resty/counter/store.lua",
+            ["resty.counter.int"] = "lua/resty/counter/int.lua",
+            ["resty.counter.strict"] = "lua/resty/counter/strict.lua",
+            ["resty.counter.lax"] = "lua/resty/counter/lax.lua",
+            ["resty.counter.limit"] = "lua/resty/counter/limit.lua",
         },
         lib = {
             resty_counter_core = "target/lua/resty_counter_core.so",
