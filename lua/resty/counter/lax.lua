@@ -23,6 +23,7 @@ local strict = require "resty.counter.strict"
 local check = require "resty.counter.check"
 local int = require "resty.counter.int"
 local new_tab = require "table.new"
+local ffi = require "ffi"
 
 
 local ngx = ngx
@@ -36,12 +37,14 @@ local int_cmp = int.cmp
 local error = error
 local next = next
 local pairs = pairs
+local pcall = pcall
 local setmetatable = setmetatable
 local type = type
 local fmt = string.format
 
 
 local MAX_SAFE = int.max_safe_integer
+local int64_t = ffi.typeof("int64_t")
 local CMP = int.CMP
 local CMP_ALWAYS = CMP.always
 local OP_ADD = int.OP_ADD
@@ -93,13 +96,25 @@ local function flush(self)
     local failed, first_err = 0, nil
     for key, delta in pairs(pending) do
         if delta ~= 0 or ttls[key] then
-            local new, err = shared:inc(key, delta, ttls[key])
+            -- pcall: whatever happens, the delta is not dropped.
+            local ok, new, err = pcall(shared.inc, shared, key, delta,
+                                       ttls[key])
+            if not ok then
+                new, err = nil, new
+            end
             if new ~= nil then
                 self:_see(key, new)
             else
                 -- Back into the current pending table: nothing is lost.
                 local now = self.pending
-                now[key] = (now[key] or 0) + delta
+                local merged = (now[key] or 0) + delta
+                if type(merged) == "number"
+                   and (merged > MAX_SAFE or merged < -MAX_SAFE)
+                then
+                    -- Past 2^53 a double would round: sum as int64.
+                    merged = int64_t(now[key] or 0) + delta
+                end
+                now[key] = merged
                 if ttls[key] and not self.ttls[key] then
                     self.ttls[key] = ttls[key]
                 end
