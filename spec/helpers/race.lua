@@ -86,6 +86,7 @@ function _M.run(opts)
     end
 
     local tally = ngx.shared.strict
+    tally:incr("tally:waits:" .. ngx.get_phase(), c.waits, 0)
     tally:incr("tally:applied", applied, 0)
     tally:incr("tally:cas", cas, 0)
     tally:incr("tally:errors", errors, 0)

@@ -509,6 +509,16 @@ describe("resty.counter.strict", function()
             assert.equal(9 * N, c2:get("pair_b"))
             assert.is_not_nil(dict:get("tally:worker:0"))
             assert.is_not_nil(dict:get("tally:worker:1"), "worker 1 took no part")
+            -- The locks were contended (waits in the phase that can yield
+            -- and in the log phase, which spins), not merely taken.
+            local waits = (dict:get("tally:waits:timer") or 0)
+                          + (dict:get("tally:waits:content") or 0)
+                          + (dict:get("tally:waits:log") or 0)
+            io.write(string.format("\nrace: waits timer %s content %s log %s\n",
+                tostring(dict:get("tally:waits:timer")),
+                tostring(dict:get("tally:waits:content")),
+                tostring(dict:get("tally:waits:log"))))
+            assert.is_true(waits > 0, "no lock was ever contended")
         end)
     end)
 end)

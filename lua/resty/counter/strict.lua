@@ -134,12 +134,16 @@ function _M.new(shdict_name, opts)
         max_key_len = check.max_key_len - #name - 1,
         timeout = timeout,
         lock_ttl = lock_ttl,
+        -- Calls of this object (in this worker) that found a lock taken
+        -- and had to wait: how contended the keys are.
+        waits = 0,
     }, mt)
 end
 
 
 -- Waits for the lock `lkey` after a first try found it taken.
 local function wait_lock(self, lkey)
+    self.waits = self.waits + 1
     local dict, lock_ttl = self.dict, self.lock_ttl
     local can_yield = YIELDABLE[get_phase()]
     update_time()
@@ -208,6 +212,7 @@ local function lock_all(self, lkeys)
         end
 
         if not deadline then
+            self.waits = self.waits + 1
             can_yield = YIELDABLE[get_phase()]
             update_time()
             deadline = ngx_now() + self.timeout
