@@ -22,6 +22,7 @@ local lax_counter
 
 -- Lax: every increment arrives, exactly, within a flush or two.
 local function run_lax(opts)
+    ngx.shared.lax:incr("tally:started:" .. ngx.worker.id(), 1, 0)
     if not lax_counter then
         lax_counter = assert(require("resty.counter.lax").new("lax",
                              { name = "race" }))
@@ -47,6 +48,7 @@ function _M.run(opts)
         return run_lax(opts)
     end
 
+    ngx.shared.strict:incr("tally:started:" .. ngx.worker.id(), 1, 0)
     local c = assert(strict.new("strict", { name = "race", timeout = 5 }))
     local applied, cas, errors, torn = 0, 0, 0, 0
     local first_err

@@ -273,6 +273,10 @@ local function update(self, key, op, cmp, operand, n, ttl)
     local dkey = self.prefix .. key
     local raw, flags = dict:get(dkey)
     local applied, new, old, value = int_apply(raw, op, cmp, operand, n)
+    if applied == nil and op == OP_SET and cmp == CMP_ALWAYS then
+        -- A plain set overwrites whatever the key held, as Redis SET.
+        applied, new, old, value = int_apply(nil, op, cmp, operand, n)
+    end
     if applied then
         local exptime, new_flags = expiry(dict, dkey, raw ~= nil, flags, op,
                                           ttl)
@@ -356,8 +360,9 @@ end
 --
 -- context: any phase
 --
--- Sets `key` to `n` and returns `n`. With `ttl` the key expires after
--- `ttl` seconds; without, it has no expiry (as Redis SET).
+-- Sets `key` to `n` and returns `n`, whatever the key held (as Redis SET:
+-- this is how a key holding a non-integer is repaired). With `ttl` the key
+-- expires after `ttl` seconds; without, it has no expiry.
 function _M.set(self, key, n, ttl)
     check_key(key, 2, self.max_key_len)
     n = int_integer(n, "n", 2)
@@ -546,6 +551,10 @@ local function update_all(self, op, count, keys, cmps, operands, ns, ttls)
 
         local applied, new, old, value = int_apply(raw, op, cmps[i],
                                                   operands[i], ns[i])
+        if applied == nil and op == OP_SET and cmps[i] == CMP_ALWAYS then
+            applied, new, old, value = int_apply(nil, op, CMP_ALWAYS, 0,
+                                                 ns[i])
+        end
         if applied == nil then
             unlock_all(dict, lkeys)
             return nil, new, i
