@@ -129,7 +129,8 @@ function _M.integer(value, name, level)
             bad(name, fmt("%.17g is not an integer", value), level + 1)
         end
         if value > MAX_SAFE or value < -MAX_SAFE then
-            bad(name, fmt("%.17g is beyond +-%d, where numbers are exact: "
+            -- check.amount's words, and what to pass instead.
+            bad(name, fmt("%.17g is beyond the exact integer range +-%d: "
                           .. "pass an int64_t cdata or a decimal string",
                           value, MAX_SAFE), level + 1)
         end
