@@ -25,14 +25,16 @@ local ROUNDS = 5
 -- Calls per case and round: the dict-bound cases cost 30 ns to 1 us.
 local N = {
     ["shdict incr"] = 1000000,
+    ["dict add+delete"] = 500000,
+    ["dict get+set"] = 500000,
     ["strict inc"] = 200000,
     ["strict inc_if"] = 200000,
     ["lax inc"] = 5000000,
     ["limit fixed"] = 1000000,
     ["limit sliding"] = 1000000,
 }
-local CASES = { "shdict incr", "strict inc", "strict inc_if", "lax inc",
-                "limit fixed", "limit sliding" }
+local CASES = { "shdict incr", "dict add+delete", "dict get+set", "strict inc",
+                "strict inc_if", "lax inc", "limit fixed", "limit sliding" }
 
 
 local function barrier(dict, name, workers)
@@ -52,6 +54,19 @@ local LOOPS = {
     ["shdict incr"] = function(n, dict)
         for _ = 1, n do
             dict:incr("k", 1, 0)
+        end
+    end,
+    -- The parts of strict inc: its lock, and its read and write.
+    ["dict add+delete"] = function(n, dict)
+        for _ = 1, n do
+            dict:safe_add("lock", true, 1)
+            dict:delete("lock")
+        end
+    end,
+    ["dict get+set"] = function(n, dict)
+        for i = 1, n do
+            local v = dict:get("value") or 0
+            dict:safe_set("value", v + i % 2, 0, 0)
         end
     end,
     ["strict inc"] = function(n, c)
@@ -96,7 +111,8 @@ function _M.run(dir, id, workers)
                                                 name = "sliding",
                                                 algorithm = "sliding" }))
     local args = {
-        ["shdict incr"] = dict, ["strict inc"] = s, ["strict inc_if"] = s,
+        ["shdict incr"] = dict, ["dict add+delete"] = dict, ["dict get+set"] = dict,
+        ["strict inc"] = s, ["strict inc_if"] = s,
         ["lax inc"] = l, ["limit fixed"] = fixed, ["limit sliding"] = sliding,
     }
 

@@ -6,8 +6,8 @@ package.path = "spec/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
 
 local CONF = assert(nginx.read_file("bench/strict_bench.conf"))
-local CASES = { "shdict incr", "strict inc", "strict inc_if", "lax inc",
-                "limit fixed", "limit sliding" }
+local CASES = { "shdict incr", "dict add+delete", "dict get+set", "strict inc",
+                "strict inc_if", "lax inc", "limit fixed", "limit sliding" }
 
 
 local function run(workers)
