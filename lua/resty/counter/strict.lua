@@ -5,13 +5,13 @@
 --
 -- Values live in a shared dict under "<name>/<key>", as numbers within
 -- +-(2^53 - 1) and base-10 strings beyond (exact int64, see
--- resty.counter.int). A shared dict has no
--- compare-and-set, so every update runs under a per-key lock: a lock key
--- "<name>!<key>" made with `safe_add` (atomic: one worker wins), with an
--- expiry (`lock_ttl`) so that a worker that dies holding it cannot block
--- the key for longer. The section under the lock is a few dict calls and
--- one FFI call into the Rust core: it never yields and never raises, so a
--- lock is held for about a microsecond. A caller that finds the key locked
+-- resty.counter.int). A shared dict has no compare-and-set, so every
+-- update runs under a per-key lock: a lock key "<name>!<key>" made with
+-- `safe_add` (atomic: one worker wins), with an expiry (`lock_ttl`) so that
+-- a worker that dies holding it cannot block the key for longer. The
+-- section under the lock is two dict calls and one FFI call into the Rust
+-- core: it never yields and never raises, so a lock is held for well under
+-- a microsecond. A caller that finds the key locked
 -- retries, spinning, then sleeping 1 ms where the phase can yield; in
 -- phases that cannot (log, header_filter, ...) it keeps spinning. Either
 -- way it gives up after `timeout` seconds with `nil, "timeout"`. A batch
