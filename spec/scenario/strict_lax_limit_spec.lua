@@ -53,6 +53,34 @@ describe("strict, lax and limit with 2 workers", function()
         end
     end)
 
+    it("strict inc_if: a cap holds exactly under load", function()
+        srv = nginx.start({ workers = 2, http = CONF, log_level = "warn" })
+        local report = load.wait(load.start(srv, "/capped", { seconds = 2,
+                                                              connections = 32 }))
+        local statuses, pids = {}, {}
+        for line in io.lines(srv.dir .. "/capped.log") do
+            local pid, status = line:match("^(%d+) (%d+)$")
+            statuses[status] = (statuses[status] or 0) + 1
+            if status == "200" then
+                pids[pid] = true
+            end
+        end
+        local workers = 0
+        for _ in pairs(pids) do
+            workers = workers + 1
+        end
+        local _, state = srv:get("/capped/state")
+        local value, waits = state:match("^(%d+) (%d+)")
+        io.write(string.format("\ncapped: %d taken, %d refused, %s lock waits\n",
+                               statuses["200"] or 0, statuses["409"] or 0, waits))
+        assert.is_true((statuses["409"] or 0) > 5000, "too little load: " .. report)
+        assert.equal(5000, statuses["200"])
+        assert.equal("5000", value)
+        assert.is_nil(statuses["500"])
+        assert.equal(2, workers, "seats were taken in one worker only")
+        assert.same({}, srv:errors())
+    end)
+
     it("fixed window: never more than the limit per window", function()
         srv = nginx.start({ workers = 2, http = CONF, log_level = "warn" })
         local report = load.wait(load.start(srv, "/fixed", { seconds = 2,
