@@ -137,6 +137,8 @@ function _M.new(shdict_name, opts)
         -- Calls of this object (in this worker) that found a lock taken
         -- and had to wait: how contended the keys are.
         waits = 0,
+        named = {},
+        named_count = 0,
     }, mt)
 end
 
@@ -260,17 +262,38 @@ local function expiry(dict, dkey, existed, flags, op, ttl)
 end
 
 
+-- The dict keys of `key`: its value's and its lock's. Making the two
+-- strings costs more than a dict call, so they are kept per key, up to
+-- MAX_NAMED keys (then the table starts afresh).
+local MAX_NAMED = 10000
+
+local function names(self, key)
+    local named = self.named[key]
+    if named then
+        return named[1], named[2]
+    end
+
+    local dkey, lkey = self.prefix .. key, self.lock_prefix .. key
+    if self.named_count >= MAX_NAMED then
+        self.named = {}
+        self.named_count = 0
+    end
+    self.named[key] = { dkey, lkey }
+    self.named_count = self.named_count + 1
+    return dkey, lkey
+end
+
+
 -- One update of one key, under its lock. Returns new, old (as Lua users
 -- get them) or nil, err.
 local function update(self, key, op, cmp, operand, n, ttl)
     local dict = self.dict
-    local lkey = self.lock_prefix .. key
+    local dkey, lkey = names(self, key)
     local ok, err = lock(self, lkey)
     if not ok then
         return nil, err
     end
 
-    local dkey = self.prefix .. key
     local raw, flags = dict:get(dkey)
     local applied, new, old, value = int_apply(raw, op, cmp, operand, n)
     if applied == nil and op == OP_SET and cmp == CMP_ALWAYS then
@@ -352,7 +375,7 @@ end
 -- The value of `key`, 0 when missing. No lock: one atomic dict read.
 function _M.get(self, key)
     check_key(key, 2, self.max_key_len)
-    return int_decode(self.dict:get(self.prefix .. key))
+    return int_decode(self.dict:get((names(self, key))))
 end
 
 
