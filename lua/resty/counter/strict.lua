@@ -410,13 +410,12 @@ function _M.del(self, key)
     check_key(key, 2, self.max_key_len)
 
     local dict = self.dict
-    local lkey = self.lock_prefix .. key
+    local dkey, lkey = names(self, key)
     local ok, err = lock(self, lkey)
     if not ok then
         return nil, err
     end
 
-    local dkey = self.prefix .. key
     local old
     old, err = int_decode(dict:get(dkey))
     if old then
