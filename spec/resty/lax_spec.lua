@@ -4,6 +4,13 @@ local lax = require "resty.counter.lax"
 local strict = require "resty.counter.strict"
 local race = require "helpers.race"
 
+-- Specs that send requests to this nginx need spec/nginx/unit.conf's
+-- locations, which OpenResty's `resty` (the other runner) does not have.
+local it_http = package.loaded["spec.port"] and it or function(name)
+    pending(name .. " (needs the locations of spec/nginx/unit.conf)")
+end
+
+
 local MAX = 9223372036854775807LL
 
 
@@ -174,7 +181,7 @@ describe("resty.counter.lax", function()
             slow:inc("w", 1, 10)
             slow:flush()
             assert.is_true(dict:ttl("slow/w") <= 0.2, "kept, not renewed")
-            ngx.sleep(0.25)
+            ngx.sleep(0.3)
             assert.equal(0, shared:get("w"))
         end)
     end)
@@ -230,7 +237,7 @@ describe("resty.counter.lax", function()
     end)
 
     describe("with two workers counting", function()
-        it("loses nothing", function()
+        it_http("loses nothing", function()
             local N = 5000
             local threads = {}
             local function send(count)
