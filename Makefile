@@ -58,6 +58,7 @@ test: deps
 bench: bench-deps
 	@$(MAKE) --no-print-directory build
 	$(LUAJIT) bench/run.lua
+	$(LUAJIT) bench/strict_run.lua
 
 chaos: deps
 	@$(MAKE) --no-print-directory chaos-short

@@ -35,6 +35,10 @@ build = {
             ["resty.counter.store"] = "lua/resty/counter/store.lua",
             ["resty.greencheek.request.counter"] =
                 "lua/resty/greencheek/request/counter.lua",
+            ["resty.counter.int"] = "lua/resty/counter/int.lua",
+            ["resty.counter.strict"] = "lua/resty/counter/strict.lua",
+            ["resty.counter.lax"] = "lua/resty/counter/lax.lua",
+            ["resty.counter.limit"] = "lua/resty/counter/limit.lua",
         },
         lib = {
             resty_counter_core = "target/lua/resty_counter_core.so",

@@ -22,17 +22,24 @@ pub enum Error {
     /// Bytes in the shared dict that are not a request record (something
     /// else wrote to the key).
     CorruptRecord,
-    /// An argument the caller should never pass (checked in Lua first).
+    /// An int64 update would leave the i64 range (Redis' message).
+    Overflow,
+    /// A stored value is not a base-10 int64 (Redis' message).
+    NotInteger,
+    /// An argument the core refuses: an unknown op or comparator code, a
+    /// null pointer, a report with a bad window or clock.
     BadArgument,
 }
 
 impl Error {
-    const ALL: [Error; 6] = [
+    const ALL: [Error; 8] = [
         Error::TooManyKeys,
         Error::OutOfExactRange,
         Error::BadSlot,
         Error::Internal,
         Error::CorruptRecord,
+        Error::Overflow,
+        Error::NotInteger,
         Error::BadArgument,
     ];
 
@@ -44,7 +51,9 @@ impl Error {
             Error::BadSlot => -3,
             Error::Internal => -4,
             Error::CorruptRecord => -5,
-            Error::BadArgument => -6,
+            Error::Overflow => -6,
+            Error::NotInteger => -7,
+            Error::BadArgument => -8,
         }
     }
 
@@ -62,6 +71,8 @@ impl fmt::Display for Error {
             Error::BadSlot => "bad slot",
             Error::Internal => "internal error",
             Error::CorruptRecord => "corrupt record",
+            Error::Overflow => "increment or decrement would overflow",
+            Error::NotInteger => "value is not an integer",
             Error::BadArgument => "bad argument",
         })
     }

@@ -51,7 +51,7 @@ pub fn take_panic_message() -> Option<String> {
 }
 
 /// Runs `body`, turning a panic into `on_panic`.
-fn guarded<T>(on_panic: T, body: impl FnOnce() -> T) -> T {
+pub(crate) fn guarded<T>(on_panic: T, body: impl FnOnce() -> T) -> T {
     install_panic_hook();
     IN_GUARD.with(|flag| flag.set(true));
     let result = panic::catch_unwind(AssertUnwindSafe(body));

@@ -4,6 +4,9 @@
 //!   tested by `cargo test` with no Lua.
 //! - [`ffi`]: the `extern "C"` functions LuaJIT calls through its FFI on the
 //!   hot and sync paths (2-15 ns a call, compiled by the JIT).
+//! - [`int64`], [`window`]: exact int64 values with Redis semantics and the
+//!   sliding window, for the strict and lax counters and the rate limiter;
+//!   [`ffi_int`] is their C ABI.
 //! - `lua` (feature `module`): the mlua binding, `require "resty_counter_core"`,
 //!   for module set-up and cold paths. It is the only code that names mlua.
 //!
@@ -15,10 +18,13 @@
 
 pub mod error;
 pub mod ffi;
+pub mod ffi_int;
 pub mod histogram;
+pub mod int64;
 pub mod pending;
 pub mod requests;
 pub mod stats;
+pub mod window;
 
 #[cfg(all(feature = "module", not(test)))]
 mod lua;

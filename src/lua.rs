@@ -18,6 +18,7 @@ fn resty_counter_core(lua: &Lua) -> LuaResult<LuaTable<'_>> {
     let module = lua.create_table()?;
     module.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
     module.set("ffi_abi", ffi::ABI_VERSION)?;
+    module.set("int_abi", crate::ffi_int::ABI_VERSION)?;
     // Below 2^53, so exact as a Lua number.
     module.set("max_safe_integer", MAX_SAFE_INTEGER as f64)?;
     module.set("max_key_len", MAX_KEY_LEN)?;

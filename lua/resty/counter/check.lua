@@ -33,12 +33,14 @@ local function bad(name, why, level)
 end
 
 
--- syntax: check.key(key, level)
+-- syntax: check.key(key, level, max_len?)
 --
 -- A key is a non-empty string of at most max_key_len bytes (the shared
--- dict's own limit). Numbers are refused rather than converted: 1 and "1"
--- would otherwise count as one key in the dict but two in the worker.
-function _M.key(key, level)
+-- dict's own limit), or `max_len` when given (a module that prefixes its
+-- keys leaves room for the prefix). Numbers are refused rather than
+-- converted: 1 and "1" would otherwise count as one key in the dict but two
+-- in the worker.
+function _M.key(key, level, max_len)
     if type(key) ~= "string" then
         bad("key", "string expected, got " .. type(key), level + 1)
     end
@@ -48,9 +50,9 @@ function _M.key(key, level)
         bad("key", "empty string", level + 1)
     end
 
-    if len > MAX_KEY_LEN then
-        bad("key", fmt("%d bytes, longer than %d", len, MAX_KEY_LEN),
-            level + 1)
+    max_len = max_len or MAX_KEY_LEN
+    if len > max_len then
+        bad("key", fmt("%d bytes, longer than %d", len, max_len), level + 1)
     end
 end
 

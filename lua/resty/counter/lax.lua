@@ -1,0 +1,609 @@
+-- Copyright (C) lua-resty-counter-rs authors. Apache License 2.0.
+--
+-- Lax counters: the interface of resty.counter.strict, but increments
+-- count in the worker (a Lua table, no lock, no dict call) and are flushed
+-- to the shared values every `allowed_lag` seconds by a timer, through the
+-- strict counter of the same dict and name (so a strict and a lax counter
+-- with the same name share their values).
+--
+-- No loss: a flush takes the pending table and starts a new one, so
+-- increments made while it runs (it may wait for a lock) go to the next
+-- flush; a delta that cannot be applied (overflow, lock timeout, dict full)
+-- is put back and retried by the next flush, and logged. On reload and
+-- shutdown the timer runs once more (premature) and `lax.flush_all()` in
+-- exit_worker_by_lua catches requests still in flight after it.
+--
+-- What each method guarantees is written above it. In short: increments
+-- are eventually applied exactly; reads and comparisons see "the worker's
+-- view", the shared value (as last read) plus this worker's pending delta;
+-- sets and deletes are strict.
+
+
+local strict = require "resty.counter.strict"
+local check = require "resty.counter.check"
+local int = require "resty.counter.int"
+local new_tab = require "table.new"
+local ffi = require "ffi"
+
+
+local ngx = ngx
+local ngx_log = ngx.log
+local ngx_ERR = ngx.ERR
+local get_phase = ngx.get_phase
+local timer_every = ngx.timer.every
+local check_key = check.key
+local int_integer = int.integer
+local int_cmp = int.cmp
+local error = error
+local next = next
+local pairs = pairs
+local pcall = pcall
+local setmetatable = setmetatable
+local type = type
+local fmt = string.format
+
+
+local MAX_SAFE = int.max_safe_integer
+local int64_t = ffi.typeof("int64_t")
+local CMP = int.CMP
+local CMP_ALWAYS = CMP.always
+local OP_ADD = int.OP_ADD
+local OP_SUB = int.OP_SUB
+local OP_SET = int.OP_SET
+
+-- The worker's last-read shared values are dropped past this many keys
+-- (and read again when needed), so memory stays bounded.
+local MAX_SEEN = 65536
+
+
+local _M = { _VERSION = "0.1.0" }
+local mt = { __index = _M }
+
+
+-- Every lax counter of this worker, for flush_all().
+local counters = {}
+
+
+local HOLDS = {
+    [CMP.always] = function() return true end,
+    [CMP.eq] = function(a, b) return a == b end,
+    [CMP.ne] = function(a, b) return a ~= b end,
+    [CMP.lt] = function(a, b) return a < b end,
+    [CMP.le] = function(a, b) return a <= b end,
+    [CMP.gt] = function(a, b) return a > b end,
+    [CMP.ge] = function(a, b) return a >= b end,
+}
+
+
+-- syntax: ok, err = c:flush()
+--
+-- context: any phase (waits for locks by spinning where it cannot yield)
+--
+-- Applies this worker's pending deltas to the shared values now. Returns
+-- true, or nil and an error naming how many keys failed; those stay
+-- pending for the next flush.
+local function flush(self)
+    local pending = self.pending
+    if next(pending) == nil then
+        return true
+    end
+
+    local ttls = self.ttls
+    self.pending = new_tab(0, 16)
+    self.ttls = {}
+
+    local shared = self.shared
+    local failed, first_err = 0, nil
+    for key, delta in pairs(pending) do
+        if delta ~= 0 or ttls[key] then
+            -- pcall: whatever happens, the delta is not dropped.
+            local ok, new, err = pcall(shared.inc, shared, key, delta,
+                                       ttls[key])
+            if not ok then
+                new, err = nil, new
+            end
+            if new ~= nil then
+                self:_see(key, new)
+            else
+                -- Back into the current pending table: nothing is lost.
+                local now = self.pending
+                local merged = (now[key] or 0) + delta
+                if type(merged) == "number"
+                   and (merged > MAX_SAFE or merged < -MAX_SAFE)
+                then
+                    -- Past 2^53 a double would round: sum as int64.
+                    merged = int64_t(now[key] or 0) + delta
+                end
+                now[key] = merged
+                if ttls[key] and not self.ttls[key] then
+                    self.ttls[key] = ttls[key]
+                end
+                failed = failed + 1
+                first_err = first_err
+                            or fmt('key "%s": %s', key, err)
+            end
+        end
+    end
+
+    if failed > 0 then
+        local msg = fmt('%d keys not flushed to dict "%s", kept pending '
+                        .. '(%s)', failed, self.dict_name, first_err)
+        ngx_log(ngx_ERR, msg)
+        return nil, msg
+    end
+    return true
+end
+_M.flush = flush
+
+
+local function tick(premature, self) -- luacheck: ignore premature
+    -- The premature run (reload, shutdown) flushes too.
+    flush(self)
+end
+
+
+-- syntax: c, err = lax.new(shdict_name, opts?)
+--
+-- context: init_worker_by_lua* and later phases (it creates a timer)
+--
+-- opts: those of strict.new (name, timeout, lock_ttl), and allowed_lag
+-- (seconds between flushes, default 0.02).
+function _M.new(shdict_name, opts)
+    if opts ~= nil and type(opts) ~= "table" then
+        error('bad "opts" argument: table expected, got ' .. type(opts), 2)
+    end
+
+    local lag = strict._positive((opts or {}).allowed_lag or 0.02,
+                                 "opts.allowed_lag", 2)
+
+    -- Raises on bad arguments, blaming our caller.
+    local ok, shared, err = pcall(strict.new, shdict_name, opts)
+    if not ok then
+        error((shared:gsub("^[^:]+:%d+: ", "")), 2)
+    end
+    if not shared then
+        return nil, err
+    end
+
+    if get_phase() == "init" then
+        return nil, "cannot create a flush timer in init_by_lua*: "
+                    .. "create the counter in init_worker_by_lua*"
+    end
+
+    local self = setmetatable({
+        shared = shared,
+        dict_name = shdict_name,
+        max_key_len = shared.max_key_len,
+        allowed_lag = lag,
+        pending = new_tab(0, 16),
+        ttls = {},
+        seen = {},
+        seen_count = 0,
+    }, mt)
+
+    ok, err = timer_every(lag, tick, self)
+    if not ok then
+        return nil, "failed to create the flush timer: " .. err
+    end
+
+    counters[#counters + 1] = self
+    return self
+end
+
+
+function _M._see(self, key, value)
+    local seen = self.seen
+    if seen[key] == nil then
+        if self.seen_count >= MAX_SEEN then
+            seen = {}
+            self.seen = seen
+            self.seen_count = 0
+        end
+        self.seen_count = self.seen_count + 1
+    end
+    seen[key] = value
+end
+
+
+-- The shared value as this worker last read it (read now if never).
+local function base(self, key)
+    local value = self.seen[key]
+    if value ~= nil then
+        return value
+    end
+
+    local err
+    value, err = self.shared:get(key)
+    if value == nil then
+        return nil, err
+    end
+    self:_see(key, value)
+    return value
+end
+
+
+-- Flushes `key`'s pending delta, then adds `n`, strictly and now (for
+-- values past 2^53, where the worker's Lua numbers would not be exact).
+local function inc_now(self, key, op, n, ttl)
+    local shared = self.shared
+    local delta = self.pending[key]
+    if delta then
+        local new, err = shared:inc(key, delta, self.ttls[key] or ttl)
+        if new == nil then
+            return nil, err
+        end
+        self.pending[key] = nil
+        self.ttls[key] = nil
+    end
+
+    local new, err
+    if op == OP_ADD then
+        new, err = shared:inc(key, n, ttl)
+    else
+        new, err = shared:dec(key, n, ttl)
+    end
+    if new == nil then
+        return nil, err
+    end
+    self:_see(key, new)
+    return new
+end
+
+
+-- syntax: view, err = c:inc(key, n?, ttl?)
+--
+-- context: any phase
+--
+-- Adds `n` (default 1) to this worker's pending delta for `key` and
+-- returns the worker's view: the shared value as last read by this worker
+-- (at its last flush or get of the key) plus its pending delta. The shared
+-- value gets the delta at the next flush, exactly; an overflow shows then
+-- (logged, the delta kept pending), not here. `ttl` applies if the flush
+-- creates the key. Where the view or the step is beyond +-(2^53 - 1) the
+-- increment is applied strictly at once instead.
+function _M.inc(self, key, n, ttl)
+    check_key(key, 2, self.max_key_len)
+    if n == nil then
+        n = 1
+    else
+        n = int_integer(n, "n", 2)
+    end
+    if ttl ~= nil then
+        strict._check_ttl(ttl, 2)
+    end
+
+    local seen, err = base(self, key)
+    if seen == nil then
+        return nil, err
+    end
+
+    local pending = self.pending
+    if type(n) == "number" and type(seen) == "number" then
+        local sum = (pending[key] or 0) + n
+        local view = seen + sum
+        if sum <= MAX_SAFE and sum >= -MAX_SAFE and view <= MAX_SAFE
+           and view >= -MAX_SAFE
+        then
+            pending[key] = sum
+            if ttl and not self.ttls[key] then
+                self.ttls[key] = ttl
+            end
+            return view
+        end
+    end
+
+    return inc_now(self, key, OP_ADD, n, ttl)
+end
+
+
+-- syntax: view, err = c:dec(key, n?, ttl?)
+--
+-- context: any phase
+--
+-- Subtracts `n` (default 1); as `inc`.
+function _M.dec(self, key, n, ttl)
+    check_key(key, 2, self.max_key_len)
+    if n == nil then
+        n = 1
+    else
+        n = int_integer(n, "n", 2)
+    end
+    if type(n) == "number" then
+        return self:inc(key, -n, ttl)
+    end
+    if ttl ~= nil then
+        strict._check_ttl(ttl, 2)
+    end
+    return inc_now(self, key, OP_SUB, n, ttl)
+end
+
+
+-- syntax: value, err = c:get(key)
+--
+-- context: any phase
+--
+-- The shared value, read now, plus this worker's pending delta (not the
+-- other workers' pending deltas). Also refreshes the worker's view.
+function _M.get(self, key)
+    check_key(key, 2, self.max_key_len)
+    local value, err = self.shared:get(key)
+    if value == nil then
+        return nil, err
+    end
+    self:_see(key, value)
+
+    local delta = self.pending[key]
+    if not delta then
+        return value
+    end
+    if type(value) == "number" then
+        local sum = value + delta
+        if sum <= MAX_SAFE and sum >= -MAX_SAFE then
+            return sum
+        end
+    end
+    -- Exact int64 arithmetic, checked.
+    local applied, new = int.apply(int.text(value), OP_ADD, CMP_ALWAYS, 0,
+                                   delta)
+    if applied == nil then
+        return nil, new
+    end
+    return int.lua_value(new)
+end
+
+
+-- syntax: value, err = c:set(key, n, ttl?)
+--
+-- context: any phase
+--
+-- Strict: sets the shared value now and drops this worker's pending delta
+-- for `key` (other workers' pending deltas still add to it later).
+function _M.set(self, key, n, ttl)
+    check_key(key, 2, self.max_key_len)
+    n = int_integer(n, "n", 2)
+    if ttl ~= nil then
+        strict._check_ttl(ttl, 2)
+    end
+
+    local value, err = self.shared:set(key, n, ttl)
+    if value == nil then
+        return nil, err
+    end
+    self.pending[key] = nil
+    self.ttls[key] = nil
+    self:_see(key, value)
+    return value
+end
+
+
+-- syntax: old, err = c:del(key)
+--
+-- context: any phase
+--
+-- Strict: removes the key now and drops this worker's pending delta;
+-- returns the worker's view of the value removed.
+function _M.del(self, key)
+    check_key(key, 2, self.max_key_len)
+    local old, err = self.shared:del(key)
+    if old == nil then
+        return nil, err
+    end
+
+    local delta = self.pending[key]
+    self.pending[key] = nil
+    self.ttls[key] = nil
+    self:_see(key, 0)
+    if delta and type(old) == "number" then
+        return old + delta
+    end
+    return old
+end
+
+
+-- syntax: new, old = c:inc_if(key, cmp, operand, n?, ttl?)
+--
+-- context: any phase
+--
+-- Compares the worker's view (`get`: the shared value read now plus this
+-- worker's pending delta) with `operand`; when it holds, adds `n` to the
+-- pending delta as `inc`. Returns `new, old` (`old, old` when the
+-- comparison fails). Not atomic across workers: two workers may both see
+-- "lt 10" and both add. Use strict for caps that must hold exactly.
+function _M.inc_if(self, key, cmp, operand, n, ttl)
+    check_key(key, 2, self.max_key_len)
+    cmp = int_cmp(cmp, 2)
+    if cmp ~= CMP_ALWAYS or operand ~= nil then
+        operand = int_integer(operand, "operand", 2)
+    end
+    if n == nil then
+        n = 1
+    else
+        n = int_integer(n, "n", 2)
+    end
+
+    local old, err = self:get(key)
+    if old == nil then
+        return nil, err
+    end
+    if not HOLDS[cmp](old, operand) then
+        return old, old
+    end
+
+    local new
+    new, err = self:inc(key, n, ttl)
+    if new == nil then
+        return nil, err
+    end
+    return new, old
+end
+
+
+-- syntax: new, old = c:set_if(key, cmp, operand, n, ttl?)
+--
+-- context: any phase
+--
+-- Compares the worker's view as `inc_if` does; when it holds, sets as
+-- `set` (strictly, but the comparison and the set are two steps).
+function _M.set_if(self, key, cmp, operand, n, ttl)
+    check_key(key, 2, self.max_key_len)
+    cmp = int_cmp(cmp, 2)
+    if cmp ~= CMP_ALWAYS or operand ~= nil then
+        operand = int_integer(operand, "operand", 2)
+    end
+    n = int_integer(n, "n", 2)
+
+    local old, err = self:get(key)
+    if old == nil then
+        return nil, err
+    end
+    if not HOLDS[cmp](old, operand) then
+        return old, old
+    end
+
+    local new
+    new, err = self:set(key, n, ttl)
+    if new == nil then
+        return nil, err
+    end
+    return new, old
+end
+
+
+-- syntax: values, err = c:get_all(keys)
+--
+-- context: any phase
+--
+-- `get` of each key, in order (not one snapshot).
+function _M.get_all(self, keys)
+    local count = strict._check_list(keys, "keys", 2)
+    for i = 1, count do
+        check_key(keys[i], 2, self.max_key_len)
+    end
+
+    local values = new_tab(count, 0)
+    for i = 1, count do
+        local value, err = self:get(keys[i])
+        if value == nil then
+            return nil, err, i
+        end
+        values[i] = value
+    end
+    return values
+end
+
+
+-- Validates a whole batch (so that a bad entry raises before anything is
+-- applied), then applies each entry in order with `method`.
+local function each(self, updates, conditional, op, method, level)
+    local count, keys, cmps, operands, ns, ttls =
+        strict._check_updates(self, updates, conditional, op, level + 1)
+    local news, olds = new_tab(count, 0), new_tab(count, 0)
+    local names = {}
+    for name, code in pairs(CMP) do
+        names[code] = name
+    end
+    for i = 1, count do
+        local new, old
+        if conditional then
+            new, old = method(self, keys[i], names[cmps[i]], operands[i],
+                              ns[i], ttls[i] or nil)
+        else
+            new, old = method(self, keys[i], ns[i], ttls[i] or nil)
+        end
+        if new == nil then
+            return nil, old, i
+        end
+        news[i], olds[i] = new, old
+    end
+    return news, olds
+end
+
+
+-- syntax: views, err = c:inc_all(updates)
+--
+-- context: any phase
+--
+-- `inc` of each `{ key, n?, ttl? }`, in order; the views in order.
+function _M.inc_all(self, updates)
+    local news, err, i = each(self, updates, false, OP_ADD, _M.inc, 2)
+    return news, err, i
+end
+
+
+-- syntax: values, err = c:set_all(updates)
+--
+-- context: any phase
+--
+-- `set` of each `{ key, n, ttl? }`, in order (each strict, not together).
+function _M.set_all(self, updates)
+    local news, err, i = each(self, updates, false, OP_SET, _M.set, 2)
+    return news, err, i
+end
+
+
+-- syntax: news, olds = c:inc_all_if(updates)
+--
+-- context: any phase
+--
+-- `inc_if` of each `{ key, cmp, operand, n?, ttl? }`, in order.
+function _M.inc_all_if(self, updates)
+    return each(self, updates, true, OP_ADD, _M.inc_if, 2)
+end
+
+
+-- syntax: news, olds = c:set_all_if(updates)
+--
+-- context: any phase
+--
+-- `set_if` of each `{ key, cmp, operand, n, ttl? }`, in order.
+function _M.set_all_if(self, updates)
+    return each(self, updates, true, OP_SET, _M.set_if, 2)
+end
+
+
+-- syntax: ok, err = c:clear()
+--
+-- context: any phase
+--
+-- Drops this worker's pending deltas and clears the shared values (as
+-- strict's clear). Other workers' pending deltas arrive afterwards.
+function _M.clear(self)
+    self.pending = new_tab(0, 16)
+    self.ttls = {}
+    self.seen = {}
+    self.seen_count = 0
+    return self.shared:clear()
+end
+
+
+-- syntax: n = c:pending_keys()
+--
+-- context: any phase
+function _M.pending_keys(self)
+    local n = 0
+    for _ in pairs(self.pending) do
+        n = n + 1
+    end
+    return n
+end
+
+
+-- syntax: ok = lax.flush_all()
+--
+-- context: any phase; meant for exit_worker_by_lua*
+--
+-- Flushes every lax counter of this worker. Put it in
+-- `exit_worker_by_lua_block` (beside resty.counter's sync_all) so that
+-- reload and shutdown lose no increment. Failures are logged.
+function _M.flush_all()
+    local ok = true
+    for i = 1, #counters do
+        if not flush(counters[i]) then
+            ok = nil
+        end
+    end
+    return ok
+end
+
+
+return _M

@@ -1,0 +1,311 @@
+-- Copyright (C) lua-resty-counter-rs authors. Apache License 2.0.
+--
+-- Rate limits on one node: at most `limit` events per `window` seconds and
+-- key, over all workers, with the `incoming(key, commit)` / `uncommit(key)`
+-- protocol of lua-resty-limit-traffic, so that limiters combine.
+--
+-- Windows are aligned on multiples of `window` seconds of the clock
+-- (ngx.now() unless `opts.clock` is given). Each window's count is a dict
+-- number under "<name>/<window index>/<key>", created by `incr` with its
+-- expiry in the same atomic step (`incr(k, 1, 0, init_ttl)`), so no count
+-- is ever left without one. Counts are small integers, exact as doubles,
+-- and `incr` is atomic across workers: no lock is needed.
+--
+-- fixed: an event is allowed when the window's count after its `incr` is
+-- at most `limit`. Since every `incr` returns a distinct count, at most
+-- `limit` events are allowed per window, exactly, whatever the workers.
+-- sliding: the count of the previous window weighed by the part of it still
+-- inside the last `window` seconds, plus the current count (the estimate of
+-- src/window.rs, called through the FFI): an event is allowed when that is
+-- at most `limit`. Its accuracy against an exact sliding log is in the
+-- README.
+--
+-- A rejected event's `incr` is undone at once. Meanwhile a concurrent call
+-- may see the count one higher and be rejected too: under contention at
+-- the limit, the limiter errs towards rejecting, never towards allowing.
+
+
+local check = require "resty.counter.check"
+local int = require "resty.counter.int"
+
+
+local ngx = ngx
+local ngx_shared = ngx.shared
+local ngx_now = ngx.now
+local ngx_header = ngx.header
+local check_key = check.key
+local C = int.C
+local error = error
+local setmetatable = setmetatable
+local tostring = tostring
+local type = type
+local ceil = math.ceil
+local floor = math.floor
+local fmt = string.format
+
+
+local _M = { _VERSION = "0.1.0" }
+local mt = { __index = _M }
+
+
+local ALGORITHMS = { fixed = true, sliding = true }
+
+
+-- syntax: lim, err = limit.new(shdict_name, opts)
+--
+-- context: any phase
+--
+-- opts: limit (events per window, an integer >= 1), window (seconds, a
+-- positive number), algorithm ("fixed", the default, or "sliding"), name
+-- (namespace of the keys, default "limit"), clock (a function returning
+-- seconds, default ngx.now; for tests).
+function _M.new(shdict_name, opts)
+    if type(shdict_name) ~= "string" then
+        error('bad "shdict_name" argument: string expected, got '
+              .. type(shdict_name), 2)
+    end
+    if type(opts) ~= "table" then
+        error('bad "opts" argument: table expected, got ' .. type(opts), 2)
+    end
+
+    local limit = opts.limit
+    if type(limit) ~= "number" or limit < 1 or limit ~= floor(limit)
+       or limit == 1 / 0
+    then
+        error('bad "opts.limit" argument: an integer >= 1 expected, got '
+              .. tostring(limit), 2)
+    end
+
+    local window = opts.window
+    if type(window) ~= "number" or not (window > 0 and window < 1 / 0) then
+        error('bad "opts.window" argument: a positive finite number of '
+              .. 'seconds expected, got ' .. tostring(window), 2)
+    end
+
+    local algorithm = opts.algorithm or "fixed"
+    if not ALGORITHMS[algorithm] then
+        error('bad "opts.algorithm" argument: "fixed" or "sliding" '
+              .. 'expected, got ' .. tostring(algorithm), 2)
+    end
+
+    local name = opts.name or "limit"
+    if type(name) ~= "string" or #name == 0 or #name > 64
+       or name:find("[^%w_.-]")
+    then
+        error('bad "opts.name" argument: 1 to 64 letters, digits, "_", '
+              .. '"." or "-" expected, got ' .. tostring(name), 2)
+    end
+
+    local clock = opts.clock or ngx_now
+    if type(clock) ~= "function" then
+        error('bad "opts.clock" argument: function expected, got '
+              .. type(clock), 2)
+    end
+
+    local dict = ngx_shared[shdict_name]
+    if not dict then
+        return nil, 'shared dict "' .. shdict_name .. '" not found'
+    end
+
+    return setmetatable({
+        dict = dict,
+        limit = limit,
+        window = window,
+        sliding = algorithm == "sliding",
+        algorithm = algorithm,
+        prefix = name .. "/",
+        -- The window index takes up to 16 bytes more of the dict's key.
+        max_key_len = check.max_key_len - #name - 18,
+        clock = clock,
+        -- A window's count must outlive the next window (the sliding
+        -- estimate reads it there).
+        ttl = 2 * window,
+        cache = {},
+        cache_prev = {},
+        cache_index = false,
+        cached = 0,
+    }, mt)
+end
+
+
+-- Count keys are cached per window (making the string costs more than
+-- the dict's incr); the cache starts afresh with each window, and past
+-- this many keys it stops growing until then.
+local MAX_CACHED = 10000
+
+
+-- The window now: its index, the time elapsed in it, and its count key.
+local function current(self, key)
+    local window = self.window
+    local now = self.clock()
+    local index = floor(now / window)
+    local cache = self.cache
+    if index ~= self.cache_index then
+        cache = {}
+        self.cache = cache
+        self.cache_index = index
+        self.cache_prev = {}
+        self.cached = 0
+    end
+
+    local dkey = cache[key]
+    if not dkey then
+        dkey = self.prefix .. tostring(index) .. "/" .. key
+        if self.cached < MAX_CACHED then
+            cache[key] = dkey
+            self.cached = self.cached + 1
+        end
+    end
+    return index, now - index * window, dkey
+end
+
+
+-- The count of the window before `index` (the current one).
+local function previous_count(self, index, key)
+    local cache = self.cache_prev
+    local dkey = cache[key]
+    if not dkey then
+        dkey = self.prefix .. tostring(index - 1) .. "/" .. key
+        if self.cached < MAX_CACHED then
+            cache[key] = dkey
+            self.cached = self.cached + 1
+        end
+    end
+    return self.dict:get(dkey) or 0
+end
+
+
+-- syntax: delay, remaining = lim:incoming(key, commit)
+-- syntax: nil, "rejected" = lim:incoming(key, commit)
+-- syntax: nil, err = lim:incoming(key, commit)
+--
+-- context: any phase (it never yields)
+--
+-- Counts one event for `key` when `commit` is true and it is allowed;
+-- with `commit` false, only tells whether it would be (a dry run).
+-- `delay` is always 0 (events are allowed or rejected, never delayed);
+-- `remaining` is how many more events the window allows after this one.
+-- Other errors are the dict's ("no memory").
+function _M.incoming(self, key, commit)
+    check_key(key, 2, self.max_key_len)
+
+    local dict, limit = self.dict, self.limit
+    local index, elapsed, dkey = current(self, key)
+    local prev = 0
+    if self.sliding then
+        prev = previous_count(self, index, key)
+    end
+
+    local count, err
+    if commit then
+        count, err = dict:incr(dkey, 1, 0, self.ttl)
+        if not count then
+            return nil, err
+        end
+    else
+        count = (dict:get(dkey) or 0) + 1
+    end
+
+    local used = count
+    if self.sliding then
+        used = C.rc_sliding_estimate(prev, count, elapsed, self.window)
+    end
+
+    if used > limit then
+        if commit then
+            dict:incr(dkey, -1)
+        end
+        return nil, "rejected"
+    end
+
+    return 0, floor(limit - used)
+end
+
+
+-- syntax: ok, err = lim:uncommit(key)
+--
+-- context: any phase
+--
+-- Gives back one event committed by `incoming` in the current window
+-- (when another limiter rejected the request, say).
+function _M.uncommit(self, key)
+    check_key(key, 2, self.max_key_len)
+
+    local dict = self.dict
+    local _, _, dkey = current(self, key)
+    local count, err = dict:incr(dkey, -1)
+    if not count then
+        return nil, err
+    end
+    if count < 0 then
+        dict:incr(dkey, 1)
+        return nil, "nothing to uncommit"
+    end
+    return true
+end
+
+
+-- syntax: seconds = lim:wait(key)
+--
+-- context: any phase
+--
+-- Seconds until one more event for `key` would be allowed, if no other
+-- event came meanwhile (0 when allowed now): for `Retry-After`. Fixed: the
+-- end of the window when it is full. Sliding: when the estimate first
+-- leaves room, maybe within this window.
+function _M.wait(self, key)
+    check_key(key, 2, self.max_key_len)
+
+    local index, elapsed, dkey = current(self, key)
+    local count = self.dict:get(dkey) or 0
+    if self.sliding then
+        return C.rc_sliding_wait(previous_count(self, index, key), count,
+                                 elapsed, self.window, self.limit)
+    end
+    if count + 1 <= self.limit then
+        return 0
+    end
+    return self.window - elapsed
+end
+
+
+-- syntax: seconds = lim:reset(key)
+--
+-- context: any phase
+--
+-- Seconds until the current window ends (`RateLimit-Reset`).
+function _M.reset(self, key)
+    check_key(key, 2, self.max_key_len)
+    local _, elapsed = current(self, key)
+    return self.window - elapsed
+end
+
+
+-- syntax: lim:set_headers(key, remaining)
+--
+-- context: rewrite, access, content, header_filter
+--
+-- Sets `RateLimit-Limit`, `RateLimit-Remaining` (`remaining` as
+-- `incoming` returned it; nil after a rejection is 0) and `RateLimit-Reset`
+-- (whole seconds until the window ends, at least 1), and, when
+-- `remaining` is nil, `Retry-After` (whole seconds from `wait`, at least
+-- 1).
+function _M.set_headers(self, key, remaining)
+    check_key(key, 2, self.max_key_len)
+    if remaining ~= nil and type(remaining) ~= "number" then
+        error(fmt('bad "remaining" argument: number or nil expected, got '
+                  .. '%s', type(remaining)), 2)
+    end
+
+    ngx_header["RateLimit-Limit"] = self.limit
+    ngx_header["RateLimit-Remaining"] = remaining or 0
+    local reset = ceil(self:reset(key))
+    ngx_header["RateLimit-Reset"] = reset < 1 and 1 or reset
+    if remaining == nil then
+        local wait = ceil(self:wait(key))
+        ngx_header["Retry-After"] = wait < 1 and 1 or wait
+    end
+end
+
+
+return _M

@@ -1,0 +1,219 @@
+-- resty.counter.limit inside a real nginx worker (spec/run-in-nginx.lua),
+-- on an injected clock.
+
+local limit = require "resty.counter.limit"
+
+-- Specs that send requests to this nginx need spec/nginx/unit.conf's
+-- locations, which OpenResty's `resty` (the other runner) does not have.
+local it_http = package.loaded["spec.port"] and it or function(name)
+    pending(name .. " (needs the locations of spec/nginx/unit.conf)")
+end
+
+
+local function raised(fn, ...)
+    local ok, err = pcall(fn, ...)
+    assert(not ok, "expected an error")
+    return err
+end
+
+
+describe("resty.counter.limit", function()
+    local dict, t
+
+    local function clock()
+        return t
+    end
+
+    before_each(function()
+        dict = ngx.shared.limit
+        dict:flush_all()
+        dict:flush_expired()
+        t = 1000
+    end)
+
+    describe("new()", function()
+        it("returns nil and a clear error for an unknown dict", function()
+            local lim, err = limit.new("no_such_dict", { limit = 1, window = 1 })
+            assert.is_nil(lim)
+            assert.equal('shared dict "no_such_dict" not found', err)
+        end)
+
+        it("raises on bad options, blaming the caller", function()
+            local cases = {
+                { nil, 'bad "opts" argument: table expected, got nil' },
+                { {}, 'bad "opts.limit" argument: an integer >= 1 expected, got nil' },
+                { { limit = 0, window = 1 }, 'bad "opts.limit"' },
+                { { limit = 1.5, window = 1 }, 'bad "opts.limit"' },
+                { { limit = 0 / 0, window = 1 }, 'bad "opts.limit"' },
+                { { limit = 1 / 0, window = 1 }, 'bad "opts.limit"' },
+                { { limit = 1 }, 'bad "opts.window" argument' },
+                { { limit = 1, window = 0 }, 'bad "opts.window"' },
+                { { limit = 1, window = 1 / 0 }, 'bad "opts.window"' },
+                { { limit = 1, window = 1, algorithm = "leaky" },
+                  'bad "opts.algorithm" argument: "fixed" or "sliding" expected, got leaky' },
+                { { limit = 1, window = 1, name = "a/b" }, 'bad "opts.name"' },
+                { { limit = 1, window = 1, clock = 5 }, 'bad "opts.clock"' },
+            }
+            for _, case in ipairs(cases) do
+                assert.matches(case[2], raised(limit.new, "limit", case[1]), 1, true)
+            end
+            assert.matches("limit_spec.lua:%d+:",
+                           raised(function() limit.new("limit", {}) end))
+        end)
+    end)
+
+    describe("fixed window", function()
+        local lim
+
+        before_each(function()
+            lim = assert(limit.new("limit", { limit = 3, window = 10, clock = clock }))
+        end)
+
+        it("allows `limit` events per window, then rejects", function()
+            assert.same({ 0, 2 }, { lim:incoming("a", true) })
+            assert.same({ 0, 1 }, { lim:incoming("a", true) })
+            assert.same({ 0, 0 }, { lim:incoming("a", true) })
+            assert.same({ nil, "rejected" }, { lim:incoming("a", true) })
+            assert.same({ nil, "rejected" }, { lim:incoming("a", true) })
+            assert.same({ 0, 2 }, { lim:incoming("b", true) }, "keys are apart")
+            t = 1009.999
+            assert.same({ nil, "rejected" }, { lim:incoming("a", true) })
+            t = 1010
+            assert.same({ 0, 2 }, { lim:incoming("a", true) }, "a new window")
+        end)
+
+        it("does not count a dry run or a rejection", function()
+            assert.same({ 0, 2 }, { lim:incoming("a", false) })
+            assert.same({ 0, 2 }, { lim:incoming("a", false) })
+            for _ = 1, 3 do
+                lim:incoming("a", true)
+            end
+            assert.same({ nil, "rejected" }, { lim:incoming("a", false) })
+            lim:incoming("a", true)
+            assert.equal(3, dict:get("limit/100/a"), "the rejected incr was undone")
+        end)
+
+        it("gives an event back with uncommit", function()
+            for _ = 1, 3 do
+                lim:incoming("a", true)
+            end
+            assert.is_true(lim:uncommit("a"))
+            assert.same({ 0, 0 }, { lim:incoming("a", true) })
+            assert.same({ nil, "not found" }, { lim:uncommit("zz") })
+            dict:set("limit/100/z", 0)
+            assert.same({ nil, "nothing to uncommit" }, { lim:uncommit("z") })
+            assert.equal(0, dict:get("limit/100/z"))
+        end)
+
+        it("combines with another limiter", function()
+            local strict2 = limit.new("limit", { limit = 1, window = 10, clock = clock,
+                                                 name = "other" })
+            local function both(key)
+                local delay, err = lim:incoming(key, true)
+                if not delay then
+                    return nil, err
+                end
+                delay, err = strict2:incoming(key, true)
+                if not delay then
+                    lim:uncommit(key)
+                    return nil, err
+                end
+                return true
+            end
+            assert.is_true(both("a"))
+            assert.same({ nil, "rejected" }, { both("a") })
+            assert.same({ nil, "rejected" }, { both("a") })
+            assert.same({ 0, 1 }, { lim:incoming("a", false) },
+                        "the first limiter counted one event only")
+        end)
+
+        it("tells how long until the window frees", function()
+            t = 1002.5
+            assert.equal(0, lim:wait("a"))
+            assert.equal(7.5, lim:reset("a"))
+            for _ = 1, 3 do
+                lim:incoming("a", true)
+            end
+            assert.equal(7.5, lim:wait("a"))
+        end)
+
+        it("creates its counts with an expiry", function()
+            lim:incoming("a", true)
+            local ttl = dict:ttl("limit/100/a")
+            assert.is_true(ttl > 19 and ttl <= 20, tostring(ttl))
+        end)
+
+        it("raises on bad keys", function()
+            for _, m in ipairs({ "incoming", "uncommit", "wait", "reset" }) do
+                assert.matches('bad "key" argument: string expected, got nil',
+                               raised(lim[m], lim), 1, true)
+                assert.matches('bad "key" argument: empty string',
+                               raised(lim[m], lim, ""), 1, true)
+                assert.matches('bad "key" argument: 65535 bytes, longer than 65512',
+                               raised(lim[m], lim, ("k"):rep(65535)), 1, true)
+            end
+        end)
+    end)
+
+    describe("sliding window", function()
+        local lim
+
+        before_each(function()
+            lim = assert(limit.new("limit", { limit = 10, window = 1, clock = clock,
+                                              algorithm = "sliding" }))
+        end)
+
+        it("weighs the previous window by what is left of it", function()
+            for _ = 1, 10 do
+                assert.is_not_nil(lim:incoming("a", true))
+            end
+            assert.same({ nil, "rejected" }, { lim:incoming("a", true) })
+            -- Next window, 0.5 s in: 10 * 0.5 + current.
+            t = 1001.5
+            for i = 1, 5 do
+                assert.same({ 0, 5 - i }, { lim:incoming("a", true) })
+            end
+            assert.same({ nil, "rejected" }, { lim:incoming("a", true) })
+            -- 0.75 s in: 10 * 0.25 + 5 = 7.5, room for 2.
+            t = 1001.75
+            assert.same({ 0, 1 }, { lim:incoming("a", false) })
+            assert.same({ 0, 1 }, { lim:incoming("a", true) })
+            assert.same({ 0, 0 }, { lim:incoming("a", true) })
+            assert.same({ nil, "rejected" }, { lim:incoming("a", true) })
+            -- Two windows later nothing is left.
+            t = 1003.1
+            assert.same({ 0, 9 }, { lim:incoming("a", true) })
+        end)
+
+        it("tells when the estimate first leaves room", function()
+            for _ = 1, 10 do
+                lim:incoming("a", true)
+            end
+            t = 1001.2
+            -- 10 * 0.8 + 0 = 8: allowed now.
+            assert.equal(0, lim:wait("a"))
+            lim:incoming("a", true)
+            lim:incoming("a", true)
+            -- 10 * (1 - e) + 2 + 1 <= 10 from e = 0.3.
+            local wait = lim:wait("a")
+            assert.is_true(math.abs(wait - 0.1) < 1e-9, tostring(wait))
+        end)
+    end)
+
+    describe("set_headers()", function()
+        it_http("sets the RateLimit headers and Retry-After", function()
+            -- Through a request: headers need one.
+            local race = require "helpers.race"
+            local body = race.get("/limit/headers")
+            assert.matches("RateLimit%-Limit: 2\r\n", body)
+            assert.matches("RateLimit%-Remaining: 1\r\n", body)
+            assert.matches("RateLimit%-Reset: %d+\r\n", body)
+            assert.is_nil(body:find("Retry-After", 1, true))
+            race.get("/limit/headers")
+            body = race.get("/limit/headers")
+            assert.matches("HTTP/1.1 429", body)
+            assert.matches("RateLimit%-Remaining: 0\r\n", body)
+            assert.matches("Retry%-After: %d+\r\n", body)
+        end)
+    end)
+end)
