@@ -57,16 +57,31 @@ end
 local one = run(1)
 local two = run(2)
 
-print()
-print("strict, lax and limit: ns per call inside nginx workers, one key")
-print("(2 workers: each, running at once on the same key), best of 5 rounds;")
-print("x incr: the cost relative to ngx.shared.DICT:incr in the same run")
-print()
-io.write(string.format("| %-16s | %10s | %8s | %10s | %8s |\n", "case", "1 worker",
-                       "x incr", "2 workers", "x incr"))
-io.write("| --- | ---: | ---: | ---: | ---: |\n")
+-- Printed, and appended to the bench/RESULTS.md that bench/run.lua wrote.
+local out = {}
+local function say(fmt, ...)
+    local text = string.format(fmt, ...)
+    io.write(text, "\n")
+    out[#out + 1] = text
+end
+
+say("")
+say("## Strict, lax and limit: ns per call inside nginx workers, one key")
+say("")
+say("2 workers: each, running at once on the same key; best of 5 rounds;")
+say("x incr: the cost relative to ngx.shared.DICT:incr in the same run.")
+say("")
+say("| %-16s | %10s | %8s | %10s | %8s |", "case", "1 worker", "x incr", "2 workers",
+    "x incr")
+say("| --- | ---: | ---: | ---: | ---: |")
 for _, case in ipairs(CASES) do
-    io.write(string.format("| %-16s | %10.1f | %8.2f | %10.1f | %8.2f |\n", case,
-                           one[case], one[case] / one["shdict incr"],
-                           two[case], two[case] / two["shdict incr"]))
+    say("| %-16s | %10.1f | %8.2f | %10.1f | %8.2f |", case,
+        one[case], one[case] / one["shdict incr"],
+        two[case], two[case] / two["shdict incr"])
+end
+
+local results = io.open("bench/RESULTS.md", "a")
+if results then
+    results:write(table.concat(out, "\n"), "\n")
+    results:close()
 end
