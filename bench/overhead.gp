@@ -1,10 +1,10 @@
-# The chart of bench/RESULTS.md: throughput lost to counting, per variant.
+# The chart of bench/RESULTS.md: extra worker CPU per request, per variant.
 #   gnuplot -e "datafile='rows.dat'; outfile='bench/overhead.png'" bench/overhead.gp
 # rows.dat: <index> "<variant>" <overhead %>
 set terminal pngcairo size 900,500 font 'sans,10'
 set output outfile
-set title 'Requests/s lost to counting in log\_by\_lua, against no counting (lower is better)'
-set ylabel 'overhead (%)'
+set title 'Worker CPU per request spent on counting in log\_by\_lua, against no counting (lower is better)'
+set ylabel 'extra CPU per request (%)'
 set style fill solid 0.8
 set boxwidth 0.6
 set xtics rotate by -25 left
