@@ -213,8 +213,9 @@ function _M.run(dir, id, workers)
             for i = 1, dirty do
                 c:incr(keys[i], 5)
             end
-            if round == 1 then
-                -- pending state per key: the slot, the key maps
+            if round == 0 then
+                -- pending state per key: the slot, the key maps (RSS is
+                -- coarse: memory freed by earlier cases is reused first)
                 report("worker bytes per pending key, " .. dirty .. " keys",
                        (rss() - rss_before) / dirty)
             end

@@ -129,6 +129,9 @@ say("")
 say("## resty.counter sync: N dirty keys, delta 5 each, keys already in the dict")
 say("")
 say("Best of 5, ms; `plain flush`: dict:incr of the same deltas from a Lua table.")
+say("`worker B/key`: the worker's RSS growth per pending key, coarse (memory freed by")
+say("earlier cases is reused first): the 100,000-key row is the telling one.")
+say("`dict B/key`: dict pages in use per key.")
 say("")
 say("| %-10s | %9s | %8s | %11s | %9s | %11s | %12s | %12s |", "dirty keys",
     "1 worker", "ns/key", "plain flush", "2 workers", "plain flush",
@@ -161,6 +164,9 @@ say("| %-30s | %9.1fx | %9.1fx |", "plain / ours", one[plain] / one[ours],
 
 say("")
 say("## Request counter growth (1 worker): ms and bytes per key")
+say("")
+say("One request recorded per key; `flush new` registers the keys, `flush known`")
+say("merges into existing records; bytes per key as in the sync table.")
 say("")
 say("| %-6s | %9s | %11s | %9s | %9s | %12s | %12s |", "keys", "flush new",
     "flush known", "stats()", "metrics()", "worker B/key", "dict B/key")
