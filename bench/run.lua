@@ -13,8 +13,8 @@ local nginx = require "helpers.nginx"
 local http = require "http"
 
 local CONF = assert(nginx.read_file("bench/bench.conf"))
-local HTTP_ROUNDS = tonumber(os.getenv("HTTP_ROUNDS")) or 3
-local HTTP_SECONDS = tonumber(os.getenv("HTTP_SECONDS")) or 4
+local HTTP_ROUNDS = tonumber(os.getenv("HTTP_ROUNDS")) or 5
+local HTTP_SECONDS = tonumber(os.getenv("HTTP_SECONDS")) or 3
 
 local lines = {}
 

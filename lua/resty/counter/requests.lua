@@ -445,7 +445,8 @@ local function merged(self, slot, stored)
     if rc ~= 0 then
         return nil, rc
     end
-    return ffi_string(out_ptr[0], out_len[0])
+    local value = ffi_string(out_ptr[0], out_len[0])
+    return value
 end
 
 
@@ -453,7 +454,8 @@ end
 -- stays pending, where an eviction would silently drop other records (or
 -- the key registry). Expired windows still make room.
 local function set(self, key, value, ttl)
-    return self.dict:safe_set(key, value, ttl)
+    local ok, err = self.dict:safe_set(key, value, ttl)
+    return ok, err
 end
 
 
