@@ -5,8 +5,11 @@
 
 
 local counter = require "resty.counter"
+local lax = require "resty.counter.lax"
+local limit = require "resty.counter.limit"
 local request_counter = require "resty.greencheek.request.counter"
 local requests = require "resty.counter.requests"
+local strict = require "resty.counter.strict"
 
 local _M = {}
 
@@ -49,6 +52,21 @@ local function precision()
             raised and dict:get("edge") == nil, msg)
     end
     dict:delete("p53")
+
+    -- Strict int64 edges: max + 1 and min - 1 are errors, the value stays.
+    local s = assert(strict.new("matrix", { name = "p" }))
+    for _, case in ipairs({ { "int64 max + 1", "9223372036854775807", 1 },
+                            { "int64 min - 1", "-9223372036854775808", -1 } }) do
+        assert(s:set("edge", case[2]))
+        local new, serr = s:inc("edge", case[3])
+        local after = s:get("edge")
+        row(rows, "precision: strict " .. case[1], case[1],
+            tostring(after):gsub("LL$", ""), 0, 0,
+            new == nil and serr == "increment or decrement would overflow"
+            and tostring(after):gsub("LL$", "") == case[2],
+            "inc: " .. tostring(serr))
+    end
+    s:del("edge")
     return rows
 end
 
@@ -76,8 +94,10 @@ local BAD_LATENCIES = {
 }
 -- Accepted by every call: they must not raise.
 local GOOD_NUMBERS = {
-    { "number 1.5", 1.5 }, { "number \"12\"", "12" }, { "number 0", 0 },
+    { "number \"12\"", "12" }, { "number 0", 0 }, { "number 7", 7 },
 }
+-- Accepted by the calls that take fractions, refused by the others.
+local FRACTIONS = { { "number 1.5", 1.5 }, { "number \"1.5\"", "1.5" } }
 
 
 local function matrix()
@@ -87,6 +107,10 @@ local function matrix()
     local c = assert(counter.new("matrix"))
     local r = assert(requests.new("matrix_requests",
                                   { flush_interval = 3600 }))
+    local s = assert(strict.new("matrix", { name = "s" }))
+    local x = assert(lax.new("matrix", { name = "x", allowed_lag = 3600 }))
+    local lim = assert(limit.new("matrix", { limit = 1000, window = 60,
+                                             name = "l" }))
 
     -- Every public call that takes a key, and those that take an amount.
     local key_calls = {
@@ -105,6 +129,15 @@ local function matrix()
         ["single_stats"] = function(k)
             return request_counter.single_stats("matrix_requests", k)
         end,
+        ["strict:inc"] = function(k) return s:inc(k, 1) end,
+        ["strict:get"] = function(k) return s:get(k) end,
+        ["strict:set"] = function(k) return s:set(k, 1) end,
+        ["strict:del"] = function(k) return s:del(k) end,
+        ["strict:inc_if"] = function(k) return s:inc_if(k, "lt", 5, 1) end,
+        ["lax:inc"] = function(k) return x:inc(k, 1) end,
+        ["lax:get"] = function(k) return x:get(k) end,
+        ["limit:incoming"] = function(k) return lim:incoming(k, true) end,
+        ["limit:uncommit"] = function(k) return lim:uncommit(k) end,
     }
     local amount_calls = {
         ["counter:incr"] = function(a)
@@ -115,6 +148,24 @@ local function matrix()
             return c:incr("a", a)
         end,
         ["counter:reset"] = function(a) return c:reset("a", a) end,
+    }
+    -- Calls that take integers only (Redis semantics): fractions are
+    -- mistakes there.
+    local integer_calls = {
+        ["strict:inc"] = function(a)
+            if a == nil then
+                return s:set("a", a)
+            end
+            return s:inc("a", a)
+        end,
+        ["strict:set"] = function(a) return s:set("a", a) end,
+        ["strict:set_if"] = function(a) return s:set_if("a", "ge", a, 1) end,
+        ["lax:inc"] = function(a)
+            if a == nil then
+                return x:set("a", a)
+            end
+            return x:inc("a", a)
+        end,
     }
     local latency_calls = {
         ["requests:record"] = function(a) return r:record("a", a) end,
@@ -151,8 +202,12 @@ local function matrix()
         end
 
         -- The same mistake must read the same everywhere: compare without
-        -- the position and the argument's name.
+        -- the position, the argument's name, the limits in numbers (a
+        -- key's longest length depends on the module's prefix) and the
+        -- advice some modules add after the message.
         local text = err:gsub("^.-:%d+: ", ""):gsub('^bad "[^"]+"', 'bad "x"')
+                        :gsub(": pass .*$", ""):gsub("longer than %d+",
+                                                     "longer than N")
         messages[mistake] = messages[mistake] or {}
         messages[mistake][text] = true
     end
@@ -162,7 +217,8 @@ local function matrix()
             try(input[1], fn, input[2], true)
         end
     end
-    for _, call_set in ipairs({ amount_calls, latency_calls }) do
+    for _, call_set in ipairs({ amount_calls, latency_calls,
+                                integer_calls }) do
         for _, input in ipairs(BAD_NUMBERS) do
             for _, fn in pairs(call_set) do
                 try(input[1], fn, input[2], true)
@@ -175,8 +231,21 @@ local function matrix()
         end
     end
     for _, input in ipairs(BAD_AMOUNTS) do
+        for _, call_set in ipairs({ amount_calls, integer_calls }) do
+            for _, fn in pairs(call_set) do
+                try(input[1], fn, input[2], true)
+            end
+        end
+    end
+    for _, input in ipairs(FRACTIONS) do
         for _, fn in pairs(amount_calls) do
-            try(input[1], fn, input[2], true)
+            try(input[1], fn, input[2], false)
+        end
+        for _, fn in pairs(latency_calls) do
+            try(input[1], fn, input[2], false)
+        end
+        for _, fn in pairs(integer_calls) do
+            try(input[1] .. " (integers only)", fn, input[2], true)
         end
     end
     for _, input in ipairs(BAD_LATENCIES) do
@@ -222,8 +291,11 @@ local function matrix()
         "crashes " .. crashes .. ", bad accepted " .. accepted_bad
         .. (crash_detail and (" (" .. crash_detail .. ")") or ""))
     row(rows, "bad input: NaN stored", calls, nan, 0, 0, nan == 0)
-    row(rows, "bad input: same text for the same mistake", #BAD_KEYS
-        + #BAD_NUMBERS + #BAD_AMOUNTS + #BAD_LATENCIES,
+    local mistakes = 0
+    for _ in pairs(messages) do
+        mistakes = mistakes + 1
+    end
+    row(rows, "bad input: same text for the same mistake", mistakes,
         #inconsistent .. " differ", 0, 0,
         #inconsistent == 0, table.concat(inconsistent, "; "))
     return rows

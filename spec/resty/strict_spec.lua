@@ -127,15 +127,15 @@ describe("resty.counter.strict", function()
                 { -1 / 0, "-inf is not a finite number" },
                 { 1.5, "1.5 is not an integer" },
                 { "1.5", '"1.5" is not a base-10 int64' },
-                { "abc", '"abc" is not a base-10 int64' },
+                { "abc", '"abc" is not a number' },
                 { " 1", '" 1" is not a base-10 int64' },
                 { 2^53, "beyond the exact integer range +-9007199254740991: pass an int64_t" },
                 { -2^63, "beyond the exact integer range +-9007199254740991" },
                 { "9223372036854775808", '"9223372036854775808" is not a base-10 int64' },
                 { "-9223372036854775809", '"-9223372036854775809" is not a base-10 int64' },
                 { 9223372036854775808ULL, "beyond the int64 range" },
-                { true, "integer expected, got boolean" },
-                { {}, "integer expected, got table" },
+                { true, "number expected, got boolean" },
+                { {}, "number expected, got table" },
             }
             for _, case in ipairs(cases) do
                 for _, m in ipairs({ "inc", "dec", "set" }) do
@@ -144,7 +144,7 @@ describe("resty.counter.strict", function()
                     assert.matches(case[2], err, 1, true)
                 end
             end
-            assert.matches('bad "n" argument: integer expected, got nil',
+            assert.matches('bad "n" argument: number expected, got nil',
                            raised(c.set, c, "a"), 1, true)
             assert.equal(0, c:get("a"), "nothing was applied")
         end)
@@ -306,7 +306,7 @@ describe("resty.counter.strict", function()
             assert.matches('bad "cmp" argument: one of always, eq, ne, lt, le, gt, ge '
                            .. 'expected, got "<"', raised(c.inc_if, c, "a", "<", 1), 1, true)
             assert.matches('got nil', raised(c.set_if, c, "a", nil, 1, 1), 1, true)
-            assert.matches('bad "operand" argument: integer expected, got nil',
+            assert.matches('bad "operand" argument: number expected, got nil',
                            raised(c.inc_if, c, "a", "lt", nil, 1), 1, true)
             assert.matches('bad "operand" argument: nan is not a finite number',
                            raised(c.set_if, c, "a", "eq", 0 / 0, 1), 1, true)
@@ -379,7 +379,7 @@ describe("resty.counter.strict", function()
                            raised(c.inc_all_if, c, { { "a", "lt", 1, 1.5 } }), 1, true)
             assert.matches('bad "cmp" argument',
                            raised(c.set_all_if, c, { { "a", "lte", 1, 1 } }), 1, true)
-            assert.matches('bad "n" argument: integer expected, got nil',
+            assert.matches('bad "n" argument: number expected, got nil',
                            raised(c.set_all, c, { { "a" } }), 1, true)
             assert.matches("strict_spec.lua:%d+:",
                            raised(function() c:inc_all({ { 1 } }) end))

@@ -154,12 +154,18 @@ function _M.integer(value, name, level)
 
     if t == "string" then
         if C.rc_int_parse(value, #value, parsed) ~= 0 then
+            -- The words of check.amount for the same mistakes.
+            local n = tonumber(value)
+            if not n then
+                bad(name, fmt("%q is not a number", value), level + 1)
+            end
             bad(name, fmt("%q is not a base-10 int64", value), level + 1)
         end
         return lua_value(parsed[0])
     end
 
-    bad(name, "integer expected, got " .. t, level + 1)
+    -- check.amount's words: "number" (an integer, which 1.5 is told).
+    bad(name, "number expected, got " .. t, level + 1)
 end
 
 
