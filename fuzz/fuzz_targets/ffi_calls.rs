@@ -4,6 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use resty_counter_core::ffi::*;
+use resty_counter_core::ffi_int::*;
+use resty_counter_core::int64::MAX_TEXT_LEN;
 use std::ptr;
 
 fuzz_target!(|data: &[u8]| {
@@ -40,5 +42,22 @@ fuzz_target!(|data: &[u8]| {
         let mut count = 0u32;
         rc_store_drain(pending, &mut count);
         rc_store_free(pending);
+
+        // The int64 ABI: stored text and codes from anywhere.
+        let mut result = std::mem::zeroed::<IntResult>();
+        let op = i32::from(data[0]) - 2;
+        let cmp = i32::from(data[1]) - 2;
+        rc_int_apply(data.as_ptr(), data.len(), op, cmp, i64::from(data[2]), i64::from(data[3]) << 60, &mut result);
+        rc_int_apply(ptr::null(), 0, op, cmp, 0, 1, ptr::null_mut());
+        rc_int_apply_i64(i64::MAX, op, cmp, 0, i64::from(data[3]), &mut result);
+        let mut parsed = 0i64;
+        rc_int_parse(data.as_ptr(), data.len(), &mut parsed);
+        rc_int_parse(data.as_ptr(), data.len(), ptr::null_mut());
+        let mut text = [0u8; MAX_TEXT_LEN];
+        rc_int_format(parsed, &mut text);
+        rc_int_format(parsed, ptr::null_mut());
+        let f = f64::from(data[1]) - 100.0;
+        rc_sliding_estimate(f, f * 2.0, f / 3.0, f64::from(data[2]));
+        rc_sliding_wait(f, f, f, f64::from(data[3]) - 1.0, f);
     }
 });
