@@ -37,6 +37,8 @@ build = {
                 "lua/resty/greencheek/request/counter.lua",
             ["resty.counter.int"] = "lua/resty/counter/int.lua",
             ["resty.counter.strict"] = "lua/resty/counter/strict.lua",
+            ["resty.counter.strict_redis"] =
+                "lua/resty/counter/strict_redis.lua",
             ["resty.counter.lax"] = "lua/resty/counter/lax.lua",
             ["resty.counter.limit"] = "lua/resty/counter/limit.lua",
         },

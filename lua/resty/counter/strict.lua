@@ -24,6 +24,7 @@
 
 local check = require "resty.counter.check"
 local int = require "resty.counter.int"
+local strict_redis = require "resty.counter.strict_redis"
 local new_tab = require "table.new"
 
 
@@ -98,16 +99,23 @@ end
 -- opts: name (namespace of the keys, default "counter": [%w_.-]+, at most
 -- 64 bytes), timeout (the longest wait for a lock, default 0.1 s),
 -- lock_ttl (how long a dead worker's lock can block a key, default 1 s).
+-- With redis (the options of resty.counter.redis.new) the values live in
+-- Redis instead, under `<prefix>{<name>}:<key>` (prefix default "rc:"),
+-- each call one atomic script (resty.counter.strict_redis); the dict is
+-- not used and `shdict_name` may be nil.
 function _M.new(shdict_name, opts)
-    if type(shdict_name) ~= "string" then
-        error('bad "shdict_name" argument: string expected, got '
-              .. type(shdict_name), 2)
-    end
-
     if opts ~= nil and type(opts) ~= "table" then
         error('bad "opts" argument: table expected, got ' .. type(opts), 2)
     end
     opts = opts or {}
+
+    -- With a Redis backend the dict is not used (nil is fine).
+    if type(shdict_name) ~= "string"
+       and not (shdict_name == nil and opts.redis ~= nil)
+    then
+        error('bad "shdict_name" argument: string expected, got '
+              .. type(shdict_name), 2)
+    end
 
     local name = opts.name or "counter"
     if type(name) ~= "string" or #name == 0 or #name > 64
@@ -119,6 +127,15 @@ function _M.new(shdict_name, opts)
 
     local timeout = positive(opts.timeout or 0.1, "opts.timeout", 2)
     local lock_ttl = positive(opts.lock_ttl or 1, "opts.lock_ttl", 2)
+
+    if opts.redis ~= nil then
+        return setmetatable({
+            engine = strict_redis.new(opts, name, 2),
+            name = name,
+            max_key_len = check.max_key_len - #name - 1,
+            waits = 0,
+        }, mt)
+    end
 
     local dict = ngx_shared[shdict_name]
     if not dict then
@@ -287,6 +304,17 @@ end
 -- One update of one key, under its lock. Returns new, old (as Lua users
 -- get them) or nil, err.
 local function update(self, key, op, cmp, operand, n, ttl)
+    local engine = self.engine
+    if engine then
+        local news, olds = strict_redis.update_all(engine, op, 1, { key },
+                                                   { cmp }, { operand },
+                                                   { n }, { ttl or false })
+        if not news then
+            return nil, olds
+        end
+        return news[1], olds[1]
+    end
+
     local dict = self.dict
     local dkey, lkey = names(self, key)
     local ok, err = lock(self, lkey)
@@ -375,6 +403,9 @@ end
 -- The value of `key`, 0 when missing. No lock: one atomic dict read.
 function _M.get(self, key)
     check_key(key, 2, self.max_key_len)
+    if self.engine then
+        return strict_redis.get(self.engine, key)
+    end
     return int_decode(self.dict:get((names(self, key))))
 end
 
@@ -408,6 +439,9 @@ end
 -- integer"`.
 function _M.del(self, key)
     check_key(key, 2, self.max_key_len)
+    if self.engine then
+        return strict_redis.del(self.engine, key)
+    end
 
     local dict = self.dict
     local dkey, lkey = names(self, key)
@@ -546,6 +580,11 @@ end
 -- nothing: an error in any update writes none. Returns news, olds or
 -- nil, err, index.
 local function update_all(self, op, count, keys, cmps, operands, ns, ttls)
+    if self.engine then
+        return strict_redis.update_all(self.engine, op, count, keys, cmps,
+                                       operands, ns, ttls)
+    end
+
     local dict = self.dict
     local lkeys = batch_locks(self, keys, count)
     local ok, err = lock_all(self, lkeys)
@@ -625,6 +664,9 @@ function _M.get_all(self, keys)
     local count = check_list(keys, "keys", 2)
     for i = 1, count do
         check_key(keys[i], 2, self.max_key_len)
+    end
+    if self.engine then
+        return strict_redis.get_all(self.engine, keys, count)
     end
 
     local dict = self.dict
@@ -718,6 +760,10 @@ end
 -- dict for the listing: a cold path. A key another worker creates while
 -- clear runs may survive it.
 function _M.clear(self)
+    if self.engine then
+        return strict_redis.clear(self.engine)
+    end
+
     local dict = self.dict
     local prefix = self.prefix
     local plen = #prefix
