@@ -22,13 +22,17 @@
 local strict = require "resty.counter.strict"
 local check = require "resty.counter.check"
 local int = require "resty.counter.int"
+local redis = require "resty.counter.redis"
 local new_tab = require "table.new"
+local nkeys = require "table.nkeys"
 local ffi = require "ffi"
 
 
 local ngx = ngx
 local ngx_log = ngx.log
 local ngx_ERR = ngx.ERR
+local ngx_now = ngx.now
+local worker_pid = ngx.worker.pid
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
 local check_key = check.key
@@ -39,8 +43,11 @@ local next = next
 local pairs = pairs
 local pcall = pcall
 local setmetatable = setmetatable
+local tostring = tostring
 local type = type
+local unpack = unpack
 local fmt = string.format
+local floor = math.floor
 
 
 local MAX_SAFE = int.max_safe_integer
@@ -75,6 +82,175 @@ local HOLDS = {
 }
 
 
+-- The flush of a lax counter on Redis: the whole batch in one script, made
+-- exactly-once by its id. The script first sets the batch's key with NX:
+-- a batch sent twice (a timeout left it unknown whether it ran) is applied
+-- once. KEYS: the batch key, then the counter keys; ARGV: the batch key's
+-- expiry (s), then per key its delta and ttl in ms ("" for none). Returns
+-- { 0 } for a batch already applied, or { 1, r1, r2, ... } with each key's
+-- new value as text, or "!" and Redis' error for an update that could not
+-- be applied (an overflow, a non-integer: never going to succeed).
+local FLUSH = redis.script([[
+if not redis.call("SET", KEYS[1], "1", "NX", "EX", ARGV[1]) then
+    return { 0 }
+end
+local out = { 1 }
+for i = 2, #KEYS do
+    local delta, ttl = ARGV[2 * i - 2], ARGV[2 * i - 1]
+    local existed = redis.call("EXISTS", KEYS[i]) == 1
+    local r = redis.pcall("INCRBY", KEYS[i], delta)
+    if type(r) == "table" and r.err then
+        out[i] = "!" .. r.err
+    else
+        if not existed and ttl ~= "" then
+            redis.call("PEXPIRE", KEYS[i], ttl)
+        end
+        out[i] = redis.call("GET", KEYS[i])
+    end
+end
+return out
+]])
+
+
+-- Puts a batch's deltas back into the pending table (a batch that surely
+-- did not reach Redis).
+local function merge_back(self, batch)
+    local now = self.pending
+    for i = 1, #batch.keys do
+        local key, delta = batch.keys[i], batch.deltas[i]
+        local merged = (now[key] or 0) + delta
+        if type(merged) == "number"
+           and (merged > MAX_SAFE or merged < -MAX_SAFE)
+        then
+            merged = int64_t(now[key] or 0) + delta
+        end
+        now[key] = merged
+        if batch.ttls[i] and not self.ttls[key] then
+            self.ttls[key] = batch.ttls[i]
+        end
+    end
+end
+
+
+-- Sends one batch; true when Redis has applied it (now or before), nil
+-- and an error otherwise, with `sent` telling whether it may have run.
+local function send(self, batch)
+    local engine = self.shared.engine
+    local argv = { engine.key_prefix .. "batch:" .. batch.id }
+    local count = #batch.keys
+    for i = 1, count do
+        argv[i + 1] = engine.key_prefix .. batch.keys[i]
+    end
+    argv[#argv + 1] = fmt("%d", self.batch_ttl)
+    for i = 1, count do
+        argv[#argv + 1] = int.text(batch.deltas[i])
+        local ttl = batch.ttls[i]
+        argv[#argv + 1] = ttl and fmt("%d", floor(ttl * 1000 + 0.5)) or ""
+    end
+
+    local res, err = engine.client:eval(FLUSH, count + 1, unpack(argv))
+    if not res then
+        -- Only a failure before the script went out (connect, AUTH,
+        -- SELECT) proves it did not run.
+        local sent = not (type(err) == "string"
+                          and (err:find("^redis connect to")
+                               or err:find("^redis AUTH")
+                               or err:find("^redis SELECT")))
+        return nil, err, sent
+    end
+
+    local metrics = self.metrics
+    if res[1] == 0 then
+        metrics.duplicates = metrics.duplicates + 1
+        return true
+    end
+    for i = 1, count do
+        local r = res[i + 1]
+        if type(r) == "string" and r:sub(1, 1) == "!" then
+            -- Applying it again would fail again: dropped, counted, said.
+            metrics.dropped = metrics.dropped + 1
+            ngx_log(ngx_ERR, "resty.counter.lax: dropped the delta ",
+                    tostring(batch.deltas[i]), " of key \"", batch.keys[i],
+                    "\": ", r:sub(2))
+        else
+            local value = int.decode(r)
+            if value ~= nil then
+                self:_see(batch.keys[i], value)
+            end
+        end
+    end
+    return true
+end
+
+
+local function flush_redis(self)
+    -- A batch whose fate is unknown goes first, under its own id, and
+    -- alone: new deltas wait in the pending table meanwhile.
+    local inflight = self.inflight
+    if inflight then
+        local ok, err = send(self, inflight)
+        if not ok then
+            return nil, "flush to redis: " .. tostring(err)
+                        .. " (a batch of " .. #inflight.keys
+                        .. " keys will be sent again under its id)"
+        end
+        self.inflight = nil
+    end
+
+    local pending = self.pending
+    if next(pending) == nil then
+        return true
+    end
+
+    local ttls = self.ttls
+    self.pending = new_tab(0, 16)
+    self.ttls = {}
+    self.batch_seq = self.batch_seq + 1
+    local batch = { id = self.batch_prefix .. self.batch_seq, keys = {},
+                    deltas = {}, ttls = {} }
+    local n = 0
+    for key, delta in pairs(pending) do
+        if delta ~= 0 or ttls[key] then
+            n = n + 1
+            batch.keys[n], batch.deltas[n] = key, delta
+            batch.ttls[n] = ttls[key] or false
+        end
+    end
+    if n == 0 then
+        return true
+    end
+
+    local ok, err, sent = send(self, batch)
+    if ok then
+        return true
+    end
+
+    if sent then
+        self.inflight = batch
+    else
+        merge_back(self, batch)
+        -- Redis down for long: the pending table is capped.
+        local count = nkeys(self.pending)
+        if count > self.max_pending then
+            local drop = count - self.max_pending
+            for key in pairs(self.pending) do
+                if drop == 0 then
+                    break
+                end
+                self.pending[key] = nil
+                self.ttls[key] = nil
+                drop = drop - 1
+                self.metrics.dropped = self.metrics.dropped + 1
+            end
+            ngx_log(ngx_ERR, "resty.counter.lax: ", count - self.max_pending,
+                    " pending keys dropped past max_pending (",
+                    self.max_pending, ") while redis cannot be reached")
+        end
+    end
+    return nil, "flush to redis: " .. tostring(err)
+end
+
+
 -- syntax: ok, err = c:flush()
 --
 -- context: any phase (waits for locks by spinning where it cannot yield)
@@ -83,6 +259,14 @@ local HOLDS = {
 -- true, or nil and an error naming how many keys failed; those stay
 -- pending for the next flush.
 local function flush(self)
+    if self.redis then
+        local ok, err = flush_redis(self)
+        if not ok then
+            ngx_log(ngx_ERR, "resty.counter.lax: ", err)
+        end
+        return ok, err
+    end
+
     local pending = self.pending
     if next(pending) == nil then
         return true
@@ -170,6 +354,14 @@ function _M.new(shdict_name, opts)
                     .. "create the counter in init_worker_by_lua*"
     end
 
+    local max_pending = (opts or {}).max_pending or 100000
+    if type(max_pending) ~= "number" or max_pending < 1
+       or max_pending % 1 ~= 0
+    then
+        error('bad "opts.max_pending" argument: an integer >= 1 expected, '
+              .. 'got ' .. tostring(max_pending), 2)
+    end
+
     local self = setmetatable({
         shared = shared,
         dict_name = shdict_name,
@@ -179,6 +371,16 @@ function _M.new(shdict_name, opts)
         ttls = {},
         seen = {},
         seen_count = 0,
+        -- On Redis: flushes go as batches with ids unique to this worker
+        -- and moment; at most one batch of unknown fate is kept.
+        redis = shared.engine ~= nil,
+        max_pending = max_pending,
+        batch_ttl = 3600,
+        batch_prefix = worker_pid() .. ":" .. fmt("%.3f", ngx_now()) .. ":"
+                       .. tostring({}):match("0x(%x+)") .. ":",
+        batch_seq = 0,
+        inflight = nil,
+        metrics = { duplicates = 0, dropped = 0 },
     }, mt)
 
     ok, err = timer_every(lag, tick, self)
@@ -205,11 +407,16 @@ function _M._see(self, key, value)
 end
 
 
--- The shared value as this worker last read it (read now if never).
+-- The shared value as this worker last read it (read now if never; on
+-- Redis, 0 until a flush or a get tells: increments never wait for the
+-- network, and log_by_lua has none).
 local function base(self, key)
     local value = self.seen[key]
     if value ~= nil then
         return value
+    end
+    if self.redis then
+        return 0
     end
 
     local err
@@ -584,7 +791,27 @@ function _M.pending_keys(self)
     for _ in pairs(self.pending) do
         n = n + 1
     end
+    -- on Redis, a batch sent but not known to be applied is pending too
+    if self.inflight then
+        n = n + #self.inflight.keys
+    end
     return n
+end
+
+
+-- syntax: metrics = c:self_metrics()
+--
+-- context: any phase
+--
+-- This worker's figures for a lax counter on Redis: `duplicates` (batches
+-- sent again after a timeout that Redis had already applied, and so did
+-- not apply twice), `dropped` (deltas given up: Redis refused them as an
+-- overflow or a non-integer, or Redis stayed unreachable with more than
+-- `max_pending` keys pending), `pending_keys`.
+function _M.self_metrics(self)
+    local m = self.metrics
+    return { duplicates = m.duplicates, dropped = m.dropped,
+             pending_keys = self:pending_keys() }
 end
 
 

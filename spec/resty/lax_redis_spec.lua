@@ -1,0 +1,167 @@
+-- resty.counter.lax with a Redis backend, against the real redis-server
+-- that spec/run-in-nginx.lua starts: batched flushes, applied exactly once
+-- even when a reply is lost, nothing lost while Redis cannot be reached.
+
+local lax = require "resty.counter.lax"
+local strict = require "resty.counter.strict"
+local redis = require "resty.counter.redis"
+
+local PORT = tonumber(os.getenv("REDIS_PORT"))
+local PASSWORD = os.getenv("REDIS_PASSWORD")
+
+
+local function backend(extra)
+    local opts = { port = PORT, password = PASSWORD }
+    for k, v in pairs(extra or {}) do
+        opts[k] = v
+    end
+    return opts
+end
+
+
+-- A lax counter that never flushes by itself (the specs flush by hand).
+local function counter(name, extra, opts)
+    opts = opts or {}
+    opts.name, opts.redis, opts.allowed_lag = name, backend(extra), 3600
+    return assert(lax.new(nil, opts))
+end
+
+
+local raw = redis.new(backend())
+
+
+describe("resty.counter.lax on Redis", function()
+    local shared
+
+    before_each(function()
+        shared = assert(strict.new(nil, { name = "lx", redis = backend() }))
+        assert(shared:clear())
+    end)
+
+    it("flushes the deltas of several workers in batches, exactly", function()
+        local a, b = counter("lx"), counter("lx")
+        for i = 1, 1000 do
+            a:inc("k" .. i % 10)
+            b:inc("k" .. i % 10, 2)
+        end
+        assert.equal(10, a:pending_keys())
+        assert(a:flush())
+        assert(b:flush())
+        for i = 0, 9 do
+            assert.equal(300, shared:get("k" .. i))
+        end
+        assert.equal(0, a:pending_keys())
+        -- a's flush told it the shared value then (100): a lags by a flush
+        assert.equal(101, a:inc("k1"))
+        assert(a:flush())
+        assert.equal(302, a:inc("k1"))
+    end)
+
+    it("never reads Redis to count, so it works in any phase", function()
+        local c = counter("lx")
+        assert(shared:set("known", 40))
+        assert.equal(1, c:inc("known"))        -- not yet seen: view 0 + 1
+        assert(c:flush())
+        assert.equal(42, c:inc("known"))       -- seen at the flush: 41 + 1
+        assert(c:flush())
+        assert.equal(42, shared:get("known"))
+    end)
+
+    it("gives a key its ttl when the flush creates it", function()
+        local c = counter("lx")
+        c:inc("t", 1, 30)
+        assert(c:flush())
+        local pttl = raw:command("pttl", "rc:{lx}:t")
+        assert.is_true(pttl > 29000 and pttl <= 30000, tostring(pttl))
+    end)
+
+    it("applies a batch once when its reply was lost", function()
+        -- Another client keeps Redis busy for 300 ms: the flush's read
+        -- times out after 50 ms, yet Redis runs it when it gets to it.
+        local busy = redis.new(backend({ read_timeout = 2 }))
+        local spin = redis.script([[
+local t0 = redis.call("TIME")
+repeat
+    local t = redis.call("TIME")
+until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 300000
+return 1
+]])
+        local c = counter("lx", { read_timeout = 0.05 })
+        for _ = 1, 7 do
+            c:inc("once")
+        end
+        assert(busy:eval(spin, 0))              -- loads the script
+        -- Idle, authenticated connections in the pool, so that the flush
+        -- sends its script at once (a fresh one would wait on AUTH).
+        local pings = {}
+        for i = 1, 4 do
+            pings[i] = ngx.thread.spawn(function()
+                return raw:command("ping")
+            end)
+        end
+        for i = 1, 4 do
+            assert(ngx.thread.wait(pings[i]))
+        end
+        local thread = ngx.thread.spawn(function()
+            return busy:eval(spin, 0)
+        end)
+        ngx.sleep(0.05)
+        local ok, err = c:flush()
+        assert.is_nil(ok)
+        assert.matches("timeout", err)
+        assert.equal(1, c:pending_keys())      -- kept, under its batch id
+        c:inc("once", 3)                       -- waits in the new table
+        assert(ngx.thread.wait(thread))
+        -- Redis gets to the flush's script right after the busy one.
+        for _ = 1, 100 do
+            if shared:get("once") ~= 0 then
+                break
+            end
+            ngx.sleep(0.01)
+        end
+        assert.equal(7, shared:get("once"))    -- it did run, once
+
+        -- The next flush sends it again under its id (Redis knows it: a
+        -- duplicate, not applied twice), then the 3.
+        assert(c:flush())
+        assert.equal(1, c:self_metrics().duplicates)
+        assert.equal(10, shared:get("once"))
+        assert.equal(0, c:pending_keys())
+    end)
+
+    it("keeps every delta while Redis cannot be reached", function()
+        local down = counter("lx", { port = 1, connect_timeout = 0.05 })
+        for i = 1, 50 do
+            down:inc("k" .. i % 5)
+        end
+        for _ = 1, 3 do
+            local ok, err = down:flush()
+            assert.is_nil(ok)
+            assert.matches("redis connect to 127.0.0.1:1 failed", err, 1, true)
+            down:inc("k0")
+        end
+        assert.equal(5, down:pending_keys())
+        assert.equal(0, down:self_metrics().dropped)
+
+        -- Beyond max_pending keys, the excess is dropped and counted.
+        local capped = counter("lx", { port = 1, connect_timeout = 0.05 },
+                               { max_pending = 3 })
+        for i = 1, 10 do
+            capped:inc("c" .. i)
+        end
+        assert.is_nil(capped:flush())
+        assert.equal(3, capped:pending_keys())
+        assert.equal(7, capped:self_metrics().dropped)
+    end)
+
+    it("drops and counts a delta Redis refuses as an overflow", function()
+        local c = counter("lx")
+        assert(shared:set("max", 9223372036854775807LL))
+        c:inc("max")
+        c:inc("fine", 5)
+        assert(c:flush())
+        assert.equal(1, c:self_metrics().dropped)
+        assert.equal(9223372036854775807LL, shared:get("max"))
+        assert.equal(5, shared:get("fine"))
+    end)
+end)
