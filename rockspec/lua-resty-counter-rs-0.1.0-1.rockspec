@@ -41,6 +41,8 @@ build = {
                 "lua/resty/counter/strict_redis.lua",
             ["resty.counter.lax"] = "lua/resty/counter/lax.lua",
             ["resty.counter.limit"] = "lua/resty/counter/limit.lua",
+            ["resty.counter.limit_redis"] =
+                "lua/resty/counter/limit_redis.lua",
         },
         lib = {
             resty_counter_core = "target/lua/resty_counter_core.so",

@@ -27,6 +27,7 @@
 
 local check = require "resty.counter.check"
 local int = require "resty.counter.int"
+local limit_redis = require "resty.counter.limit_redis"
 
 
 local ngx = ngx
@@ -58,14 +59,19 @@ local ALGORITHMS = { fixed = true, sliding = true }
 -- opts: limit (events per window, an integer >= 1), window (seconds, a
 -- positive number), algorithm ("fixed", the default, or "sliding"), name
 -- (namespace of the keys, default "limit"), clock (a function returning
--- seconds, default ngx.now; for tests).
+-- seconds, default ngx.now; for tests). With redis (the options of
+-- resty.counter.redis.new), prefix (default "rc:") and on_redis_error
+-- ("allow", the default, or "reject"), the counts live in Redis
+-- (resty.counter.limit_redis) and `shdict_name` may be nil.
 function _M.new(shdict_name, opts)
-    if type(shdict_name) ~= "string" then
-        error('bad "shdict_name" argument: string expected, got '
-              .. type(shdict_name), 2)
-    end
     if type(opts) ~= "table" then
         error('bad "opts" argument: table expected, got ' .. type(opts), 2)
+    end
+    if type(shdict_name) ~= "string"
+       and not (shdict_name == nil and opts.redis ~= nil)
+    then
+        error('bad "shdict_name" argument: string expected, got '
+              .. type(shdict_name), 2)
     end
 
     local limit = opts.limit
@@ -102,12 +108,18 @@ function _M.new(shdict_name, opts)
               .. type(clock), 2)
     end
 
-    local dict = ngx_shared[shdict_name]
-    if not dict then
-        return nil, 'shared dict "' .. shdict_name .. '" not found'
+    local engine, dict
+    if opts.redis ~= nil then
+        engine = limit_redis.new(opts, name, 2)
+    else
+        dict = ngx_shared[shdict_name]
+        if not dict then
+            return nil, 'shared dict "' .. shdict_name .. '" not found'
+        end
     end
 
     return setmetatable({
+        engine = engine,
         dict = dict,
         limit = limit,
         window = window,
@@ -191,6 +203,13 @@ function _M.incoming(self, key, commit)
 
     local dict, limit = self.dict, self.limit
     local index, elapsed, dkey = current(self, key)
+    local engine = self.engine
+    if engine then
+        local delay, remaining, err = limit_redis.incoming(engine, self,
+                                                           index, elapsed,
+                                                           key, commit)
+        return delay, remaining, err
+    end
     local prev = 0
     if self.sliding then
         prev = previous_count(self, index, key)
@@ -232,7 +251,11 @@ function _M.uncommit(self, key)
     check_key(key, 2, self.max_key_len)
 
     local dict = self.dict
-    local _, _, dkey = current(self, key)
+    local index, _, dkey = current(self, key)
+    if self.engine then
+        local ok, err = limit_redis.uncommit(self.engine, index, key)
+        return ok, err
+    end
     local count, err = dict:incr(dkey, -1)
     if not count then
         return nil, err
@@ -257,10 +280,16 @@ function _M.wait(self, key)
     check_key(key, 2, self.max_key_len)
 
     local index, elapsed, dkey = current(self, key)
-    local count = self.dict:get(dkey) or 0
+    local count, prev
+    if self.engine then
+        count, prev = limit_redis.counts(self.engine, index, key)
+    else
+        count = self.dict:get(dkey) or 0
+    end
     if self.sliding then
-        return C.rc_sliding_wait(previous_count(self, index, key), count,
-                                 elapsed, self.window, self.limit)
+        prev = prev or previous_count(self, index, key)
+        return C.rc_sliding_wait(prev, count, elapsed, self.window,
+                                 self.limit)
     end
     if count + 1 <= self.limit then
         return 0
@@ -278,6 +307,21 @@ function _M.reset(self, key)
     check_key(key, 2, self.max_key_len)
     local _, elapsed = current(self, key)
     return self.window - elapsed
+end
+
+
+-- syntax: metrics = lim:self_metrics()
+--
+-- context: any phase
+--
+-- For a limiter on Redis, what this worker answered when Redis could not:
+-- `failed_open` (events allowed) and `failed_closed` (events rejected).
+function _M.self_metrics(self)
+    local engine = self.engine
+    return {
+        failed_open = engine and engine.failed_open or 0,
+        failed_closed = engine and engine.failed_closed or 0,
+    }
 end
 
 

@@ -1,0 +1,125 @@
+-- resty.counter.limit with a Redis backend, against the real redis-server
+-- that spec/run-in-nginx.lua starts: limits shared by every limiter (every
+-- node) on the same Redis, and the chosen answer when Redis is away.
+
+local limit = require "resty.counter.limit"
+local redis = require "resty.counter.redis"
+
+local PORT = tonumber(os.getenv("REDIS_PORT"))
+local PASSWORD = os.getenv("REDIS_PASSWORD")
+local T0 = 1800000000       -- a multiple of 60
+
+
+local function backend(extra)
+    local opts = { port = PORT, password = PASSWORD }
+    for k, v in pairs(extra or {}) do
+        opts[k] = v
+    end
+    return opts
+end
+
+
+local raw = redis.new(backend())
+
+
+local function limiter(opts, clock)
+    opts.redis = opts.redis or backend()
+    opts.window = opts.window or 60
+    opts.clock = function() return clock.now end
+    return assert(limit.new(nil, opts))
+end
+
+
+describe("resty.counter.limit on Redis", function()
+    before_each(function()
+        assert(raw:command("flushdb"))
+    end)
+
+    it("holds a fixed window across limiters (nodes) exactly", function()
+        local clock = { now = T0 + 5 }
+        local a = limiter({ limit = 10, name = "fx" }, clock)
+        local b = limiter({ limit = 10, name = "fx" }, clock)
+        local allowed = 0
+        for i = 1, 30 do
+            local delay = (i % 2 == 0 and a or b):incoming("ip", true)
+            if delay then
+                allowed = allowed + 1
+            end
+        end
+        assert.equal(10, allowed)
+        assert.equal("10", raw:command("get", "rc:{fx}:" .. (T0 / 60)
+                                       .. ":ip"))
+        local pttl = raw:command("pttl", "rc:{fx}:" .. (T0 / 60) .. ":ip")
+        assert.is_true(pttl > 119000 and pttl <= 120000, tostring(pttl))
+
+        clock.now = T0 + 60          -- the next window
+        assert.same({ 0, 9 }, { a:incoming("ip", true) })
+    end)
+
+    it("answers remaining, dry runs and uncommits", function()
+        local clock = { now = T0 }
+        local lim = limiter({ limit = 3, name = "dr" }, clock)
+        assert.same({ 0, 2 }, { lim:incoming("k", false) })
+        assert.same({ 0, 2 }, { lim:incoming("k", true) })
+        assert.same({ 0, 1 }, { lim:incoming("k", true) })
+        assert.same({ 0, 0 }, { lim:incoming("k", true) })
+        assert.same({ nil, "rejected" }, { lim:incoming("k", true) })
+        assert.is_true(lim:uncommit("k"))
+        assert.same({ 0, 0 }, { lim:incoming("k", true) })
+        assert.same({ nil, "nothing to uncommit" },
+                    { lim:uncommit("other") })
+        assert.equal(60, lim:wait("k"))
+    end)
+
+    it("weighs the previous window in the sliding estimate", function()
+        local clock = { now = T0 + 10 }
+        local lim = limiter({ limit = 10, name = "sl", algorithm = "sliding" },
+                            clock)
+        for _ = 1, 10 do
+            assert(lim:incoming("k", true))
+        end
+        clock.now = T0 + 60 + 30     -- half of the previous window counts
+        local allowed = 0
+        for _ = 1, 10 do
+            if lim:incoming("k", true) then
+                allowed = allowed + 1
+            end
+        end
+        assert.equal(5, allowed)     -- 10 * 0.5 + 5 = 10
+        assert.is_true(lim:wait("k") > 0)
+    end)
+
+    it("fails open or closed, as chosen, fast, and counts it", function()
+        local clock = { now = T0 }
+        local down = { port = 1, password = PASSWORD, connect_timeout = 0.05 }
+        local open = limiter({ limit = 1, name = "fo", redis = down }, clock)
+        ngx.update_time()
+        local start = ngx.now()
+        local delay, remaining, err = open:incoming("k", true)
+        ngx.update_time()
+        assert.equal(0, delay)
+        assert.equal(0, remaining)
+        assert.matches("redis connect to 127.0.0.1:1 failed", err, 1, true)
+        assert.is_true(ngx.now() - start < 1)
+        assert.equal(1, open:self_metrics().failed_open)
+
+        local closed = limiter({ limit = 1, name = "fc", redis = down,
+                                 on_redis_error = "reject" }, clock)
+        delay, remaining, err = closed:incoming("k", true)
+        assert.is_nil(delay)
+        assert.equal("rejected", remaining)
+        assert.matches("redis connect to", err, 1, true)
+        assert.equal(1, closed:self_metrics().failed_closed)
+    end)
+
+    it("raises on misuse", function()
+        local ok, err = pcall(limit.new, nil, { limit = 1, window = 1,
+                                                redis = backend(),
+                                                on_redis_error = "maybe" })
+        assert.is_false(ok)
+        assert.matches('bad "opts.on_redis_error" argument', err)
+        ok, err = pcall(limit.new, nil, { limit = 1, window = 1 })
+        assert.is_false(ok)
+        assert.matches('bad "shdict_name" argument', err)
+    end)
+end)
