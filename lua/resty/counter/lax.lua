@@ -35,6 +35,7 @@ local ngx_now = ngx.now
 local worker_pid = ngx.worker.pid
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
+local timer_at = ngx.timer.at
 local check_key = check.key
 local int_integer = int.integer
 local int_cmp = int.cmp
@@ -258,8 +259,35 @@ end
 -- Applies this worker's pending deltas to the shared values now. Returns
 -- true, or nil and an error naming how many keys failed; those stay
 -- pending for the next flush.
-local function flush(self)
+local flush
+
+
+-- Phases without cosockets: a flush to Redis from there (exit_worker_by_lua
+-- above all) goes through a zero-delay timer, which has them.
+local NO_COSOCKET = {
+    init = true, init_worker = true, set = true, header_filter = true,
+    body_filter = true, log = true, balancer = true, exit_worker = true,
+}
+
+
+local function flush_later(premature, self) -- luacheck: ignore premature
+    flush(self)
+end
+
+
+flush = function(self)
     if self.redis then
+        if NO_COSOCKET[get_phase()] then
+            local ok, err = timer_at(0, flush_later, self)
+            if not ok then
+                err = "cannot flush to redis from the " .. get_phase()
+                      .. " phase: " .. tostring(err)
+                ngx_log(ngx_ERR, "resty.counter.lax: ", err)
+                return nil, err
+            end
+            return true
+        end
+
         local ok, err = flush_redis(self)
         if not ok then
             ngx_log(ngx_ERR, "resty.counter.lax: ", err)

@@ -167,7 +167,11 @@ end
 -- A connection from the pool (or a new one, authenticated and on the
 -- right database), or nil and an error.
 local function connect(self)
-    local red, err = driver:new()
+    -- ngx.socket.tcp raises in the phases without cosockets.
+    local ok, red, err = pcall(driver.new, driver)
+    if not ok then
+        return nil, "cannot create a redis client here: " .. tostring(red)
+    end
     if not red then
         return nil, "cannot create a redis client: " .. tostring(err)
     end
@@ -182,7 +186,6 @@ local function connect(self)
         red:set_timeout(self.connect_timeout * 1000)
     end
 
-    local ok
     local options = { pool = self.pool, pool_size = self.pool_size }
     if self.path then
         ok, err = red:connect(self.path, options)
