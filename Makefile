@@ -59,6 +59,7 @@ bench: bench-deps
 	@$(MAKE) --no-print-directory build
 	$(LUAJIT) bench/run.lua
 	$(LUAJIT) bench/strict_run.lua
+	$(LUAJIT) bench/redis_run.lua
 
 chaos: deps
 	@$(MAKE) --no-print-directory chaos-short

@@ -57,6 +57,19 @@ describe("resty.counter.lax on Redis", function()
         assert.equal(302, a:inc("k1"))
     end)
 
+    it("flushes more keys than fit one script in several batches",
+       function()
+        local c = counter("lx")
+        for i = 1, 2500 do
+            c:inc("many" .. i, i)
+        end
+        assert(c:flush())
+        assert.equal(0, c:pending_keys())
+        assert.same({ 1, 1000, 1001, 2500 },
+                    shared:get_all({ "many1", "many1000", "many1001",
+                                     "many2500" }))
+    end)
+
     it("never reads Redis to count, so it works in any phase", function()
         local c = counter("lx")
         assert(shared:set("known", 40))

@@ -161,6 +161,20 @@ describe("resty.counter.strict on Redis", function()
         assert.equal(100, c:get("a"))
     end)
 
+    it("refuses a batch too large for one script, writing nothing",
+       function()
+        local updates = {}
+        for i = 1, 1001 do
+            updates[i] = { "big" .. i, 1 }
+        end
+        local news, err = c:inc_all(updates)
+        assert.is_nil(news)
+        assert.matches("batch too large for one redis script", err, 1, true)
+        assert.equal(0, c:get("big1"))
+        updates[1001] = nil
+        assert.equal(1000, #assert(c:inc_all(updates)))
+    end)
+
     it("runs conditional batches in one step", function()
         assert(c:set_all({ { "s1", 1 }, { "s2", 9 } }))
         local news, olds = c:inc_all_if({ { "s1", "lt", 5, 1 },

@@ -184,6 +184,11 @@ local function send(self, batch)
 end
 
 
+-- Keys per script: one call's arguments must fit LuaJIT's unpack (some
+-- 8,000 values; each key takes 3).
+local MAX_BATCH_KEYS = 1000
+
+
 local function flush_redis(self)
     -- A batch whose fate is unknown goes first, under its own id, and
     -- alone: new deltas wait in the pending table meanwhile.
@@ -206,30 +211,45 @@ local function flush_redis(self)
     local ttls = self.ttls
     self.pending = new_tab(0, 16)
     self.ttls = {}
-    self.batch_seq = self.batch_seq + 1
-    local batch = { id = self.batch_prefix .. self.batch_seq, keys = {},
-                    deltas = {}, ttls = {} }
-    local n = 0
+    -- Batches of at most MAX_BATCH_KEYS keys, each with its own id.
+    local batches = {}
+    local batch
     for key, delta in pairs(pending) do
         if delta ~= 0 or ttls[key] then
-            n = n + 1
+            if not batch or #batch.keys == MAX_BATCH_KEYS then
+                self.batch_seq = self.batch_seq + 1
+                batch = { id = self.batch_prefix .. self.batch_seq,
+                          keys = {}, deltas = {}, ttls = {} }
+                batches[#batches + 1] = batch
+            end
+            local n = #batch.keys + 1
             batch.keys[n], batch.deltas[n] = key, delta
             batch.ttls[n] = ttls[key] or false
         end
     end
-    if n == 0 then
+
+    local ok, err, sent
+    for i = 1, #batches do
+        ok, err, sent = send(self, batches[i])
+        if not ok then
+            -- This one may have run (kept under its id) or surely not
+            -- (back to pending); the ones after it were not sent.
+            if sent then
+                self.inflight = batches[i]
+            else
+                merge_back(self, batches[i])
+            end
+            for j = i + 1, #batches do
+                merge_back(self, batches[j])
+            end
+            break
+        end
+    end
+    if ok or #batches == 0 then
         return true
     end
 
-    local ok, err, sent = send(self, batch)
-    if ok then
-        return true
-    end
-
-    if sent then
-        self.inflight = batch
-    else
-        merge_back(self, batch)
+    if not sent then
         -- Redis down for long: the pending table is capped.
         local count = nkeys(self.pending)
         if count > self.max_pending then

@@ -209,10 +209,19 @@ end
 
 -- One batch of updates (one update is a batch of one), atomically.
 -- Returns news, olds (Lua values) or nil, err, index.
+-- Entries per batch: one script call's arguments must fit LuaJIT's
+-- unpack (some 8,000 values; each entry takes 5).
+local MAX_BATCH = 1000
+
+
 function _M.update_all(engine, op, count, keys, cmps, operands, ns, ttls)
     local ok, err = reachable()
     if not ok then
         return nil, err
+    end
+    if count > MAX_BATCH then
+        return nil, "batch too large for one redis script: " .. count
+                    .. " entries, at most " .. MAX_BATCH
     end
 
     -- KEYS, then ARGV, in one list (unpack only spreads the last one).
@@ -278,6 +287,10 @@ function _M.get_all(engine, keys, count)
     local ok, err = reachable()
     if not ok then
         return nil, err
+    end
+    if count > MAX_BATCH then
+        return nil, "batch too large for one redis call: " .. count
+                    .. " keys, at most " .. MAX_BATCH
     end
 
     local rkeys = {}
