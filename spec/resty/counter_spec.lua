@@ -441,35 +441,16 @@ describe("resty.counter", function()
 
     describe("the hot path", function()
         it("compiles in the JIT without a trace abort", function()
-            local traceerr = require("jit.vmdef").traceerr
-            local aborts, compiled = {}, 0
-            local function on_trace(what, _, func, pc, code, info)
-                if what == "stop" then
-                    compiled = compiled + 1
-                elseif what == "abort" then
-                    -- Only the library's own code: the test's loop header
-                    -- may abort once on the unroll limit before it forms a
-                    -- loop trace, which says nothing of incr.
-                    local at = require("jit.util").funcinfo(func, pc)
-                    local src = at.source or ""
-                    if src:find("/resty/counter%.lua$")
-                       or src:find("/resty/counter/[%w_]+%.lua$")
-                    then
-                        aborts[#aborts + 1] = string.format("%s %s", at.loc,
-                            string.format(traceerr[code] or "?", info))
-                    end
-                end
-            end
             local c = counter.new("counters")
-            jit.flush()
-            jit.attach(on_trace, "trace")
-            for _ = 1, 100000 do
-                c:incr("hot")
-                c:incr("hot")
-                c:incr("even", 2)
-                c:incr("odd", 2)
-            end
-            jit.attach(on_trace)
+            local aborts, compiled = require("helpers.jit").aborts_in(
+                function()
+                    for _ = 1, 100000 do
+                        c:incr("hot")
+                        c:incr("hot")
+                        c:incr("even", 2)
+                        c:incr("odd", 2)
+                    end
+                end)
             c:sync()
             assert.same({}, aborts)
             assert.is_true(compiled > 0, "the loop was compiled")

@@ -7,32 +7,8 @@ local limit = require "resty.counter.limit"
 
 
 local function aborts_in(fn)
-    local traceerr = require("jit.vmdef").traceerr
-    local aborts, compiled = {}, 0
-    local function on_trace(what, _, func, pc, code, info)
-        if what == "stop" then
-            compiled = compiled + 1
-        elseif what == "abort" then
-            local at = require("jit.util").funcinfo(func, pc)
-            local src = at.source or ""
-            local why = traceerr[code] or "?"
-            -- A trace that starts at one of our returns runs on into the
-            -- caller's loop and may hit the unroll limit there, before a
-            -- loop trace forms; it is retried, and says nothing of ours.
-            -- Anything else (an NYI, a blacklisting) is ours.
-            if src:find("/resty/counter/[%w_]+%.lua$")
-               and not why:find("loop unroll limit", 1, true)
-            then
-                aborts[#aborts + 1] = string.format("%s %s", at.loc,
-                    string.format(why, info))
-            end
-        end
-    end
-    jit.flush()
-    jit.attach(on_trace, "trace")
-    fn()
-    jit.attach(on_trace)
-    return aborts, compiled
+    -- (see spec/helpers/jit.lua for why unroll-limit aborts are left out)
+    return require("helpers.jit").aborts_in(fn, true)
 end
 
 

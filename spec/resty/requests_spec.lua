@@ -529,30 +529,13 @@ end)
 
 describe("the request hot path", function()
     it("compiles in the JIT without a trace abort", function()
-        local traceerr = require("jit.vmdef").traceerr
-        local aborts, compiled = {}, 0
-        local function on_trace(what, _, func, pc, code, info)
-            if what == "stop" then
-                compiled = compiled + 1
-            elseif what == "abort" then
-                local at = require("jit.util").funcinfo(func, pc)
-                local src = at.source or ""
-                if src:find("/resty/counter/[%w_]+%.lua$")
-                   or src:find("/resty/greencheek/")
-                then
-                    aborts[#aborts + 1] = string.format("%s %s", at.loc,
-                        string.format(traceerr[code] or "?", info))
-                end
-            end
-        end
         local r = engine()
-        jit.flush()
-        jit.attach(on_trace, "trace")
-        for _ = 1, 50000 do
-            r:record_with_all("hot", "0.012")
-            r:record("other", 0.5)
-        end
-        jit.attach(on_trace)
+        local aborts, compiled = require("helpers.jit").aborts_in(function()
+            for _ = 1, 50000 do
+                r:record_with_all("hot", "0.012")
+                r:record("other", 0.5)
+            end
+        end)
         assert.same({}, aborts)
         assert.is_true(compiled > 0, "the loop was compiled")
         local doc = stats(r)

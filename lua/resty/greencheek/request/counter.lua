@@ -66,6 +66,23 @@ function _M.configure(dict_name, opts)
 end
 
 
+-- What the three record calls share. Misuse raises blaming the caller of
+-- the public function (level 3 from here).
+local function record(dict_name, key, latency, with_all)
+    local r, err = engines[dict_name]
+    if not r then
+        r, err = engine(dict_name, 3)
+        if not r then
+            return nil, err
+        end
+    end
+
+    local ok
+    ok, err = r:record_from(key, latency, with_all, 3)
+    return ok, err
+end
+
+
 -- syntax: ok, err = request_counter.record_generic_request(dict_name,
 --                                                          latency)
 --
@@ -74,15 +91,7 @@ end
 -- Records the request under the key "all". `latency` is in seconds, a
 -- number or a numeric string ($request_time).
 function _M.record_generic_request(dict_name, latency)
-    local r, err = engines[dict_name]
-    if not r then
-        r, err = engine(dict_name, 2)
-        if not r then
-            return nil, err
-        end
-    end
-    local ok
-    ok, err = r:record_from("all", latency, false, 2)
+    local ok, err = record(dict_name, "all", latency, false)
     return ok, err
 end
 
@@ -91,15 +100,7 @@ end
 --
 -- Records the request under `key` and under "all".
 function _M.record_request(dict_name, key, latency)
-    local r, err = engines[dict_name]
-    if not r then
-        r, err = engine(dict_name, 2)
-        if not r then
-            return nil, err
-        end
-    end
-    local ok
-    ok, err = r:record_from(key, latency, true, 2)
+    local ok, err = record(dict_name, key, latency, true)
     return ok, err
 end
 
@@ -109,15 +110,7 @@ end
 --
 -- Records the request under `key` only.
 function _M.record_specific_request(dict_name, key, latency)
-    local r, err = engines[dict_name]
-    if not r then
-        r, err = engine(dict_name, 2)
-        if not r then
-            return nil, err
-        end
-    end
-    local ok
-    ok, err = r:record_from(key, latency, false, 2)
+    local ok, err = record(dict_name, key, latency, false)
     return ok, err
 end
 
