@@ -10,6 +10,7 @@
 
 package.path = "spec/?.lua;bench/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
+local harness = require "harness"
 local http = require "http"
 
 local CONF = assert(nginx.read_file("bench/bench.conf"))
@@ -28,43 +29,7 @@ end
 
 
 local function run(workers)
-    local srv = nginx.start({
-        workers = workers,
-        http = CONF,
-        log_level = "warn",
-        lua_path = nginx.root .. "/lua/?.lua;" .. nginx.root .. "/bench/?.lua",
-    })
-    local results = {}
-    for id = 0, workers - 1 do
-        local text
-        for _ = 1, 6000 do         -- 600 s at most
-            text = nginx.read_file(srv.dir .. "/result." .. id)
-            if text and text:find("done\n", 1, true) then
-                break
-            end
-            nginx.sleep(0.1)
-        end
-        if not (text and text:find("done\n", 1, true)) then
-            local log = srv:error_log()
-            srv:cleanup()
-            error("worker " .. id .. " did not finish: " .. (log or ""))
-        end
-        for case, value in text:gmatch("([^\t\n]+)\t([%-%d.]+)\n") do
-            results[case] = results[case] or {}
-            table.insert(results[case], tonumber(value))
-        end
-    end
-    srv:cleanup()
-    -- Each case: the mean over workers.
-    local mean = {}
-    for case, values in pairs(results) do
-        local sum = 0
-        for _, v in ipairs(values) do
-            sum = sum + v
-        end
-        mean[case] = sum / #values
-    end
-    return mean
+    return harness.run(CONF, workers)
 end
 
 

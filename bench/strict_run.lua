@@ -2,8 +2,9 @@
 -- limit:incoming (fixed and sliding), each beside ngx.shared.DICT:incr in
 -- the same run, with 1 and then 2 workers on the same key.
 
-package.path = "spec/?.lua;" .. package.path
+package.path = "spec/?.lua;bench/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
+local harness = require "harness"
 
 local CONF = assert(nginx.read_file("bench/strict_bench.conf"))
 local CASES = { "shdict incr", "dict add+delete", "dict get+set", "strict inc",
@@ -11,46 +12,7 @@ local CASES = { "shdict incr", "dict add+delete", "dict get+set", "strict inc",
 
 
 local function run(workers)
-    local srv = nginx.start({
-        workers = workers,
-        http = CONF,
-        log_level = "warn",
-        lua_path = nginx.root .. "/lua/?.lua;" .. nginx.root .. "/bench/?.lua",
-    })
-    local results = {}
-    for id = 0, workers - 1 do
-        local text
-        for _ = 1, 3000 do         -- 300 s at most
-            text = nginx.read_file(srv.dir .. "/result." .. id)
-            if text and text:find("done\n", 1, true) then
-                break
-            end
-            nginx.sleep(0.1)
-        end
-        if not (text and text:find("done\n", 1, true)) then
-            local log = srv:error_log()
-            srv:cleanup()
-            error("worker " .. id .. " did not finish: " .. (log or ""))
-        end
-        for case, value in text:gmatch("([^\t\n]+)\t([%d.]+)\n") do
-            results[case] = results[case] or {}
-            table.insert(results[case], tonumber(value))
-        end
-    end
-    local errors = srv:errors()
-    srv:cleanup()
-    if #errors > 0 then
-        error("errors in the benchmark's log:\n" .. table.concat(errors, "\n"))
-    end
-    local mean = {}
-    for case, values in pairs(results) do
-        local sum = 0
-        for _, v in ipairs(values) do
-            sum = sum + v
-        end
-        mean[case] = sum / #values
-    end
-    return mean
+    return harness.run(CONF, workers, 300)
 end
 
 

@@ -1,0 +1,60 @@
+-- What the make bench runners share: start nginx with a benchmark config
+-- whose workers each write `case \t value` lines and then "done" to
+-- result.<worker id>, wait for them all, and average each case over the
+-- workers.
+
+local nginx = require "helpers.nginx"
+
+local _M = {}
+
+
+-- syntax: means = harness.run(conf, workers, max_seconds?)
+--
+-- Raises with the error log when a worker does not finish, or when the
+-- log has errors.
+function _M.run(conf, workers, max_seconds)
+    local srv = nginx.start({
+        workers = workers,
+        http = conf,
+        log_level = "warn",
+        lua_path = nginx.root .. "/lua/?.lua;" .. nginx.root .. "/bench/?.lua",
+    })
+    local results = {}
+    for id = 0, workers - 1 do
+        local text
+        for _ = 1, (max_seconds or 600) * 10 do
+            text = nginx.read_file(srv.dir .. "/result." .. id)
+            if text and text:find("done\n", 1, true) then
+                break
+            end
+            nginx.sleep(0.1)
+        end
+        if not (text and text:find("done\n", 1, true)) then
+            local log = srv:error_log()
+            srv:cleanup()
+            error("worker " .. id .. " did not finish: " .. (log or ""))
+        end
+        for case, value in text:gmatch("([^\t\n]+)\t([%-%d.]+)\n") do
+            results[case] = results[case] or {}
+            table.insert(results[case], tonumber(value))
+        end
+    end
+    local errors = srv:errors()
+    srv:cleanup()
+    if #errors > 0 then
+        error("errors in the benchmark's log:\n" .. table.concat(errors, "\n"))
+    end
+
+    local mean = {}
+    for case, values in pairs(results) do
+        local sum = 0
+        for _, v in ipairs(values) do
+            sum = sum + v
+        end
+        mean[case] = sum / #values
+    end
+    return mean
+end
+
+
+return _M
