@@ -346,6 +346,25 @@ local function update(self, key, op, cmp, operand, n, ttl)
 end
 
 
+-- What inc and dec share: `op` is OP_ADD or OP_SUB; misuse raises at
+-- `level` as error() would count it from the public method (2: its caller).
+local function step(self, op, key, n, ttl, level)
+    check_key(key, level + 1, self.max_key_len)
+    if n == nil then
+        n = 1
+    else
+        n = int_integer(n, "n", level + 1)
+    end
+    check_ttl(ttl, level + 1)
+
+    local new, err = update(self, key, op, CMP_ALWAYS, 0, n, ttl)
+    if new == nil then
+        return nil, err
+    end
+    return new
+end
+
+
 -- syntax: new, err = c:inc(key, n?, ttl?)
 --
 -- context: any phase
@@ -358,19 +377,8 @@ end
 -- `nil, "timeout"` when the key stayed locked for `timeout`; `nil, "no
 -- memory"` when the dict is full (nothing else is evicted).
 function _M.inc(self, key, n, ttl)
-    check_key(key, 2, self.max_key_len)
-    if n == nil then
-        n = 1
-    else
-        n = int_integer(n, "n", 2)
-    end
-    check_ttl(ttl, 2)
-
-    local new, err = update(self, key, OP_ADD, CMP_ALWAYS, 0, n, ttl)
-    if new == nil then
-        return nil, err
-    end
-    return new
+    local new, err = step(self, OP_ADD, key, n, ttl, 2)
+    return new, err
 end
 
 
@@ -380,19 +388,8 @@ end
 --
 -- Subtracts `n` (default 1); otherwise as `inc`.
 function _M.dec(self, key, n, ttl)
-    check_key(key, 2, self.max_key_len)
-    if n == nil then
-        n = 1
-    else
-        n = int_integer(n, "n", 2)
-    end
-    check_ttl(ttl, 2)
-
-    local new, err = update(self, key, OP_SUB, CMP_ALWAYS, 0, n, ttl)
-    if new == nil then
-        return nil, err
-    end
-    return new
+    local new, err = step(self, OP_SUB, key, n, ttl, 2)
+    return new, err
 end
 
 
