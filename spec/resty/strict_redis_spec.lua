@@ -97,6 +97,20 @@ describe("resty.counter.strict on Redis", function()
         assert.equal(4, c:inc("text"))
     end)
 
+    it("says so when the key holds another Redis type", function()
+        assert(raw:command("hset", "rc:{rs}:hash", "f", "1"))
+        local new, err = c:inc("hash", 1)
+        assert.is_nil(new)
+        assert.matches("WRONGTYPE", err, 1, true)
+        new, err = c:get("hash")
+        assert.is_nil(new)
+        assert.matches("WRONGTYPE", err, 1, true)
+        new, err = c:set("hash", 5)              -- no silent replacing
+        assert.is_nil(new)
+        assert.matches("WRONGTYPE", err, 1, true)
+        assert.equal("1", raw:command("hget", "rc:{rs}:hash", "f"))
+    end)
+
     it("gives a created key its TTL in the same step, and keeps it",
        function()
         assert.equal(1, c:inc("t", 1, 30))

@@ -94,12 +94,12 @@ describe("lax and limit on Redis across two nodes", function()
     it("count every request of both nodes exactly, through a restart "
        .. "and a freeze of Redis", function()
         local runs = {
-            load.start(a, "/hit", { seconds = 6, keys = 20 }),
-            load.start(b, "/hit", { seconds = 6, keys = 20 }),
+            load.start(a, "/hit", { seconds = 8, keys = 20 }),
+            load.start(b, "/hit", { seconds = 8, keys = 20 }),
         }
         nginx.sleep(1.5)
         redis:stop()             -- unreachable: deltas wait in the workers
-        nginx.sleep(1.5)
+        nginx.sleep(3)
         redis:start_again()
         nginx.sleep(1)
         redis:freeze()           -- hung past the flush interval: timeouts
@@ -120,6 +120,47 @@ describe("lax and limit on Redis across two nodes", function()
         assert.same(expected, settle(redis, expected))
         assert.same({}, crashes(a))
         assert.same({}, crashes(b))
+    end)
+
+    it("fail fast while Redis is stopped or hung: strict with a clear "
+       .. "error, limits open or closed as chosen", function()
+        local function timed(path)
+            local out = nginx.read("curl -s -D - --max-time 5 -w "
+                                   .. "'\\ntime %{time_total}\\n' '"
+                                   .. a:url(path) .. "'")
+            return tonumber(out:match("HTTP/1.1 (%d+)")),
+                   tonumber(out:match("\ntime ([%d.]+)")), out
+        end
+
+        assert.equal(200, (timed("/strict")))
+        for _, fault in ipairs({ "stop", "freeze" }) do
+            redis[fault](redis)
+            for _ = 1, 5 do
+                local status, took, out = timed("/strict")
+                assert.equal(503, status, out)
+                assert.is_true(took < 0.6, fault .. ": " .. took)
+                if fault == "stop" then
+                    assert.matches("redis connect to 127.0.0.1:%d+ failed",
+                                   out)
+                else
+                    assert.matches("timeout", out)
+                end
+                status, took, out = timed("/limited")
+                assert.equal(429, status, out)      -- fails closed
+                assert.is_true(took < 0.6, fault .. ": " .. took)
+                status, took, out = timed("/open")
+                assert.equal(200, status, out)      -- fails open
+                assert.matches("X%-Limit%-Error: ", out)
+                assert.is_true(took < 0.6, fault .. ": " .. took)
+            end
+            if fault == "stop" then
+                redis:start_again()
+            else
+                redis:thaw()
+            end
+            assert.equal(200, (timed("/strict")))
+        end
+        assert.same({}, crashes(a))
     end)
 
     it("hold a fixed-window limit across both nodes", function()
