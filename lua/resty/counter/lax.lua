@@ -189,6 +189,30 @@ end
 local MAX_BATCH_KEYS = 1000
 
 
+-- While Redis cannot take them, the pending table keeps at most
+-- max_pending keys; the others are dropped, counted and logged.
+local function cap_pending(self)
+    local count = nkeys(self.pending)
+    if count <= self.max_pending then
+        return
+    end
+
+    local drop = count - self.max_pending
+    for key in pairs(self.pending) do
+        if drop == 0 then
+            break
+        end
+        self.pending[key] = nil
+        self.ttls[key] = nil
+        drop = drop - 1
+        self.metrics.dropped = self.metrics.dropped + 1
+    end
+    ngx_log(ngx_ERR, "resty.counter.lax: ", count - self.max_pending,
+            " pending keys dropped past max_pending (", self.max_pending,
+            ") while redis cannot take them")
+end
+
+
 local function flush_redis(self)
     -- A batch whose fate is unknown goes first, under its own id, and
     -- alone: new deltas wait in the pending table meanwhile.
@@ -196,6 +220,7 @@ local function flush_redis(self)
     if inflight then
         local ok, err = send(self, inflight)
         if not ok then
+            cap_pending(self)
             return nil, "flush to redis: " .. tostring(err)
                         .. " (a batch of " .. #inflight.keys
                         .. " keys will be sent again under its id)"
@@ -249,25 +274,7 @@ local function flush_redis(self)
         return true
     end
 
-    if not sent then
-        -- Redis down for long: the pending table is capped.
-        local count = nkeys(self.pending)
-        if count > self.max_pending then
-            local drop = count - self.max_pending
-            for key in pairs(self.pending) do
-                if drop == 0 then
-                    break
-                end
-                self.pending[key] = nil
-                self.ttls[key] = nil
-                drop = drop - 1
-                self.metrics.dropped = self.metrics.dropped + 1
-            end
-            ngx_log(ngx_ERR, "resty.counter.lax: ", count - self.max_pending,
-                    " pending keys dropped past max_pending (",
-                    self.max_pending, ") while redis cannot be reached")
-        end
-    end
+    cap_pending(self)
     return nil, "flush to redis: " .. tostring(err)
 end
 
