@@ -313,7 +313,8 @@ local function soak_case(minutes)
     local samples = {}
     for m = 1, minutes do
         nginx.sleep(60)
-        srv:signal("HUP")
+        -- Sampled before the reload: after it, the old workers linger
+        -- beside the new ones until their requests finish.
         local rss = 0
         for _, pid in ipairs(worker_pids(srv)) do
             local status = nginx.read_file("/proc/" .. pid .. "/status") or ""
@@ -325,6 +326,7 @@ local function soak_case(minutes)
         io.stderr:write(string.format("soak minute %d: workers RSS %d kB, "
                                       .. "pending records %d\n", m, rss,
                                       pending or -1))
+        srv:signal("HUP")
     end
     wait_all(runs)
     local sent = #access(srv)
