@@ -38,7 +38,6 @@ local timer_every = ngx.timer.every
 local timer_at = ngx.timer.at
 local check_key = check.key
 local int_integer = int.integer
-local int_cmp = int.cmp
 local error = error
 local next = next
 local pairs = pairs
@@ -673,10 +672,7 @@ end
 -- "lt 10" and both add. Use strict for caps that must hold exactly.
 function _M.inc_if(self, key, cmp, operand, n, ttl)
     check_key(key, 2, self.max_key_len)
-    cmp = int_cmp(cmp, 2)
-    if cmp ~= CMP_ALWAYS or operand ~= nil then
-        operand = int_integer(operand, "operand", 2)
-    end
+    cmp, operand = strict._check_condition(cmp, operand, 2)
     if n == nil then
         n = 1
     else
@@ -708,10 +704,7 @@ end
 -- `set` (strictly, but the comparison and the set are two steps).
 function _M.set_if(self, key, cmp, operand, n, ttl)
     check_key(key, 2, self.max_key_len)
-    cmp = int_cmp(cmp, 2)
-    if cmp ~= CMP_ALWAYS or operand ~= nil then
-        operand = int_integer(operand, "operand", 2)
-    end
+    cmp, operand = strict._check_condition(cmp, operand, 2)
     n = int_integer(n, "n", 2)
 
     local old, err = self:get(key)

@@ -458,6 +458,18 @@ function _M.del(self, key)
 end
 
 
+-- The comparison of a conditional update: `cmp` by name (as a core code)
+-- and `operand`, which may be nil with "always". Raises at `level` as
+-- error() would count it from the caller.
+local function check_condition(cmp, operand, level)
+    cmp = int_cmp(cmp, level + 1)
+    if cmp ~= CMP_ALWAYS or operand ~= nil then
+        operand = int_integer(operand, "operand", level + 1)
+    end
+    return cmp, operand
+end
+
+
 -- syntax: new, old = c:inc_if(key, cmp, operand, n?, ttl?)
 -- syntax: nil, err = c:inc_if(key, cmp, operand, n?, ttl?)
 --
@@ -469,10 +481,7 @@ end
 -- `ttl` as for `inc`.
 function _M.inc_if(self, key, cmp, operand, n, ttl)
     check_key(key, 2, self.max_key_len)
-    cmp = int_cmp(cmp, 2)
-    if cmp ~= CMP_ALWAYS or operand ~= nil then
-        operand = int_integer(operand, "operand", 2)
-    end
+    cmp, operand = check_condition(cmp, operand, 2)
     if n == nil then
         n = 1
     else
@@ -493,10 +502,7 @@ end
 -- `inc_if`. `ttl` as for `set`.
 function _M.set_if(self, key, cmp, operand, n, ttl)
     check_key(key, 2, self.max_key_len)
-    cmp = int_cmp(cmp, 2)
-    if cmp ~= CMP_ALWAYS or operand ~= nil then
-        operand = int_integer(operand, "operand", 2)
-    end
+    cmp, operand = check_condition(cmp, operand, 2)
     n = int_integer(n, "n", 2)
     check_ttl(ttl, 2)
 
@@ -549,13 +555,8 @@ local function check_updates(self, updates, conditional, op, level)
         keys[i] = u[1]
         local j = 2
         if conditional then
-            local cmp = int_cmp(u[2], level + 1)
-            cmps[i] = cmp
-            if cmp ~= CMP_ALWAYS or u[3] ~= nil then
-                operands[i] = int_integer(u[3], "operand", level + 1)
-            else
-                operands[i] = 0
-            end
+            local cmp, operand = check_condition(u[2], u[3], level + 1)
+            cmps[i], operands[i] = cmp, operand or 0
             j = 4
         else
             cmps[i] = CMP_ALWAYS
@@ -789,6 +790,7 @@ end
 _M._check_updates = check_updates
 _M._check_list = check_list
 _M._check_ttl = check_ttl
+_M._check_condition = check_condition
 _M._positive = positive
 
 
