@@ -78,12 +78,7 @@ return 1
 
 -- syntax: engine = limit_redis.new(opts, name, level)
 function _M.new(opts, name, level)
-    local prefix = opts.prefix or "rc:"
-    if type(prefix) ~= "string" then
-        error('bad "opts.prefix" argument: string expected, got '
-              .. type(prefix), level + 1)
-    end
-
+    local key_prefix = redis.key_prefix(opts, name, level + 1)
     local on_error = opts.on_redis_error or "allow"
     if on_error ~= "allow" and on_error ~= "reject" then
         error('bad "opts.on_redis_error" argument: "allow" or "reject" '
@@ -92,7 +87,7 @@ function _M.new(opts, name, level)
 
     return {
         client = redis.new(opts.redis, level + 1),
-        key_prefix = prefix .. "{" .. name .. "}:",
+        key_prefix = key_prefix,
         fail_open = on_error == "allow",
         -- what Redis being unreachable made this worker answer
         failed_open = 0,

@@ -8,10 +8,22 @@
 -- options, connection pooling, AUTH and SELECT on fresh connections only,
 -- scripts run by EVALSHA and loaded once (resent only on NOSCRIPT, the one
 -- reply that proves nothing ran), and integers written exactly.
+--
+-- Redis Cluster needs no option: the configured address is a seed. The
+-- first MOVED reply turns routing on; from then on each command goes to
+-- the node the worker has learned for its key's slot, and MOVED (the slot
+-- has a new owner: remembered) and ASK (a slot in migration: ASKING, then
+-- that one command) are followed. Both are error replies sent instead of
+-- running the command, so following them never runs anything twice.
 
 
+local bit = require "bit"
 local ngx = ngx
 local ngx_sha1_bin = ngx.sha1_bin
+local band = bit.band
+local bxor = bit.bxor
+local lshift = bit.lshift
+local rshift = bit.rshift
 local error = error
 local ipairs = ipairs
 local pcall = pcall
@@ -22,10 +34,17 @@ local tostring = tostring
 local type = type
 local fmt = string.format
 local byte = string.byte
+local find = string.find
 local concat = table.concat
+local tonumber = tonumber
 
 
 local MAX_SAFE = 2 ^ 53 - 1
+
+-- Redirections followed for one command. A slot being moved takes two
+-- (MOVED to the old owner, ASK to the new one); more means the cluster is
+-- reconfiguring faster than we can follow, and the caller gets an error.
+local MAX_REDIRECTS = 5
 
 
 -- lua-resty-redis under either name.
@@ -120,6 +139,75 @@ end
 _M.integer = integer
 
 
+-- CRC16-CCITT (XMODEM), the hash of Redis Cluster's key slots.
+local CRC16 = {}
+for i = 0, 255 do
+    local crc = lshift(i, 8)
+    for _ = 1, 8 do
+        if band(crc, 0x8000) ~= 0 then
+            crc = bxor(lshift(crc, 1), 0x1021)
+        else
+            crc = lshift(crc, 1)
+        end
+    end
+    CRC16[i] = band(crc, 0xffff)
+end
+
+
+local function crc16(s, from, to)
+    local crc = 0
+    for i = from, to do
+        crc = bxor(band(lshift(crc, 8), 0xffff),
+                   CRC16[bxor(rshift(crc, 8), byte(s, i))])
+    end
+    return crc
+end
+
+
+-- syntax: slot = redis.key_slot(key)
+--
+-- The cluster slot (0 to 16383) of a key: the CRC16 of its hash tag (the
+-- text between the first "{" and the next "}", when not empty), else of
+-- the whole key.
+local function key_slot(key)
+    local from, to = 1, #key
+    local open = find(key, "{", 1, true)
+    if open then
+        local close = find(key, "}", open + 1, true)
+        if close and close > open + 1 then
+            from, to = open + 1, close - 1
+        end
+    end
+    return band(crc16(key, from, to), 16383)
+end
+_M.key_slot = key_slot
+
+
+-- syntax: key_prefix = redis.key_prefix(opts, name, level)
+--
+-- The start of every key of the counter or limiter `name`:
+-- "<opts.prefix>{<name>}:" (prefix "rc:" by default). The braces make the
+-- name the hash tag, so all of one counter's keys share a cluster slot
+-- and each script touches one node; braces in the prefix would move the
+-- tag, so they are refused.
+function _M.key_prefix(opts, name, level)
+    local prefix = opts.prefix or "rc:"
+    if type(prefix) ~= "string" or find(prefix, "[{}]") then
+        bad("opts.prefix", "a string without \"{\" or \"}\" expected "
+            .. "(the name is the hash tag), got " .. tostring(prefix),
+            level + 1)
+    end
+    return prefix .. "{" .. name .. "}:"
+end
+
+
+-- What each worker has learned of the clusters it talks to, per seed
+-- (pool name): whether routing is on, and the node serving each slot
+-- learned from MOVED replies. Shared by every client of the same seed, so
+-- a counter created later does not pay the redirection again.
+local routes_by_seed = {}
+
+
 -- syntax: client = redis.new(opts)
 --
 -- opts: host (default "127.0.0.1") and port (6379), or path (a Unix
@@ -160,13 +248,41 @@ function _M.new(opts, level)
                          self.port, self.db,
                          self.password and ngx.md5(self.password) or "" },
                        ":")
+
+    local routes = routes_by_seed[self.pool]
+    if not routes then
+        routes = { on = false, slots = {}, nodes = {} }
+        routes_by_seed[self.pool] = routes
+    end
+    self.routes = routes
     return setmetatable(self, mt)
 end
 
 
+-- The node at host:port of the seed's cluster (its own pool: a connection
+-- to one node never serves another).
+local function node_at(self, host, port)
+    local address = host .. ":" .. port
+    local node = self.routes.nodes[address]
+    if not node then
+        node = {
+            host = host,
+            port = port,
+            address = address,
+            pool = concat({ "resty.counter", host, port, self.db,
+                            self.password and ngx.md5(self.password) or "" },
+                          ":"),
+        }
+        self.routes.nodes[address] = node
+    end
+    return node
+end
+
+
 -- A connection from the pool (or a new one, authenticated and on the
--- right database), or nil and an error.
-local function connect(self)
+-- right database) to a cluster node, or to the configured address when
+-- node is nil; or nil and an error.
+local function connect(self, node)
     -- ngx.socket.tcp raises in the phases without cosockets.
     local ok, red, err = pcall(driver.new, driver)
     if not ok then
@@ -186,15 +302,20 @@ local function connect(self)
         red:set_timeout(self.connect_timeout * 1000)
     end
 
-    local options = { pool = self.pool, pool_size = self.pool_size }
-    if self.path then
+    local options = { pool = node and node.pool or self.pool,
+                      pool_size = self.pool_size }
+    if node then
+        ok, err = red:connect(node.host, node.port, options)
+    elseif self.path then
         ok, err = red:connect(self.path, options)
     else
         ok, err = red:connect(self.host, self.port, options)
     end
     if not ok then
-        return nil, "redis connect to " .. (self.path or (self.host .. ":"
-                    .. self.port)) .. " failed: " .. tostring(err)
+        local address = node and node.address
+                        or self.path or (self.host .. ":" .. self.port)
+        return nil, "redis connect to " .. address .. " failed: "
+                    .. tostring(err)
     end
 
     if not rawget(driver, "set_timeouts") then
@@ -255,6 +376,98 @@ local function is_noscript(err)
 end
 
 
+-- "MOVED 3999 127.0.0.1:6381" or "ASK 3999 127.0.0.1:6381": the kind,
+-- slot, host ("" when the node does not know its own address: then it is
+-- the one we asked) and port; nil for any other error.
+local function redirection(err)
+    if type(err) ~= "string" then
+        return nil
+    end
+    local kind, slot, host, port = err:match("^(%u+) (%d+) (%S*):(%d+)$")
+    if kind ~= "MOVED" and kind ~= "ASK" then
+        return nil
+    end
+    return kind, tonumber(slot), host, tonumber(port)
+end
+
+
+-- Runs send(red, asking, ...) on the node serving `key` (the configured
+-- address while no cluster has been seen, or when key is nil), following
+-- MOVED and ASK. send returns what lua-resty-redis returns: the reply, or
+-- false and an error reply, or nil and a socket error.
+local function request(self, key, send, ...)
+    local routes = self.routes
+    local node, slot
+    if routes.on and type(key) == "string" then
+        slot = key_slot(key)
+        node = routes.slots[slot]
+    end
+
+    local asking = false
+    for _ = 0, MAX_REDIRECTS do
+        local red, err = connect(self, node)
+        if not red then
+            if slot and node and routes.slots[slot] == node then
+                -- The node may be gone (a failover): ask the seed again
+                -- next time, which will tell the slot's new owner.
+                routes.slots[slot] = nil
+            end
+            return nil, err
+        end
+
+        local res = true
+        if asking then
+            -- Lets the next command touch a slot being imported.
+            res, err = red:asking()
+        end
+        if res then
+            res, err = send(red, asking, ...)
+        end
+        release(self, red, res)
+        if res then
+            return res
+        end
+
+        local kind, moved_slot, host, port = redirection(err)
+        if not kind then
+            return nil, err
+        end
+        if host == "" then
+            host = node and node.host or self.host
+        end
+        node = node_at(self, host, port)
+        asking = kind == "ASK"
+        if not asking then
+            routes.on = true
+            routes.slots[moved_slot] = node
+        end
+    end
+    return nil, "redis: more than " .. MAX_REDIRECTS .. " cluster "
+                .. "redirections for one command (the cluster is "
+                .. "reconfiguring)"
+end
+
+
+local function send_script(red, asking, script, nkeys, ...)
+    local res, err = red:evalsha(script.sha, nkeys, ...)
+    if not res and is_noscript(err) then
+        if asking then
+            res, err = red:asking()
+            if not res then
+                return res, err
+            end
+        end
+        res, err = red:eval(script.source, nkeys, ...)
+    end
+    return res, err
+end
+
+
+local function send_command(red, _, name, ...)
+    return red[name](red, ...)
+end
+
+
 -- syntax: res, err = client:eval(script, nkeys, ...)
 --
 -- context: where cosockets work (rewrite, access, content, timers, ...)
@@ -266,19 +479,11 @@ end
 -- ids of the lax counters). Returns the reply, or nil and an error; a
 -- Redis error reply (e.g. "ERR value is not an integer") comes back as
 -- nil, err too. A nil reply is ngx.null, as lua-resty-redis gives it.
+-- On a cluster it runs on the node of its first key's slot: every key of
+-- one call must share that slot (one hash tag).
 function _M.eval(self, script, nkeys, ...)
-    local red, err = connect(self)
-    if not red then
-        return nil, err
-    end
-
-    local res
-    res, err = red:evalsha(script.sha, nkeys, ...)
-    if not res and is_noscript(err) then
-        res, err = red:eval(script.source, nkeys, ...)
-    end
-
-    release(self, red, res)
+    local res, err = request(self, nkeys > 0 and (...) or nil, send_script,
+                             script, nkeys, ...)
     if not res then
         return nil, err
     end
@@ -286,19 +491,26 @@ function _M.eval(self, script, nkeys, ...)
 end
 
 
--- syntax: res, err = client:command(name, ...)
+-- syntax: res, err = client:command(name, key, ...)
 --
--- One command, for tests and cold paths (e.g. PING, DEL). The same
--- connection handling as eval().
+-- One command, for tests and cold paths (e.g. GET, MGET, DEL). The same
+-- connection handling as eval(); on a cluster it runs on the node of its
+-- first argument's slot, the key of GET, MGET, DEL and the like.
 function _M.command(self, name, ...)
-    local red, err = connect(self)
-    if not red then
+    local res, err = request(self, (...), send_command, name, ...)
+    if not res then
         return nil, err
     end
+    return res
+end
 
-    local res
-    res, err = red[name](red, ...)
-    release(self, red, res)
+
+-- syntax: res, err = client:command_at(key, name, ...)
+--
+-- One command on the node serving key's slot, for commands that name no
+-- key but are about one slot's keys (SCAN for a counter's hash tag).
+function _M.command_at(self, key, name, ...)
+    local res, err = request(self, key, send_command, name, ...)
     if not res then
         return nil, err
     end

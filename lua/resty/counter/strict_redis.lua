@@ -24,8 +24,6 @@ local ngx = ngx
 local get_phase = ngx.get_phase
 local int_decode = int.decode
 local int_text = int.text
-local error = error
-local type = type
 local unpack = unpack
 local fmt = string.format
 local floor = math.floor
@@ -172,18 +170,12 @@ return { 1, raw or "0" }
 
 -- syntax: engine = strict_redis.new(opts, name, level)
 function _M.new(opts, name, level)
-    local prefix = opts.prefix or "rc:"
-    if type(prefix) ~= "string" then
-        error('bad "opts.prefix" argument: string expected, got '
-              .. type(prefix), level + 1)
-    end
-
+    local key_prefix = redis.key_prefix(opts, name, level + 1)
     return {
         client = redis.new(opts.redis, level + 1),
-        key_prefix = prefix .. "{" .. name .. "}:",
+        key_prefix = key_prefix,
         -- SCAN's pattern for clear(): glob characters escaped
-        pattern = (prefix .. "{" .. name .. "}:"):gsub("[%*%?%[%]\\]",
-                                                       "\\%0") .. "*",
+        pattern = key_prefix:gsub("[%*%?%[%]\\]", "\\%0") .. "*",
     }
 end
 
@@ -347,8 +339,10 @@ function _M.clear(engine)
     local cursor = "0"
     repeat
         local res
-        res, err = engine.client:command("scan", cursor, "match",
-                                         engine.pattern, "count", 1000)
+        -- On a cluster, the node that serves this counter's slot.
+        res, err = engine.client:command_at(engine.key_prefix, "scan",
+                                            cursor, "match", engine.pattern,
+                                            "count", 1000)
         if not res then
             return nil, err
         end
