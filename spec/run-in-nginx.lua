@@ -30,20 +30,37 @@ end
 -- find it through these environment variables.
 local REDIS_PASSWORD = "spec-password"
 local redis = redis_server.start({ password = REDIS_PASSWORD })
+-- And a Redis Cluster of three masters (same password), for the specs
+-- that follow its redirections.
+local ok_cluster, cluster = pcall(redis_server.start_cluster,
+                                  { password = REDIS_PASSWORD })
+if not ok_cluster then
+    redis:cleanup()
+    error(cluster)
+end
 local REDIS_ENV = {
     REDIS_PORT = redis.port,
     REDIS_SOCKET = redis.socket,
     REDIS_PASSWORD = REDIS_PASSWORD,
+    REDIS_CLUSTER_PORTS = table.concat(cluster.ports, ","),
 }
+local ENV_NAMES = { "REDIS_PORT", "REDIS_SOCKET", "REDIS_PASSWORD",
+                    "REDIS_CLUSTER_PORTS" }
 
 
 local function run_with_resty()
-    local cmd = { "REDIS_PORT=" .. redis.port, "REDIS_SOCKET=" .. redis.socket,
-                  "REDIS_PASSWORD=" .. REDIS_PASSWORD,
-                  "resty", "--main-conf", "'env REDIS_PORT; env REDIS_SOCKET; "
-                  .. "env REDIS_PASSWORD;'",
-                  "-I", nginx.root .. "/lua", "-I", nginx.root .. "/spec",
-                  "-I", nginx.root .. "/target/lua" }
+    local cmd, main = {}, {}
+    for _, name in ipairs(ENV_NAMES) do
+        cmd[#cmd + 1] = name .. "=" .. REDIS_ENV[name]
+        main[#main + 1] = "env " .. name .. ";"
+    end
+    for _, word in ipairs({ "resty", "--main-conf",
+                            "'" .. table.concat(main, " ") .. "'",
+                            "-I", nginx.root .. "/lua",
+                            "-I", nginx.root .. "/spec",
+                            "-I", nginx.root .. "/target/lua" }) do
+        cmd[#cmd + 1] = word
+    end
     for _, dict in ipairs(DICTS) do
         cmd[#cmd + 1] = "--shdict '" .. dict .. "'"
     end
@@ -61,10 +78,13 @@ local function run_with_nginx()
     for k, v in pairs(REDIS_ENV) do
         env[k] = v
     end
+    local main = { "env BUSTED_ARGS;" }
+    for _, name in ipairs(ENV_NAMES) do
+        main[#main + 1] = "env " .. name .. ";"
+    end
     local srv = nginx.start({
         workers = 2,
-        main = "env BUSTED_ARGS; env REDIS_PORT; env REDIS_SOCKET; "
-               .. "env REDIS_PASSWORD;",
+        main = table.concat(main, " "),
         env = env,
         http = conf,
     })
@@ -109,6 +129,7 @@ local ran, err = pcall(function()
     end
 end)
 redis:cleanup()
+cluster:cleanup()
 if not ran then
     error(err, 0)
 end

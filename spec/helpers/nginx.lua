@@ -67,13 +67,15 @@ local function listening_ports()
 end
 
 
--- A loopback port nothing listens on now.
-function _M.free_port()
+-- A loopback port nothing listens on now; with `also`, one whose
+-- port + also is free too (a Redis Cluster node's bus port is its port +
+-- 10000).
+function _M.free_port(also)
     local used = listening_ports()
     math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16))
     for _ = 1, 1000 do
-        local port = math.random(20000, 59999)
-        if not used[port] then
+        local port = math.random(20000, 59999 - (also or 0))
+        if not used[port] and not (also and used[port + also]) then
             return port
         end
     end

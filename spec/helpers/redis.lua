@@ -10,7 +10,8 @@ local server = {}
 server.__index = server
 
 
--- opts: password (requirepass), and extra redis.conf lines.
+-- opts: password (requirepass), port (default: a free one), and extra
+-- redis.conf lines.
 function _M.start(opts)
     opts = opts or {}
     local dir = nginx.read("mktemp -d /tmp/resty-counter-redis.XXXXXX")
@@ -18,7 +19,7 @@ function _M.start(opts)
     assert(nginx.sh("chmod 0777 " .. dir))
     local self = setmetatable({
         dir = dir,
-        port = nginx.free_port(),
+        port = opts.port or nginx.free_port(),
         socket = dir .. "/redis.sock",
         password = opts.password,
     }, server)
@@ -78,6 +79,12 @@ function server:cli(command)
 end
 
 
+-- GET: the value as a number, nil for a missing key.
+function server:get(key)
+    return tonumber(self:cli("GET '" .. key .. "'"):match("^%-?%d+"))
+end
+
+
 -- SIGSTOP / SIGCONT: the server keeps its connections but answers nothing
 -- (a hung server, from the clients' side).
 function server:freeze()
@@ -113,6 +120,224 @@ function server:cleanup()
     self:stop()
     if os.getenv("KEEP_SPEC_DIRS") ~= "1" then
         nginx.sh("rm -rf " .. self.dir)
+    end
+end
+
+
+-- A Redis Cluster of real servers on loopback, and the moves a cluster
+-- makes (a slot migrating from one node to another), driven through
+-- redis-cli. Usable from the host and from inside an nginx worker (where
+-- it blocks the worker: fine for specs).
+local cluster = {}
+cluster.__index = cluster
+
+
+-- The cluster whose nodes listen on these ports (already running).
+function _M.cluster(ports, password)
+    return setmetatable({ ports = ports, password = password }, cluster)
+end
+
+
+-- Starts `count` (3) masters with no replicas, joins them and waits (10 s
+-- at most) until every node says the cluster is ok. opts: count,
+-- password, conf (extra redis.conf lines for every node).
+function _M.start_cluster(opts)
+    opts = opts or {}
+    local servers, ports, addresses = {}, {}, {}
+    for i = 1, opts.count or 3 do
+        servers[i] = _M.start({
+            password = opts.password,
+            port = nginx.free_port(10000),
+            conf = { "cluster-enabled yes",
+                     "cluster-config-file nodes.conf",
+                     "cluster-node-timeout 5000",
+                     -- nodes ask each other for the password too
+                     opts.password and ("masterauth " .. opts.password)
+                     or "",
+                     unpack(opts.conf or {}) },
+        })
+        ports[i] = servers[i].port
+        addresses[i] = "127.0.0.1:" .. ports[i]
+    end
+
+    local self = _M.cluster(ports, opts.password)
+    self.servers = servers
+    local out = nginx.read("timeout 30 redis-cli" .. self:auth()
+                           .. " --cluster create "
+                           .. table.concat(addresses, " ")
+                           .. " --cluster-replicas 0 --cluster-yes 2>&1")
+    if not out:find("All 16384 slots covered", 1, true) then
+        self:cleanup()
+        error("redis-cli --cluster create failed: " .. out)
+    end
+    self:wait_ok()
+    return self
+end
+
+
+function cluster:auth()
+    return self.password and (" -a " .. self.password
+                              .. " --no-auth-warning") or ""
+end
+
+
+-- Waits (10 s at most) until every node reports cluster_state:ok.
+function cluster:wait_ok()
+    for _ = 1, 100 do
+        local ok = true
+        for i = 1, #self.ports do
+            if not self:cli(i, "CLUSTER INFO"):find("cluster_state:ok", 1,
+                                                    true) then
+                ok = false
+            end
+        end
+        if ok then
+            return
+        end
+        nginx.sleep(0.1)
+    end
+    error("the redis cluster is not ok after 10 s")
+end
+
+
+-- One redis-cli command on node i (its words, quoted for the shell); the
+-- reply as text.
+function cluster:cli(i, command)
+    return nginx.read("timeout 5 redis-cli -h 127.0.0.1 -p " .. self.ports[i]
+                      .. self:auth() .. " " .. command .. " 2>&1")
+end
+
+
+-- GET through the cluster (redis-cli follows redirections): the value as
+-- a number, nil for a missing key.
+function cluster:get(key)
+    local out = nginx.read("timeout 5 redis-cli -c -h 127.0.0.1 -p "
+                           .. self.ports[1] .. self:auth() .. " GET '" .. key
+                           .. "' 2>&1")
+    return tonumber(out:match("^%-?%d+"))
+end
+
+
+function cluster:id(i)
+    return (self:cli(i, "CLUSTER MYID"):match("%x+"))
+end
+
+
+-- The index of the node that serves a slot (CLUSTER NODES: the ninth
+-- field on is the node's slots, "a-b" ranges or single slots).
+function cluster:owner(slot)
+    for line in self:cli(1, "CLUSTER NODES"):gmatch("[^\n]+") do
+        local fields = {}
+        for field in line:gmatch("%S+") do
+            fields[#fields + 1] = field
+        end
+        local port = tonumber((fields[2] or ""):match(":(%d+)"))
+        for k = 9, #fields do
+            local from, to = fields[k]:match("^(%d+)%-(%d+)$")
+            from = tonumber(from or fields[k]:match("^%d+$"))
+            to = tonumber(to) or from
+            if from and slot >= from and slot <= to then
+                for i, p in ipairs(self.ports) do
+                    if p == port then
+                        return i
+                    end
+                end
+            end
+        end
+    end
+    error("no node serves slot " .. slot)
+end
+
+
+-- The first half of a slot's move: the target imports it and the owner
+-- migrates it. Keys still at the owner are served there; others get ASK.
+function cluster:begin_move(slot, to)
+    local from = self:owner(slot)
+    assert(from ~= to, "the slot is already there")
+    assert(self:cli(to, "CLUSTER SETSLOT " .. slot .. " IMPORTING "
+                        .. self:id(from)):find("OK", 1, true))
+    assert(self:cli(from, "CLUSTER SETSLOT " .. slot .. " MIGRATING "
+                          .. self:id(to)):find("OK", 1, true))
+    self.moving = { slot = slot, from = from, to = to }
+end
+
+
+-- The second half: every key of the slot goes over (MIGRATE), then every
+-- node learns the new owner. Old clients get MOVED from then on.
+function cluster:finish_move()
+    local m = assert(self.moving, "no move begun")
+    for _ = 1, 1000 do
+        local keys = {}
+        local out = self:cli(m.from, "CLUSTER GETKEYSINSLOT " .. m.slot
+                                     .. " 100")
+        for key in out:gmatch("[^\n]+") do
+            keys[#keys + 1] = "'" .. key .. "'"
+        end
+        if #keys == 0 then
+            break
+        end
+        local auth = self.password and (" AUTH " .. self.password) or ""
+        local reply = self:cli(m.from, "MIGRATE 127.0.0.1 "
+                                       .. self.ports[m.to] .. " '' 0 5000"
+                                       .. auth .. " KEYS "
+                                       .. table.concat(keys, " "))
+        assert(reply:find("OK", 1, true), "MIGRATE: " .. reply)
+    end
+    local target = self:id(m.to)
+    for _, i in ipairs({ m.to, m.from }) do
+        assert(self:cli(i, "CLUSTER SETSLOT " .. m.slot .. " NODE "
+                           .. target):find("OK", 1, true))
+    end
+    for i = 1, #self.ports do
+        if i ~= m.to and i ~= m.from then
+            assert(self:cli(i, "CLUSTER SETSLOT " .. m.slot .. " NODE "
+                               .. target):find("OK", 1, true))
+        end
+    end
+    self.moving = nil
+end
+
+
+-- Stops node i (SHUTDOWN NOSAVE; its cluster configuration stays on
+-- disk) and waits (5 s at most) until its process is gone.
+function cluster:stop_node(i)
+    local dir = self:cli(i, "CONFIG GET dir"):match("\n(%S+)")
+    local pid = self:cli(i, "INFO server"):match("process_id:(%d+)")
+    assert(dir and pid, "node " .. i .. " does not answer")
+    self.stopped = self.stopped or {}
+    self.stopped[i] = dir
+    self:cli(i, "SHUTDOWN NOSAVE")
+    for _ = 1, 50 do
+        if not nginx.sh("kill -0 " .. pid .. " 2>/dev/null") then
+            return
+        end
+        nginx.sleep(0.1)
+    end
+    error("node " .. i .. " did not stop")
+end
+
+
+-- Starts a stopped node i again, on its configuration, and waits (10 s at
+-- most) until the cluster is ok.
+function cluster:start_node(i)
+    local dir = assert(self.stopped and self.stopped[i], "not stopped")
+    assert(nginx.sh("redis-server " .. dir .. "/redis.conf"),
+           "redis-server did not start: "
+           .. (nginx.read_file(dir .. "/redis.log") or ""))
+    self.stopped[i] = nil
+    self:wait_ok()
+end
+
+
+function cluster:move(slot, to)
+    self:begin_move(slot, to)
+    self:finish_move()
+end
+
+
+function cluster:cleanup()
+    for _, srv in ipairs(self.servers or {}) do
+        srv:cleanup()
     end
 end
 
