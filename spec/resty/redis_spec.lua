@@ -103,6 +103,28 @@ describe("resty.counter.redis", function()
         assert.matches("NOAUTH", err, 1, true)
     end)
 
+    it("authenticates as an ACL user, and says so when it cannot",
+       function()
+        local admin = client()
+        assert.equal("OK", admin:command("acl", "setuser", "spec-counter",
+                                          "reset", "on", ">user-secret",
+                                          "~spec:acl:*", "+@all"))
+        local c = client({ username = "spec-counter",
+                           password = "user-secret" })
+        assert.equal(3, c:command("incrby", "spec:acl:k", 3))
+        -- the user's own key rule applies: not the default user
+        local res, err = c:command("incrby", "other:k", 1)
+        assert.is_nil(res)
+        assert.matches("NOPERM", err, 1, true)
+
+        res, err = client({ username = "spec-counter", password = "wrong" })
+                   :command("ping")
+        assert.is_nil(res)
+        assert.matches("redis AUTH failed", err, 1, true)
+        assert.equal(1, admin:command("acl", "deluser", "spec-counter"))
+        assert(admin:command("del", "spec:acl:k"))
+    end)
+
     it("raises on bad options, naming them", function()
         assert.matches('bad "opts.redis" argument: table expected',
                        raised(redis.new, "127.0.0.1"))
@@ -114,5 +136,7 @@ describe("resty.counter.redis", function()
                        raised(redis.new, { password = 5 }))
         assert.matches('bad "opts.db" argument',
                        raised(redis.new, { db = 1.5 }))
+        assert.matches('bad "opts.username" argument: needs opts.password',
+                       raised(redis.new, { username = "u" }))
     end)
 end)

@@ -211,7 +211,9 @@ local routes_by_seed = {}
 -- syntax: client = redis.new(opts)
 --
 -- opts: host (default "127.0.0.1") and port (6379), or path (a Unix
--- socket); password; db (0); connect_timeout, send_timeout, read_timeout
+-- socket); password, and username for a Redis 6+ ACL user (else AUTH with
+-- the password alone: the default user); db (0); connect_timeout,
+-- send_timeout, read_timeout
 -- (seconds, default 0.1 each: a request is never held longer waiting for
 -- Redis); pool_size (default 32) and keepalive (idle seconds, default 60).
 -- Raises on a bad option, and when no lua-resty-redis is installed.
@@ -231,6 +233,7 @@ function _M.new(opts, level)
         port = whole(opts, "port", 6379, 1, 65535, level),
         path = text(opts, "path", nil, level),
         password = text(opts, "password", nil, level),
+        username = text(opts, "username", nil, level),
         db = whole(opts, "db", 0, 0, 65535, level),
         connect_timeout = seconds(opts, "connect_timeout", 0.1, level),
         send_timeout = seconds(opts, "send_timeout", 0.1, level),
@@ -238,16 +241,21 @@ function _M.new(opts, level)
         pool_size = whole(opts, "pool_size", 32, 1, 100000, level),
         keepalive = seconds(opts, "keepalive", 60, level),
     }
+    if self.username and not self.password then
+        bad("opts.username", "needs opts.password", level)
+    end
     if self.path and self.path:sub(1, 5) ~= "unix:" then
         self.path = "unix:" .. self.path
     end
 
-    -- The pool is per address, database and password: a connection made
-    -- for one never serves another.
+    -- The pool is per address, database and credentials: a connection
+    -- made for one never serves another.
+    self.credentials = self.password
+                       and ngx.md5((self.username or "") .. "\0"
+                                   .. self.password)
+                       or ""
     self.pool = concat({ "resty.counter", self.path or self.host,
-                         self.port, self.db,
-                         self.password and ngx.md5(self.password) or "" },
-                       ":")
+                         self.port, self.db, self.credentials }, ":")
 
     local routes = routes_by_seed[self.pool]
     if not routes then
@@ -270,8 +278,7 @@ local function node_at(self, host, port)
             port = port,
             address = address,
             pool = concat({ "resty.counter", host, port, self.db,
-                            self.password and ngx.md5(self.password) or "" },
-                          ":"),
+                            self.credentials }, ":"),
         }
         self.routes.nodes[address] = node
     end
@@ -326,7 +333,11 @@ local function connect(self, node)
 
     if red:get_reused_times() == 0 then
         if self.password then
-            ok, err = red:auth(self.password)
+            if self.username then
+                ok, err = red:auth(self.username, self.password)
+            else
+                ok, err = red:auth(self.password)
+            end
             if not ok then
                 red:close()
                 return nil, "redis AUTH failed: " .. tostring(err)
