@@ -23,10 +23,11 @@ BUSTED ?= /usr/bin/busted
 # Debian packages the project needs, by what they give: nginx with the lua
 # module (the OpenResty stand-in), LuaJIT and busted for the specs, luarocks
 # for the install test, luacheck, wrk and curl for the scenarios, Redis and
-# lua-resty-redis (Debian names it nginx.redis) for the Redis backends.
+# lua-resty-redis (Debian names it nginx.redis) for the Redis backends,
+# openssl for the certificates of the TLS specs.
 DEB_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk \
 	lua-resty-core luajit2 lua-busted luarocks lua-check wrk curl \
-	ca-certificates gcc make procps redis-server lua-nginx-redis
+	ca-certificates gcc make procps redis-server lua-nginx-redis openssl
 
 # rustup's cargo when there is one (it has clippy and rustfmt); otherwise
 # the one on PATH, which on a fresh Debian is the one `deps` installs.

@@ -29,7 +29,7 @@ end
 -- A real redis-server on loopback for the specs that talk to Redis; they
 -- find it through these environment variables.
 local REDIS_PASSWORD = "spec-password"
-local redis = redis_server.start({ password = REDIS_PASSWORD })
+local redis = redis_server.start({ password = REDIS_PASSWORD, tls = true })
 -- And a Redis Cluster of three masters (same password), for the specs
 -- that follow its redirections.
 local ok_cluster, cluster = pcall(redis_server.start_cluster,
@@ -43,9 +43,12 @@ local REDIS_ENV = {
     REDIS_SOCKET = redis.socket,
     REDIS_PASSWORD = REDIS_PASSWORD,
     REDIS_CLUSTER_PORTS = table.concat(cluster.ports, ","),
+    REDIS_TLS_PORT = redis.tls_port,
 }
 local ENV_NAMES = { "REDIS_PORT", "REDIS_SOCKET", "REDIS_PASSWORD",
-                    "REDIS_CLUSTER_PORTS" }
+                    "REDIS_CLUSTER_PORTS", "REDIS_TLS_PORT" }
+-- The CA that signed the TLS port's certificate, for ssl_verify.
+local TRUSTED = "lua_ssl_trusted_certificate " .. redis.ca .. ";"
 
 
 local function run_with_resty()
@@ -56,6 +59,7 @@ local function run_with_resty()
     end
     for _, word in ipairs({ "resty", "--main-conf",
                             "'" .. table.concat(main, " ") .. "'",
+                            "--http-conf", "'" .. TRUSTED .. "'",
                             "-I", nginx.root .. "/lua",
                             "-I", nginx.root .. "/spec",
                             "-I", nginx.root .. "/target/lua" }) do
@@ -73,7 +77,9 @@ end
 
 
 local function run_with_nginx()
-    local conf = assert(nginx.read_file(nginx.root .. "/spec/nginx/unit.conf"))
+    local conf = TRUSTED .. "\n"
+                 .. assert(nginx.read_file(nginx.root
+                                           .. "/spec/nginx/unit.conf"))
     local env = { BUSTED_ARGS = table.concat(args, " ") }
     for k, v in pairs(REDIS_ENV) do
         env[k] = v

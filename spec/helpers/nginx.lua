@@ -67,15 +67,25 @@ local function listening_ports()
 end
 
 
--- A loopback port nothing listens on now; with `also`, one whose
--- port + also is free too (a Redis Cluster node's bus port is its port +
--- 10000).
+-- A loopback port nothing listens on now and that this process has not
+-- handed out before; with `also`, one whose port + also is free too (a
+-- Redis Cluster node's bus port is its port + 10000). Below the kernel's
+-- ephemeral range (32768 on), where client connections under load take
+-- their local ports and would make a bind fail.
+local handed_out = {}
 function _M.free_port(also)
     local used = listening_ports()
     math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16))
     for _ = 1, 1000 do
-        local port = math.random(20000, 59999 - (also or 0))
-        if not used[port] and not (also and used[port + also]) then
+        local port = math.random(10000, 32767 - (also or 0))
+        local other = also and port + also
+        if not used[port] and not handed_out[port]
+           and not (other and (used[other] or handed_out[other]))
+        then
+            handed_out[port] = true
+            if other then
+                handed_out[other] = true
+            end
             return port
         end
     end

@@ -10,7 +10,29 @@ local server = {}
 server.__index = server
 
 
--- opts: password (requirepass), port (default: a free one), and extra
+-- A CA and a server certificate it signs (for "localhost" and
+-- 127.0.0.1), in dir, valid for two days.
+local function make_certificates(dir)
+    local f = assert(io.open(dir .. "/san.ext", "w"))
+    f:write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    f:close()
+    local quiet = " >/dev/null 2>&1"
+    assert(nginx.sh("cd " .. dir .. " && openssl req -x509 -newkey rsa:2048 "
+                    .. "-nodes -days 2 -subj /CN=spec-ca -keyout ca.key "
+                    .. "-out ca.crt" .. quiet
+                    .. " && openssl req -newkey rsa:2048 -nodes "
+                    .. "-subj /CN=localhost -keyout redis.key -out redis.csr"
+                    .. quiet
+                    .. " && openssl x509 -req -in redis.csr -CA ca.crt "
+                    .. "-CAkey ca.key -CAcreateserial -days 2 "
+                    .. "-extfile san.ext -out redis.crt" .. quiet),
+           "openssl could not make the test certificates")
+end
+
+
+-- opts: password (requirepass), port (default: a free one), tls (also a
+-- TLS port, self.tls_port, with a certificate for "localhost" and
+-- 127.0.0.1 signed by a CA made for the purpose, self.ca), and extra
 -- redis.conf lines.
 function _M.start(opts)
     opts = opts or {}
@@ -39,6 +61,18 @@ function _M.start(opts)
     }
     if opts.password then
         conf[#conf + 1] = "requirepass " .. opts.password
+    end
+    if opts.tls then
+        self.tls_port = nginx.free_port()
+        self.ca = dir .. "/ca.crt"
+        make_certificates(dir)
+        for _, line in ipairs({ "tls-port " .. self.tls_port,
+                                "tls-cert-file " .. dir .. "/redis.crt",
+                                "tls-key-file " .. dir .. "/redis.key",
+                                "tls-ca-cert-file " .. self.ca,
+                                "tls-auth-clients no" }) do
+            conf[#conf + 1] = line
+        end
     end
     for _, line in ipairs(opts.conf or {}) do
         conf[#conf + 1] = line

@@ -7,6 +7,7 @@ local redis = require "resty.counter.redis"
 local PORT = tonumber(os.getenv("REDIS_PORT"))
 local SOCKET = os.getenv("REDIS_SOCKET")
 local PASSWORD = os.getenv("REDIS_PASSWORD")
+local TLS_PORT = tonumber(os.getenv("REDIS_TLS_PORT"))
 
 
 local function client(opts)
@@ -125,6 +126,43 @@ describe("resty.counter.redis", function()
         assert(admin:command("del", "spec:acl:k"))
     end)
 
+    it("speaks TLS, verifying the server's certificate and name",
+       function()
+        -- nginx checks the certificate's DNS names, not its IP addresses:
+        -- a host given as an address needs server_name.
+        local res, err = client({ port = TLS_PORT, ssl = true })
+                         :command("ping")
+        assert.is_nil(res)
+        assert.matches("certificate host mismatch", err, 1, true)
+
+        local tls = { port = TLS_PORT, ssl = true, server_name = "localhost" }
+        local c = client(tls)
+        assert.equal("PONG", c:command("ping"))
+        assert.equal(2, c:command("incrby", "spec:tls", 2))
+        assert.equal("2", client():command("get", "spec:tls"))  -- same data
+        assert(c:command("del", "spec:tls"))
+
+        -- a name the certificate does not carry
+        tls.server_name = "other.example"
+        res, err = client(tls):command("ping")
+        assert.is_nil(res)
+        assert.matches("redis TLS handshake with 127.0.0.1:" .. TLS_PORT
+                       .. " failed: ", err, 1, true)
+        -- unless the user turns verification off
+        tls.ssl_verify = false
+        assert.equal("PONG", client(tls):command("ping"))
+
+        -- TLS to the plain port: a clear, fast failure
+        ngx.update_time()
+        local start = ngx.now()
+        res, err = client({ ssl = true }):command("ping")
+        ngx.update_time()
+        assert.is_nil(res)
+        assert.matches("redis TLS handshake with 127.0.0.1:" .. PORT
+                       .. " failed: ", err, 1, true)
+        assert.is_true(ngx.now() - start < 1)
+    end)
+
     it("raises on bad options, naming them", function()
         assert.matches('bad "opts.redis" argument: table expected',
                        raised(redis.new, "127.0.0.1"))
@@ -138,5 +176,7 @@ describe("resty.counter.redis", function()
                        raised(redis.new, { db = 1.5 }))
         assert.matches('bad "opts.username" argument: needs opts.password',
                        raised(redis.new, { username = "u" }))
+        assert.matches('bad "opts.ssl" argument: boolean expected',
+                       raised(redis.new, { ssl = "yes" }))
     end)
 end)

@@ -113,6 +113,19 @@ local function text(opts, name, default, level)
 end
 
 
+local function flag(opts, name, default, level)
+    local v = opts[name]
+    if v == nil then
+        return default
+    end
+    if type(v) ~= "boolean" then
+        bad("opts." .. name, "boolean expected, got " .. tostring(v),
+            level + 1)
+    end
+    return v
+end
+
+
 -- syntax: s = redis.integer(n)
 --
 -- The exact decimal text of an integer: a Lua number within +-(2^53 - 1),
@@ -215,7 +228,10 @@ local routes_by_seed = {}
 -- the password alone: the default user); db (0); connect_timeout,
 -- send_timeout, read_timeout
 -- (seconds, default 0.1 each: a request is never held longer waiting for
--- Redis); pool_size (default 32) and keepalive (idle seconds, default 60).
+-- Redis); pool_size (default 32) and keepalive (idle seconds, default 60);
+-- ssl (TLS, default false) with ssl_verify (default true: the certificate
+-- must chain to nginx's lua_ssl_trusted_certificate and name the server)
+-- and server_name (SNI and the name verified; default the host).
 -- Raises on a bad option, and when no lua-resty-redis is installed.
 function _M.new(opts, level)
     level = level or 2
@@ -240,6 +256,9 @@ function _M.new(opts, level)
         read_timeout = seconds(opts, "read_timeout", 0.1, level),
         pool_size = whole(opts, "pool_size", 32, 1, 100000, level),
         keepalive = seconds(opts, "keepalive", 60, level),
+        ssl = flag(opts, "ssl", false, level),
+        ssl_verify = flag(opts, "ssl_verify", true, level),
+        server_name = text(opts, "server_name", nil, level),
     }
     if self.username and not self.password then
         bad("opts.username", "needs opts.password", level)
@@ -248,14 +267,17 @@ function _M.new(opts, level)
         self.path = "unix:" .. self.path
     end
 
-    -- The pool is per address, database and credentials: a connection
-    -- made for one never serves another.
-    self.credentials = self.password
-                       and ngx.md5((self.username or "") .. "\0"
-                                   .. self.password)
-                       or ""
+    -- The pool is per address, database, credentials and TLS settings: a
+    -- connection made for one never serves another (nor one verified for
+    -- one name, or not at all, a client that wants another).
+    local tls = self.ssl and concat({ "tls", self.server_name or "",
+                                      tostring(self.ssl_verify) }, ":")
+    self.session = concat({
+        self.password and ngx.md5((self.username or "") .. "\0"
+                                  .. self.password) or "",
+        tls or "" }, ":")
     self.pool = concat({ "resty.counter", self.path or self.host,
-                         self.port, self.db, self.credentials }, ":")
+                         self.port, self.db, self.session }, ":")
 
     local routes = routes_by_seed[self.pool]
     if not routes then
@@ -278,7 +300,7 @@ local function node_at(self, host, port)
             port = port,
             address = address,
             pool = concat({ "resty.counter", host, port, self.db,
-                            self.credentials }, ":"),
+                            self.session }, ":"),
         }
         self.routes.nodes[address] = node
     end
@@ -318,9 +340,9 @@ local function connect(self, node)
     else
         ok, err = red:connect(self.host, self.port, options)
     end
+    local address = node and node.address
+                    or self.path or (self.host .. ":" .. self.port)
     if not ok then
-        local address = node and node.address
-                        or self.path or (self.host .. ":" .. self.port)
         return nil, "redis connect to " .. address .. " failed: "
                     .. tostring(err)
     end
@@ -332,6 +354,23 @@ local function connect(self, node)
     end
 
     if red:get_reused_times() == 0 then
+        if self.ssl then
+            -- On the cosocket itself, which lua-resty-redis keeps in
+            -- `_sock` in every version: its own `ssl` connect option
+            -- only exists from 0.28 on. A pooled connection keeps its
+            -- TLS session, so only fresh ones shake hands.
+            local sock = rawget(red, "_sock")
+            local session
+            session, err = sock:sslhandshake(nil, self.server_name
+                                             or (node and node.host)
+                                             or (not self.path and self.host)
+                                             or nil, self.ssl_verify)
+            if not session then
+                red:close()
+                return nil, "redis TLS handshake with " .. address
+                            .. " failed: " .. tostring(err)
+            end
+        end
         if self.password then
             if self.username then
                 ok, err = red:auth(self.username, self.password)
