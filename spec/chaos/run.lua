@@ -362,12 +362,45 @@ if FULL then
     soak_case(30)
 end
 
-print()
-print("| case | sent | counted | lost | duplicated | verdict | detail |")
-print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
+local out = {
+    "| case | sent | counted | lost | duplicated | verdict | detail |",
+    "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+}
 for _, r in ipairs(rows) do
-    print("| " .. table.concat(r, " | ") .. " |")
+    out[#out + 1] = "| " .. table.concat(r, " | ") .. " |"
 end
+out[#out + 1] = ""
+out[#out + 1] = failed == 0 and "all cases passed"
+                or (failed .. " case(s) FAILED")
 print()
-print(failed == 0 and "all cases passed" or (failed .. " case(s) FAILED"))
+print(table.concat(out, "\n"))
+
+-- The full run is long and rare: its table is kept, with the machine and
+-- versions, in bench/CHAOS.md for the README to cite.
+if FULL then
+    local function first_line(cmd)
+        return (nginx.read(cmd .. " 2>&1"):match("[^\n]+") or "?")
+    end
+    local f = assert(io.open("bench/CHAOS.md", "w"))
+    f:write(table.concat({
+        "# make chaos-full",
+        "",
+        "Written by `make chaos-full` (`luajit spec/chaos/run.lua full`), "
+            .. "finished " .. first_line("date -u '+%Y-%m-%d %H:%M UTC'")
+            .. ".",
+        "",
+        "- machine: " .. first_line("uname -srm") .. ", "
+            .. first_line("nproc") .. " CPUs, shared with other work",
+        "- nginx: " .. first_line("nginx -v"),
+        "- redis-server: " .. first_line("redis-server --version"),
+        "- LuaJIT: " .. first_line("luajit -v"),
+        "",
+        "Every case is compared with an independent ground truth (the "
+            .. "access log, or Redis read directly); the soak samples the "
+            .. "workers' memory and pending records every minute, before "
+            .. "each reload.",
+        "",
+    }, "\n"), "\n", table.concat(out, "\n"), "\n")
+    f:close()
+end
 os.exit(failed == 0 and 0 or 1)
