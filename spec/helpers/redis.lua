@@ -103,13 +103,21 @@ function server:start_again()
 end
 
 
+-- redis-cli with the password, if any, and `args` (its words, already
+-- quoted for the shell); the output as text.
+local function redis_cli(password, args, seconds)
+    local auth = password and (" -a " .. password .. " --no-auth-warning")
+                 or ""
+    return nginx.read("timeout " .. (seconds or 5) .. " redis-cli" .. auth
+                      .. " " .. args .. " 2>&1")
+end
+
+
 -- One redis-cli command (its words, already quoted for the shell); the
 -- reply as text.
 function server:cli(command)
-    local auth = self.password and (" -a " .. self.password
-                                     .. " --no-auth-warning") or ""
-    return nginx.read("timeout 5 redis-cli -h 127.0.0.1 -p " .. self.port
-                      .. auth .. " " .. command .. " 2>&1")
+    return redis_cli(self.password, "-h 127.0.0.1 -p " .. self.port .. " "
+                                    .. command)
 end
 
 
@@ -196,22 +204,16 @@ function _M.start_cluster(opts)
 
     local self = _M.cluster(ports, opts.password)
     self.servers = servers
-    local out = nginx.read("timeout 30 redis-cli" .. self:auth()
-                           .. " --cluster create "
-                           .. table.concat(addresses, " ")
-                           .. " --cluster-replicas 0 --cluster-yes 2>&1")
+    local out = redis_cli(opts.password, "--cluster create "
+                                         .. table.concat(addresses, " ")
+                                         .. " --cluster-replicas 0 "
+                                         .. "--cluster-yes", 30)
     if not out:find("All 16384 slots covered", 1, true) then
         self:cleanup()
         error("redis-cli --cluster create failed: " .. out)
     end
     self:wait_ok()
     return self
-end
-
-
-function cluster:auth()
-    return self.password and (" -a " .. self.password
-                              .. " --no-auth-warning") or ""
 end
 
 
@@ -237,17 +239,17 @@ end
 -- One redis-cli command on node i (its words, quoted for the shell); the
 -- reply as text.
 function cluster:cli(i, command)
-    return nginx.read("timeout 5 redis-cli -h 127.0.0.1 -p " .. self.ports[i]
-                      .. self:auth() .. " " .. command .. " 2>&1")
+    return redis_cli(self.password, "-h 127.0.0.1 -p " .. self.ports[i]
+                                    .. " " .. command)
 end
 
 
 -- GET through the cluster (redis-cli follows redirections): the value as
 -- a number, nil for a missing key.
 function cluster:get(key)
-    local out = nginx.read("timeout 5 redis-cli -c -h 127.0.0.1 -p "
-                           .. self.ports[1] .. self:auth() .. " GET '" .. key
-                           .. "' 2>&1")
+    local out = redis_cli(self.password, "-c -h 127.0.0.1 -p "
+                                         .. self.ports[1] .. " GET '" .. key
+                                         .. "'")
     return tonumber(out:match("^%-?%d+"))
 end
 

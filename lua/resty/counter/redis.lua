@@ -221,6 +221,13 @@ end
 local routes_by_seed = {}
 
 
+-- The name of the connection pool for an address (host and port, or a
+-- socket path) of this client: see new() for what sets pools apart.
+local function pool_name(self, host, port)
+    return concat({ "resty.counter", host, port, self.db, self.session }, ":")
+end
+
+
 -- syntax: client = redis.new(opts)
 --
 -- opts: host (default "127.0.0.1") and port (6379), or path (a Unix
@@ -276,8 +283,7 @@ function _M.new(opts, level)
         self.password and ngx.md5((self.username or "") .. "\0"
                                   .. self.password) or "",
         tls or "" }, ":")
-    self.pool = concat({ "resty.counter", self.path or self.host,
-                         self.port, self.db, self.session }, ":")
+    self.pool = pool_name(self, self.path or self.host, self.port)
 
     local routes = routes_by_seed[self.pool]
     if not routes then
@@ -299,8 +305,7 @@ local function node_at(self, host, port)
             host = host,
             port = port,
             address = address,
-            pool = concat({ "resty.counter", host, port, self.db,
-                            self.session }, ":"),
+            pool = pool_name(self, host, port),
         }
         self.routes.nodes[address] = node
     end
