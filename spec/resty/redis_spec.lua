@@ -133,7 +133,10 @@ describe("resty.counter.redis", function()
         local res, err = client({ port = TLS_PORT, ssl = true })
                          :command("ping")
         assert.is_nil(res)
-        assert.matches("certificate host mismatch", err, 1, true)
+        -- "certificate host mismatch", or, when the handshake completed
+        -- without waiting, our words for lua-resty-core's assertion
+        assert.matches("redis TLS handshake with 127.0.0.1:" .. TLS_PORT
+                       .. " failed: certificate ", err, 1, true)
 
         local tls = { port = TLS_PORT, ssl = true, server_name = "localhost" }
         local c = client(tls)
@@ -147,7 +150,7 @@ describe("resty.counter.redis", function()
         res, err = client(tls):command("ping")
         assert.is_nil(res)
         assert.matches("redis TLS handshake with 127.0.0.1:" .. TLS_PORT
-                       .. " failed: ", err, 1, true)
+                       .. " failed: certificate ", err, 1, true)
         -- unless the user turns verification off
         tls.ssl_verify = false
         assert.equal("PONG", client(tls):command("ping"))

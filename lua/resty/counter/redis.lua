@@ -366,10 +366,19 @@ local function connect(self, node)
             -- TLS session, so only fresh ones shake hands.
             local sock = rawget(red, "_sock")
             local session
-            session, err = sock:sslhandshake(nil, self.server_name
-                                             or (node and node.host)
-                                             or (not self.path and self.host)
-                                             or nil, self.ssl_verify)
+            -- pcall: when the handshake completes without waiting (loopback
+            -- can be that fast) and the certificate is then refused,
+            -- lua-resty-core up to 0.1.25 raises "assertion failed!"
+            -- instead of returning the reason (which nginx logs).
+            ok, session, err = pcall(sock.sslhandshake, sock, nil,
+                                     self.server_name
+                                     or (node and node.host)
+                                     or (not self.path and self.host)
+                                     or nil, self.ssl_verify)
+            if not ok then
+                session, err = nil, "certificate refused (the reason is "
+                                    .. "in nginx's error log)"
+            end
             if not session then
                 red:close()
                 return nil, "redis TLS handshake with " .. address
