@@ -383,6 +383,32 @@ describe("resty.counter.requests", function()
             assert.equal(0, r:self_metrics().pending)
         end)
 
+        it("takes over at once the lock of a worker that died flushing",
+           function()
+            local r = engine({ lock_timeout = 0.3 })
+            local dict = ngx.shared.requests
+            -- pid 1 exists: its lock is waited for, then given up on
+            r:record("k", 0.001)
+            assert(dict:add("rc:lock", "1:flushing", 10))
+            local ok, err = r:flush()
+            assert.is_nil(ok)
+            assert.equal("timeout waiting for another worker's flush", err)
+            dict:delete("rc:lock")
+
+            -- a shell that has exited: its pid names no process now
+            local p = io.popen("sh -c 'echo $$'")
+            local dead = tonumber(p:read("*l"))
+            p:close()
+            assert(dict:add("rc:lock", dead .. ":flushing", 10))
+            ngx.update_time()
+            local start = ngx.now()
+            assert(r:flush())
+            ngx.update_time()
+            assert.is_true(ngx.now() - start < 0.1)
+            assert.is_nil(dict:get("rc:lock"))          -- and released
+            assert.equal(1, stats(r).stats.k.current.requests)
+        end)
+
         it("in a full dict, evicts nothing and keeps records pending",
            function()
             local dict = fresh("tiny")

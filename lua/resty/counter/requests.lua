@@ -37,7 +37,9 @@ local timer_every = ngx.timer.every
 local worker_pid = ngx.worker.pid
 local check_key = check.key
 local check_latency = check.latency
+local ffi_errno = ffi.errno
 local ffi_gc = ffi.gc
+local libc = ffi.C
 local ffi_new = ffi.new
 local ffi_string = ffi.string
 local error = error
@@ -81,6 +83,12 @@ const unsigned char *rc_report_prometheus(rc_report_t *report,
 ]]
 
 
+-- libc's kill(2), to ask whether a process exists (signal 0). Declared
+-- apart: another module may have declared it already.
+pcall(ffi.cdef, "int kill(int pid, int sig);")
+local ESRCH = 3
+
+
 local CORRUPT_RECORD = -5
 local MAX_PREVIOUS = 64
 local HUGE = 1 / 0
@@ -94,8 +102,10 @@ local KEY_PREFIX = "rc:k:"      -- rc:k:<key> -> its n
 local TOTAL_PREFIX = "rc:t:"    -- rc:t:<key> -> record since first seen
 local WINDOW_PREFIX = "rc:w:"   -- rc:w:<window>:<key> -> that window's
 
--- A lock left by a worker that died while flushing frees itself.
+-- A lock left by a worker that died while flushing frees itself; a
+-- waiting worker that sees the holder's process gone takes it over at once.
 local LOCK_TTL = 10
+local TAKEOVER_PREFIX = "rc:lock:dead:"   -- one takeover per dead token
 
 -- Phases where ngx.sleep works: a flush there waits for the lock without
 -- blocking the worker; elsewhere it spins, bounded by lock_timeout.
@@ -399,11 +409,40 @@ function _M.record_with_all(self, key, latency)
 end
 
 
+-- True when the flush lock's `holder` (a token "<pid>:...") names a
+-- process that no longer exists: a worker killed (or crashed) mid-flush,
+-- whose lock would block every flush for LOCK_TTL. A process of another
+-- user (EPERM) or a token without a pid counts as alive.
+local function holder_dead(holder)
+    local pid = type(holder) == "string" and tonumber(holder:match("^(%d+):"))
+    if not pid or pid == worker_pid() then
+        return false
+    end
+    return libc.kill(pid, 0) == -1 and ffi_errno() == ESRCH
+end
+
+
+-- Frees the lock of a dead holder. Of the workers that see it dead, the one
+-- that adds the takeover key for that token deletes it, and only while it
+-- is still that token with seconds to live (it cannot expire and be taken
+-- by a live worker in between).
+local function take_over(dict, holder)
+    if dict:safe_add(TAKEOVER_PREFIX .. holder, true, LOCK_TTL)
+       and dict:get(LOCK_KEY) == holder
+       and (dict:ttl(LOCK_KEY) or 0) > 1
+    then
+        dict:delete(LOCK_KEY)
+        ngx_log(ngx_ERR, "resty.counter.requests: took over the flush lock "
+                .. "of a worker that died while flushing (", holder, ")")
+    end
+end
+
+
 local function lock(self, no_yield)
     local dict = self.dict
     local token = worker_pid() .. ":" .. tostring(self)
     local yieldable = not no_yield and YIELDABLE[get_phase()]
-    local deadline
+    local deadline, checked
     local wait = 0.001
     while true do
         local ok, err = dict:safe_add(LOCK_KEY, token, LOCK_TTL)
@@ -415,6 +454,14 @@ local function lock(self, no_yield)
             return nil, "cannot take the flush lock: " .. err
         end
 
+        local holder = dict:get(LOCK_KEY)
+        if holder ~= checked then      -- once per holder, not per spin
+            checked = holder
+            if holder_dead(holder) then
+                take_over(dict, holder)
+            end
+        end
+
         update_time()
         local now = ngx_now()
         deadline = deadline or now + self.lock_timeout
@@ -423,8 +470,12 @@ local function lock(self, no_yield)
         end
 
         if yieldable then
+            -- Flushes hold the lock for milliseconds: waits of 1, 2, 4, 5,
+            -- 5... ms find it free soon after. Longer sleeps would keep
+            -- this worker's records pending longer than its interval,
+            -- which is what a kill -9 loses.
             ngx_sleep(wait)
-            wait = wait * 2 < 0.05 and wait * 2 or 0.05
+            wait = wait * 2 < 0.005 and wait * 2 or 0.005
         end
     end
 end
