@@ -5,6 +5,9 @@
 --   luajit spec/chaos/run.lua          the short mode (in make test)
 --   luajit spec/chaos/run.lua full     plus a 30-minute soak with a reload
 --                                      every minute
+--   luajit spec/chaos/run.lua kill ... only the named groups of cases
+--                                      (hup, stop, kill, flood, inside,
+--                                      redis, soak), e.g. to repeat one
 --
 -- Exits 1 when a case fails its criterion.
 
@@ -16,6 +19,14 @@ local redis_server = require "helpers.redis"
 local CONF = assert(nginx.read_file("spec/chaos/chaos.conf"))
 local REDIS_CONF = assert(nginx.read_file("spec/chaos/chaos_redis.conf"))
 local FULL = arg[1] == "full"
+-- Groups named on the command line, if any: only those run.
+local ONLY
+if arg[1] and not FULL then
+    ONLY = {}
+    for _, name in ipairs(arg) do
+        ONLY[name] = true
+    end
+end
 local SYNC_INTERVAL = 0.1
 
 local rows = {}
@@ -350,16 +361,20 @@ local function soak_case(minutes)
 end
 
 
-hup_case(false)
-hup_case(true)
-stop_case("QUIT")
-stop_case("TERM")
-kill_case()
-flood_case()
-inside_cases()
-redis_case()
-if FULL then
-    soak_case(30)
+local groups = {
+    { "hup", function() hup_case(false) hup_case(true) end },
+    { "stop", function() stop_case("QUIT") stop_case("TERM") end },
+    { "kill", kill_case },
+    { "flood", flood_case },
+    { "inside", inside_cases },
+    { "redis", redis_case },
+    { "soak", function() soak_case(30) end },
+}
+for _, group in ipairs(groups) do
+    local name, run = group[1], group[2]
+    if (ONLY and ONLY[name]) or (not ONLY and (name ~= "soak" or FULL)) then
+        run()
+    end
 end
 
 local out = {
