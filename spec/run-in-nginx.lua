@@ -30,10 +30,11 @@ end
 -- find it through these environment variables.
 local REDIS_PASSWORD = "spec-password"
 local redis = redis_server.start({ password = REDIS_PASSWORD, tls = true })
--- And a Redis Cluster of three masters (same password), for the specs
--- that follow its redirections.
+-- And a Redis Cluster of three masters, each with a replica (same
+-- password), for the specs that follow its redirections and failovers.
 local ok_cluster, cluster = pcall(redis_server.start_cluster,
-                                  { password = REDIS_PASSWORD })
+                                  { password = REDIS_PASSWORD,
+                                    replicas = true })
 if not ok_cluster then
     redis:cleanup()
     error(cluster)
@@ -43,10 +44,12 @@ local REDIS_ENV = {
     REDIS_SOCKET = redis.socket,
     REDIS_PASSWORD = REDIS_PASSWORD,
     REDIS_CLUSTER_PORTS = table.concat(cluster.ports, ","),
+    REDIS_CLUSTER_REPLICAS = table.concat(cluster.replicas, ","),
     REDIS_TLS_PORT = redis.tls_port,
 }
 local ENV_NAMES = { "REDIS_PORT", "REDIS_SOCKET", "REDIS_PASSWORD",
-                    "REDIS_CLUSTER_PORTS", "REDIS_TLS_PORT" }
+                    "REDIS_CLUSTER_PORTS", "REDIS_CLUSTER_REPLICAS",
+                    "REDIS_TLS_PORT" }
 -- The CA that signed the TLS port's certificate, for ssl_verify.
 local TRUSTED = "lua_ssl_trusted_certificate " .. redis.ca .. ";"
 

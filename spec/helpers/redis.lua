@@ -139,13 +139,21 @@ function server:thaw()
 end
 
 
+-- Asks the server to stop (SIGTERM; it takes a second or two to exit).
+function server:terminate()
+    if self.pid then
+        nginx.sh("kill -CONT " .. self.pid .. " 2>/dev/null")
+        nginx.sh("kill " .. self.pid .. " 2>/dev/null")
+    end
+end
+
+
 -- Stops the server (SIGTERM, then SIGKILL), waiting 5 s at most.
 function server:stop()
     if not self.pid then
         return
     end
-    nginx.sh("kill -CONT " .. self.pid .. " 2>/dev/null")
-    nginx.sh("kill " .. self.pid .. " 2>/dev/null")
+    self:terminate()
     for _ = 1, 50 do
         if not nginx.sh("kill -0 " .. self.pid .. " 2>/dev/null") then
             self.pid = nil
@@ -174,25 +182,34 @@ local cluster = {}
 cluster.__index = cluster
 
 
--- The cluster whose nodes listen on these ports (already running).
-function _M.cluster(ports, password)
-    return setmetatable({ ports = ports, password = password }, cluster)
+-- The cluster whose masters listen on `ports` (already running), and
+-- `replicas[i]` the port of master i's replica, if any.
+function _M.cluster(ports, password, replicas)
+    return setmetatable({ ports = ports, password = password,
+                          replicas = replicas or {} }, cluster)
 end
 
 
--- Starts `count` (3) masters with no replicas, joins them and waits (10 s
--- at most) until every node says the cluster is ok. opts: count,
--- password, conf (extra redis.conf lines for every node).
+-- Starts `count` (3) masters, each with a replica when opts.replicas,
+-- joins them and waits (10 s at most) until every node says the cluster
+-- is ok. opts: count, replicas, password, conf (extra redis.conf lines for
+-- every node). self.ports are the masters, self.replicas[i] the port of
+-- master i's replica.
 function _M.start_cluster(opts)
     opts = opts or {}
     local servers, ports, addresses = {}, {}, {}
-    for i = 1, opts.count or 3 do
+    local nodes = (opts.count or 3) * (opts.replicas and 2 or 1)
+    for i = 1, nodes do
         servers[i] = _M.start({
             password = opts.password,
             port = nginx.free_port(10000),
             conf = { "cluster-enabled yes",
                      "cluster-config-file nodes.conf",
                      "cluster-node-timeout 5000",
+                     -- replicas sync at once (the default waits 5 s),
+                     -- and a master stops without waiting for them
+                     "repl-diskless-sync-delay 0",
+                     "shutdown-timeout 0",
                      -- nodes ask each other for the password too
                      opts.password and ("masterauth " .. opts.password)
                      or "",
@@ -206,13 +223,33 @@ function _M.start_cluster(opts)
     self.servers = servers
     local out = redis_cli(opts.password, "--cluster create "
                                          .. table.concat(addresses, " ")
-                                         .. " --cluster-replicas 0 "
-                                         .. "--cluster-yes", 30)
+                                         .. " --cluster-replicas "
+                                         .. (opts.replicas and 1 or 0)
+                                         .. " --cluster-yes", 30)
     if not out:find("All 16384 slots covered", 1, true) then
         self:cleanup()
         error("redis-cli --cluster create failed: " .. out)
     end
+    if opts.replicas then
+        -- Which node redis-cli made a replica, and of which master.
+        local masters, replica_of = {}, {}
+        for _, port in ipairs(ports) do
+            local role = redis_cli(opts.password, "-h 127.0.0.1 -p " .. port
+                                                  .. " ROLE")
+            local master = tonumber(role:match("^slave\n[%d.]+\n(%d+)"))
+            if master then
+                replica_of[master] = port
+            else
+                masters[#masters + 1] = port
+            end
+        end
+        self.ports = masters
+        for i, port in ipairs(masters) do
+            self.replicas[i] = replica_of[port]
+        end
+    end
     self:wait_ok()
+    self:wait_replicas()
     return self
 end
 
@@ -233,6 +270,37 @@ function cluster:wait_ok()
         nginx.sleep(0.1)
     end
     error("the redis cluster is not ok after 10 s")
+end
+
+
+-- Waits (10 s at most) until every master knows every replica as one
+-- (gossip: a failover needs their votes) and every replica has synced.
+function cluster:wait_replicas()
+    for i = 1, #self.ports do
+        local seen
+        for _ = 1, 100 do
+            seen = select(2, self:cli(i, "CLUSTER NODES"):gsub(" slave ", ""))
+            if seen == #self.replicas then
+                break
+            end
+            nginx.sleep(0.1)
+        end
+        assert(seen == #self.replicas, "master " .. i .. " knows " .. seen
+                                       .. " replicas")
+    end
+    for _, port in ipairs(self.replicas) do
+        local synced
+        for _ = 1, 100 do
+            synced = redis_cli(self.password, "-h 127.0.0.1 -p " .. port
+                                              .. " INFO replication")
+                     :find("master_link_status:up", 1, true)
+            if synced then
+                break
+            end
+            nginx.sleep(0.1)
+        end
+        assert(synced, "the replica on port " .. port .. " did not sync")
+    end
 end
 
 
@@ -365,6 +433,29 @@ function cluster:start_node(i)
 end
 
 
+-- A manual failover of master i (CLUSTER FAILOVER on its replica, which
+-- waits until the replica has every write): the replica becomes master i
+-- and the old master its replica. Waits (10 s at most) for the switch.
+function cluster:failover(i)
+    local replica = assert(self.replicas[i], "master " .. i .. " has none")
+    local out = redis_cli(self.password, "-h 127.0.0.1 -p " .. replica
+                                         .. " CLUSTER FAILOVER")
+    assert(out:find("OK", 1, true), "CLUSTER FAILOVER: " .. out)
+    for _ = 1, 100 do
+        local role = redis_cli(self.password, "-h 127.0.0.1 -p " .. replica
+                                              .. " ROLE")
+        if role:find("^master") then
+            self.replicas[i], self.ports[i] = self.ports[i], replica
+            self:wait_ok()
+            self:wait_replicas()
+            return
+        end
+        nginx.sleep(0.1)
+    end
+    error("the replica of master " .. i .. " did not take over")
+end
+
+
 function cluster:move(slot, to)
     self:begin_move(slot, to)
     self:finish_move()
@@ -372,6 +463,10 @@ end
 
 
 function cluster:cleanup()
+    -- All at once: each takes a second or two to exit.
+    for _, srv in ipairs(self.servers or {}) do
+        srv:terminate()
+    end
     for _, srv in ipairs(self.servers or {}) do
         srv:cleanup()
     end

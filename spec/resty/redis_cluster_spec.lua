@@ -1,6 +1,7 @@
--- The Redis backends on a real Redis Cluster of three masters that
--- spec/run-in-nginx.lua starts on loopback (REDIS_CLUSTER_PORTS,
--- REDIS_PASSWORD), from inside an nginx worker. The clients are given one
+-- The Redis backends on a real Redis Cluster of three masters, each with a
+-- replica, that spec/run-in-nginx.lua starts on loopback
+-- (REDIS_CLUSTER_PORTS, REDIS_CLUSTER_REPLICAS, REDIS_PASSWORD), from
+-- inside an nginx worker. The clients are given one
 -- node (a seed) and must find every slot's owner by themselves: MOVED,
 -- ASK during a slot's migration, a slot that moves while in use. A node
 -- that stops and comes back is in spec/scenario/redis_nodes_spec.lua (the
@@ -17,7 +18,11 @@ local PORTS = {}
 for port in (os.getenv("REDIS_CLUSTER_PORTS") or ""):gmatch("%d+") do
     PORTS[#PORTS + 1] = tonumber(port)
 end
-local cluster = redis_server.cluster(PORTS, PASSWORD)
+local REPLICAS = {}
+for port in (os.getenv("REDIS_CLUSTER_REPLICAS") or ""):gmatch("%d+") do
+    REPLICAS[#REPLICAS + 1] = tonumber(port)
+end
+local cluster = redis_server.cluster(PORTS, PASSWORD, REPLICAS)
 
 
 -- Backend options with node i as the seed.
@@ -198,6 +203,35 @@ describe("resty.counter.redis on a Redis Cluster", function()
         assert.same({ 14, 4 }, c:get_all({ "old", "new" }))
         assert.equal(14, cluster:get("rc:{" .. name .. "}:old"))
         assert.equal(4, cluster:get("rc:{" .. name .. "}:new"))
+    end)
+
+    it("follows a failover: the old master, now a replica, redirects",
+       function()
+        local name = name_on(2)
+        local c = assert(strict.new(nil, { name = name, redis = seed(1) }))
+        local l = assert(lax.new(nil, { name = name, redis = seed(3),
+                                        allowed_lag = 3600 }))
+        for _ = 1, 5 do
+            assert(c:inc("k"))
+            l:inc("lax")
+        end
+        assert(l:flush())
+        local old = PORTS[2]
+        cluster:failover(2)             -- PORTS[2] is the promoted replica
+        local ok, err = pcall(function()
+            assert.are_not.equal(old, PORTS[2])
+            for _ = 1, 5 do
+                assert(c:inc("k"))
+                l:inc("lax")
+            end
+            assert(l:flush())
+            assert.equal(10, c:get("k"))
+            assert.same({ 10, 10 }, c:get_all({ "k", "lax" }))
+        end)
+        cluster:failover(2)             -- and back, for the other specs
+        assert(ok, err)
+        assert.equal(10, cluster:get("rc:{" .. name .. "}:k"))
+        assert.equal(old, PORTS[2])
     end)
 
     it("says so for a database other than 0, which a cluster lacks",
