@@ -113,11 +113,17 @@ local function redis_cli(password, args, seconds)
 end
 
 
+-- One command (its words, quoted for the shell) to the server on a
+-- loopback port; the reply as text.
+local function cli_at(password, port, command)
+    return redis_cli(password, "-h 127.0.0.1 -p " .. port .. " " .. command)
+end
+
+
 -- One redis-cli command (its words, already quoted for the shell); the
 -- reply as text.
 function server:cli(command)
-    return redis_cli(self.password, "-h 127.0.0.1 -p " .. self.port .. " "
-                                    .. command)
+    return cli_at(self.password, self.port, command)
 end
 
 
@@ -234,8 +240,7 @@ function _M.start_cluster(opts)
         -- Which node redis-cli made a replica, and of which master.
         local masters, replica_of = {}, {}
         for _, port in ipairs(ports) do
-            local role = redis_cli(opts.password, "-h 127.0.0.1 -p " .. port
-                                                  .. " ROLE")
+            local role = cli_at(opts.password, port, "ROLE")
             local master = tonumber(role:match("^slave\n[%d.]+\n(%d+)"))
             if master then
                 replica_of[master] = port
@@ -291,8 +296,7 @@ function cluster:wait_replicas()
     for _, port in ipairs(self.replicas) do
         local synced
         for _ = 1, 100 do
-            synced = redis_cli(self.password, "-h 127.0.0.1 -p " .. port
-                                              .. " INFO replication")
+            synced = cli_at(self.password, port, "INFO replication")
                      :find("master_link_status:up", 1, true)
             if synced then
                 break
@@ -307,8 +311,7 @@ end
 -- One redis-cli command on node i (its words, quoted for the shell); the
 -- reply as text.
 function cluster:cli(i, command)
-    return redis_cli(self.password, "-h 127.0.0.1 -p " .. self.ports[i]
-                                    .. " " .. command)
+    return cli_at(self.password, self.ports[i], command)
 end
 
 
@@ -402,33 +405,28 @@ function cluster:finish_move()
 end
 
 
--- Stops node i (SHUTDOWN NOSAVE; its cluster configuration stays on
--- disk) and waits (5 s at most) until its process is gone.
-function cluster:stop_node(i)
-    local dir = self:cli(i, "CONFIG GET dir"):match("\n(%S+)")
-    local pid = self:cli(i, "INFO server"):match("process_id:(%d+)")
-    assert(dir and pid, "node " .. i .. " does not answer")
-    self.stopped = self.stopped or {}
-    self.stopped[i] = dir
-    self:cli(i, "SHUTDOWN NOSAVE")
-    for _ = 1, 50 do
-        if not nginx.sh("kill -0 " .. pid .. " 2>/dev/null") then
-            return
+-- The server (from start_cluster) listening on a port.
+function cluster:server_on(port)
+    for _, srv in ipairs(self.servers or {}) do
+        if srv.port == port then
+            return srv
         end
-        nginx.sleep(0.1)
     end
-    error("node " .. i .. " did not stop")
+    error("no server of this cluster started here listens on " .. port)
 end
 
 
--- Starts a stopped node i again, on its configuration, and waits (10 s at
--- most) until the cluster is ok.
+-- Stops master i (its cluster configuration and data stay on disk) and
+-- waits until its process is gone.
+function cluster:stop_node(i)
+    self:server_on(self.ports[i]):stop()
+end
+
+
+-- Starts a stopped master i again, on its configuration, and waits (10 s
+-- at most) until the cluster is ok.
 function cluster:start_node(i)
-    local dir = assert(self.stopped and self.stopped[i], "not stopped")
-    assert(nginx.sh("redis-server " .. dir .. "/redis.conf"),
-           "redis-server did not start: "
-           .. (nginx.read_file(dir .. "/redis.log") or ""))
-    self.stopped[i] = nil
+    self:server_on(self.ports[i]):start_again()
     self:wait_ok()
 end
 
@@ -438,12 +436,10 @@ end
 -- and the old master its replica. Waits (10 s at most) for the switch.
 function cluster:failover(i)
     local replica = assert(self.replicas[i], "master " .. i .. " has none")
-    local out = redis_cli(self.password, "-h 127.0.0.1 -p " .. replica
-                                         .. " CLUSTER FAILOVER")
+    local out = cli_at(self.password, replica, "CLUSTER FAILOVER")
     assert(out:find("OK", 1, true), "CLUSTER FAILOVER: " .. out)
     for _ = 1, 100 do
-        local role = redis_cli(self.password, "-h 127.0.0.1 -p " .. replica
-                                              .. " ROLE")
+        local role = cli_at(self.password, replica, "ROLE")
         if role:find("^master") then
             self.replicas[i], self.ports[i] = self.ports[i], replica
             self:wait_ok()
