@@ -5,6 +5,7 @@
 #   make bench  benchmarks inside nginx workers, as ratios from one run
 #   make chaos  faults under load (reloads, kills, floods, bad input), one
 #               table row per case; `make chaos-full` adds a 30-minute soak
+#   make loom   loom model tests of the shared engine's lock-free code
 #   make fuzz   cargo fuzz on every core function that takes outside input
 #               (FUZZ_SECONDS per target, default 60)
 #
@@ -48,7 +49,7 @@ endif
 MODULE_SO := target/lua/resty_counter_core.so
 
 .PHONY: run test bench chaos chaos-full fuzz deps bench-deps build serve check unit-test \
-	lint spec scenario chaos-short fuzz-short msrv-check clean
+	loom lint spec scenario chaos-short fuzz-short msrv-check clean
 
 run: deps
 	@$(MAKE) --no-print-directory serve
@@ -104,10 +105,20 @@ $(MODULE_SO): Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs)
 	@mkdir -p target/lua
 	cp target/release/libresty_counter_core.so $@
 
-check: build unit-test lint spec scenario chaos-short fuzz-short
+check: build unit-test loom lint spec scenario chaos-short fuzz-short
 
 unit-test:
 	$(CARGO) test --no-default-features
+
+# loom model tests of the shared engine (loom/, its own crate and lock
+# file): every interleaving of its lock-free paths. loom's lock file needs a
+# current toolchain (rustup's); Debian's cargo skips them and says so.
+LOOM_MIN_MINOR := 95
+loom:
+	@if [ -n "$(CARGO_MINOR)" ] && [ "$(CARGO_MINOR)" -ge $(LOOM_MIN_MINOR) ]; then \
+		echo "cd loom && $(CARGO) test --release --test engine"; \
+		cd loom && $(CARGO) test -q --release --test engine; \
+	else echo "SKIPPED: loom model tests (need cargo 1.$(LOOM_MIN_MINOR)+, e.g. rustup's stable)"; fi
 
 # clippy and rustfmt come with rustup's toolchain; Debian's cargo has
 # neither, so a machine without them skips those two and says so.
@@ -139,7 +150,7 @@ chaos-short: build
 # cargo fuzz needs rustup's nightly toolchain; `make fuzz` installs the
 # cargo-fuzz command from crates.io when it is missing.
 FUZZ_TARGETS := histogram_decode request_merge report_render pending_store \
-	ffi_calls int64_ops
+	ffi_calls int64_ops engine_table
 FUZZ_SECONDS ?= 60
 RUSTUP_CARGO := $(HOME)/.cargo/bin/cargo
 

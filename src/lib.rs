@@ -1,5 +1,8 @@
 //! The Rust core of lua-resty-counter-rs.
 //!
+//! - [`engine`]: the shared engine (docs/engine.md): counts in the shared
+//!   dict's zone, lock-free, safe from any worker's death. Its first stage;
+//!   the modules below move onto it stage by stage.
 //! - [`pending`]: per-worker pending deltas, drained by a sync. Plain Rust,
 //!   tested by `cargo test` with no Lua.
 //! - [`ffi`]: the `extern "C"` functions LuaJIT calls through its FFI on the
@@ -16,6 +19,7 @@
 //! touched by one thread only: nothing is shared, so nothing is padded) and
 //! `serde_json` (no JSON is rendered in Rust yet).
 
+pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod ffi_int;

@@ -1,0 +1,20 @@
+//! The engine's lock-free code, compiled over loom's atomics: the same
+//! files as the library's `src/engine/`, included by path, at this crate's
+//! root (where their `super::` leads).
+
+#![allow(dead_code)]
+
+#[path = "../../src/engine/cell.rs"]
+pub mod cell;
+#[path = "../../src/engine/error.rs"]
+mod error;
+#[path = "../../src/engine/lock.rs"]
+pub mod lock;
+#[path = "../../src/engine/table.rs"]
+pub mod table;
+#[path = "../../src/engine/word.rs"]
+pub mod word;
+
+pub use error::Error;
+
+crate::impl_word!(word::Word, loom::sync::atomic::AtomicU64);

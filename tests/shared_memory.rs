@@ -1,0 +1,245 @@
+//! The engine's table across processes, as nginx workers use it: forked
+//! processes share one mapping, count into the same keys and make new ones
+//! at once, and some are killed with SIGKILL at arbitrary points, mid-insert
+//! and mid-add included. Afterwards:
+//!
+//! - every add a process reported done is in the totals, and no add is
+//!   counted twice: for each key, total - done is between 0 and the number
+//!   of processes killed (each may have had one add in flight, which may or
+//!   may not have landed: the same as a request killed mid-log);
+//! - keys only survivors wrote are exact;
+//! - the table is whole: every published record is a key some process
+//!   made, found again by lookup, and listed once.
+//!
+//! One test in this file: fork() is only safe with no other test threads
+//! running, and the children touch no allocator (keys are made before).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use resty_counter_core::engine::cell::{add_i64, load_i64};
+use resty_counter_core::engine::table::Table;
+use resty_counter_core::engine::word::words_at;
+
+const PROCESSES: usize = 6;
+const SHARED_KEYS: usize = 16;
+const OWN_KEYS: usize = 400;
+const OPS: u64 = 300_000;
+const RACE_KEYS: usize = 2000;
+const REGION_WORDS: usize = 1 << 17;
+
+fn shared_words(words: usize) -> &'static [AtomicU64] {
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            words * 8,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(at, libc::MAP_FAILED, "mmap");
+        words_at(at as *mut u8, words)
+    }
+}
+
+fn shared_key(i: usize) -> Vec<u8> {
+    format!("shared-{}", i).into_bytes()
+}
+
+fn own_key(process: usize, i: usize) -> Vec<u8> {
+    // Lengths vary so records of many sizes interleave in the arena.
+    format!("own-{}-{}-{}", process, i, "x".repeat(i % 23)).into_bytes()
+}
+
+fn race_key(i: usize) -> Vec<u8> {
+    format!("race-{}", i).into_bytes()
+}
+
+/// A child's life: once every process is ready, all make the same new keys
+/// in the same order (insert races on every one), then OPS adds on shared
+/// keys and on its own keys, which it makes as it goes. `done` gets one
+/// word per key: adds completed.
+fn child(
+    table: &Table<AtomicU64>,
+    process: usize,
+    keys: &[Vec<u8>],
+    race_keys: &[Vec<u8>],
+    start: &AtomicU64,
+    done: &[AtomicU64],
+) -> ! {
+    start.fetch_add(1, Relaxed);
+    while start.load(Relaxed) < PROCESSES as u64 {
+        std::hint::spin_loop();
+    }
+    for key in race_keys {
+        match table.get_or_insert(key, 2) {
+            Ok((record, _)) if add_i64(&record.cells()[0], 1).is_ok() => {}
+            _ => unsafe { libc::_exit(5) },
+        }
+    }
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (process as u64 + 1);
+    for _ in 0..OPS {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let key = if state % 3 == 0 {
+            (state >> 8) as usize % SHARED_KEYS
+        } else {
+            SHARED_KEYS + (state >> 8) as usize % OWN_KEYS
+        };
+        let (record, _) = match table.get_or_insert(&keys[key], 2) {
+            Ok(found) => found,
+            Err(_) => unsafe { libc::_exit(3) },
+        };
+        if add_i64(&record.cells()[0], 1).is_err() {
+            unsafe { libc::_exit(4) }
+        }
+        done[key].fetch_add(1, Relaxed);
+    }
+    unsafe { libc::_exit(0) }
+}
+
+#[test]
+fn processes_killed_mid_write_lose_nothing_done_and_corrupt_nothing() {
+    let table = Table::init(shared_words(REGION_WORDS), [7, 11], 0).unwrap();
+    // Per process, its keys: the shared ones, then its own.
+    let keys: Vec<Vec<Vec<u8>>> = (0..PROCESSES)
+        .map(|p| {
+            (0..SHARED_KEYS)
+                .map(shared_key)
+                .chain((0..OWN_KEYS).map(|i| own_key(p, i)))
+                .collect()
+        })
+        .collect();
+    let race_keys: Vec<Vec<u8>> = (0..RACE_KEYS).map(race_key).collect();
+    let start = &shared_words(1)[0];
+    let done: Vec<&[AtomicU64]> = (0..PROCESSES)
+        .map(|_| shared_words(SHARED_KEYS + OWN_KEYS))
+        .collect();
+
+    let mut pids = Vec::new();
+    for (process, (keys, done)) in keys.iter().zip(&done).enumerate() {
+        match unsafe { libc::fork() } {
+            0 => child(&table, process, keys, &race_keys, start, done),
+            pid if pid > 0 => pids.push(pid),
+            _ => panic!("fork failed"),
+        }
+    }
+
+    // Kill every other process mid-run, each at another point of its run
+    // (measured by its own progress, so that no kill comes too late).
+    let mut killed = HashSet::new();
+    for (process, &pid) in pids.iter().enumerate() {
+        if process % 2 == 1 {
+            let at = OPS * process as u64 / (2 * PROCESSES as u64);
+            while done[process].iter().map(|d| d.load(Relaxed)).sum::<u64>() < at {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed.insert(process);
+        }
+    }
+    for (process, &pid) in pids.iter().enumerate() {
+        let mut status = 0;
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        if killed.contains(&process) {
+            assert!(
+                libc::WIFSIGNALED(status),
+                "process {} ended before its kill",
+                process
+            );
+        } else {
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "process {} failed: {}",
+                process,
+                status
+            );
+        }
+    }
+
+    let total_of = |key: &[u8]| table.lookup(key).map_or(0, |r| load_i64(&r.cells()[0]));
+    let killed_count = killed.len() as i64;
+
+    for i in 0..SHARED_KEYS {
+        let done_sum: u64 = done.iter().map(|d| d[i].load(Relaxed)).sum();
+        let in_flight = total_of(&shared_key(i)) - done_sum as i64;
+        assert!(
+            (0..=killed_count).contains(&in_flight),
+            "shared key {}: {} counted beyond {} done",
+            i,
+            in_flight,
+            done_sum
+        );
+    }
+    let mut made = HashSet::new();
+    for (process, done) in done.iter().enumerate() {
+        for i in 0..OWN_KEYS {
+            let key = own_key(process, i);
+            let done = done[SHARED_KEYS + i].load(Relaxed) as i64;
+            let total = total_of(&key);
+            if killed.contains(&process) {
+                assert!(
+                    (0..=1).contains(&(total - done)),
+                    "{:?}: {} vs {}",
+                    key,
+                    total,
+                    done
+                );
+            } else {
+                assert_eq!(total, done, "{:?}", String::from_utf8_lossy(&key));
+            }
+            made.insert(key);
+        }
+    }
+    made.extend((0..SHARED_KEYS).map(shared_key));
+    // Every process made every race key before any kill: one record each,
+    // counted once per process.
+    for key in &race_keys {
+        assert_eq!(
+            total_of(key),
+            PROCESSES as i64,
+            "{:?}",
+            String::from_utf8_lossy(key)
+        );
+    }
+    made.extend(race_keys.iter().cloned());
+
+    // The table is whole: every record is a key that was made, once.
+    let mut listed = HashSet::new();
+    let mut key = Vec::new();
+    for record in table.records() {
+        key.clear();
+        record.key_into(&mut key);
+        assert!(
+            made.contains(&key),
+            "a record with a key nobody made: {:?}",
+            key
+        );
+        assert_eq!(table.lookup(&key).unwrap().offset(), record.offset());
+        assert!(listed.insert(key.clone()), "listed twice: {:?}", key);
+    }
+    let survivors_keys = (PROCESSES - killed.len()) * OWN_KEYS + SHARED_KEYS + RACE_KEYS;
+    assert!(
+        listed.len() >= survivors_keys,
+        "{} keys listed",
+        listed.len()
+    );
+    // A killed process may have taken a record's budget and died before
+    // publishing it: that place is lost, nothing else.
+    let stats = table.stats();
+    assert_eq!(stats.refused, 0);
+    let records = stats.records as usize;
+    assert!(
+        (listed.len()..=listed.len() + killed.len()).contains(&records),
+        "{} records counted, {} listed",
+        records,
+        listed.len()
+    );
+    assert_eq!(
+        table.get_or_insert(b"after", 2).map(|(_, made)| made),
+        Ok(true)
+    );
+}
