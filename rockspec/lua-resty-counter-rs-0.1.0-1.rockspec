@@ -10,9 +10,9 @@ description = {
     summary = "Counting for OpenResty with a Rust core: lock-free per-worker counters and request-per-minute stats synced to shared dicts",
     detailed = [[
 A drop-in for Kong's lua-resty-counter (require "resty.counter") whose
-per-worker counts live in native memory owned by a Rust core, written by
-LuaJIT through its FFI. Integers stay exact, failed syncs are retried,
-evictions are counted, and reloads lose no count. Also a drop-in for
+counts live in memory every worker shares, owned by a Rust core, written by
+LuaJIT through its FFI without a lock. Integers stay exact, reads are exact
+at once, and neither reloads nor killed workers lose a count. Also a drop-in for
 greencheek's request counter (require "resty.greencheek.request.counter"):
 requests per minute with latency percentiles, as JSON or Prometheus text.
 ]],
@@ -30,6 +30,7 @@ build = {
         lua = {
             ["resty.counter"] = "lua/resty/counter.lua",
             ["resty.counter.check"] = "lua/resty/counter/check.lua",
+            ["resty.counter.engine"] = "lua/resty/counter/engine.lua",
             ["resty.counter.redis"] = "lua/resty/counter/redis.lua",
             ["resty.counter.requests"] = "lua/resty/counter/requests.lua",
             ["resty.counter.store"] = "lua/resty/counter/store.lua",

@@ -12,7 +12,8 @@ local nginx = require "helpers.nginx"
 local redis_server = require "helpers.redis"
 
 local DICTS = { "counters 1m", "other 1m", "tiny 12k", "requests 1m",
-                "greencheek 1m", "strict 1m", "lax 1m", "limit 1m", "small 12k" }
+                "greencheek 1m", "strict 1m", "lax 1m", "limit 1m", "small 12k",
+                "small_engine 32k" }
 
 local args = { ... }
 if #args == 0 then

@@ -22,6 +22,7 @@
 pub mod engine;
 pub mod error;
 pub mod ffi;
+pub mod ffi_engine;
 pub mod ffi_int;
 pub mod histogram;
 pub mod int64;

@@ -1,40 +1,53 @@
 -- Copyright (C) lua-resty-counter-rs authors. Apache License 2.0.
 --
--- Lock-free per-worker counters, synced to a shared dict: a drop-in for
--- Kong's lua-resty-counter 0.2, with exact integers and no lost counts.
+-- Counters in memory every worker shares, copied to a shared dict: a
+-- drop-in for Kong's lua-resty-counter 0.2, with exact integers and no lost
+-- counts.
 --
--- Each worker counts in native memory owned by the Rust core (see
--- resty.counter.store); a sync, by timer or by hand, applies the worker's
--- deltas to the dict with `incr(key, delta, 0)`. A delta that cannot be
--- applied stays pending and is retried; evictions are logged and counted.
+-- Each key's count lives in the shared engine (resty.counter.engine,
+-- docs/engine.md), in the dict's own zone: `incr` adds to it atomically,
+-- without a lock, and every worker sees the sum at once; a worker killed or
+-- reloaded takes nothing with it. A sync, by timer or by hand, copies the
+-- values that changed into the dict with `safe_set`, for code that reads
+-- the dict itself: a copy, so a sync cut short by a kill loses nothing and
+-- the next one (any worker's) finishes it.
 
 
 local check = require "resty.counter.check"
-local store = require "resty.counter.store"
-local clear_tab = require "table.clear"
-local new_tab = require "table.new"
+local engine = require "resty.counter.engine"
+local ffi = require "ffi"
 
 
+local C = engine.lib
 local ngx = ngx
 local ngx_log = ngx.log
 local ngx_ERR = ngx.ERR
 local ngx_WARN = ngx.WARN
-local ngx_shared = ngx.shared
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
 local check_key = check.key
 local check_amount = check.amount
+local ffi_new = ffi.new
+local ffi_string = ffi.string
+local counter_add = C.rc_counter_add
+local counter_add_fractional = C.rc_counter_add_fractional
+local counter_value = C.rc_counter_value
 local error = error
 local pairs = pairs
+local pcall = pcall
 local setmetatable = setmetatable
-local tonumber = tonumber
 local tostring = tostring
 local type = type
 local fmt = string.format
 
 
 local MAX_SAFE = check.max_safe_integer
-local DELTA_OK = store.DELTA_OK
+local MAX_KEY_LEN = engine.max_key_len
+local COUNTER = engine.COUNTER
+local WIDTH = engine.COUNTER_WIDTH
+local NEEDS_BASE = engine.NEEDS_BASE
+local FOREIGN = engine.FOREIGN
+local NOT_A_NUMBER = "not a number"
 local OUT_OF_RANGE = "value out of exact integer range"
 
 
@@ -43,111 +56,158 @@ local mt = { __index = _M }
 
 
 -- This worker's counters by dict name: { counters = {...}, timed = {...},
--- interval = n, generation = n }. Counters are held for the worker's life:
--- one collected with deltas pending would lose them.
+-- interval = n, generation = n }.
 local syncers = {}
 
 
--- Adds `value` to `key` in the dict, never letting the dict's value leave
--- +-(2^53 - 1), past which doubles round. A step of +-1 from inside that
--- range cannot round (2^53 itself is exact), so only larger deltas look at
--- the value first; if another worker moves the key between that look and
--- the incr, the result shows it and the addition is undone (exactly, unless
--- the rounded sum was odd) and reported.
-local function apply(dict, key, value)
-    if value >= 2 or value <= -2 then
-        local current = dict:get(key)
-        if type(current) == "number" then
-            local sum = current + value
-            if sum > MAX_SAFE or sum < -MAX_SAFE then
-                return nil, OUT_OF_RANGE
+-- Takes the dict's value for a key new to the engine as its base: counts
+-- from before the engine (an older version, reloaded). A value that is no
+-- number belongs to someone else: the key is marked foreign, and its dict
+-- value is left alone until it is a number again or gone.
+local function import_base(dict, cells, key)
+    local base = dict:get(key)
+    if base ~= nil and type(base) ~= "number" then
+        base = 0 / 0
+    end
+    C.rc_counter_import_base(cells, base or 0)
+end
+
+
+-- The cells of a key first seen by this worker, made in the engine when
+-- `create` is set and no worker has counted it yet. Raises on a bad key:
+-- `level` as for check.key, from the caller's caller.
+local function record(self, key, create)
+    check_key(key, 3, MAX_KEY_LEN)
+
+    local cells, made, code = engine.record(self.engine, COUNTER, key, WIDTH,
+                                            create)
+    if not cells then
+        if code == engine.FULL then
+            local metrics = self.metrics
+            metrics.refused = metrics.refused + 1
+            if metrics.refused == 1 then
+                ngx_log(ngx_ERR, "resty.counter: dict \"", self.dict_name,
+                        "\": ", made, ": new keys are refused (counted in "
+                        .. "self_metrics().refused)")
+            end
+        end
+        return nil, made
+    end
+
+    if made then
+        import_base(self.dict, cells, key)
+    end
+    self.cells[key] = cells
+    return cells
+end
+
+
+-- Copies every changed value into the dict: the body of a sync, between
+-- taking the engine's mirror lock and letting it go.
+local function publish(self, changed, count)
+    local dict = self.dict
+    local metrics = self.metrics
+    local failed, first_key, first_err = 0, nil, nil
+    for i = 0, count - 1 do
+        local change = changed[i]
+        local cells, status, value = change.cells, change.status, change.value
+        local key = ffi_string(change.key, change.key_len)
+        if status == NEEDS_BASE or status == FOREIGN then
+            -- The worker that made the key died before it took the dict's
+            -- old value, or that value was no number: take it now (once,
+            -- whoever is first).
+            import_base(dict, cells, key)
+            value = counter_value(cells)
+            if value ~= value then
+                status = FOREIGN
+            elseif value > MAX_SAFE or value < -MAX_SAFE then
+                status = engine.OUT_OF_EXACT_RANGE
+            else
+                status = 0
+            end
+        end
+
+        local err
+        if status == 0 then
+            local ok
+            ok, err = dict:safe_set(key, value)
+            if ok then
+                C.rc_counter_mirrored(cells, value)
+            end
+        elseif status == FOREIGN then
+            err = NOT_A_NUMBER
+        else
+            err = OUT_OF_RANGE
+            metrics.out_of_range = metrics.out_of_range + 1
+        end
+
+        if err then
+            failed = failed + 1
+            if not first_key then
+                first_key, first_err = key, err
             end
         end
     end
+    return failed, first_key, first_err
+end
 
-    local newval, err, forcible = dict:incr(key, value, 0)
-    if not newval then
+
+local changed_out = ffi_new("const rc_changed_t *[1]")
+local count_out = ffi_new("uint32_t[1]")
+
+
+-- syntax: ok, err = c:sync()
+--
+-- context: any phase where shared dicts work (all of them)
+--
+-- Copies every key whose value changed since the last sync (by any worker)
+-- into the dict. One sync runs at a time on a dict: when another worker's
+-- is running, this returns true at once (that one copies what changed). A
+-- value that cannot be copied (dict full, beyond 2^53) is copied by a later
+-- sync; then `nil, err` says how many keys and why. Never yields.
+local function sync(self)
+    local ptr = self.engine.ptr
+    local rc = C.rc_counter_sync_begin(ptr, changed_out, count_out)
+    if rc == 1 then
+        return true
+    end
+    if rc < 0 then
+        local err = "cannot start a sync: " .. engine.last_error()
+        ngx_log(ngx_ERR, "resty.counter: ", err)
         return nil, err
-    end
-
-    if newval > MAX_SAFE or newval < -MAX_SAFE then
-        dict:incr(key, -value)
-        return nil, OUT_OF_RANGE .. " (undone after a concurrent update)"
-    end
-
-    return newval, nil, forcible
-end
-
-
--- The slot of a key first touched in this interval. Raises on a bad key:
--- `level` as for check.key, from the caller's caller.
-local function touch(self, key)
-    check_key(key, 3)
-
-    local slot, slots = self.store:alloc()
-    if not slot then
-        return nil, slots
-    end
-
-    self.slots = slots
-    self.touched[key] = slot
-    self.keys[slot] = key
-    return slot
-end
-
-
--- Puts an unapplied delta back as pending, under a fresh slot. Only fails
--- on an int64 overflow of the pending sum (or a bug): then it is lost, and
--- that is logged and counted.
-local function keep_pending(self, key, integer, fractional)
-    local slot, err = self.touched[key], nil
-    if not slot then
-        slot, err = touch(self, key)
-    end
-
-    if slot then
-        local ok
-        ok, err = self.store:add(slot, integer, fractional)
-        if ok then
-            return true
-        end
     end
 
     local metrics = self.metrics
-    metrics.lost = metrics.lost + 1
-    ngx_log(ngx_ERR, "resty.counter: lost the pending delta of key \"",
-            key, "\" in dict \"", self.dict_name, "\": ", err)
-    return nil, err
-end
+    if rc == 2 then
+        metrics.took_over = metrics.took_over + 1
+        ngx_log(ngx_WARN, "resty.counter: dict \"", self.dict_name, "\": a ",
+                "worker died during a sync; this one does it again")
+    end
 
-
--- When an explicit step would take a key's pending sum out of the exact
--- range, the pending sum goes to the dict first.
-local function apply_now(self, key, slot, step)
-    local pending = self.slots[slot]
-    local value = tonumber(pending.integer) + pending.fractional
-    local _, err, forcible = apply(self.dict, key, value)
-    if err then
-        ngx_log(ngx_ERR, "resty.counter: cannot apply ", value, " to key \"",
-                key, "\" in dict \"", self.dict_name, "\": ", err)
+    local count = count_out[0]
+    local ok, failed, first_key, first_err = pcall(publish, self,
+                                                   changed_out[0], count)
+    C.rc_counter_sync_end(ptr)
+    metrics.syncs = metrics.syncs + 1
+    if not ok then
+        local err = "sync failed: " .. tostring(failed)
+        ngx_log(ngx_ERR, "resty.counter: ", err)
         return nil, err
     end
 
-    if forcible then
-        self.metrics.evictions = self.metrics.evictions + 1
-        ngx_log(ngx_WARN, "resty.counter: dict \"", self.dict_name,
-                "\" is full: adding key \"", key, "\" evicted other keys")
+    metrics.pending_keys = failed
+    if failed > 0 then
+        metrics.failed = metrics.failed + failed
+        local err = fmt('%d of %d keys not copied to dict "%s", kept for the '
+                        .. 'next sync (key "%s": %s)', failed, count,
+                        self.dict_name, first_key, first_err)
+        ngx_log(ngx_ERR, "resty.counter: ", err)
+        return nil, err
     end
 
-    if step % 1 == 0 then
-        pending.integer = step
-        pending.fractional = 0
-    else
-        pending.integer = 0
-        pending.fractional = step
-    end
     return true
 end
+_M.sync = sync
 
 
 local function sync_list(counters)
@@ -162,8 +222,7 @@ end
 
 
 -- The timer callback of one dict's counters in this worker. On reload and
--- shutdown it runs once more with `premature` set: that final sync runs
--- too, and exit_worker catches what requests still in flight add after it.
+-- shutdown it runs once more with `premature` set: that sync runs too.
 local function tick(premature, syncer, generation) -- luacheck: ignore
     if generation == syncer.generation then
         sync_list(syncer.timed)
@@ -189,13 +248,8 @@ function _M.new(shdict_name, sync_interval)
               .. 'of seconds expected, got ' .. tostring(sync_interval), 2)
     end
 
-    local dict = ngx_shared[shdict_name]
-    if not dict then
-        return nil, 'shared dict "' .. shdict_name .. '" not found'
-    end
-
-    local st, err = store.new()
-    if not st then
+    local handle, err = engine.attach(shdict_name)
+    if not handle then
         return nil, err
     end
 
@@ -225,16 +279,17 @@ function _M.new(shdict_name, sync_interval)
         syncer.generation = generation
     end
 
+    -- Every counter of the dict in this worker shares one key cache.
+    handle.counter_cells = handle.counter_cells or {}
+
     local self = setmetatable({
-        dict = dict,
+        dict = handle.dict,
         dict_name = shdict_name,
-        store = st,
-        slots = nil,            -- base of the store's slot array
-        touched = new_tab(0, 16), -- key -> slot, this interval
-        keys = {},              -- slot -> key, this interval
-        spare_keys = {},        -- the other half of `keys`, swapped by sync
-        metrics = { syncs = 0, evictions = 0, failed = 0, out_of_range = 0,
-                    lost = 0 },
+        engine = handle,
+        cells = handle.counter_cells,   -- key -> cells
+        exact = sync_interval ~= nil,
+        metrics = { syncs = 0, failed = 0, out_of_range = 0, refused = 0,
+                    took_over = 0, pending_keys = 0 },
     }, mt)
 
     syncers[shdict_name] = syncer
@@ -247,16 +302,39 @@ function _M.new(shdict_name, sync_interval)
 end
 
 
+local function out_of_range(self, key)
+    return nil, fmt('%s: key "%s" in dict "%s"', OUT_OF_RANGE, key,
+                    self.dict_name)
+end
+
+
+-- Adds a checked step to a key's cells: nil and an error when the sum would
+-- leave +-(2^53 - 1) (nothing changes then).
+local function add(self, key, cells, step)
+    local rc
+    if step % 1 == 0 then
+        rc = counter_add(cells, step)
+    else
+        rc = counter_add_fractional(cells, step)
+    end
+    if rc ~= 0 then
+        return out_of_range(self, key)
+    end
+    return true
+end
+
+
 -- syntax: ok, err = c:incr(key, step?)
 --
 -- context: any phase
 --
--- Counts in this worker, without any lock. A step is a finite number
--- within +-(2^53 - 1), default 1; integer steps are kept exact. Misuse
--- raises; `nil, err` only if the key's pending sum could not be made room
--- for (see apply_now).
+-- Adds to the key's count in the shared engine, atomically and without a
+-- lock: every worker reads the new value at once. A step is a finite
+-- number within +-(2^53 - 1), default 1; integer steps are kept exact.
+-- Misuse raises; `nil, err` when the engine has no room for a new key, or
+-- when the sum would leave +-(2^53 - 1) (nothing is added then).
 function _M.incr(self, key, step)
-    -- A bad step raises before the key gets a slot: a raised incr leaves
+    -- A bad step raises before the key gets a record: a raised incr leaves
     -- no trace, not even a key created at 0.
     if step ~= nil and (type(step) ~= "number"
                         or not (step >= -MAX_SAFE and step <= MAX_SAFE))
@@ -264,127 +342,64 @@ function _M.incr(self, key, step)
         step = check_amount(step, "step", 2)
     end
 
-    local slot = self.touched[key]
-    if not slot then
+    local cells = self.cells[key]
+    if not cells then
         local err
-        slot, err = touch(self, key)
-        if not slot then
+        cells, err = record(self, key, true)
+        if not cells then
             return nil, err
         end
     end
 
-    local pending = self.slots[slot]
+    -- No tail call: this is the request path, which the JIT compiles.
+    local rc
     if step == nil then
-        -- 2^53 calls in one interval would be needed to leave the exact
-        -- range: no check on the common path.
-        pending.integer = pending.integer + 1
-        return true
-    end
-
-    if step % 1 == 0 then
-        local sum = pending.integer + step
-        if sum > MAX_SAFE or sum < -MAX_SAFE then
-            return apply_now(self, key, slot, step)
-        end
-        pending.integer = sum
-
+        rc = counter_add(cells, 1)
+    elseif step % 1 == 0 then
+        rc = counter_add(cells, step)
     else
-        local sum = pending.fractional + step
-        if sum > MAX_SAFE or sum < -MAX_SAFE then
-            return apply_now(self, key, slot, step)
-        end
-        pending.fractional = sum
+        rc = counter_add_fractional(cells, step)
     end
-
+    if rc ~= 0 then
+        return out_of_range(self, key)
+    end
     return true
 end
 
 
--- syntax: ok, err = c:sync()
---
--- context: any phase where shared dicts work (all of them)
---
--- Applies this worker's pending deltas to the dict. What cannot be applied
--- (dict full, a non-number at the key, out of exact range) stays pending
--- for the next sync: then `nil, err` says how many keys and why. Never
--- yields, so two syncs in one worker never overlap.
-function _M.sync(self)
-    local deltas, count = self.store:drain()
-    if not deltas then
-        ngx_log(ngx_ERR, "resty.counter: cannot drain pending deltas: ",
-                count)
-        return nil, count
-    end
-
-    -- The drained slots are free now: forget this interval's key mapping
-    -- before anything can touch a key again.
-    local keys = self.keys
-    self.keys = self.spare_keys
-    self.spare_keys = keys
-    clear_tab(self.touched)
-
-    local dict = self.dict
-    local metrics = self.metrics
-    local failed, first_key, first_err, evicted = 0, nil, nil, 0
-    for i = 0, count - 1 do
-        local delta = deltas[i]
-        local key = keys[delta.slot]
-        local newval, err, forcible
-        if delta.status == DELTA_OK then
-            newval, err, forcible = apply(dict, key, delta.value)
-        else
-            err = OUT_OF_RANGE
-        end
-
-        if not newval then
-            failed = failed + 1
-            if not first_key then
-                first_key, first_err = key, err
-            end
-            if err:find(OUT_OF_RANGE, 1, true) then
-                metrics.out_of_range = metrics.out_of_range + 1
-            end
-            keep_pending(self, key, delta.integer, delta.fractional)
-
-        elseif forcible then
-            evicted = evicted + 1
-        end
-    end
-
-    clear_tab(keys)
-    metrics.syncs = metrics.syncs + 1
-
-    if evicted > 0 then
-        metrics.evictions = metrics.evictions + evicted
-        ngx_log(ngx_WARN, "resty.counter: dict \"", self.dict_name,
-                "\" is full: adding ", evicted, " keys evicted other keys")
-    end
-
-    if failed > 0 then
-        metrics.failed = metrics.failed + failed
-        local err = fmt('%d of %d keys not applied to dict "%s", kept pending '
-                  .. 'for the next sync (key "%s": %s)', failed, count,
-                  self.dict_name, first_key, first_err)
-        ngx_log(ngx_ERR, "resty.counter: ", err)
-        return nil, err
-    end
-
-    return true
-end
-
-
--- syntax: newval, err, forcible = c:reset(key, number)
+-- syntax: newval, err = c:reset(key, number)
 --
 -- context: any phase
 --
--- Subtracts `number` from the key in the dict atomically, as
--- `dict:incr(key, -number, number)`: counts other workers add meanwhile
--- survive. Only the dict is touched: this worker's pending delta still
--- arrives with the next sync.
+-- Subtracts `number` from the key atomically: counts other workers add
+-- meanwhile survive. Returns the new value, as every worker sees it; or
+-- nil and "not a number" when the dict holds something else for the key
+-- (nothing is subtracted then, as `dict:incr` would refuse).
 function _M.reset(self, key, number)
-    check_key(key, 2)
+    check_key(key, 2, MAX_KEY_LEN)
     number = check_amount(number, "number", 2)
-    return self.dict:incr(key, -number, number)
+
+    local cells = self.cells[key]
+    if not cells then
+        local err
+        cells, err = record(self, key, true)
+        if not cells then
+            return nil, err
+        end
+    end
+
+    local value = counter_value(cells)
+    if value ~= value then
+        -- The dict holds something else than a number there (NaN).
+        return nil, NOT_A_NUMBER
+    end
+    local ok, err = add(self, key, cells, -number)
+    if not ok then
+        return nil, err
+    end
+    -- The shape of dict:incr's answer (newval, err, forcible): nothing is
+    -- evicted here.
+    return counter_value(cells), nil, false
 end
 
 
@@ -392,11 +407,30 @@ end
 --
 -- context: any phase
 --
--- The key's value in the dict (nil when missing): the sum of what every
--- worker has synced, not including this worker's pending delta.
+-- A counter made with a sync interval reads the key's value in the engine:
+-- every worker's counts, the moment they were made. One synced by hand
+-- (no interval) reads the dict, which changes when sync() copies into it,
+-- as Kong's does. A key the engine never counted reads the dict either way.
 function _M.get(self, key)
-    check_key(key, 2)
-    return self.dict:get(key)
+    check_key(key, 2, MAX_KEY_LEN)
+    if not self.exact then
+        return self.dict:get(key)
+    end
+
+    local cells = self.cells[key]
+    if not cells then
+        cells = record(self, key, false)
+        if not cells then
+            return self.dict:get(key)
+        end
+    end
+
+    local value = counter_value(cells)
+    if value ~= value then
+        -- Foreign: the dict's value is no number; it is what there is.
+        return self.dict:get(key)
+    end
+    return value
 end
 
 
@@ -426,30 +460,42 @@ end
 --
 -- context: any phase
 --
--- This worker's own counts for this counter: syncs, evictions (keys the
--- dict evicted to make room), failed (deltas kept pending after a failed
--- apply), out_of_range (of those, refused as beyond +-(2^53 - 1)), lost
--- (deltas that could not even be kept pending), pending_keys (now).
+-- This worker's counts for this counter: syncs; failed (keys a sync could
+-- not copy into the dict, tried again by the next); out_of_range (of
+-- those, values beyond +-(2^53 - 1)); pending_keys (keys the last sync
+-- left uncopied); refused (new keys refused by a full engine); took_over
+-- (syncs of workers that died, done again). And the engine's, shared by
+-- every worker: engine_keys, engine_max_keys, engine_refused (since it was
+-- made), engine_bytes. `evictions` and `lost` are always 0 now (a sync
+-- never evicts; nothing pending lives in a worker to lose), kept for
+-- configurations that read them.
 function _M.self_metrics(self)
     local metrics = self.metrics
+    local stats = engine.stats(self.engine)
     return {
         syncs = metrics.syncs,
-        evictions = metrics.evictions,
         failed = metrics.failed,
         out_of_range = metrics.out_of_range,
-        lost = metrics.lost,
-        pending_keys = tonumber(self.store:pending_keys()),
+        pending_keys = metrics.pending_keys,
+        refused = metrics.refused,
+        took_over = metrics.took_over,
+        evictions = 0,
+        lost = 0,
+        engine_keys = stats.keys,
+        engine_max_keys = stats.max_keys,
+        engine_refused = stats.refused,
+        engine_bytes = stats.bytes,
     }
 end
 
 
 -- syntax: ok = counter.sync_all()
 --
--- context: any phase; meant for exit_worker_by_lua*
+-- context: any phase
 --
--- Syncs every counter of this worker, timed or not. Put it in
--- `exit_worker_by_lua_block { require("resty.counter").sync_all() }` so
--- that reload and shutdown lose no count. Errors are logged by each sync.
+-- Syncs every counter of this worker, timed or not. Counts are safe in the
+-- engine without it; in `exit_worker_by_lua_block` it copies the last
+-- values into the dict before the worker goes.
 function _M.sync_all()
     local ok = true
     for _, syncer in pairs(syncers) do

@@ -54,6 +54,19 @@ describe("the rockspec", function()
         end
     end)
 
+    it("installs every Lua module of the library", function()
+        local rockspec = nginx.read_file(ROCKSPEC):gsub("%s+", " ")
+        local files = nginx.read("cd " .. nginx.root .. " && find lua -name '*.lua'")
+        local count = 0
+        for file in files:gmatch("%S+") do
+            local module = file:gsub("^lua/", ""):gsub("%.lua$", ""):gsub("/", ".")
+            assert.truthy(rockspec:find('["' .. module .. '"] = "' .. file .. '"',
+                                        1, true), file .. " is not installed")
+            count = count + 1
+        end
+        assert.is_true(count > 10)
+    end)
+
     it("builds offline with luarocks make and installs into a tree", function()
         tree = nginx.read("mktemp -d /tmp/resty-counter-tree.XXXXXX"):gsub("%s+$", "")
         assert.is_true(nginx.sh("luarocks --lua-version 5.1 make " .. ROCKSPEC

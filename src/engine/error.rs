@@ -17,6 +17,8 @@ pub enum Error {
     BadOffset,
     /// A sum would leave the `i64` range.
     Overflow,
+    /// A counter's sum would leave the range a double holds exactly.
+    OutOfExactRange,
     /// The region is smaller than the smallest table.
     RegionTooSmall,
     /// The region is larger than 32-bit word offsets reach.
@@ -42,6 +44,7 @@ impl fmt::Display for Error {
             }
             Error::BadOffset => f.write_str("no record at that offset"),
             Error::Overflow => f.write_str("increment or decrement would overflow"),
+            Error::OutOfExactRange => f.write_str("value out of exact integer range"),
             Error::RegionTooSmall => f.write_str("the engine's region is too small"),
             Error::RegionTooLarge => f.write_str("the engine's region is too large"),
             Error::NotATable => f.write_str("not an engine region"),

@@ -7,10 +7,12 @@
 //!   `loom` model tests run the very same code).
 //! - [`table`]: keys to records of cells, lock-free.
 //! - [`cell`]: counting in a cell (`i64` exact, `f64`).
+//! - [`counter`]: `resty.counter`'s records.
 //! - [`lock`]: a try-lock that a dead holder cannot keep.
 //! - [`zone`]: finding or making the region in an nginx zone.
 
 pub mod cell;
+pub mod counter;
 mod error;
 pub mod lock;
 pub mod table;

@@ -140,6 +140,21 @@ impl<'a, W: Word> Record<'a, W> {
     }
 }
 
+// Keys are stored as little-endian words so that their bytes lie in order
+// in memory, where `Record::key_bytes` reads them without a copy.
+#[cfg(target_endian = "big")]
+compile_error!("the engine's key layout assumes a little-endian machine");
+
+impl<'a> Record<'a, std::sync::atomic::AtomicU64> {
+    /// The key's bytes, in place in the region (valid as long as it is).
+    pub fn key_bytes(&self) -> &'a [u8] {
+        let first = &self.words[self.offset + 2] as *const std::sync::atomic::AtomicU64;
+        // The key's words were written before the record was published and
+        // never change after: reading them as bytes races with nothing.
+        unsafe { std::slice::from_raw_parts(first as *const u8, self.key_len) }
+    }
+}
+
 /// A key table over a region of words.
 #[derive(Debug)]
 pub struct Table<'a, W: Word> {
@@ -167,12 +182,13 @@ fn checksum(header: &[u64]) -> u64 {
     })
 }
 
-/// The index slots for a region of `words` words: the largest power of
-/// two that leaves WORDS_PER_SLOT arena words per slot.
+/// The index slots for a region of `words` words: the power of two nearest
+/// above WORDS_PER_SLOT arena words per slot, within a quarter of the
+/// region.
 fn slots_for(words: usize) -> usize {
     let budget = (words - INDEX_START) / (1 + WORDS_PER_SLOT);
     let mut slots = MIN_SLOTS;
-    while slots * 2 <= budget {
+    while slots < budget && slots * 2 <= (words - INDEX_START) / 4 {
         slots *= 2;
     }
     slots

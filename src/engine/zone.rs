@@ -34,6 +34,8 @@ const POOL_END: usize = 96;
 const POOL_MUTEX: usize = 104;
 const POOL_ADDR: usize = 192;
 const POOL_SIZE: usize = 200;
+/// `ngx_slab_stat_t`: four `ngx_uint_t`.
+const SLAB_STAT: usize = 32;
 
 /// `ngx_slab_page_t`: `uintptr_t slab; ngx_slab_page_t *next; uintptr_t
 /// prev;`. A page run handed out whole has the type bits of `prev` at 0
@@ -46,9 +48,6 @@ const PAGE_TYPE_MASK: u64 = 3;
 const PAGE_START: u64 = 1 << 63;
 /// NGX_SLAB_PAGE_BUSY: a page inside a run, not its first.
 const PAGE_BUSY: u64 = u64::MAX;
-
-/// The smallest region worth making: 64 KiB.
-pub const MIN_REGION_BYTES: usize = 64 * 1024;
 
 /// nginx's functions the attach calls (from the nginx binary in a worker,
 /// from a fake in tests).
@@ -112,16 +111,21 @@ impl Pool {
                 "not an ngx_slab_pool_t as this library knows it",
             ));
         }
-        // ngx_slab_init: the stats follow the pool, then the page table,
-        // then the pages, page-aligned.
+        // ngx_slab_init: after the pool come n size-class list heads, n
+        // stats, the page table and the pages, page-aligned (n is the
+        // page's shift less the smallest size's, 9 for 4 KiB pages).
         let (stats, pages, last, start) = (
             at(POOL_STATS),
             at(POOL_PAGES),
             at(POOL_LAST),
             at(POOL_START),
         );
-        if stats != addr + POOL_SIZE
-            || pages <= stats
+        let slots = stats.wrapping_sub(addr + POOL_SIZE);
+        let classes = slots / PAGE_ENTRY;
+        if stats < addr + POOL_SIZE
+            || slots % PAGE_ENTRY != 0
+            || !(1..=16).contains(&classes)
+            || pages != stats + classes * SLAB_STAT
             || last <= pages
             || (last - pages) % PAGE_ENTRY != 0
             || start % page_size != 0
@@ -196,7 +200,7 @@ impl Pool {
 
 /// Finds the engine's region in a shared dict's zone, or makes one of about
 /// `want_bytes` (fewer when the pool has not that much room in one piece,
-/// down to [`MIN_REGION_BYTES`]). `seed` keys a new table's hash.
+/// down to one page). `seed` keys a new table's hash.
 ///
 /// # Errors
 ///
@@ -235,7 +239,8 @@ unsafe fn create(
     seed: [u64; 2],
 ) -> Result<Region, Error> {
     let page = pool.page_size;
-    let min = MIN_REGION_BYTES.max(MIN_WORDS * 8).max(page);
+    // The smallest region: one page (a 4 KiB one holds 24 counter keys).
+    let min = (MIN_WORDS * 8).max(page);
     let mut bytes = (want_bytes / page * page).max(min);
     loop {
         let at = (api.alloc_locked)(pool.base as *mut c_void, bytes) as *mut u8;
@@ -314,12 +319,14 @@ mod tests {
     /// A zone of `pages` pages: returns the memory and the ngx_shm_zone_t.
     fn fake_zone(pages: usize) -> (Vec<u64>, Vec<u64>) {
         let table_bytes = pages * PAGE_ENTRY;
-        let size = POOL_SIZE + 4 * 32 + table_bytes + PAGE + pages * PAGE;
+        let classes = 9;
+        let heads = classes * (PAGE_ENTRY + SLAB_STAT);
+        let size = POOL_SIZE + heads + table_bytes + PAGE + pages * PAGE;
         let mut memory = vec![0u64; size / 8 + 1];
         let base = memory.as_mut_ptr() as *mut u8;
         let addr = base as usize;
-        let stats = addr + POOL_SIZE;
-        let page_table = stats + 4 * 32;
+        let stats = addr + POOL_SIZE + classes * PAGE_ENTRY;
+        let page_table = stats + classes * SLAB_STAT;
         let last = page_table + table_bytes;
         let start = (last + PAGE - 1) / PAGE * PAGE;
         let set = |offset: usize, value: usize| unsafe {
@@ -368,11 +375,27 @@ mod tests {
         let (_memory, zone) = fake_zone(20);
         let zone = zone.as_ptr() as *const u8;
         let region = unsafe { find_or_create(zone, &API, 1 << 30, [1, 2]) }.unwrap();
-        assert!(region.bytes < 20 * PAGE && region.bytes >= MIN_REGION_BYTES);
+        assert_eq!(region.bytes, 16 * PAGE, "halved until it fits");
 
-        let (_memory, zone) = fake_zone(8);
+        let (_memory, zone) = fake_zone(1);
         let zone = zone.as_ptr() as *const u8;
-        let err = unsafe { find_or_create(zone, &API, 1 << 20, [1, 2]) }.unwrap_err();
+        let first = unsafe { find_or_create(zone, &API, 1 << 20, [1, 2]) }.unwrap();
+        assert_eq!(first.bytes, PAGE, "down to one page");
+        assert!(
+            !unsafe { find_or_create(zone, &API, 1 << 20, [1, 2]) }
+                .unwrap()
+                .created
+        );
+        // One page, taken by another allocation: none left for us.
+        let (_memory, zone) = fake_zone(1);
+        let zone_ptr = zone.as_ptr() as *const u8;
+        unsafe {
+            lock(std::ptr::null_mut());
+            let pool = Pool::new(zone_ptr, PAGE).unwrap();
+            alloc_locked(pool.base as *mut c_void, PAGE);
+            unlock(std::ptr::null_mut());
+        }
+        let err = unsafe { find_or_create(zone_ptr, &API, 1 << 20, [1, 2]) }.unwrap_err();
         assert_eq!(err, Error::NoRoom);
         assert_eq!(LOCKED.with(|l| l.get()), 0);
     }

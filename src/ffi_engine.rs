@@ -1,0 +1,497 @@
+//! The C ABI of the shared engine ([`crate::engine`]), declared for LuaJIT in
+//! `lua/resty/counter/engine.lua`: change both together and bump
+//! [`ENGINE_ABI_VERSION`].
+//!
+//! Failures are negative codes (the `CODE_*` constants); the full text of
+//! the last one in this process is read back with [`rc_engine_error`]. The
+//! counting functions are the request path: they take a record's cells as a
+//! pointer the worker keeps, cannot panic (no indexing past the four cells
+//! a counter record has, no allocation, checked arithmetic) and so run
+//! without the panic guard; every other function runs inside it.
+
+use std::cell::RefCell;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::os::raw::{c_char, c_void};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::engine::counter::{self, Counter};
+use crate::engine::lock::{self, Holder, Taken};
+use crate::engine::table::{Record, Table};
+use crate::engine::zone::{self, SlabApi};
+use crate::engine::Error;
+use crate::ffi::guarded;
+
+/// The version of the declarations in engine.lua.
+pub const ENGINE_ABI_VERSION: i32 = 1;
+
+pub const CODE_OUT_OF_EXACT_RANGE: i32 = -2;
+pub const CODE_INTERNAL: i32 = -4;
+pub const CODE_OVERFLOW: i32 = -6;
+pub const CODE_BAD_ARGUMENT: i32 = -8;
+pub const CODE_FULL: i32 = -20;
+pub const CODE_KEY_TOO_LONG: i32 = -21;
+pub const CODE_BAD_WIDTH: i32 = -22;
+pub const CODE_WIDTH_MISMATCH: i32 = -23;
+pub const CODE_NOT_FOUND: i32 = -24;
+pub const CODE_NO_ENGINE: i32 = -25;
+
+/// The lock word (of [`crate::engine::table::LOCKS`]) of the counter's
+/// dict mirror.
+const MIRROR_LOCK: usize = 0;
+
+thread_local! {
+    static LAST_ERROR: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn remember(text: &str) {
+    LAST_ERROR.with(|last| {
+        let mut last = last.borrow_mut();
+        last.clear();
+        last.extend_from_slice(text.as_bytes());
+    });
+}
+
+fn code_of(error: Error) -> i32 {
+    remember(&error.to_string());
+    match error {
+        Error::Full => CODE_FULL,
+        Error::KeyTooLong => CODE_KEY_TOO_LONG,
+        Error::BadWidth => CODE_BAD_WIDTH,
+        Error::WidthMismatch { .. } => CODE_WIDTH_MISMATCH,
+        Error::BadOffset => CODE_NOT_FOUND,
+        Error::Overflow => CODE_OVERFLOW,
+        Error::OutOfExactRange => CODE_OUT_OF_EXACT_RANGE,
+        Error::RegionTooSmall
+        | Error::RegionTooLarge
+        | Error::NotATable
+        | Error::VersionMismatch { .. }
+        | Error::ZoneLayout(_)
+        | Error::NoRoom => CODE_NO_ENGINE,
+    }
+}
+
+/// [`ENGINE_ABI_VERSION`], for the Lua side to check that it declares the
+/// functions of this very library.
+#[no_mangle]
+pub extern "C" fn rc_engine_abi() -> i32 {
+    ENGINE_ABI_VERSION
+}
+
+/// The text of the last failure in this process, its length in `*len`.
+/// The pointer stays valid until the next failing call.
+///
+/// # Safety
+///
+/// `len` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_engine_error(len: *mut usize) -> *const u8 {
+    LAST_ERROR.with(|last| {
+        let last = last.borrow();
+        if let Some(len) = len.as_mut() {
+            *len = last.len();
+        }
+        last.as_ptr()
+    })
+}
+
+/// One worker's handle on one dict's engine.
+pub struct Engine {
+    table: Table<'static, AtomicU64>,
+    bytes: usize,
+    key: Vec<u8>,
+    changed: Vec<Changed>,
+}
+
+/// A counter whose value differs from what the dict mirrors.
+#[repr(C)]
+pub struct Changed {
+    /// The record's cells, for [`rc_counter_mirrored`].
+    pub cells: *const AtomicU64,
+    /// The key (without the kind byte), in the region.
+    pub key: *const u8,
+    pub key_len: u32,
+    /// 0: write `value`; [`NEEDS_BASE`]: import the dict's value first;
+    /// [`FOREIGN`]: the same, and leave a dict value that is no number;
+    /// [`CODE_OUT_OF_EXACT_RANGE`]: the value cannot be a double exactly.
+    pub status: i32,
+    pub value: f64,
+}
+
+/// A [`Changed::status`]: the record's creator died before it imported the
+/// dict's value from before the engine.
+pub const NEEDS_BASE: i32 = 1;
+
+/// A [`Changed::status`]: the dict held something else than a number for
+/// the key; if it still does, it is not overwritten.
+pub const FOREIGN: i32 = 3;
+
+fn random_u64() -> u64 {
+    // std seeds each RandomState from the OS's randomness.
+    RandomState::new().build_hasher().finish()
+}
+
+/// This process as a lock holder: its pid and an instance number of its
+/// own (workers forked from one master share statics, hence the pid check).
+fn me() -> Holder {
+    static INSTANCE: AtomicU64 = AtomicU64::new(0);
+    let pid = std::process::id();
+    let known = INSTANCE.load(Relaxed);
+    if known >> 32 == u64::from(pid) {
+        return Holder {
+            pid,
+            instance: known as u32,
+        };
+    }
+    let instance = (random_u64() as u32) | 1;
+    INSTANCE.store((u64::from(pid) << 32) | u64::from(instance), Relaxed);
+    Holder { pid, instance }
+}
+
+/// Whether a process exists (EPERM: it does, under another user).
+fn alive(pid: u32) -> bool {
+    let pid = match i32::try_from(pid) {
+        Ok(pid) if pid > 0 => pid,
+        _ => return false,
+    };
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// nginx's slab functions, from the nginx binary this process runs in.
+unsafe fn nginx_slab_api() -> Result<SlabApi, Error> {
+    let symbol = |name: &[u8]| libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr() as *const c_char);
+    let lock = symbol(b"ngx_shmtx_lock\0");
+    let unlock = symbol(b"ngx_shmtx_unlock\0");
+    let alloc = symbol(b"ngx_slab_alloc_locked\0");
+    let page_size = symbol(b"ngx_pagesize\0") as *const usize;
+    if lock.is_null() || unlock.is_null() || alloc.is_null() || page_size.is_null() {
+        return Err(Error::ZoneLayout(
+            "nginx's slab functions are not exported by this process (not inside nginx?)",
+        ));
+    }
+    Ok(SlabApi {
+        lock: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut c_void)>(lock),
+        unlock: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut c_void)>(unlock),
+        alloc_locked: std::mem::transmute::<
+            *mut c_void,
+            unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void,
+        >(alloc),
+        page_size: *page_size,
+    })
+}
+
+/// Finds the engine in a shared dict's zone, or makes it with `share` of
+/// the zone's size, and hands out this worker's handle on it (never freed:
+/// the zone lives as long as the worker).
+///
+/// # Errors
+///
+/// Returns 1 when this call made the engine, 0 when it found it, or
+/// `CODE_NO_ENGINE` with the reason in [`rc_engine_error`].
+///
+/// # Safety
+///
+/// `zone` is null or what `ngx_http_lua_ffi_shdict_udata_to_zone` returned
+/// in this nginx process; `engine` and `bytes` are writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_engine_attach(
+    zone: *const c_void,
+    share: f64,
+    engine: *mut *mut Engine,
+    bytes: *mut u64,
+) -> i32 {
+    if engine.is_null() || bytes.is_null() || !(share > 0.0 && share <= 1.0) {
+        remember("bad argument to rc_engine_attach");
+        return CODE_BAD_ARGUMENT;
+    }
+    guarded(CODE_INTERNAL, || {
+        let api = match nginx_slab_api() {
+            Ok(api) => api,
+            Err(e) => return code_of(e),
+        };
+        let zone = zone as *const u8;
+        let zone_size = if zone.is_null() {
+            0
+        } else {
+            (zone.add(16) as *const usize).read()
+        };
+        let want = (zone_size as f64 * share) as usize;
+        match zone::find_or_create(zone, &api, want, [random_u64(), random_u64()]) {
+            Ok(region) => {
+                *bytes = region.bytes as u64;
+                let created = region.created;
+                *engine = Box::into_raw(Box::new(Engine {
+                    table: region.table,
+                    bytes: region.bytes,
+                    key: Vec::new(),
+                    changed: Vec::new(),
+                }));
+                i32::from(created)
+            }
+            Err(e) => code_of(e),
+        }
+    })
+}
+
+/// The cells of the record of (`kind`, `key`), made with `width` zeroed
+/// cells when `create` is non-zero and it has none.
+///
+/// # Errors
+///
+/// Returns 1 when this call made it, 0 when it existed, `CODE_NOT_FOUND`
+/// when absent and not to be made, or `CODE_FULL`, `CODE_KEY_TOO_LONG`,
+/// `CODE_WIDTH_MISMATCH`, `CODE_BAD_WIDTH`, `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `key` points to `len`
+/// readable bytes; `cells` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_engine_record(
+    engine: *mut Engine,
+    kind: u8,
+    key: *const u8,
+    len: usize,
+    width: u32,
+    create: i32,
+    cells: *mut *const AtomicU64,
+) -> i32 {
+    let (engine, cells) = match (engine.as_mut(), cells.as_mut()) {
+        (Some(engine), Some(cells)) if !key.is_null() || len == 0 => (engine, cells),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    guarded(CODE_INTERNAL, || {
+        let key = if len == 0 {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts(key, len)
+        };
+        engine.key.clear();
+        engine.key.push(kind);
+        engine.key.extend_from_slice(key);
+        let found = if create != 0 {
+            engine.table.get_or_insert(&engine.key, width)
+        } else {
+            match engine.table.lookup(&engine.key) {
+                Some(record) if record.width() == width => Ok((record, false)),
+                Some(record) => Err(Error::WidthMismatch {
+                    found: record.width(),
+                }),
+                None => return CODE_NOT_FOUND,
+            }
+        };
+        match found {
+            Ok((record, made)) => {
+                *cells = record.cells().as_ptr();
+                i32::from(made)
+            }
+            Err(e) => code_of(e),
+        }
+    })
+}
+
+/// The engine's figures, for self-metrics.
+#[repr(C)]
+pub struct EngineStats {
+    pub bytes: u64,
+    pub records: u64,
+    pub max_records: u64,
+    pub refused: u64,
+    pub arena_used: u64,
+    pub arena_total: u64,
+}
+
+/// Fills `out` with the engine's figures; 0, or `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_engine_stats(engine: *const Engine, out: *mut EngineStats) -> i32 {
+    let (engine, out) = match (engine.as_ref(), out.as_mut()) {
+        (Some(engine), Some(out)) => (engine, out),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let stats = engine.table.stats();
+    *out = EngineStats {
+        bytes: engine.bytes as u64,
+        records: stats.records,
+        max_records: stats.max_records,
+        refused: stats.refused,
+        arena_used: stats.arena_used * 8,
+        arena_total: stats.arena_total * 8,
+    };
+    0
+}
+
+/// # Safety
+///
+/// `cells` is null or a counter record's cells from [`rc_engine_record`].
+unsafe fn counter_at<'a>(cells: *const AtomicU64) -> Option<Counter<'a, AtomicU64>> {
+    if cells.is_null() {
+        None
+    } else {
+        Some(Counter::new(std::slice::from_raw_parts(
+            cells,
+            counter::WIDTH as usize,
+        )))
+    }
+}
+
+/// Adds an integer step to a counter: the request path.
+///
+/// # Errors
+///
+/// 0, or `CODE_OUT_OF_EXACT_RANGE` (nothing changed), `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `cells` is null or a counter record's cells from [`rc_engine_record`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_counter_add(cells: *const AtomicU64, step: i64) -> i32 {
+    match counter_at(cells) {
+        Some(counter) => match counter.add(step) {
+            Ok(_) => 0,
+            Err(_) => CODE_OUT_OF_EXACT_RANGE,
+        },
+        None => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// Adds a fractional step (finite) to a counter.
+///
+/// # Errors
+///
+/// As [`rc_counter_add`].
+///
+/// # Safety
+///
+/// As [`rc_counter_add`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_counter_add_fractional(cells: *const AtomicU64, step: f64) -> i32 {
+    match counter_at(cells) {
+        Some(counter) => match counter.add_fractional(step) {
+            Ok(_) => 0,
+            Err(_) => CODE_OUT_OF_EXACT_RANGE,
+        },
+        None => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// A counter's value as every worker sees it now (0 for a null pointer).
+///
+/// # Safety
+///
+/// As [`rc_counter_add`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_counter_value(cells: *const AtomicU64) -> f64 {
+    counter_at(cells).map_or(0.0, |counter| counter.value())
+}
+
+/// Takes `base` (the dict's value from before the engine; NaN for one that
+/// is no number) as the counter's base, as
+/// [`Counter::import_base`]: 1 for the call that changed it, 0 otherwise.
+///
+/// # Safety
+///
+/// As [`rc_counter_add`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_counter_import_base(cells: *const AtomicU64, base: f64) -> i32 {
+    counter_at(cells).map_or(0, |counter| i32::from(counter.import_base(base)))
+}
+
+fn changed(record: Record<'static, AtomicU64>) -> Option<Changed> {
+    let key = record.key_bytes();
+    if key.first() != Some(&counter::KIND) || record.width() != counter::WIDTH {
+        return None;
+    }
+    let counter = Counter::new(record.cells());
+    let value = counter.value();
+    let status = if !counter.has_base() {
+        NEEDS_BASE
+    } else if counter.is_foreign() {
+        FOREIGN
+    } else if counter.mirror().map(f64::to_bits) == Some(value.to_bits()) {
+        return None;
+    } else if value.abs() > counter::MAX_SAFE_INTEGER as f64 {
+        CODE_OUT_OF_EXACT_RANGE
+    } else {
+        0
+    };
+    Some(Changed {
+        cells: record.cells().as_ptr(),
+        key: key[1..].as_ptr(),
+        key_len: (key.len() - 1) as u32,
+        status,
+        value,
+    })
+}
+
+/// Starts a sync of the dict mirror: takes the mirror lock and lists every
+/// counter whose value differs from what the dict holds (`*count` of them
+/// at `*out`, valid until [`rc_counter_sync_end`]).
+///
+/// # Errors
+///
+/// 0, or 2 when the lock was taken over from a dead worker (its sync was
+/// cut short: this one does it all again), or 1 when another worker holds
+/// the lock (nothing listed: it is syncing now), or `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `out`, `count` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_counter_sync_begin(
+    engine: *mut Engine,
+    out: *mut *const Changed,
+    count: *mut u32,
+) -> i32 {
+    let (engine, out, count) = match (engine.as_mut(), out.as_mut(), count.as_mut()) {
+        (Some(engine), Some(out), Some(count)) => (engine, out, count),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    *count = 0;
+    guarded(CODE_INTERNAL, || {
+        let taken = match lock::try_lock(engine.table.lock_word(MIRROR_LOCK), me(), alive) {
+            Ok(taken) => taken,
+            Err(_) => return 1,
+        };
+        let table = &engine.table;
+        engine.changed.clear();
+        engine.changed.extend(table.records().filter_map(changed));
+        *out = engine.changed.as_ptr();
+        *count = engine.changed.len() as u32;
+        match taken {
+            Taken::Free => 0,
+            Taken::FromDead(_) => 2,
+        }
+    })
+}
+
+/// Records that the dict now holds `value` for a listed counter.
+///
+/// # Safety
+///
+/// As [`rc_counter_add`], between [`rc_counter_sync_begin`] and
+/// [`rc_counter_sync_end`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_counter_mirrored(cells: *const AtomicU64, value: f64) {
+    if let Some(counter) = counter_at(cells) {
+        counter.set_mirror(value);
+    }
+}
+
+/// Ends a sync: releases the mirror lock. 1, or 0 when this worker did not
+/// hold it.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_counter_sync_end(engine: *mut Engine) -> i32 {
+    match engine.as_ref() {
+        Some(engine) => i32::from(lock::unlock(engine.table.lock_word(MIRROR_LOCK), me())),
+        None => 0,
+    }
+}
