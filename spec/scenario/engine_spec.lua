@@ -1,0 +1,157 @@
+-- resty.counter on the shared engine, with the configuration Kong's
+-- lua-resty-counter documents (no exit_worker_by_lua_block): requests in
+-- flight at a reload, reloads in quick succession and workers killed with
+-- SIGKILL lose 0 counts against the access log, and each value is exact
+-- the moment the load stops, whichever worker is asked.
+
+package.path = "spec/?.lua;" .. package.path
+local nginx = require "helpers.nginx"
+local load = require "helpers.load"
+
+local CONF = assert(nginx.read_file("spec/scenario/engine.conf"))
+
+
+local function worker_pids(srv)
+    local pids = {}
+    for pid in nginx.read("pgrep -P " .. srv:pid()):gmatch("%d+") do
+        pids[#pids + 1] = pid
+    end
+    return pids
+end
+
+
+-- Sends `n` requests to /slow?s=<seconds>&i=<i> in the background with
+-- curl; returns a function that waits for them all.
+local function in_flight(srv, n, seconds)
+    local out = srv.dir .. "/in-flight"
+    nginx.sh("mkdir -p " .. out)
+    for i = 1, n do
+        nginx.sh(string.format("curl -s -o /dev/null --max-time 20 '%s' & "
+                               .. "echo $! > %s/%d.pid",
+                               srv:url("/slow?s=" .. seconds .. "&i=" .. i),
+                               out, i))
+    end
+    return function()
+        for i = 1, n do
+            local pid = nginx.read_file(out .. "/" .. i .. ".pid"):match("%d+")
+            for _ = 1, 250 do
+                if not nginx.sh("kill -0 " .. pid .. " 2>/dev/null") then
+                    break
+                end
+                nginx.sleep(0.1)
+            end
+        end
+    end
+end
+
+
+-- Every URI of the access log against the engine's value for it, asked
+-- once, right after the load: no settling, no sync awaited.
+local function assert_exact(srv)
+    local per_uri, logged = load.logged(srv)
+    local uris = {}
+    for uri in pairs(per_uri) do
+        uris[#uris + 1] = (uri:gsub("&", "%%26"))
+    end
+    local status, body = srv:get("/exact?uris=" .. table.concat(uris, ","))
+    assert.equal(200, status)
+    local counted = {}
+    for uri, value in body:gmatch("(%S+) (%S+)") do
+        counted[uri] = tonumber(value)
+    end
+    assert.same(per_uri, counted)
+    return logged
+end
+
+
+describe("resty.counter on the shared engine, Kong's configuration", function()
+    local srv
+
+    after_each(function()
+        if srv then
+            srv:cleanup()
+        end
+    end)
+
+    it("loses 0 counts of requests in flight at a reload", function()
+        srv = nginx.start({ workers = 2, http = CONF })
+        local run = load.start(srv, "/fast", { seconds = 3, keys = 10 })
+        nginx.sleep(0.5)
+        local wait = in_flight(srv, 30, 0.5)
+        nginx.sleep(0.2)
+        local before = worker_pids(srv)
+        srv:signal("HUP")
+        wait()
+        load.wait(run)
+        nginx.sleep(0.3)
+
+        -- The old workers exited after their requests finished.
+        for _, pid in ipairs(before) do
+            assert.is_false(nginx.sh("kill -0 " .. pid .. " 2>/dev/null"),
+                            "old worker " .. pid .. " still runs")
+        end
+        local per_uri, logged = load.logged(srv)
+        local slow = 0
+        for uri, n in pairs(per_uri) do
+            if uri:find("^/slow") then
+                slow = slow + n
+            end
+        end
+        assert.equal(30, slow, "every request in flight was served")
+        assert.is_true(logged > 1000, "too little load")
+        assert_exact(srv)
+        assert.same({}, srv:errors())
+    end)
+
+    it("loses 0 counts over 20 reloads in quick succession", function()
+        srv = nginx.start({ workers = 2, http = CONF })
+        local run = load.start(srv, "/fast", { seconds = 5, keys = 20 })
+        local slow = load.start(srv, "/slow", { seconds = 5, keys = 5,
+                                                threads = 1,
+                                                connections = 16 })
+        nginx.sleep(0.5)
+        for _ = 1, 20 do
+            srv:signal("HUP")
+            nginx.sleep(0.1)
+        end
+        load.wait(run)
+        load.wait(slow)
+        nginx.sleep(0.5)
+
+        assert.is_true(assert_exact(srv) > 1000, "too little load")
+        -- Memory: one record per key, whatever the reloads did.
+        local _, body = srv:get("/engine")
+        local keys, refused = body:match("^(%d+) (%d+)")
+        assert.equal(25, tonumber(keys))
+        assert.equal(0, tonumber(refused))
+        -- The old workers are gone: two remain.
+        for _ = 1, 100 do
+            if #worker_pids(srv) == 2 then
+                break
+            end
+            nginx.sleep(0.1)
+        end
+        assert.equal(2, #worker_pids(srv))
+        assert.same({}, srv:errors())
+    end)
+
+    it("loses 0 counts when workers are killed with SIGKILL", function()
+        srv = nginx.start({ workers = 2, http = CONF })
+        local run = load.start(srv, "/fast", { seconds = 5, keys = 10 })
+        for i = 1, 3 do
+            nginx.sleep(1.2)
+            nginx.sh("kill -9 " .. worker_pids(srv)[i % 2 + 1])
+        end
+        load.wait(run)
+        nginx.sleep(0.5)
+        assert.is_true(assert_exact(srv) > 1000, "too little load")
+        -- The master reports each kill; nothing else may be logged.
+        local errors = {}
+        for _, line in ipairs(srv:errors()) do
+            if not line:find("exited on signal 9", 1, true) then
+                errors[#errors + 1] = line
+            end
+        end
+        assert.same({}, errors)
+    end)
+end)
