@@ -10,25 +10,24 @@
 
 
 local check = require "resty.counter.check"
+local log = require "resty.counter.log"
 local store = require "resty.counter.store"
 local clear_tab = require "table.clear"
 local new_tab = require "table.new"
 
 
 local ngx = ngx
-local ngx_log = ngx.log
-local ngx_ERR = ngx.ERR
 local ngx_WARN = ngx.WARN
 local ngx_shared = ngx.shared
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
 local check_key = check.key
 local check_amount = check.amount
-local error = error
+local dot_call = check.dot_call
+local log_failure = log.failure
 local pairs = pairs
 local setmetatable = setmetatable
 local tonumber = tonumber
-local tostring = tostring
 local type = type
 local fmt = string.format
 
@@ -36,6 +35,7 @@ local fmt = string.format
 local MAX_SAFE = check.max_safe_integer
 local DELTA_OK = store.DELTA_OK
 local OUT_OF_RANGE = "value out of exact integer range"
+local SOURCE = "resty.counter"
 
 
 local _M = { _VERSION = "0.2.0" }
@@ -115,8 +115,8 @@ local function keep_pending(self, key, integer, fractional)
 
     local metrics = self.metrics
     metrics.lost = metrics.lost + 1
-    ngx_log(ngx_ERR, "resty.counter: lost the pending delta of key \"",
-            key, "\" in dict \"", self.dict_name, "\": ", err)
+    log_failure(SOURCE, fmt('lost the pending delta of key "%s" in dict '
+                            .. '"%s": %s', key, self.dict_name, err))
     return nil, err
 end
 
@@ -128,15 +128,16 @@ local function apply_now(self, key, slot, step)
     local value = tonumber(pending.integer) + pending.fractional
     local _, err, forcible = apply(self.dict, key, value)
     if err then
-        ngx_log(ngx_ERR, "resty.counter: cannot apply ", value, " to key \"",
-                key, "\" in dict \"", self.dict_name, "\": ", err)
+        log_failure(SOURCE, fmt('cannot apply %s to key "%s" in dict "%s": '
+                                .. '%s', value, key, self.dict_name, err))
         return nil, err
     end
 
     if forcible then
         self.metrics.evictions = self.metrics.evictions + 1
-        ngx_log(ngx_WARN, "resty.counter: dict \"", self.dict_name,
-                "\" is full: adding key \"", key, "\" evicted other keys")
+        log_failure(SOURCE, fmt('dict "%s" is full: adding key "%s" evicted '
+                                .. 'other keys', self.dict_name, key), nil,
+                    ngx_WARN)
     end
 
     if step % 1 == 0 then
@@ -176,18 +177,8 @@ end
 -- context: init_worker_by_lua*, and any phase where timers can be made;
 -- without sync_interval, also init_by_lua*.
 function _M.new(shdict_name, sync_interval)
-    if type(shdict_name) ~= "string" then
-        error('bad "shdict_name" argument: string expected, got '
-              .. type(shdict_name), 2)
-    end
-
-    if sync_interval ~= nil
-       and (type(sync_interval) ~= "number"
-            or not (sync_interval > 0 and sync_interval < 1 / 0))
-    then
-        error('bad "sync_interval" argument: a positive finite number '
-              .. 'of seconds expected, got ' .. tostring(sync_interval), 2)
-    end
+    check.string(shdict_name, "shdict_name", 2)
+    check.seconds(sync_interval, "sync_interval", 2, false)
 
     local dict = ngx_shared[shdict_name]
     if not dict then
@@ -256,6 +247,10 @@ end
 -- raises; `nil, err` only if the key's pending sum could not be made room
 -- for (see apply_now).
 function _M.incr(self, key, step)
+    if type(self) ~= "table" then
+        dot_call("c", "incr", 2)
+    end
+
     -- A bad step raises before the key gets a slot: a raised incr leaves
     -- no trace, not even a key created at 0.
     if step ~= nil and (type(step) ~= "number"
@@ -309,10 +304,13 @@ end
 -- for the next sync: then `nil, err` says how many keys and why. Never
 -- yields, so two syncs in one worker never overlap.
 function _M.sync(self)
+    if type(self) ~= "table" then
+        dot_call("c", "sync", 2)
+    end
+
     local deltas, count = self.store:drain()
     if not deltas then
-        ngx_log(ngx_ERR, "resty.counter: cannot drain pending deltas: ",
-                count)
+        log_failure(SOURCE, "cannot drain pending deltas: " .. count)
         return nil, count
     end
 
@@ -356,8 +354,9 @@ function _M.sync(self)
 
     if evicted > 0 then
         metrics.evictions = metrics.evictions + evicted
-        ngx_log(ngx_WARN, "resty.counter: dict \"", self.dict_name,
-                "\" is full: adding ", evicted, " keys evicted other keys")
+        log_failure(SOURCE, fmt('dict "%s" is full: adding %d keys evicted '
+                                .. 'other keys', self.dict_name, evicted),
+                    nil, ngx_WARN)
     end
 
     if failed > 0 then
@@ -365,7 +364,8 @@ function _M.sync(self)
         local err = fmt('%d of %d keys not applied to dict "%s", kept pending '
                   .. 'for the next sync (key "%s": %s)', failed, count,
                   self.dict_name, first_key, first_err)
-        ngx_log(ngx_ERR, "resty.counter: ", err)
+        -- A key past 2^53 fails every sync: one line per interval.
+        log_failure(SOURCE, err)
         return nil, err
     end
 
@@ -382,6 +382,9 @@ end
 -- survive. Only the dict is touched: this worker's pending delta still
 -- arrives with the next sync.
 function _M.reset(self, key, number)
+    if type(self) ~= "table" then
+        dot_call("c", "reset", 2)
+    end
     check_key(key, 2)
     number = check_amount(number, "number", 2)
     return self.dict:incr(key, -number, number)
@@ -395,6 +398,9 @@ end
 -- The key's value in the dict (nil when missing): the sum of what every
 -- worker has synced, not including this worker's pending delta.
 function _M.get(self, key)
+    if type(self) ~= "table" then
+        dot_call("c", "get", 2)
+    end
     check_key(key, 2)
     return self.dict:get(key)
 end
@@ -407,17 +413,15 @@ end
 -- The dict's keys, at most `max_count` (default 1024, 0 for all), as
 -- `ngx.shared.DICT:get_keys` returns them.
 function _M.get_keys(self, max_count)
+    if type(self) ~= "table" then
+        dot_call("c", "get_keys", 2)
+    end
+
     if max_count == nil then
         return self.dict:get_keys()
     end
 
-    if type(max_count) ~= "number" or max_count < 0
-       or max_count % 1 ~= 0
-    then
-        error('bad "max_count" argument: a non-negative integer expected, '
-              .. 'got ' .. tostring(max_count), 2)
-    end
-
+    check.integer(max_count, "max_count", 0, 1 / 0, 2)
     return self.dict:get_keys(max_count)
 end
 
@@ -431,6 +435,10 @@ end
 -- apply), out_of_range (of those, refused as beyond +-(2^53 - 1)), lost
 -- (deltas that could not even be kept pending), pending_keys (now).
 function _M.self_metrics(self)
+    if type(self) ~= "table" then
+        dot_call("c", "self_metrics", 2)
+    end
+
     local metrics = self.metrics
     return {
         syncs = metrics.syncs,
