@@ -304,8 +304,10 @@ describe("resty.counter.strict", function()
 
         it("raise on a bad comparator or operand", function()
             assert.matches('bad "cmp" argument: one of always, eq, ne, lt, le, gt, ge '
-                           .. 'expected, got "<"', raised(c.inc_if, c, "a", "<", 1), 1, true)
-            assert.matches('got nil', raised(c.set_if, c, "a", nil, 1, 1), 1, true)
+                           .. 'expected, got "<" (a string)', raised(c.inc_if, c, "a", "<", 1),
+                           1, true)
+            assert.matches('bad "cmp" argument: one of always, eq, ne, lt, le, gt, ge '
+                           .. 'expected, got nil', raised(c.set_if, c, "a", nil, 1, 1), 1, true)
             assert.matches('bad "operand" argument: number expected, got nil',
                            raised(c.inc_if, c, "a", "lt", nil, 1), 1, true)
             assert.matches('bad "operand" argument: nan is not a finite number',

@@ -85,7 +85,7 @@ function _M.new(opts, name, level)
     end
 
     return {
-        client = redis.new(opts.redis, level + 1),
+        client = redis.new(opts.redis, level + 1, "opts.redis"),
         key_prefix = key_prefix,
         fail_open = on_error == "allow",
         -- what Redis being unreachable made this worker answer

@@ -197,14 +197,17 @@ local OPTIONS = {
 -- and server_name (SNI and the name verified; default the host).
 -- Raises on a bad or unknown option, and when no lua-resty-redis is
 -- installed, blaming the caller; `level` as error() would count it from
--- the function that calls redis.new (1, the default: that function).
-function _M.new(opts, level)
+-- the function that calls redis.new (1, the default: that function), and
+-- `name` what the caller calls `opts` (default "opts"; the counters say
+-- "opts.redis").
+function _M.new(opts, level, name)
     -- From here on, counted from this function.
     level = (level or 1) + 1
+    name = name or "opts"
     if type(opts) ~= "table" then
-        check.expected("opts.redis", "table", opts, level)
+        check.expected(name, "table", opts, level)
     end
-    check.options(opts, OPTIONS, "opts.redis", level)
+    check.options(opts, OPTIONS, name, level)
 
     if not driver then
         error("lua-resty-redis not found: install OpenResty's resty.redis "
@@ -213,29 +216,30 @@ function _M.new(opts, level)
 
     local seconds, whole, text, flag = check.seconds, check.integer,
                                        check.text, check.flag
+    local p = name .. "."
     local self = {
-        host = text(opts.host, "opts.host", level, "127.0.0.1"),
-        port = whole(opts.port, "opts.port", 1, 65535, level, 6379),
-        path = text(opts.path, "opts.path", level, false),
-        password = text(opts.password, "opts.password", level, false),
-        username = text(opts.username, "opts.username", level, false),
-        db = whole(opts.db, "opts.db", 0, 65535, level, 0),
-        connect_timeout = seconds(opts.connect_timeout,
-                                  "opts.connect_timeout", level, 0.1),
-        send_timeout = seconds(opts.send_timeout, "opts.send_timeout", level,
+        host = text(opts.host, p .. "host", level, "127.0.0.1"),
+        port = whole(opts.port, p .. "port", 1, 65535, level, 6379),
+        path = text(opts.path, p .. "path", level, false),
+        password = text(opts.password, p .. "password", level, false),
+        username = text(opts.username, p .. "username", level, false),
+        db = whole(opts.db, p .. "db", 0, 65535, level, 0),
+        connect_timeout = seconds(opts.connect_timeout, p .. "connect_timeout",
+                                  level, 0.1),
+        send_timeout = seconds(opts.send_timeout, p .. "send_timeout", level,
                                0.1),
-        read_timeout = seconds(opts.read_timeout, "opts.read_timeout", level,
+        read_timeout = seconds(opts.read_timeout, p .. "read_timeout", level,
                                0.1),
-        pool_size = whole(opts.pool_size, "opts.pool_size", 1, 100000, level,
+        pool_size = whole(opts.pool_size, p .. "pool_size", 1, 100000, level,
                           32),
-        keepalive = seconds(opts.keepalive, "opts.keepalive", level, 60),
-        ssl = flag(opts.ssl, "opts.ssl", level, false),
-        ssl_verify = flag(opts.ssl_verify, "opts.ssl_verify", level, true),
-        server_name = text(opts.server_name, "opts.server_name", level,
+        keepalive = seconds(opts.keepalive, p .. "keepalive", level, 60),
+        ssl = flag(opts.ssl, p .. "ssl", level, false),
+        ssl_verify = flag(opts.ssl_verify, p .. "ssl_verify", level, true),
+        server_name = text(opts.server_name, p .. "server_name", level,
                            false),
     }
     if self.username and not self.password then
-        bad("opts.username", "needs opts.password", level)
+        bad(p .. "username", "needs " .. p .. "password", level)
     end
     if self.path and self.path:sub(1, 5) ~= "unix:" then
         self.path = "unix:" .. self.path

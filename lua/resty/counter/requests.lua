@@ -141,8 +141,10 @@ local OPTIONS = {
 
 
 local function option(opts, name, default, valid, expected, level)
-    return check.option(valid, expected)(opts[name], "opts." .. name,
-                                         level + 1, default or false)
+    -- Not a tail call: the level counts this frame.
+    local value = check.option(valid, expected)(opts[name], "opts." .. name,
+                                                level + 1, default or false)
+    return value
 end
 
 

@@ -75,7 +75,9 @@ local mt = { __index = _M }
 
 
 local function check_ttl(ttl, level)
-    return check.seconds(ttl, "ttl", level + 1, false)
+    -- Not a tail call: the level counts this frame.
+    ttl = check.seconds(ttl, "ttl", level + 1, false)
+    return ttl
 end
 
 
