@@ -54,6 +54,14 @@ local ENV_NAMES = { "REDIS_PORT", "REDIS_SOCKET", "REDIS_PASSWORD",
 -- The CA that signed the TLS port's certificate, for ssl_verify.
 local TRUSTED = "lua_ssl_trusted_certificate " .. redis.ca .. ";"
 
+-- A DNS server on loopback for the specs of Redis hosts given by name
+-- (nginx's resolver never reads /etc/hosts): dnsmasq answering "localhost"
+-- with 127.0.0.1 and nothing else, forwarding nowhere. Without dnsmasq
+-- those specs are pending; the port is then one where nothing answers.
+local dns = redis_server.start_dns()
+REDIS_ENV.DNS_SERVER = dns.running and "1" or ""
+ENV_NAMES[#ENV_NAMES + 1] = "DNS_SERVER"
+
 
 local function run_with_resty()
     local cmd, main = {}, {}
@@ -97,6 +105,7 @@ local function run_with_nginx()
         main = table.concat(main, " "),
         env = env,
         http = conf,
+        vars = { dns_port = dns.port },
     })
 
     local result
@@ -140,6 +149,7 @@ local ran, err = pcall(function()
 end)
 redis:cleanup()
 cluster:cleanup()
+dns:cleanup()
 if not ran then
     error(err, 0)
 end

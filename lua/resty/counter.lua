@@ -15,24 +15,24 @@
 
 local check = require "resty.counter.check"
 local engine = require "resty.counter.engine"
+local log = require "resty.counter.log"
 local ffi = require "ffi"
 
 
 local C = engine.lib
 local ngx = ngx
-local ngx_log = ngx.log
-local ngx_ERR = ngx.ERR
 local ngx_WARN = ngx.WARN
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
 local check_key = check.key
 local check_amount = check.amount
+local dot_call = check.dot_call
+local log_failure = log.failure
 local ffi_new = ffi.new
 local ffi_string = ffi.string
 local counter_add = C.rc_counter_add
 local counter_add_fractional = C.rc_counter_add_fractional
 local counter_value = C.rc_counter_value
-local error = error
 local pairs = pairs
 local pcall = pcall
 local setmetatable = setmetatable
@@ -49,6 +49,7 @@ local NEEDS_BASE = engine.NEEDS_BASE
 local FOREIGN = engine.FOREIGN
 local NOT_A_NUMBER = "not a number"
 local OUT_OF_RANGE = "value out of exact integer range"
+local SOURCE = "resty.counter"
 
 
 local _M = { _VERSION = "0.2.0" }
@@ -85,11 +86,9 @@ local function record(self, key, create)
         if code == engine.FULL then
             local metrics = self.metrics
             metrics.refused = metrics.refused + 1
-            if metrics.refused == 1 then
-                ngx_log(ngx_ERR, "resty.counter: dict \"", self.dict_name,
-                        "\": ", made, ": new keys are refused (counted in "
-                        .. "self_metrics().refused)")
-            end
+            log_failure(SOURCE, fmt('dict "%s": %s: new keys are refused '
+                                    .. '(counted in self_metrics().refused)',
+                                    self.dict_name, made))
         end
         return nil, made
     end
@@ -166,6 +165,10 @@ local count_out = ffi_new("uint32_t[1]")
 -- value that cannot be copied (dict full, beyond 2^53) is copied by a later
 -- sync; then `nil, err` says how many keys and why. Never yields.
 local function sync(self)
+    if type(self) ~= "table" then
+        dot_call("c", "sync", 2)
+    end
+
     local ptr = self.engine.ptr
     local rc = C.rc_counter_sync_begin(ptr, changed_out, count_out)
     if rc == 1 then
@@ -173,15 +176,16 @@ local function sync(self)
     end
     if rc < 0 then
         local err = "cannot start a sync: " .. engine.last_error()
-        ngx_log(ngx_ERR, "resty.counter: ", err)
+        log_failure(SOURCE, err)
         return nil, err
     end
 
     local metrics = self.metrics
     if rc == 2 then
         metrics.took_over = metrics.took_over + 1
-        ngx_log(ngx_WARN, "resty.counter: dict \"", self.dict_name, "\": a ",
-                "worker died during a sync; this one does it again")
+        log_failure(SOURCE, fmt('dict "%s": a worker died during a sync; this '
+                                .. 'one does it again', self.dict_name), nil,
+                    ngx_WARN)
     end
 
     local count = count_out[0]
@@ -191,7 +195,7 @@ local function sync(self)
     metrics.syncs = metrics.syncs + 1
     if not ok then
         local err = "sync failed: " .. tostring(failed)
-        ngx_log(ngx_ERR, "resty.counter: ", err)
+        log_failure(SOURCE, err)
         return nil, err
     end
 
@@ -201,7 +205,9 @@ local function sync(self)
         local err = fmt('%d of %d keys not copied to dict "%s", kept for the '
                         .. 'next sync (key "%s": %s)', failed, count,
                         self.dict_name, first_key, first_err)
-        ngx_log(ngx_ERR, "resty.counter: ", err)
+        -- A key that fails every sync (its dict value is no number, the
+        -- dict is full): one line per interval.
+        log_failure(SOURCE, err)
         return nil, err
     end
 
@@ -235,18 +241,8 @@ end
 -- context: init_worker_by_lua*, and any phase where timers can be made;
 -- without sync_interval, also init_by_lua*.
 function _M.new(shdict_name, sync_interval)
-    if type(shdict_name) ~= "string" then
-        error('bad "shdict_name" argument: string expected, got '
-              .. type(shdict_name), 2)
-    end
-
-    if sync_interval ~= nil
-       and (type(sync_interval) ~= "number"
-            or not (sync_interval > 0 and sync_interval < 1 / 0))
-    then
-        error('bad "sync_interval" argument: a positive finite number '
-              .. 'of seconds expected, got ' .. tostring(sync_interval), 2)
-    end
+    check.string(shdict_name, "shdict_name", 2)
+    check.seconds(sync_interval, "sync_interval", 2, false)
 
     local handle, err = engine.attach(shdict_name)
     if not handle then
@@ -334,6 +330,10 @@ end
 -- Misuse raises; `nil, err` when the engine has no room for a new key, or
 -- when the sum would leave +-(2^53 - 1) (nothing is added then).
 function _M.incr(self, key, step)
+    if type(self) ~= "table" then
+        dot_call("c", "incr", 2)
+    end
+
     -- A bad step raises before the key gets a record: a raised incr leaves
     -- no trace, not even a key created at 0.
     if step ~= nil and (type(step) ~= "number"
@@ -376,6 +376,9 @@ end
 -- nil and "not a number" when the dict holds something else for the key
 -- (nothing is subtracted then, as `dict:incr` would refuse).
 function _M.reset(self, key, number)
+    if type(self) ~= "table" then
+        dot_call("c", "reset", 2)
+    end
     check_key(key, 2, MAX_KEY_LEN)
     number = check_amount(number, "number", 2)
 
@@ -412,6 +415,9 @@ end
 -- (no interval) reads the dict, which changes when sync() copies into it,
 -- as Kong's does. A key the engine never counted reads the dict either way.
 function _M.get(self, key)
+    if type(self) ~= "table" then
+        dot_call("c", "get", 2)
+    end
     check_key(key, 2, MAX_KEY_LEN)
     if not self.exact then
         return self.dict:get(key)
@@ -441,17 +447,15 @@ end
 -- The dict's keys, at most `max_count` (default 1024, 0 for all), as
 -- `ngx.shared.DICT:get_keys` returns them.
 function _M.get_keys(self, max_count)
+    if type(self) ~= "table" then
+        dot_call("c", "get_keys", 2)
+    end
+
     if max_count == nil then
         return self.dict:get_keys()
     end
 
-    if type(max_count) ~= "number" or max_count < 0
-       or max_count % 1 ~= 0
-    then
-        error('bad "max_count" argument: a non-negative integer expected, '
-              .. 'got ' .. tostring(max_count), 2)
-    end
-
+    check.integer(max_count, "max_count", 0, 1 / 0, 2)
     return self.dict:get_keys(max_count)
 end
 
@@ -470,6 +474,10 @@ end
 -- never evicts; nothing pending lives in a worker to lose), kept for
 -- configurations that read them.
 function _M.self_metrics(self)
+    if type(self) ~= "table" then
+        dot_call("c", "self_metrics", 2)
+    end
+
     local metrics = self.metrics
     local stats = engine.stats(self.engine)
     return {

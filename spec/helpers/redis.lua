@@ -180,6 +180,42 @@ function server:cleanup()
 end
 
 
+-- A DNS server on loopback for Redis hosts given by name: dnsmasq on a
+-- free port, answering "localhost" with 127.0.0.1 (nginx's resolver does
+-- not read /etc/hosts) and refusing the rest: no upstream server, so it
+-- never sends a query anywhere. `running` is false when dnsmasq is not
+-- installed; `port` is then still one where nothing answers. Stopped by
+-- its PID like a Redis server.
+function _M.start_dns()
+    local dir = nginx.read("mktemp -d /tmp/resty-counter-dns.XXXXXX")
+                :gsub("%s+$", "")
+    local self = setmetatable({ dir = dir, port = nginx.free_port(),
+                                running = false }, server)
+    if not nginx.sh("command -v dnsmasq >/dev/null 2>&1") then
+        return self
+    end
+
+    assert(nginx.sh("dnsmasq --port=" .. self.port
+                    .. " --listen-address=127.0.0.1 --bind-interfaces"
+                    .. " --no-resolv --no-hosts --no-poll"
+                    .. " --host-record=localhost,127.0.0.1"
+                    .. " --user=nobody --group=nogroup"
+                    .. " --pid-file=" .. dir .. "/dnsmasq.pid"
+                    .. " --log-facility=" .. dir .. "/dnsmasq.log"),
+           "dnsmasq did not start")
+    for _ = 1, 50 do
+        self.pid = tonumber(nginx.read_file(dir .. "/dnsmasq.pid") or "")
+        if self.pid then
+            self.running = true
+            return self
+        end
+        nginx.sleep(0.1)
+    end
+    error("dnsmasq wrote no pid: "
+          .. (nginx.read_file(dir .. "/dnsmasq.log") or ""))
+end
+
+
 -- A Redis Cluster of real servers on loopback, and the moves a cluster
 -- makes (a slot migrating from one node to another), driven through
 -- redis-cli. Usable from the host and from inside an nginx worker (where

@@ -54,7 +54,8 @@ describe("resty.counter", function()
         it("raises on a dict name that is not a string", function()
             assert.matches('bad "shdict_name" argument: string expected, got nil',
                            raised(counter.new), 1, true)
-            assert.matches('got number', raised(counter.new, 1), 1, true)
+            assert.matches('bad "shdict_name" argument: string expected, got 1 (a number)',
+                           raised(counter.new, 1), 1, true)
         end)
 
         it("raises on an interval that is not a positive finite number", function()
@@ -225,9 +226,9 @@ describe("resty.counter", function()
             local cases = {
                 { nil, 'bad "key" argument: string expected, got nil' },
                 { "", 'bad "key" argument: empty string' },
-                { 1, 'bad "key" argument: string expected, got number' },
-                { {}, 'bad "key" argument: string expected, got table' },
-                { true, 'bad "key" argument: string expected, got boolean' },
+                { 1, 'bad "key" argument: string expected, got 1 (a number)' },
+                { {}, 'bad "key" argument: string expected, got a table' },
+                { true, 'bad "key" argument: string expected, got true (a boolean)' },
                 { string.rep("x", 65535),
                   'bad "key" argument: 65535 bytes, longer than 65534' },
             }
@@ -252,8 +253,8 @@ describe("resty.counter", function()
                 { 0 / 0, "is not a finite number" },
                 { 1 / 0, "inf is not a finite number" },
                 { -1 / 0, "-inf is not a finite number" },
-                { {}, "number expected, got table" },
-                { true, "number expected, got boolean" },
+                { {}, "number expected, got a table" },
+                { true, "number expected, got true (a boolean)" },
                 { "abc", '"abc" is not a number' },
                 { "nan", "is not a finite number" },
                 { 2^53, "beyond the exact integer range" },

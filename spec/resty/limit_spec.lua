@@ -50,7 +50,8 @@ describe("resty.counter.limit", function()
                 { { limit = 1, window = 0 }, 'bad "opts.window"' },
                 { { limit = 1, window = 1 / 0 }, 'bad "opts.window"' },
                 { { limit = 1, window = 1, algorithm = "leaky" },
-                  'bad "opts.algorithm" argument: "fixed" or "sliding" expected, got leaky' },
+                  'bad "opts.algorithm" argument: "fixed" or "sliding" expected, '
+                  .. 'got "leaky" (a string)' },
                 { { limit = 1, window = 1, name = "a/b" }, 'bad "opts.name"' },
                 { { limit = 1, window = 1, clock = 5 }, 'bad "opts.clock"' },
             }

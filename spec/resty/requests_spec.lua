@@ -67,7 +67,7 @@ describe("resty.counter.requests", function()
             assert.matches('bad "opts" argument: table expected',
                            raised(requests.new, "requests", 5))
             assert.matches('bad "opts.window" argument: a whole number of '
-                           .. 'seconds >= 1 expected, got 1.5',
+                           .. 'seconds >= 1 expected, got 1.5 %(a number%)',
                            raised(requests.new, "requests", { window = 1.5 }))
             assert.matches('bad "opts.previous" argument',
                            raised(requests.new, "requests",
@@ -77,7 +77,7 @@ describe("resty.counter.requests", function()
             assert.matches('bad "opts.flush_interval" argument',
                            raised(requests.new, "requests",
                                   { flush_interval = 0 }))
-            assert.matches('bad "opts.clock" argument: a function expected',
+            assert.matches('bad "opts.clock" argument: function expected, got 1 %(a number%)',
                            raised(requests.new, "requests", { clock = 1 }))
             assert.matches('bad "key" argument: empty string',
                            raised(requests.new, "requests",
@@ -286,8 +286,8 @@ describe("resty.counter.requests", function()
             local cases = {
                 { nil, 'bad "key" argument: string expected, got nil' },
                 { "", 'bad "key" argument: empty string' },
-                { 5, 'bad "key" argument: string expected, got number' },
-                { {}, 'bad "key" argument: string expected, got table' },
+                { 5, 'bad "key" argument: string expected, got 5 (a number)' },
+                { {}, 'bad "key" argument: string expected, got a table' },
                 { string.rep("k", 65536), 'bad "key" argument: 65536 bytes, '
                                          .. 'longer than 65535' },
                 { "\255\254", 'bad "key" argument: not valid UTF-8' },
@@ -310,7 +310,7 @@ describe("resty.counter.requests", function()
                 { 1 / 0, 'inf is not a finite number' },
                 { "abc", 'bad "latency" argument: "abc" is not a number' },
                 { "-1", 'bad "latency" argument: -1 is negative' },
-                { {}, 'bad "latency" argument: number expected, got table' },
+                { {}, 'bad "latency" argument: number expected, got a table' },
             }
             for _, case in ipairs(cases) do
                 local err = raised(r.record, r, "k", case[1])

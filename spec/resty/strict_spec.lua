@@ -48,7 +48,7 @@ describe("resty.counter.strict", function()
         it("raises on bad arguments, blaming the caller", function()
             assert.matches('bad "shdict_name" argument: string expected, got nil',
                            raised(strict.new), 1, true)
-            assert.matches('bad "opts" argument: table expected, got string',
+            assert.matches('bad "opts" argument: table expected, got "x" (a string)',
                            raised(strict.new, "strict", "x"), 1, true)
             for _, name in ipairs({ "", "a/b", "a!b", ("x"):rep(65), 1 }) do
                 assert.matches('bad "opts.name" argument',
@@ -134,8 +134,8 @@ describe("resty.counter.strict", function()
                 { "9223372036854775808", '"9223372036854775808" is not a base-10 int64' },
                 { "-9223372036854775809", '"-9223372036854775809" is not a base-10 int64' },
                 { 9223372036854775808ULL, "beyond the int64 range" },
-                { true, "number expected, got boolean" },
-                { {}, "number expected, got table" },
+                { true, "number expected, got true (a boolean)" },
+                { {}, "number expected, got a table" },
             }
             for _, case in ipairs(cases) do
                 for _, m in ipairs({ "inc", "dec", "set" }) do
@@ -304,8 +304,10 @@ describe("resty.counter.strict", function()
 
         it("raise on a bad comparator or operand", function()
             assert.matches('bad "cmp" argument: one of always, eq, ne, lt, le, gt, ge '
-                           .. 'expected, got "<"', raised(c.inc_if, c, "a", "<", 1), 1, true)
-            assert.matches('got nil', raised(c.set_if, c, "a", nil, 1, 1), 1, true)
+                           .. 'expected, got "<" (a string)', raised(c.inc_if, c, "a", "<", 1),
+                           1, true)
+            assert.matches('bad "cmp" argument: one of always, eq, ne, lt, le, gt, ge '
+                           .. 'expected, got nil', raised(c.set_if, c, "a", nil, 1, 1), 1, true)
             assert.matches('bad "operand" argument: number expected, got nil',
                            raised(c.inc_if, c, "a", "lt", nil, 1), 1, true)
             assert.matches('bad "operand" argument: nan is not a finite number',
@@ -369,9 +371,10 @@ describe("resty.counter.strict", function()
         it("raise on bad batches before touching anything", function()
             assert.matches('bad "updates" argument: table expected, got nil',
                            raised(c.inc_all, c), 1, true)
-            assert.matches('bad "keys" argument: table expected, got string',
+            assert.matches('bad "keys" argument: table expected, got "a" (a string)',
                            raised(c.get_all, c, "a"), 1, true)
-            assert.matches('bad "updates" argument: entry 2: table expected, got string',
+            assert.matches('bad "updates" argument: entry 2: table expected, '
+                           .. 'got "b" (a string)',
                            raised(c.set_all, c, { { "a", 1 }, "b" }), 1, true)
             assert.matches('bad "key" argument: empty string',
                            raised(c.inc_all, c, { { "a", 1 }, { "", 1 } }), 1, true)

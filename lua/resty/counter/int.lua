@@ -14,6 +14,7 @@
 
 local ffi = require "ffi"
 local core = require "resty_counter_core"
+local check = require "resty.counter.check"
 
 
 local ffi_new = ffi.new
@@ -94,9 +95,8 @@ local result = ffi_new("rc_int_result_t")
 local parsed = ffi_new("int64_t[1]")
 
 
-local function bad(name, why, level)
-    error(fmt('bad "%s" argument: %s', name, why), level + 1)
-end
+local bad = check.bad
+local expected = check.expected
 
 
 -- syntax: v = int.lua_value(i64)
@@ -148,8 +148,8 @@ function _M.integer(value, name, level)
             end
             return ffi_cast(int64_t, value)
         end
-        bad(name, "int64_t expected, got " .. tostring(ffi.typeof(value)),
-            level + 1)
+        bad(name, "int64_t expected, got " .. tostring(ffi.typeof(value))
+                  .. " (a cdata)", level + 1)
     end
 
     if t == "string" then
@@ -165,7 +165,7 @@ function _M.integer(value, name, level)
     end
 
     -- check.amount's words: "number" (an integer, which 1.5 is told).
-    bad(name, "number expected, got " .. t, level + 1)
+    expected(name, "number", value, level + 1)
 end
 
 
@@ -173,10 +173,8 @@ end
 function _M.cmp(value, level)
     local code = CMP[value]
     if not code then
-        bad("cmp", fmt("one of always, eq, ne, lt, le, gt, ge expected, "
-                       .. "got %s", type(value) == "string"
-                                    and fmt("%q", value) or type(value)),
-            level + 1)
+        expected("cmp", "one of always, eq, ne, lt, le, gt, ge", value,
+                 level + 1)
     end
     return code
 end

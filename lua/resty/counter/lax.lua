@@ -20,8 +20,10 @@
 
 
 local strict = require "resty.counter.strict"
+local backoff = require "resty.counter.backoff"
 local check = require "resty.counter.check"
 local int = require "resty.counter.int"
+local log = require "resty.counter.log"
 local redis = require "resty.counter.redis"
 local new_tab = require "table.new"
 local nkeys = require "table.nkeys"
@@ -29,16 +31,15 @@ local ffi = require "ffi"
 
 
 local ngx = ngx
-local ngx_log = ngx.log
-local ngx_ERR = ngx.ERR
 local ngx_now = ngx.now
 local worker_pid = ngx.worker.pid
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
 local timer_at = ngx.timer.at
 local check_key = check.key
+local dot_call = check.dot_call
+local log_failure = log.failure
 local int_integer = int.integer
-local error = error
 local next = next
 local pairs = pairs
 local pcall = pcall
@@ -61,6 +62,12 @@ local OP_SET = int.OP_SET
 -- The worker's last-read shared values are dropped past this many keys
 -- (and read again when needed), so memory stays bounded.
 local MAX_SEEN = 65536
+
+-- While Redis cannot be reached, timed flushes back off: the wait doubles
+-- from allowed_lag up to this many seconds (or allowed_lag, if longer).
+local MAX_RETRY_WAIT = 1
+
+local SOURCE = "resty.counter.lax"
 
 
 local _M = { _VERSION = "0.1.0" }
@@ -169,9 +176,9 @@ local function send(self, batch)
         if type(r) == "string" and r:sub(1, 1) == "!" then
             -- Applying it again would fail again: dropped, counted, said.
             metrics.dropped = metrics.dropped + 1
-            ngx_log(ngx_ERR, "resty.counter.lax: dropped the delta ",
-                    tostring(batch.deltas[i]), " of key \"", batch.keys[i],
-                    "\": ", r:sub(2))
+            log_failure(SOURCE, fmt('dropped the delta %s of key "%s": %s',
+                                    tostring(batch.deltas[i]), batch.keys[i],
+                                    r:sub(2)))
         else
             local value = int.decode(r)
             if value ~= nil then
@@ -206,9 +213,9 @@ local function cap_pending(self)
         drop = drop - 1
         self.metrics.dropped = self.metrics.dropped + 1
     end
-    ngx_log(ngx_ERR, "resty.counter.lax: ", count - self.max_pending,
-            " pending keys dropped past max_pending (", self.max_pending,
-            ") while redis cannot take them")
+    log_failure(SOURCE, (count - self.max_pending) .. " pending keys dropped "
+                .. "past max_pending (" .. self.max_pending .. ") while "
+                .. "redis cannot take them")
 end
 
 
@@ -308,7 +315,7 @@ flush = function(self)
             if not ok then
                 err = "cannot flush to redis from the " .. get_phase()
                       .. " phase: " .. tostring(err)
-                ngx_log(ngx_ERR, "resty.counter.lax: ", err)
+                log_failure(SOURCE, err)
                 return nil, err
             end
             return true
@@ -316,7 +323,7 @@ flush = function(self)
 
         local ok, err = flush_redis(self)
         if not ok then
-            ngx_log(ngx_ERR, "resty.counter.lax: ", err)
+            log_failure(SOURCE, err)
         end
         return ok, err
     end
@@ -366,7 +373,7 @@ flush = function(self)
     if failed > 0 then
         local msg = fmt('%d keys not flushed to dict "%s", kept pending '
                         .. '(%s)', failed, self.dict_name, first_err)
-        ngx_log(ngx_ERR, msg)
+        log_failure(SOURCE, msg)
         return nil, msg
     end
     return true
@@ -374,9 +381,22 @@ end
 _M.flush = flush
 
 
-local function tick(premature, self) -- luacheck: ignore premature
-    -- The premature run (reload, shutdown) flushes too.
-    flush(self)
+local function tick(premature, self)
+    -- The premature run (reload, shutdown) flushes too. On Redis, after a
+    -- failed flush the next one waits for its backoff.
+    local retry = self.retry
+    if premature or not retry then
+        flush(self)
+    elseif retry:due() then
+        retry:result(flush(self))
+    end
+end
+
+
+-- The options of lax.new: strict's and its own.
+local OPTIONS = { allowed_lag = true, max_pending = true }
+for name in pairs(strict._OPTIONS) do
+    OPTIONS[name] = true
 end
 
 
@@ -387,18 +407,13 @@ end
 -- opts: those of strict.new (name, timeout, lock_ttl), and allowed_lag
 -- (seconds between flushes, default 0.02).
 function _M.new(shdict_name, opts)
-    if opts ~= nil and type(opts) ~= "table" then
-        error('bad "opts" argument: table expected, got ' .. type(opts), 2)
-    end
+    opts = check.table(opts, "opts", 2)
+    check.options(opts, OPTIONS, "opts", 2)
+    local lag = check.seconds(opts.allowed_lag, "opts.allowed_lag", 2, 0.02)
+    local max_pending = check.integer(opts.max_pending, "opts.max_pending",
+                                      1, 1 / 0, 2, 100000)
 
-    local lag = strict._positive((opts or {}).allowed_lag or 0.02,
-                                 "opts.allowed_lag", 2)
-
-    -- Raises on bad arguments, blaming our caller.
-    local ok, shared, err = pcall(strict.new, shdict_name, opts)
-    if not ok then
-        error((shared:gsub("^[^:]+:%d+: ", "")), 2)
-    end
+    local shared, err = strict._new(shdict_name, opts, OPTIONS, 2)
     if not shared then
         return nil, err
     end
@@ -406,14 +421,6 @@ function _M.new(shdict_name, opts)
     if get_phase() == "init" then
         return nil, "cannot create a flush timer in init_by_lua*: "
                     .. "create the counter in init_worker_by_lua*"
-    end
-
-    local max_pending = (opts or {}).max_pending or 100000
-    if type(max_pending) ~= "number" or max_pending < 1
-       or max_pending % 1 ~= 0
-    then
-        error('bad "opts.max_pending" argument: an integer >= 1 expected, '
-              .. 'got ' .. tostring(max_pending), 2)
     end
 
     local self = setmetatable({
@@ -434,9 +441,11 @@ function _M.new(shdict_name, opts)
                        .. tostring({}):match("0x(%x+)") .. ":",
         batch_seq = 0,
         inflight = nil,
+        retry = shared.engine and backoff.new(lag, MAX_RETRY_WAIT),
         metrics = { duplicates = 0, dropped = 0 },
     }, mt)
 
+    local ok
     ok, err = timer_every(lag, tick, self)
     if not ok then
         return nil, "failed to create the flush timer: " .. err
@@ -523,6 +532,9 @@ end
 -- creates the key. Where the view or the step is beyond +-(2^53 - 1) the
 -- increment is applied strictly at once instead.
 function _M.inc(self, key, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "inc", 2)
+    end
     check_key(key, 2, self.max_key_len)
     if n == nil then
         n = 1
@@ -563,6 +575,9 @@ end
 --
 -- Subtracts `n` (default 1); as `inc`.
 function _M.dec(self, key, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "dec", 2)
+    end
     check_key(key, 2, self.max_key_len)
     if n == nil then
         n = 1
@@ -586,6 +601,9 @@ end
 -- The shared value, read now, plus this worker's pending delta (not the
 -- other workers' pending deltas). Also refreshes the worker's view.
 function _M.get(self, key)
+    if type(self) ~= "table" then
+        dot_call("c", "get", 2)
+    end
     check_key(key, 2, self.max_key_len)
     local value, err = self.shared:get(key)
     if value == nil then
@@ -620,6 +638,9 @@ end
 -- Strict: sets the shared value now and drops this worker's pending delta
 -- for `key` (other workers' pending deltas still add to it later).
 function _M.set(self, key, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "set", 2)
+    end
     check_key(key, 2, self.max_key_len)
     n = int_integer(n, "n", 2)
     if ttl ~= nil then
@@ -644,6 +665,9 @@ end
 -- Strict: removes the key now and drops this worker's pending delta;
 -- returns the worker's view of the value removed.
 function _M.del(self, key)
+    if type(self) ~= "table" then
+        dot_call("c", "del", 2)
+    end
     check_key(key, 2, self.max_key_len)
     local old, err = self.shared:del(key)
     if old == nil then
@@ -671,6 +695,9 @@ end
 -- comparison fails). Not atomic across workers: two workers may both see
 -- "lt 10" and both add. Use strict for caps that must hold exactly.
 function _M.inc_if(self, key, cmp, operand, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "inc_if", 2)
+    end
     check_key(key, 2, self.max_key_len)
     cmp, operand = strict._check_condition(cmp, operand, 2)
     if n == nil then
@@ -703,6 +730,9 @@ end
 -- Compares the worker's view as `inc_if` does; when it holds, sets as
 -- `set` (strictly, but the comparison and the set are two steps).
 function _M.set_if(self, key, cmp, operand, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "set_if", 2)
+    end
     check_key(key, 2, self.max_key_len)
     cmp, operand = strict._check_condition(cmp, operand, 2)
     n = int_integer(n, "n", 2)
@@ -730,6 +760,7 @@ end
 --
 -- `get` of each key, in order (not one snapshot).
 function _M.get_all(self, keys)
+    check.self(self, mt, "c", "get_all", 2)
     local count = strict._check_list(keys, "keys", 2)
     for i = 1, count do
         check_key(keys[i], 2, self.max_key_len)
@@ -780,6 +811,7 @@ end
 --
 -- `inc` of each `{ key, n?, ttl? }`, in order; the views in order.
 function _M.inc_all(self, updates)
+    check.self(self, mt, "c", "inc_all", 2)
     local news, err, i = each(self, updates, false, OP_ADD, _M.inc, 2)
     return news, err, i
 end
@@ -791,6 +823,7 @@ end
 --
 -- `set` of each `{ key, n, ttl? }`, in order (each strict, not together).
 function _M.set_all(self, updates)
+    check.self(self, mt, "c", "set_all", 2)
     local news, err, i = each(self, updates, false, OP_SET, _M.set, 2)
     return news, err, i
 end
@@ -802,6 +835,7 @@ end
 --
 -- `inc_if` of each `{ key, cmp, operand, n?, ttl? }`, in order.
 function _M.inc_all_if(self, updates)
+    check.self(self, mt, "c", "inc_all_if", 2)
     return each(self, updates, true, OP_ADD, _M.inc_if, 2)
 end
 
@@ -812,6 +846,7 @@ end
 --
 -- `set_if` of each `{ key, cmp, operand, n, ttl? }`, in order.
 function _M.set_all_if(self, updates)
+    check.self(self, mt, "c", "set_all_if", 2)
     return each(self, updates, true, OP_SET, _M.set_if, 2)
 end
 
@@ -823,6 +858,9 @@ end
 -- Drops this worker's pending deltas and clears the shared values (as
 -- strict's clear). Other workers' pending deltas arrive afterwards.
 function _M.clear(self)
+    if type(self) ~= "table" then
+        dot_call("c", "clear", 2)
+    end
     self.pending = new_tab(0, 16)
     self.ttls = {}
     self.seen = {}
@@ -835,6 +873,9 @@ end
 --
 -- context: any phase
 function _M.pending_keys(self)
+    if type(self) ~= "table" then
+        dot_call("c", "pending_keys", 2)
+    end
     local n = 0
     for _ in pairs(self.pending) do
         n = n + 1
@@ -857,6 +898,9 @@ end
 -- overflow or a non-integer, or Redis stayed unreachable with more than
 -- `max_pending` keys pending), `pending_keys`.
 function _M.self_metrics(self)
+    if type(self) ~= "table" then
+        dot_call("c", "self_metrics", 2)
+    end
     local m = self.metrics
     return { duplicates = m.duplicates, dropped = m.dropped,
              pending_keys = self:pending_keys() }

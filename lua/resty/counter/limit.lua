@@ -35,14 +35,13 @@ local ngx_shared = ngx.shared
 local ngx_now = ngx.now
 local ngx_header = ngx.header
 local check_key = check.key
+local dot_call = check.dot_call
 local C = int.C
-local error = error
 local setmetatable = setmetatable
 local tostring = tostring
 local type = type
 local ceil = math.ceil
 local floor = math.floor
-local fmt = string.format
 
 
 local _M = { _VERSION = "0.1.0" }
@@ -50,6 +49,11 @@ local mt = { __index = _M }
 
 
 local ALGORITHMS = { fixed = true, sliding = true }
+
+-- The options of limit.new.
+local OPTIONS = { limit = true, window = true, algorithm = true, name = true,
+                  clock = true, redis = true, prefix = true,
+                  on_redis_error = true }
 
 
 -- syntax: lim, err = limit.new(shdict_name, opts)
@@ -62,51 +66,26 @@ local ALGORITHMS = { fixed = true, sliding = true }
 -- seconds, default ngx.now; for tests). With redis (the options of
 -- resty.counter.redis.new), prefix (default "rc:") and on_redis_error
 -- ("allow", the default, or "reject"), the counts live in Redis
--- (resty.counter.limit_redis) and `shdict_name` may be nil.
+-- (resty.counter.limit_redis) and `shdict_name` may be nil. An unknown
+-- option raises.
 function _M.new(shdict_name, opts)
     if type(opts) ~= "table" then
-        error('bad "opts" argument: table expected, got ' .. type(opts), 2)
+        check.expected("opts", "table", opts, 2)
     end
-    if type(shdict_name) ~= "string"
-       and not (shdict_name == nil and opts.redis ~= nil)
-    then
-        error('bad "shdict_name" argument: string expected, got '
-              .. type(shdict_name), 2)
+    check.options(opts, OPTIONS, "opts", 2)
+    if not (shdict_name == nil and opts.redis ~= nil) then
+        check.string(shdict_name, "shdict_name", 2)
     end
 
-    local limit = opts.limit
-    if type(limit) ~= "number" or limit < 1 or limit ~= floor(limit)
-       or limit == 1 / 0
-    then
-        error('bad "opts.limit" argument: an integer >= 1 expected, got '
-              .. tostring(limit), 2)
-    end
-
-    local window = opts.window
-    if type(window) ~= "number" or not (window > 0 and window < 1 / 0) then
-        error('bad "opts.window" argument: a positive finite number of '
-              .. 'seconds expected, got ' .. tostring(window), 2)
-    end
-
+    local limit = check.integer(opts.limit, "opts.limit", 1, 1 / 0, 2)
+    local window = check.seconds(opts.window, "opts.window", 2)
     local algorithm = opts.algorithm or "fixed"
     if not ALGORITHMS[algorithm] then
-        error('bad "opts.algorithm" argument: "fixed" or "sliding" '
-              .. 'expected, got ' .. tostring(algorithm), 2)
+        check.expected("opts.algorithm", '"fixed" or "sliding"', algorithm,
+                       2)
     end
-
-    local name = opts.name or "limit"
-    if type(name) ~= "string" or #name == 0 or #name > 64
-       or name:find("[^%w_.-]")
-    then
-        error('bad "opts.name" argument: 1 to 64 letters, digits, "_", '
-              .. '"." or "-" expected, got ' .. tostring(name), 2)
-    end
-
-    local clock = opts.clock or ngx_now
-    if type(clock) ~= "function" then
-        error('bad "opts.clock" argument: function expected, got '
-              .. type(clock), 2)
-    end
+    local name = check.name(opts.name, "opts.name", 2, "limit")
+    local clock = check.func(opts.clock, "opts.clock", 2, ngx_now)
 
     local engine, dict
     if opts.redis ~= nil then
@@ -199,6 +178,9 @@ end
 -- `remaining` is how many more events the window allows after this one.
 -- Other errors are the dict's ("no memory").
 function _M.incoming(self, key, commit)
+    if type(self) ~= "table" then
+        dot_call("lim", "incoming", 2)
+    end
     check_key(key, 2, self.max_key_len)
 
     local dict, limit = self.dict, self.limit
@@ -248,6 +230,9 @@ end
 -- Gives back one event committed by `incoming` in the current window
 -- (when another limiter rejected the request, say).
 function _M.uncommit(self, key)
+    if type(self) ~= "table" then
+        dot_call("lim", "uncommit", 2)
+    end
     check_key(key, 2, self.max_key_len)
 
     local dict = self.dict
@@ -277,6 +262,9 @@ end
 -- end of the window when it is full. Sliding: when the estimate first
 -- leaves room, maybe within this window.
 function _M.wait(self, key)
+    if type(self) ~= "table" then
+        dot_call("lim", "wait", 2)
+    end
     check_key(key, 2, self.max_key_len)
 
     local index, elapsed, dkey = current(self, key)
@@ -304,6 +292,9 @@ end
 --
 -- Seconds until the current window ends (`RateLimit-Reset`).
 function _M.reset(self, key)
+    if type(self) ~= "table" then
+        dot_call("lim", "reset", 2)
+    end
     check_key(key, 2, self.max_key_len)
     local _, elapsed = current(self, key)
     return self.window - elapsed
@@ -317,6 +308,9 @@ end
 -- For a limiter on Redis, what this worker answered when Redis could not:
 -- `failed_open` (events allowed) and `failed_closed` (events rejected).
 function _M.self_metrics(self)
+    if type(self) ~= "table" then
+        dot_call("lim", "self_metrics", 2)
+    end
     local engine = self.engine
     return {
         failed_open = engine and engine.failed_open or 0,
@@ -335,10 +329,12 @@ end
 -- `remaining` is nil, `Retry-After` (whole seconds from `wait`, at least
 -- 1).
 function _M.set_headers(self, key, remaining)
+    if type(self) ~= "table" then
+        dot_call("lim", "set_headers", 2)
+    end
     check_key(key, 2, self.max_key_len)
     if remaining ~= nil and type(remaining) ~= "number" then
-        error(fmt('bad "remaining" argument: number or nil expected, got '
-                  .. '%s', type(remaining)), 2)
+        check.expected("remaining", "number or nil", remaining, 2)
     end
 
     ngx_header["RateLimit-Limit"] = self.limit

@@ -17,14 +17,13 @@
 -- outcome counted.
 
 
+local check = require "resty.counter.check"
 local redis = require "resty.counter.redis"
 
 
 local ngx = ngx
 local get_phase = ngx.get_phase
-local error = error
 local tonumber = tonumber
-local tostring = tostring
 local type = type
 local fmt = string.format
 local floor = math.floor
@@ -81,12 +80,12 @@ function _M.new(opts, name, level)
     local key_prefix = redis.key_prefix(opts, name, level + 1)
     local on_error = opts.on_redis_error or "allow"
     if on_error ~= "allow" and on_error ~= "reject" then
-        error('bad "opts.on_redis_error" argument: "allow" or "reject" '
-              .. 'expected, got ' .. tostring(on_error), level + 1)
+        check.expected("opts.on_redis_error", '"allow" or "reject"',
+                       on_error, level + 1)
     end
 
     return {
-        client = redis.new(opts.redis, level + 1),
+        client = redis.new(opts.redis, level + 1, "opts.redis"),
         key_prefix = key_prefix,
         fail_open = on_error == "allow",
         -- what Redis being unreachable made this worker answer

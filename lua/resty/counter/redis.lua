@@ -18,6 +18,7 @@
 
 
 local bit = require "bit"
+local check = require "resty.counter.check"
 local ngx = ngx
 local ngx_sha1_bin = ngx.sha1_bin
 local band = bit.band
@@ -69,61 +70,7 @@ local _M = {
 local mt = { __index = _M }
 
 
-local function bad(name, why, level)
-    error(fmt('bad "%s" argument: %s', name, why), level + 1)
-end
-
-
-local function seconds(opts, name, default, level)
-    local v = opts[name]
-    if v == nil then
-        return default
-    end
-    if type(v) ~= "number" or not (v > 0 and v < 1 / 0) then
-        bad("opts." .. name, "a positive finite number of seconds expected, "
-            .. "got " .. tostring(v), level + 1)
-    end
-    return v
-end
-
-
-local function whole(opts, name, default, min, max, level)
-    local v = opts[name]
-    if v == nil then
-        return default
-    end
-    if type(v) ~= "number" or v % 1 ~= 0 or v < min or v > max then
-        bad("opts." .. name, fmt("an integer from %d to %d expected, got %s",
-                                 min, max, tostring(v)), level + 1)
-    end
-    return v
-end
-
-
-local function text(opts, name, default, level)
-    local v = opts[name]
-    if v == nil then
-        return default
-    end
-    if type(v) ~= "string" or v == "" then
-        bad("opts." .. name, "a non-empty string expected, got "
-            .. tostring(v), level + 1)
-    end
-    return v
-end
-
-
-local function flag(opts, name, default, level)
-    local v = opts[name]
-    if v == nil then
-        return default
-    end
-    if type(v) ~= "boolean" then
-        bad("opts." .. name, "boolean expected, got " .. tostring(v),
-            level + 1)
-    end
-    return v
-end
+local bad = check.bad
 
 
 -- syntax: s = redis.integer(n)
@@ -206,9 +153,8 @@ _M.key_slot = key_slot
 function _M.key_prefix(opts, name, level)
     local prefix = opts.prefix or "rc:"
     if type(prefix) ~= "string" or find(prefix, "[{}]") then
-        bad("opts.prefix", "a string without \"{\" or \"}\" expected "
-            .. "(the name is the hash tag), got " .. tostring(prefix),
-            level + 1)
+        check.expected("opts.prefix", 'a string without "{" or "}" (the '
+                       .. "name is the hash tag)", prefix, level + 1)
     end
     return prefix .. "{" .. name .. "}:"
 end
@@ -228,47 +174,72 @@ local function pool_name(self, host, port)
 end
 
 
--- syntax: client = redis.new(opts)
+-- The options of redis.new.
+local OPTIONS = {
+    host = true, port = true, path = true, password = true,
+    username = true, db = true, connect_timeout = true, send_timeout = true,
+    read_timeout = true, pool_size = true, keepalive = true, ssl = true,
+    ssl_verify = true, server_name = true,
+}
+
+
+-- syntax: client = redis.new(opts, level?)
 --
--- opts: host (default "127.0.0.1") and port (6379), or path (a Unix
--- socket); password, and username for a Redis 6+ ACL user (else AUTH with
--- the password alone: the default user); db (0); connect_timeout,
--- send_timeout, read_timeout
+-- opts: host (default "127.0.0.1": an IP address, or a name resolved by
+-- nginx's `resolver` directive, which must then be set) and port (6379),
+-- or path (a Unix socket); password, and username for a Redis 6+ ACL user
+-- (else AUTH with the password alone: the default user); db (0);
+-- connect_timeout, send_timeout, read_timeout
 -- (seconds, default 0.1 each: a request is never held longer waiting for
 -- Redis); pool_size (default 32) and keepalive (idle seconds, default 60);
 -- ssl (TLS, default false) with ssl_verify (default true: the certificate
 -- must chain to nginx's lua_ssl_trusted_certificate and name the server)
 -- and server_name (SNI and the name verified; default the host).
--- Raises on a bad option, and when no lua-resty-redis is installed.
-function _M.new(opts, level)
-    level = level or 2
+-- Raises on a bad or unknown option, and when no lua-resty-redis is
+-- installed, blaming the caller; `level` as error() would count it from
+-- the function that calls redis.new (1, the default: that function), and
+-- `name` what the caller calls `opts` (default "opts"; the counters say
+-- "opts.redis").
+function _M.new(opts, level, name)
+    -- From here on, counted from this function.
+    level = (level or 1) + 1
+    name = name or "opts"
     if type(opts) ~= "table" then
-        bad("opts.redis", "table expected, got " .. type(opts), level)
+        check.expected(name, "table", opts, level)
     end
+    check.options(opts, OPTIONS, name, level)
 
     if not driver then
         error("lua-resty-redis not found: install OpenResty's resty.redis "
               .. "or Debian's lua-nginx-redis (nginx.redis)", level)
     end
 
+    local seconds, whole, text, flag = check.seconds, check.integer,
+                                       check.text, check.flag
+    local p = name .. "."
     local self = {
-        host = text(opts, "host", "127.0.0.1", level),
-        port = whole(opts, "port", 6379, 1, 65535, level),
-        path = text(opts, "path", nil, level),
-        password = text(opts, "password", nil, level),
-        username = text(opts, "username", nil, level),
-        db = whole(opts, "db", 0, 0, 65535, level),
-        connect_timeout = seconds(opts, "connect_timeout", 0.1, level),
-        send_timeout = seconds(opts, "send_timeout", 0.1, level),
-        read_timeout = seconds(opts, "read_timeout", 0.1, level),
-        pool_size = whole(opts, "pool_size", 32, 1, 100000, level),
-        keepalive = seconds(opts, "keepalive", 60, level),
-        ssl = flag(opts, "ssl", false, level),
-        ssl_verify = flag(opts, "ssl_verify", true, level),
-        server_name = text(opts, "server_name", nil, level),
+        host = text(opts.host, p .. "host", level, "127.0.0.1"),
+        port = whole(opts.port, p .. "port", 1, 65535, level, 6379),
+        path = text(opts.path, p .. "path", level, false),
+        password = text(opts.password, p .. "password", level, false),
+        username = text(opts.username, p .. "username", level, false),
+        db = whole(opts.db, p .. "db", 0, 65535, level, 0),
+        connect_timeout = seconds(opts.connect_timeout, p .. "connect_timeout",
+                                  level, 0.1),
+        send_timeout = seconds(opts.send_timeout, p .. "send_timeout", level,
+                               0.1),
+        read_timeout = seconds(opts.read_timeout, p .. "read_timeout", level,
+                               0.1),
+        pool_size = whole(opts.pool_size, p .. "pool_size", 1, 100000, level,
+                          32),
+        keepalive = seconds(opts.keepalive, p .. "keepalive", level, 60),
+        ssl = flag(opts.ssl, p .. "ssl", level, false),
+        ssl_verify = flag(opts.ssl_verify, p .. "ssl_verify", level, true),
+        server_name = text(opts.server_name, p .. "server_name", level,
+                           false),
     }
     if self.username and not self.password then
-        bad("opts.username", "needs opts.password", level)
+        bad(p .. "username", "needs " .. p .. "password", level)
     end
     if self.path and self.path:sub(1, 5) ~= "unix:" then
         self.path = "unix:" .. self.path
@@ -348,8 +319,15 @@ local function connect(self, node)
     local address = node and node.address
                     or self.path or (self.host .. ":" .. self.port)
     if not ok then
-        return nil, "redis connect to " .. address .. " failed: "
-                    .. tostring(err)
+        err = tostring(err)
+        if find(err, "no resolver defined", 1, true) then
+            -- nginx resolves names with its own resolver, never through
+            -- /etc/hosts: without the directive no name can be reached.
+            err = err .. " (a host name needs nginx's resolver directive, "
+                  .. "e.g. \"resolver 127.0.0.53;\" in the http block, "
+                  .. "or give an IP address)"
+        end
+        return nil, "redis connect to " .. address .. " failed: " .. err
     end
 
     if not rawget(driver, "set_timeouts") then
@@ -546,6 +524,7 @@ end
 -- On a cluster it runs on the node of its first key's slot: every key of
 -- one call must share that slot (one hash tag).
 function _M.eval(self, script, nkeys, ...)
+    check.self(self, mt, "client", "eval", 2)
     local res, err = request(self, nkeys > 0 and (...) or nil, send_script,
                              script, nkeys, ...)
     if not res then
@@ -561,6 +540,7 @@ end
 -- connection handling as eval(); on a cluster it runs on the node of its
 -- first argument's slot, the key of GET, MGET, DEL and the like.
 function _M.command(self, name, ...)
+    check.self(self, mt, "client", "command", 2)
     local res, err = request(self, (...), send_command, name, ...)
     if not res then
         return nil, err
@@ -574,6 +554,7 @@ end
 -- One command on the node serving key's slot, for commands that name no
 -- key but are about one slot's keys (SCAN for a counter's hash tag).
 function _M.command_at(self, key, name, ...)
+    check.self(self, mt, "client", "command_at", 2)
     local res, err = request(self, key, send_command, name, ...)
     if not res then
         return nil, err

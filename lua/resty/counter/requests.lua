@@ -17,6 +17,7 @@
 local ffi = require "ffi"
 local base = require "resty.core.base"
 local check = require "resty.counter.check"
+local log = require "resty.counter.log"
 local store = require "resty.counter.store"
 local new_tab = require "table.new"
 
@@ -37,12 +38,13 @@ local timer_every = ngx.timer.every
 local worker_pid = ngx.worker.pid
 local check_key = check.key
 local check_latency = check.latency
+local dot_call = check.dot_call
+local log_failure = log.failure
 local ffi_errno = ffi.errno
 local ffi_gc = ffi.gc
 local libc = ffi.C
 local ffi_new = ffi.new
 local ffi_string = ffi.string
-local error = error
 local floor = math.floor
 local pcall = pcall
 local setmetatable = setmetatable
@@ -127,21 +129,21 @@ local mt = { __index = _M }
 local engines = {}
 
 
-local function bad(name, why, level)
-    error(fmt('bad "%s" argument: %s', name, why), level + 1)
-end
+local bad = check.bad
+local SOURCE = "resty.counter.requests"
 
 
-local function option(opts, name, default, valid, expected)
-    local value = opts[name]
-    if value == nil then
-        return default
-    end
+-- The options of requests.new (and of the drop-in's configure).
+local OPTIONS = {
+    window = true, previous = true, max_keys = true, overflow_key = true,
+    flush_interval = true, lock_timeout = true, clock = true,
+}
 
-    if not valid(value) then
-        bad("opts." .. name, expected .. " expected, got "
-            .. tostring(value), 3)
-    end
+
+local function option(opts, name, default, valid, expected, level)
+    -- Not a tail call: the level counts this frame.
+    local value = check.option(valid, expected)(opts[name], "opts." .. name,
+                                                level + 1, default or false)
     return value
 end
 
@@ -202,44 +204,31 @@ local function tick(premature, self)
 end
 
 
--- syntax: r, err = requests.new(shdict_name, opts?)
---
--- context: init_worker_by_lua*, and any phase where timers can be made
---
--- opts: window (seconds, integer, default 60), previous (windows kept
--- before the current one, default 2), max_keys (default 1000),
--- overflow_key (default "_overflow"), flush_interval (seconds, default 1),
--- lock_timeout (seconds a flush waits for another worker's, default 1),
--- clock (a function returning epoch seconds, for tests; default the
--- request's start time, and ngx.now() for `now`).
-function _M.new(shdict_name, opts)
-    if type(shdict_name) ~= "string" then
-        bad("shdict_name", "string expected, got " .. type(shdict_name), 2)
-    end
-
-    if opts == nil then
-        opts = {}
-
-    elseif type(opts) ~= "table" then
-        bad("opts", "table expected, got " .. type(opts), 2)
-    end
+-- What requests.new and the drop-in's configure share: misuse raises at
+-- `level` as error() would count it from the function calling this one.
+local function construct(shdict_name, opts, level)
+    level = level + 1
+    check.string(shdict_name, "shdict_name", level)
+    opts = check.table(opts, "opts", level)
+    check.options(opts, OPTIONS, "opts", level)
 
     local window = option(opts, "window", 60, positive_integer(2 ^ 31),
-                          "a whole number of seconds >= 1")
+                          "a whole number of seconds >= 1", level)
     local previous = option(opts, "previous", 2,
                             non_negative_integer(MAX_PREVIOUS),
-                            "an integer from 0 to " .. MAX_PREVIOUS)
+                            "an integer from 0 to " .. MAX_PREVIOUS, level)
     local max_keys = option(opts, "max_keys", 1000,
                             positive_integer(2 ^ 31),
-                            "an integer >= 1")
+                            "an integer >= 1", level)
     local overflow_key = opts.overflow_key or "_overflow"
-    check_request_key(overflow_key, 2)
+    check_request_key(overflow_key, level)
     local flush_interval = option(opts, "flush_interval", 1,
                                   positive_finite,
-                                  "a positive finite number of seconds")
+                                  "a positive finite number of seconds",
+                                  level)
     local lock_timeout = option(opts, "lock_timeout", 1, positive_finite,
-                                "a positive finite number of seconds")
-    local clock = option(opts, "clock", nil, is_function, "a function")
+                                "a positive finite number of seconds", level)
+    local clock = option(opts, "clock", nil, is_function, "function", level)
 
     local dict = ngx_shared[shdict_name]
     if not dict then
@@ -284,6 +273,25 @@ function _M.new(shdict_name, opts)
 
     engines[#engines + 1] = self
     return self
+end
+_M._new = construct
+
+
+-- syntax: r, err = requests.new(shdict_name, opts?)
+--
+-- context: init_worker_by_lua*, and any phase where timers can be made
+--
+-- opts: window (seconds, integer, default 60), previous (windows kept
+-- before the current one, default 2), max_keys (default 1000),
+-- overflow_key (default "_overflow"), flush_interval (seconds, default 1),
+-- lock_timeout (seconds a flush waits for another worker's, default 1),
+-- clock (a function returning epoch seconds, for tests; default the
+-- request's start time, and ngx.now() for `now`). An unknown option
+-- raises.
+function _M.new(shdict_name, opts)
+    -- Not a tail call: the level counts this frame.
+    local r, err = construct(shdict_name, opts, 2)
+    return r, err
 end
 
 
@@ -376,6 +384,9 @@ end
 -- greencheek drop-in). Misuse raises at `level` as error() would count it
 -- from the caller: 2 blames the caller's caller.
 function _M.record_from(self, key, latency, with_all, level)
+    if type(self) ~= "table" then
+        dot_call("r", "record_from", level + 1)
+    end
     local ms = latency_ms(latency, level + 1)
     local w = window_of(self, level + 1)
     local ok, err = record_in(self, key, w, ms, level + 1)
@@ -395,6 +406,9 @@ local record_from = _M.record_from
 -- such as $request_time) under `key`, in the window of the request's start
 -- time. Misuse raises; `nil, err` only if the worker cannot hold more.
 function _M.record(self, key, latency)
+    if type(self) ~= "table" then
+        dot_call("r", "record", 2)
+    end
     local ok, err = record_from(self, key, latency, false, 2)
     return ok, err
 end
@@ -404,6 +418,9 @@ end
 --
 -- As record(), under `key` and under "all".
 function _M.record_with_all(self, key, latency)
+    if type(self) ~= "table" then
+        dot_call("r", "record_with_all", 2)
+    end
     local ok, err = record_from(self, key, latency, true, 2)
     return ok, err
 end
@@ -521,9 +538,8 @@ local function merge_stored(self, slot, dict_key)
     local value, rc = merged(self, slot, stored)
     if not value and rc == CORRUPT_RECORD then
         self.metrics.corrupt = self.metrics.corrupt + 1
-        ngx_log(ngx_ERR, "resty.counter.requests: \"", dict_key,
-                "\" in dict \"", self.dict_name, "\" is not a record: ",
-                "replaced")
+        log_failure(SOURCE, fmt('"%s" in dict "%s" is not a record: replaced',
+                                dict_key, self.dict_name))
         stored = nil
         value, rc = merged(self, slot, nil)
     end
@@ -685,6 +701,9 @@ end
 -- Merges this worker's records into the dict. What cannot be written
 -- stays pending for the next flush, and `nil, err` says why.
 function _M.flush(self, no_yield)
+    if type(self) ~= "table" then
+        dot_call("r", "flush", 2)
+    end
     if self.flushing or #self.pending == 0 then
         return true
     end
@@ -694,8 +713,8 @@ function _M.flush(self, no_yield)
     if not token then
         self.flushing = false
         self.metrics.failed = self.metrics.failed + 1
-        ngx_log(ngx_ERR, "resty.counter.requests: flush of dict \"",
-                self.dict_name, "\" postponed: ", err)
+        log_failure(SOURCE, fmt('flush of dict "%s" postponed: %s',
+                                self.dict_name, err))
         return nil, err
     end
 
@@ -705,7 +724,7 @@ function _M.flush(self, no_yield)
     self.metrics.flushes = self.metrics.flushes + 1
 
     if not ok then
-        ngx_log(ngx_ERR, "resty.counter.requests: flush failed: ", failed)
+        log_failure(SOURCE, "flush failed: " .. tostring(failed))
         return nil, failed
     end
 
@@ -713,7 +732,7 @@ function _M.flush(self, no_yield)
         self.metrics.failed = self.metrics.failed + failed
         err = fmt('%d records not written to dict "%s", kept pending: %s',
                   failed, self.dict_name, first_err)
-        ngx_log(ngx_ERR, "resty.counter.requests: ", err)
+        log_failure(SOURCE, err)
         return nil, err
     end
 
@@ -783,6 +802,9 @@ end
 -- Every registered key's windows as JSON, in greencheek's shape plus
 -- p50/p90/p99/max. One dict read per record: no scan of the dict.
 function _M.stats(self)
+    if type(self) ~= "table" then
+        dot_call("r", "stats", 2)
+    end
     local ptr, err = report(self)
     if not ptr then
         return nil, err
@@ -801,6 +823,9 @@ end
 --
 -- context: any phase
 function _M.single_stats(self, key)
+    if type(self) ~= "table" then
+        dot_call("r", "single_stats", 2)
+    end
     check_request_key(key, 2)
     local ptr, err = report(self, key)
     if not ptr then
@@ -824,6 +849,9 @@ end
 -- latency as a histogram (both since the key was first recorded), the
 -- sliding-window rate as a gauge.
 function _M.prometheus(self)
+    if type(self) ~= "table" then
+        dot_call("r", "prometheus", 2)
+    end
     local ptr, err = report(self)
     if not ptr then
         return nil, err
@@ -844,6 +872,9 @@ end
 -- failed write: the dict was full), overflowed (requests counted under the
 -- overflow key), corrupt (records replaced), pending (records now).
 function _M.self_metrics(self)
+    if type(self) ~= "table" then
+        dot_call("r", "self_metrics", 2)
+    end
     local m = self.metrics
     return {
         flushes = m.flushes, failed = m.failed,

@@ -35,16 +35,15 @@ local ngx_now = ngx.now
 local update_time = ngx.update_time
 local get_phase = ngx.get_phase
 local check_key = check.key
+local dot_call = check.dot_call
 local int_integer = int.integer
 local int_cmp = int.cmp
 local int_apply = int.apply
 local int_decode = int.decode
 local lua_value = int.lua_value
-local error = error
 local ipairs = ipairs
 local pairs = pairs
 local setmetatable = setmetatable
-local tostring = tostring
 local type = type
 local sort = table.sort
 local sub = string.sub
@@ -75,62 +74,39 @@ local _M = { _VERSION = "0.1.0" }
 local mt = { __index = _M }
 
 
-local function positive(value, name, level)
-    if type(value) ~= "number" or not (value > 0 and value < 1 / 0) then
-        error(fmt('bad "%s" argument: a positive finite number of seconds '
-                  .. 'expected, got %s', name, tostring(value)), level + 1)
-    end
-    return value
-end
-
-
 local function check_ttl(ttl, level)
-    if ttl ~= nil then
-        positive(ttl, "ttl", level + 1)
-    end
+    -- Not a tail call: the level counts this frame.
+    ttl = check.seconds(ttl, "ttl", level + 1, false)
     return ttl
 end
 
 
--- syntax: c, err = strict.new(shdict_name, opts?)
---
--- context: any phase
---
--- opts: name (namespace of the keys, default "counter": [%w_.-]+, at most
--- 64 bytes), timeout (the longest wait for a lock, default 0.1 s),
--- lock_ttl (how long a dead worker's lock can block a key, default 1 s).
--- With redis (the options of resty.counter.redis.new) the values live in
--- Redis instead, under `<prefix>{<name>}:<key>` (prefix default "rc:"),
--- each call one atomic script (resty.counter.strict_redis); the dict is
--- not used and `shdict_name` may be nil.
-function _M.new(shdict_name, opts)
-    if opts ~= nil and type(opts) ~= "table" then
-        error('bad "opts" argument: table expected, got ' .. type(opts), 2)
-    end
-    opts = opts or {}
+-- The options of strict.new; lax.new takes these and its own.
+local OPTIONS = { name = true, timeout = true, lock_ttl = true,
+                  redis = true, prefix = true }
+
+
+-- What strict.new and lax.new share: `known` is the set of options the
+-- public constructor takes; misuse raises at `level` as error() would
+-- count it from that constructor (2: its caller).
+local function construct(shdict_name, opts, known, level)
+    opts = check.table(opts, "opts", level + 1)
+    check.options(opts, known, "opts", level + 1)
 
     -- With a Redis backend the dict is not used (nil is fine).
-    if type(shdict_name) ~= "string"
-       and not (shdict_name == nil and opts.redis ~= nil)
-    then
-        error('bad "shdict_name" argument: string expected, got '
-              .. type(shdict_name), 2)
+    if not (shdict_name == nil and opts.redis ~= nil) then
+        check.string(shdict_name, "shdict_name", level + 1)
     end
 
-    local name = opts.name or "counter"
-    if type(name) ~= "string" or #name == 0 or #name > 64
-       or name:find("[^%w_.-]")
-    then
-        error('bad "opts.name" argument: 1 to 64 letters, digits, "_", '
-              .. '"." or "-" expected, got ' .. tostring(name), 2)
-    end
-
-    local timeout = positive(opts.timeout or 0.1, "opts.timeout", 2)
-    local lock_ttl = positive(opts.lock_ttl or 1, "opts.lock_ttl", 2)
+    local name = check.name(opts.name, "opts.name", level + 1, "counter")
+    local timeout = check.seconds(opts.timeout, "opts.timeout", level + 1,
+                                  0.1)
+    local lock_ttl = check.seconds(opts.lock_ttl, "opts.lock_ttl", level + 1,
+                                   1)
 
     if opts.redis ~= nil then
         return setmetatable({
-            engine = strict_redis.new(opts, name, 2),
+            engine = strict_redis.new(opts, name, level + 1),
             name = name,
             max_key_len = check.max_key_len - #name - 1,
             waits = 0,
@@ -157,6 +133,24 @@ function _M.new(shdict_name, opts)
         named = {},
         named_count = 0,
     }, mt)
+end
+
+
+-- syntax: c, err = strict.new(shdict_name, opts?)
+--
+-- context: any phase
+--
+-- opts: name (namespace of the keys, default "counter": [%w_.-]+, at most
+-- 64 bytes), timeout (the longest wait for a lock, default 0.1 s),
+-- lock_ttl (how long a dead worker's lock can block a key, default 1 s).
+-- With redis (the options of resty.counter.redis.new) the values live in
+-- Redis instead, under `<prefix>{<name>}:<key>` (prefix default "rc:"),
+-- each call one atomic script (resty.counter.strict_redis); the dict is
+-- not used and `shdict_name` may be nil. An unknown option raises.
+function _M.new(shdict_name, opts)
+    -- Not a tail call: the level counts this frame.
+    local c, err = construct(shdict_name, opts, OPTIONS, 2)
+    return c, err
 end
 
 
@@ -377,6 +371,9 @@ end
 -- `nil, "timeout"` when the key stayed locked for `timeout`; `nil, "no
 -- memory"` when the dict is full (nothing else is evicted).
 function _M.inc(self, key, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "inc", 2)
+    end
     local new, err = step(self, OP_ADD, key, n, ttl, 2)
     return new, err
 end
@@ -388,6 +385,9 @@ end
 --
 -- Subtracts `n` (default 1); otherwise as `inc`.
 function _M.dec(self, key, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "dec", 2)
+    end
     local new, err = step(self, OP_SUB, key, n, ttl, 2)
     return new, err
 end
@@ -399,6 +399,9 @@ end
 --
 -- The value of `key`, 0 when missing. No lock: one atomic dict read.
 function _M.get(self, key)
+    if type(self) ~= "table" then
+        dot_call("c", "get", 2)
+    end
     check_key(key, 2, self.max_key_len)
     if self.engine then
         return strict_redis.get(self.engine, key)
@@ -415,6 +418,9 @@ end
 -- this is how a key holding a non-integer is repaired). With `ttl` the key
 -- expires after `ttl` seconds; without, it has no expiry.
 function _M.set(self, key, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "set", 2)
+    end
     check_key(key, 2, self.max_key_len)
     n = int_integer(n, "n", 2)
     check_ttl(ttl, 2)
@@ -435,6 +441,9 @@ end
 -- holding a non-integer is left as it is: `nil, "value is not an
 -- integer"`.
 function _M.del(self, key)
+    if type(self) ~= "table" then
+        dot_call("c", "del", 2)
+    end
     check_key(key, 2, self.max_key_len)
     if self.engine then
         return strict_redis.del(self.engine, key)
@@ -480,6 +489,9 @@ end
 -- for "always"). Returns `new, old`; `old, old` when the comparison fails.
 -- `ttl` as for `inc`.
 function _M.inc_if(self, key, cmp, operand, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "inc_if", 2)
+    end
     check_key(key, 2, self.max_key_len)
     cmp, operand = check_condition(cmp, operand, 2)
     if n == nil then
@@ -501,6 +513,9 @@ end
 -- Sets `key` to `n` when the value `cmp` `operand` holds; returns as
 -- `inc_if`. `ttl` as for `set`.
 function _M.set_if(self, key, cmp, operand, n, ttl)
+    if type(self) ~= "table" then
+        dot_call("c", "set_if", 2)
+    end
     check_key(key, 2, self.max_key_len)
     cmp, operand = check_condition(cmp, operand, 2)
     n = int_integer(n, "n", 2)
@@ -529,8 +544,7 @@ end
 
 local function check_list(list, name, level)
     if type(list) ~= "table" then
-        error(fmt('bad "%s" argument: table expected, got %s', name,
-                  type(list)), level + 1)
+        check.expected(name, "table", list, level + 1)
     end
     return #list
 end
@@ -548,8 +562,8 @@ local function check_updates(self, updates, conditional, op, level)
     for i = 1, count do
         local u = updates[i]
         if type(u) ~= "table" then
-            error(fmt('bad "updates" argument: entry %d: table expected, '
-                      .. 'got %s', i, type(u)), level + 1)
+            check.expected("updates", fmt("entry %d: table", i), u,
+                           level + 1)
         end
         check_key(u[1], level + 1, self.max_key_len)
         keys[i] = u[1]
@@ -659,6 +673,7 @@ end
 -- their locks (a consistent snapshot). `nil, err, i` when the i-th key
 -- holds a non-integer or a lock timed out.
 function _M.get_all(self, keys)
+    check.self(self, mt, "c", "get_all", 2)
     local count = check_list(keys, "keys", 2)
     for i = 1, count do
         check_key(keys[i], 2, self.max_key_len)
@@ -702,6 +717,7 @@ end
 -- (all or none) in order; returns the new values in the same order, or
 -- `nil, err, i` naming the first update that failed.
 function _M.inc_all(self, updates)
+    check.self(self, mt, "c", "inc_all", 2)
     local news, err, i = update_all(self, OP_ADD,
                                     check_updates(self, updates, false,
                                                   OP_ADD, 2))
@@ -715,6 +731,7 @@ end
 --
 -- `updates` is an array of `{ key, n, ttl? }`; as `inc_all`, setting.
 function _M.set_all(self, updates)
+    check.self(self, mt, "c", "set_all", 2)
     local news, err, i = update_all(self, OP_SET,
                                     check_updates(self, updates, false,
                                                   OP_SET, 2))
@@ -731,6 +748,7 @@ end
 -- as `inc_if`, all in one atomic step. Returns two arrays in input order:
 -- the new values and the old ones (equal where the comparison failed).
 function _M.inc_all_if(self, updates)
+    check.self(self, mt, "c", "inc_all_if", 2)
     return update_all(self, OP_ADD,
                       check_updates(self, updates, true, OP_ADD, 2))
 end
@@ -744,6 +762,7 @@ end
 -- `updates` is an array of `{ key, cmp, operand, n, ttl? }`; as
 -- `inc_all_if`, setting.
 function _M.set_all_if(self, updates)
+    check.self(self, mt, "c", "set_all_if", 2)
     return update_all(self, OP_SET,
                       check_updates(self, updates, true, OP_SET, 2))
 end
@@ -758,6 +777,9 @@ end
 -- dict for the listing: a cold path. A key another worker creates while
 -- clear runs may survive it.
 function _M.clear(self)
+    if type(self) ~= "table" then
+        dot_call("c", "clear", 2)
+    end
     if self.engine then
         return strict_redis.clear(self.engine)
     end
@@ -791,7 +813,8 @@ _M._check_updates = check_updates
 _M._check_list = check_list
 _M._check_ttl = check_ttl
 _M._check_condition = check_condition
-_M._positive = positive
+_M._new = construct
+_M._OPTIONS = OPTIONS
 
 
 return _M

@@ -172,7 +172,7 @@ return { 1, raw or "0" }
 function _M.new(opts, name, level)
     local key_prefix = redis.key_prefix(opts, name, level + 1)
     return {
-        client = redis.new(opts.redis, level + 1),
+        client = redis.new(opts.redis, level + 1, "opts.redis"),
         key_prefix = key_prefix,
         -- SCAN's pattern for clear(): glob characters escaped
         pattern = key_prefix:gsub("[%*%?%[%]\\]", "\\%0") .. "*",

@@ -7,10 +7,10 @@
 -- this worker's records visible now.
 
 
+local check = require "resty.counter.check"
 local requests = require "resty.counter.requests"
 
 
-local error = error
 local type = type
 
 
@@ -28,8 +28,7 @@ local function engine(dict_name, level)
     end
 
     if type(dict_name) ~= "string" then
-        error('bad "dict_name" argument: string expected, got '
-              .. type(dict_name), level + 1)
+        check.expected("dict_name", "string", dict_name, level + 1)
     end
 
     local err
@@ -49,14 +48,16 @@ end
 --
 -- Sets a dict's options (see resty.counter.requests.new: window, previous,
 -- max_keys, overflow_key, flush_interval, lock_timeout, clock) and returns
--- its engine. Configuring a dict this worker already uses is an error.
+-- its engine. Configuring a dict this worker already uses is an error; an
+-- unknown option raises.
 function _M.configure(dict_name, opts)
+    check.string(dict_name, "dict_name", 2)
     if engines[dict_name] then
         return nil, 'dict "' .. dict_name .. '" is already in use: '
                     .. 'configure it in init_worker_by_lua*'
     end
 
-    local r, err = requests.new(dict_name, opts)
+    local r, err = requests._new(dict_name, opts, 2)
     if not r then
         return nil, err
     end
