@@ -38,9 +38,19 @@ end
 local REDIS_STOPPED = {
     { "connect%(%) failed %(111: Connection refused%)",
       "Redis stopped on purpose: nginx logs the refused connect" },
+    { "recv%(%) failed %(104: Connection reset by peer%)",
+      "Redis stopped on purpose: nginx logs a reset pooled connection" },
+    { "send%(%) failed %(32: Broken pipe%)",
+      "Redis stopped on purpose: nginx logs a write to a closed one" },
     { "resty%.counter%.lax: flush to redis: redis connect to "
       .. "127%.0%.0%.1:%d+ failed: connection refused",
       "Redis stopped on purpose: the flush says so, its deltas wait" },
+    { "resty%.counter%.lax: flush to redis: connection reset by peer",
+      "Redis stopped on purpose: the flush's batch is kept by its id" },
+    { "resty%.counter%.lax: flush to redis: broken pipe",
+      "Redis stopped on purpose: the flush's batch is kept by its id" },
+    { "resty%.counter%.lax: flush to redis: closed",
+      "Redis stopped on purpose: the flush's batch is kept by its id" },
 }
 local REDIS_HUNG = {
     { "lua tcp socket read timed out",
@@ -50,7 +60,16 @@ local REDIS_HUNG = {
 }
 
 
-local function both(...)
+local CLUSTER_MOVES = {
+    { "resty%.counter%.lax: flush to redis: TRYAGAIN ",
+      "a slot migrating on purpose: a batch with keys on both sides is "
+      .. "refused (nothing ran) until the move completes" },
+    { "resty%.counter%.lax: flush to redis: CLUSTERDOWN ",
+      "a master stopped on purpose: its slots are down until it is back" },
+}
+
+
+local function together(...)
     local all = {}
     for _, list in ipairs({ ... }) do
         for _, allow in ipairs(list) do
@@ -237,7 +256,7 @@ describe("lax and limit on Redis across two nodes", function()
         -- the batches of the connections they close: resent under their
         -- ids or lost.
         redis:pause(0.8)
-        all_counted(runs, a, b, redis, both(REDIS_STOPPED, REDIS_HUNG))
+        all_counted(runs, a, b, redis, together(REDIS_STOPPED, REDIS_HUNG))
     end)
 
     it("count every request in flight at HUP and at QUIT, with and "
@@ -314,7 +333,7 @@ describe("lax and limit on Redis across two nodes", function()
             end
             assert.equal(200, (timed(a, "/strict")))
         end
-        stop_clean(a, b, both(REDIS_STOPPED, REDIS_HUNG))
+        stop_clean(a, b, together(REDIS_STOPPED, REDIS_HUNG))
     end)
 
     it("hold a fixed-window limit across both nodes", function()
@@ -363,7 +382,8 @@ describe("lax, strict and limit on a Redis Cluster across two nodes",
         nginx.sleep(1.5)
         cluster:start_node(to)
 
-        all_counted(runs, a, b, cluster, REDIS_STOPPED)
+        all_counted(runs, a, b, cluster,
+                    together(REDIS_STOPPED, CLUSTER_MOVES))
         assert.equal(to, cluster:owner(slot))
     end)
 
