@@ -175,6 +175,44 @@ return 1
         assert.equal(0, c:self_metrics().dropped)
     end)
 
+    it("never runs two flushes of one counter at a time", function()
+        -- Redis holds every command for 0.3 s, less than the flush's read
+        -- timeout: the flush in progress waits while ticks come every
+        -- 20 ms. Each script sent is counted while it runs.
+        local c = assert(lax.new(nil, {
+            name = "lx", redis = backend({ read_timeout = 1 }),
+            allowed_lag = 0.02 }))
+        local client = c.shared.engine.client
+        local running, most, scripts = 0, 0, 0
+        client.eval = function(...)
+            running = running + 1
+            scripts = scripts + 1
+            most = math.max(most, running)
+            local res, err = redis.eval(...)
+            running = running - 1
+            return res, err
+        end
+        assert(raw:command("client", "pause", 300, "all"))
+        ngx.update_time()
+        local stop = ngx.now() + 0.5
+        local sent = 0
+        repeat
+            c:inc("one")
+            sent = sent + 1
+            ngx.sleep(0.003)
+        until ngx.now() >= stop
+
+        for _ = 1, 300 do
+            if shared:get("one") == sent and c:pending_keys() == 0 then
+                break
+            end
+            ngx.sleep(0.01)
+        end
+        assert.equal(sent, shared:get("one"))
+        assert.is_true(scripts >= 2, "flushes sent: " .. scripts)
+        assert.equal(1, most)
+    end)
+
     it("keeps every delta while Redis cannot be reached", function()
         local down = counter("lx", { port = 1, connect_timeout = 0.05 })
         for i = 1, 50 do

@@ -303,6 +303,35 @@ describe("lax and limit on Redis across two nodes", function()
         all_counted(runs, a, b, redis, REDIS_HUNG, 1000)
     end)
 
+    it("say in one line per worker what could not reach a stopped Redis "
+       .. "at exit", function()
+        b:stop()
+        redis:stop()
+        load.wait(load.start(a, "/hit", { seconds = 1, keys = 20 }))
+        local started = os.time()
+        a:stop()        -- each worker retries for exit_timeout (1 s)
+        assert.is_true(os.time() - started <= 4, "slow to exit")
+
+        local lost = {}
+        for _, line in ipairs(a:errors()) do
+            if line:find("before the worker exited", 1, true) then
+                lost[#lost + 1] = line
+            end
+        end
+        assert.equal(2, #lost)
+        for _, line in ipairs(lost) do
+            assert.matches('resty.counter.lax: counter "nodes" on redis: '
+                           .. "%d+ pending keys and 0 keys in 0 batch%(es%) "
+                           .. "of unknown fate could not be sent before "
+                           .. "the worker exited and are lost %(last error: "
+                           .. "flush to redis: redis connect to", line)
+        end
+        assert.same({}, a:unexpected_errors(together(REDIS_STOPPED, {
+            { "before the worker exited",
+              "Redis stopped on purpose: what it could not take is lost" },
+        })))
+    end)
+
     it("fail fast while Redis is stopped or hung: strict with a clear "
        .. "error, limits open or closed as chosen", function()
         assert.equal(200, (timed(a, "/strict")))
