@@ -34,7 +34,8 @@ local function node(port, exit_line)
 end
 
 
--- The [error] lines a test provokes on purpose, and why.
+-- The [error] lines a test provokes on purpose, and why: Redis stopped
+-- (and started again), Redis hung, a cluster's slot moved or master down.
 local REDIS_STOPPED = {
     { "connect%(%) failed %(111: Connection refused%)",
       "Redis stopped on purpose: nginx logs the refused connect" },
@@ -51,6 +52,9 @@ local REDIS_STOPPED = {
       "Redis stopped on purpose: the flush's batch is kept by its id" },
     { "resty%.counter%.lax: flush to redis: closed",
       "Redis stopped on purpose: the flush's batch is kept by its id" },
+    { "resty%.counter%.lax: flush to redis: LOADING ",
+      "Redis restarted on purpose: it refuses commands while it loads "
+      .. "its append-only file; the batch is kept by its id" },
 }
 local REDIS_HUNG = {
     { "lua tcp socket read timed out",
