@@ -281,6 +281,33 @@ function server:errors()
 end
 
 
+-- The lines of errors() that the test did not expect: `allowed` is a list
+-- of { pattern, reason }, a Lua pattern for an [error] line the test
+-- provokes on purpose and why (e.g. Redis stopped on purpose). Lines at
+-- [crit] or worse and crashes are never allowed. Call it after stop(),
+-- so that the workers' exit paths have logged too.
+function server:unexpected_errors(allowed)
+    local found = {}
+    for _, line in ipairs(self:errors()) do
+        local expected = false
+        if line:find("%[error%]") and not line:find("panicked")
+           and not line:find("exited on signal")
+        then
+            for _, allow in ipairs(allowed or {}) do
+                if line:find(allow[1]) then
+                    expected = true
+                    break
+                end
+            end
+        end
+        if not expected then
+            found[#found + 1] = line
+        end
+    end
+    return found
+end
+
+
 function server:cleanup()
     self:stop()
     if os.getenv("KEEP_SPEC_DIRS") ~= "1" then

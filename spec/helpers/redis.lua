@@ -145,6 +145,16 @@ function server:thaw()
 end
 
 
+-- CLIENT PAUSE ... ALL: the server holds every client's commands for
+-- `seconds`, and drops those of a client that closes its connection
+-- meanwhile (a timed-out request that never runs, as in a failover).
+function server:pause(seconds)
+    local out = self:cli("CLIENT PAUSE " .. math.floor(seconds * 1000)
+                         .. " ALL")
+    assert(out:find("OK", 1, true), "CLIENT PAUSE: " .. out)
+end
+
+
 -- Asks the server to stop (SIGTERM; it takes a second or two to exit).
 function server:terminate()
     if self.pid then

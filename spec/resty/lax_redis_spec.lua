@@ -142,6 +142,77 @@ return 1
         assert.equal(0, c:pending_keys())
     end)
 
+    it("loses no batch when flushes outlast the flush interval",
+       function()
+        -- Its own timer flushes every 20 ms, and a flush waits 50 ms for
+        -- a reply. Redis holds every command for 0.4 s, and drops those
+        -- of a connection closed meanwhile: the batches sent then time
+        -- out and never ran, so each must be sent again under its id.
+        local c = assert(lax.new(nil, {
+            name = "lx", redis = backend({ read_timeout = 0.05 }),
+            allowed_lag = 0.02 }))
+        assert(raw:command("client", "pause", 400, "all"))
+        local sent = 0
+        ngx.update_time()
+        local stop = ngx.now() + 0.6
+        repeat
+            c:inc("held")
+            sent = sent + 1
+            ngx.sleep(0.003)
+        until ngx.now() >= stop
+
+        local got
+        for _ = 1, 300 do
+            got = shared:get("held")
+            if got == sent and c:pending_keys() == 0 then
+                break
+            end
+            ngx.sleep(0.01)
+        end
+        assert.is_true(sent > 50, "too few increments: " .. sent)
+        assert.equal(sent, got)
+        assert.equal(0, c:pending_keys())
+        assert.equal(0, c:self_metrics().dropped)
+    end)
+
+    it("never runs two flushes of one counter at a time", function()
+        -- Redis holds every command for 0.3 s, less than the flush's read
+        -- timeout: the flush in progress waits while ticks come every
+        -- 20 ms. Each script sent is counted while it runs.
+        local c = assert(lax.new(nil, {
+            name = "lx", redis = backend({ read_timeout = 1 }),
+            allowed_lag = 0.02 }))
+        local client = c.shared.engine.client
+        local running, most, scripts = 0, 0, 0
+        client.eval = function(...)
+            running = running + 1
+            scripts = scripts + 1
+            most = math.max(most, running)
+            local res, err = redis.eval(...)
+            running = running - 1
+            return res, err
+        end
+        assert(raw:command("client", "pause", 300, "all"))
+        ngx.update_time()
+        local stop = ngx.now() + 0.5
+        local sent = 0
+        repeat
+            c:inc("one")
+            sent = sent + 1
+            ngx.sleep(0.003)
+        until ngx.now() >= stop
+
+        for _ = 1, 300 do
+            if shared:get("one") == sent and c:pending_keys() == 0 then
+                break
+            end
+            ngx.sleep(0.01)
+        end
+        assert.equal(sent, shared:get("one"))
+        assert.is_true(scripts >= 2, "flushes sent: " .. scripts)
+        assert.equal(1, most)
+    end)
+
     it("keeps every delta while Redis cannot be reached", function()
         local down = counter("lx", { port = 1, connect_timeout = 0.05 })
         for i = 1, 50 do

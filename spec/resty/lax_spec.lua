@@ -58,6 +58,10 @@ describe("resty.counter.lax", function()
                            raised(lax.new, "lax", { allowed_lag = 0 }), 1, true)
             assert.matches('bad "opts.name" argument',
                            raised(lax.new, "lax", { name = "a/b" }), 1, true)
+            assert.matches('bad "opts.exit_timeout" argument: a positive '
+                           .. 'finite number of seconds expected, got -1',
+                           raised(lax.new, "lax", { exit_timeout = -1 }), 1,
+                           true)
             assert.matches("lax_spec.lua:%d+:",
                            raised(function() lax.new("lax", { allowed_lag = -1 }) end))
         end)

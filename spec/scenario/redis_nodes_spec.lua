@@ -1,11 +1,14 @@
 -- Two nginx "nodes" (2 workers each) sharing one real redis-server on
 -- loopback, under wrk load on both: the lax counts in Redis equal the
 -- requests both access logs show, exactly, through a Redis restart in the
--- middle and a Redis that freezes past the flush interval; a cluster-wide
+-- middle, a Redis that freezes past the flush interval and one that holds
+-- every command (CLIENT PAUSE) past it; through HUP and QUIT with
+-- requests in flight, with and without the exit line; a cluster-wide
 -- fixed-window limit holds across both nodes. Then the same nodes on a
 -- Redis Cluster of three masters, each given a different node as its
 -- seed: exact through the counter's slot moving to another master and
--- that master stopping and coming back.
+-- that master stopping and coming back. Any [error] line in a node's log
+-- fails a test, unless the test provokes it on purpose (its allow-list).
 
 package.path = "spec/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
@@ -15,16 +18,76 @@ local redis_server = require "helpers.redis"
 local CONF = assert(nginx.read_file("spec/scenario/redis_nodes.conf"))
 
 
-local function node(port)
+local EXIT_LINE = [[
+exit_worker_by_lua_block {
+    require("resty.counter.lax").flush_all()
+}]]
+
+
+-- A node on Redis at `port`, with the README's exit line unless
+-- `exit_line` is false.
+local function node(port, exit_line)
     return nginx.start({ workers = 2, http = CONF,
-                         vars = { redis_port = port } })
+                         vars = { redis_port = port,
+                                  exit_worker = exit_line == false and ""
+                                                or EXIT_LINE } })
+end
+
+
+-- The [error] lines a test provokes on purpose, and why: Redis stopped
+-- (and started again), Redis hung, a cluster's slot moved or master down.
+local REDIS_STOPPED = {
+    { "connect%(%) failed %(111: Connection refused%)",
+      "Redis stopped on purpose: nginx logs the refused connect" },
+    { "recv%(%) failed %(104: Connection reset by peer%)",
+      "Redis stopped on purpose: nginx logs a reset pooled connection" },
+    { "send%(%) failed %(32: Broken pipe%)",
+      "Redis stopped on purpose: nginx logs a write to a closed one" },
+    { "resty%.counter%.lax: flush to redis: redis connect to "
+      .. "127%.0%.0%.1:%d+ failed: connection refused",
+      "Redis stopped on purpose: the flush says so, its deltas wait" },
+    { "resty%.counter%.lax: flush to redis: connection reset by peer",
+      "Redis stopped on purpose: the flush's batch is kept by its id" },
+    { "resty%.counter%.lax: flush to redis: broken pipe",
+      "Redis stopped on purpose: the flush's batch is kept by its id" },
+    { "resty%.counter%.lax: flush to redis: closed",
+      "Redis stopped on purpose: the flush's batch is kept by its id" },
+    { "resty%.counter%.lax: flush to redis: LOADING ",
+      "Redis restarted on purpose: it refuses commands while it loads "
+      .. "its append-only file; the batch is kept by its id" },
+}
+local REDIS_HUNG = {
+    { "lua tcp socket read timed out",
+      "Redis hung on purpose: nginx logs the read timeout" },
+    { "resty%.counter%.lax: flush to redis: timeout",
+      "Redis hung on purpose: the flush says so, its batch is kept" },
+}
+
+
+local CLUSTER_MOVES = {
+    { "resty%.counter%.lax: flush to redis: TRYAGAIN ",
+      "a slot migrating on purpose: a batch with keys on both sides is "
+      .. "refused (nothing ran) until the move completes" },
+    { "resty%.counter%.lax: flush to redis: CLUSTERDOWN ",
+      "a master stopped on purpose: its slots are down until it is back" },
+}
+
+
+local function together(...)
+    local all = {}
+    for _, list in ipairs({ ... }) do
+        for _, allow in ipairs(list) do
+            all[#all + 1] = allow
+        end
+    end
+    return all
 end
 
 
 -- Requests per URI in a node's access log.
 local function logged(srv, into)
     for uri in (nginx.read_file(srv.dir .. "/access.log") or "")
-               :gmatch("%d+ (%S+) 200\n") do
+               :gmatch("%d+ (%S+) %d+\n") do
         into[uri] = (into[uri] or 0) + 1
     end
     return into
@@ -61,20 +124,6 @@ local function settle(redis, expected)
 end
 
 
--- Crashes only: flushes failing while Redis is away are logged as errors.
-local function crashes(srv)
-    local found = {}
-    for _, line in ipairs(srv:errors()) do
-        if line:find("exited on signal") or line:find("panicked")
-           or line:find("%[alert%]") or line:find("%[emerg%]")
-        then
-            found[#found + 1] = line
-        end
-    end
-    return found
-end
-
-
 -- One GET: the status, the seconds it took and curl's output (headers
 -- and body).
 local function timed(srv, path)
@@ -86,10 +135,20 @@ local function timed(srv, path)
 end
 
 
+-- Stops both nodes (QUIT: their workers' exit paths run) and checks that
+-- neither logged an [error] line beyond `allowed`.
+local function stop_clean(a, b, allowed)
+    a:stop()
+    b:stop()
+    assert.same({}, a:unexpected_errors(allowed))
+    assert.same({}, b:unexpected_errors(allowed))
+end
+
+
 -- When the load on both nodes is over and both have stopped (QUIT: the
 -- last flushes run from a timer), Redis (a server or a cluster) holds
--- exactly the counts of both access logs.
-local function all_counted(runs, a, b, redis)
+-- exactly the counts of both access logs, at least `least` requests.
+local function all_counted(runs, a, b, redis, allowed, least)
     for _, run in ipairs(runs) do
         load.wait(run)
     end
@@ -101,10 +160,25 @@ local function all_counted(runs, a, b, redis)
     for _, n in pairs(expected) do
         total = total + n
     end
-    assert.is_true(total > 2000, "too little load: " .. total)
+    assert.is_true(total > (least or 2000), "too little load: " .. total)
     assert.same(expected, settle(redis, expected))
-    assert.same({}, crashes(a))
-    assert.same({}, crashes(b))
+    stop_clean(a, b, allowed)
+end
+
+
+-- wrk on /hit (20 keys) on both nodes for `seconds`, and the runs given
+-- after: every run for all_counted.
+local function hit_both(a, b, seconds, ...)
+    return { load.start(a, "/hit", { seconds = seconds, keys = 20 }),
+             load.start(b, "/hit", { seconds = seconds, keys = 20 }), ... }
+end
+
+
+-- Load that keeps `connections` requests to /slow (0.5 s each) in flight
+-- on a node at any moment, for `seconds`.
+local function in_flight(srv, seconds, connections)
+    return load.start(srv, "/slow", { seconds = seconds, threads = 1,
+                                      connections = connections or 30 })
 end
 
 
@@ -150,8 +224,7 @@ local function limit_holds(a, b)
         end
     end
     assert.is_true(full >= 2, "no window filled up")
-    assert.same({}, crashes(a))
-    assert.same({}, crashes(b))
+    stop_clean(a, b)
 end
 
 
@@ -162,28 +235,105 @@ describe("lax and limit on Redis across two nodes", function()
         -- Persistence, so that a restart keeps what Redis had applied.
         redis = redis_server.start({ conf = { "appendonly yes",
                                               "appendfsync always" } })
-        a, b = node(redis.port), node(redis.port)
+        -- a with the README's exit line, b without
+        a, b = node(redis.port), node(redis.port, false)
     end)
 
     after_each(function()
         cleanup(redis, a, b)
     end)
 
-    it("count every request of both nodes exactly, through a restart "
-       .. "and a freeze of Redis", function()
-        local runs = {
-            load.start(a, "/hit", { seconds = 8, keys = 20 }),
-            load.start(b, "/hit", { seconds = 8, keys = 20 }),
-        }
+    it("count every request of both nodes exactly, through a restart, "
+       .. "a freeze and a pause of Redis", function()
+        local runs = hit_both(a, b, 9)
         nginx.sleep(1.5)
         redis:stop()             -- unreachable: deltas wait in the workers
         nginx.sleep(3)
         redis:start_again()
         nginx.sleep(1)
         redis:freeze()           -- hung past the flush interval: timeouts
-        nginx.sleep(0.8)         -- whose batches may or may not have run
+        nginx.sleep(0.8)         -- whose batches ran once Redis woke up
         redis:thaw()
+        nginx.sleep(1)
+        -- Every command held 0.8 s (a failover's pause): flushes wait past
+        -- their 0.2 s read timeout, four flush intervals, and Redis drops
+        -- the batches of the connections they close: resent under their
+        -- ids or lost.
+        redis:pause(0.8)
+        all_counted(runs, a, b, redis, together(REDIS_STOPPED, REDIS_HUNG))
+    end)
+
+    it("count every request in flight at HUP and at QUIT, with and "
+       .. "without the exit line", function()
+        -- One node at a time (both count /slow): a, then b.
+        local expected = {}
+        for _, srv in ipairs({ a, b }) do
+            local run = in_flight(srv, 4)
+            nginx.sleep(1.2)
+            srv:signal("HUP")        -- 30 requests in flight
+            nginx.sleep(1.5)
+            srv:stop()               -- QUIT, 30 requests in flight
+            load.wait(run)
+            local before = expected["/slow"] or 0
+            expected = logged(srv, expected)
+            assert.is_true(expected["/slow"] - before >= 90,
+                           "too few requests: " .. expected["/slow"])
+            assert.same(expected, settle(redis, expected))
+            assert.same({}, srv:unexpected_errors())
+        end
+    end)
+
+    it("count every request of both nodes across 3 HUPs and a QUIT with "
+       .. "requests in flight", function()
+        local runs = hit_both(a, b, 5, in_flight(a, 5, 16),
+                              in_flight(b, 5, 16))
+        nginx.sleep(1.2)
+        for _, srv in ipairs({ a, b, a }) do
+            srv:signal("HUP")
+            nginx.sleep(0.9)
+        end
+        -- QUIT both while the load (and its slow requests) still runs.
         all_counted(runs, a, b, redis)
+    end)
+
+    it("count every request when a node stops while Redis holds every "
+       .. "command", function()
+        local runs = hit_both(a, b, 3, in_flight(a, 3, 16))
+        nginx.sleep(1.5)
+        -- The last flushes of a's exiting workers and b's running ones
+        -- wait past their read timeout: resent until Redis answers.
+        redis:pause(0.6)
+        a:stop()
+        all_counted(runs, a, b, redis, REDIS_HUNG, 1000)
+    end)
+
+    it("say in one line per worker what could not reach a stopped Redis "
+       .. "at exit", function()
+        b:stop()
+        redis:stop()
+        load.wait(load.start(a, "/hit", { seconds = 1, keys = 20 }))
+        local started = os.time()
+        a:stop()        -- each worker retries for exit_timeout (1 s)
+        assert.is_true(os.time() - started <= 4, "slow to exit")
+
+        local lost = {}
+        for _, line in ipairs(a:errors()) do
+            if line:find("before the worker exited", 1, true) then
+                lost[#lost + 1] = line
+            end
+        end
+        assert.equal(2, #lost)
+        for _, line in ipairs(lost) do
+            assert.matches('resty.counter.lax: counter "nodes" on redis: '
+                           .. "%d+ pending keys and 0 keys in 0 batch%(es%) "
+                           .. "of unknown fate could not be sent before "
+                           .. "the worker exited and are lost %(last error: "
+                           .. "flush to redis: redis connect to", line)
+        end
+        assert.same({}, a:unexpected_errors(together(REDIS_STOPPED, {
+            { "before the worker exited",
+              "Redis stopped on purpose: what it could not take is lost" },
+        })))
     end)
 
     it("fail fast while Redis is stopped or hung: strict with a clear "
@@ -216,7 +366,7 @@ describe("lax and limit on Redis across two nodes", function()
             end
             assert.equal(200, (timed(a, "/strict")))
         end
-        assert.same({}, crashes(a))
+        stop_clean(a, b, together(REDIS_STOPPED, REDIS_HUNG))
     end)
 
     it("hold a fixed-window limit across both nodes", function()
@@ -247,10 +397,7 @@ describe("lax, strict and limit on a Redis Cluster across two nodes",
                               :match("%d+"))
         local from = cluster:owner(slot)
         local to = from % 3 + 1
-        local runs = {
-            load.start(a, "/hit", { seconds = 9, keys = 20 }),
-            load.start(b, "/hit", { seconds = 9, keys = 20 }),
-        }
+        local runs = hit_both(a, b, 9)
         nginx.sleep(1.5)
         -- Migrating: new keys get ASK, batches mixing both sides TRYAGAIN.
         cluster:begin_move(slot, to)
@@ -268,7 +415,8 @@ describe("lax, strict and limit on a Redis Cluster across two nodes",
         nginx.sleep(1.5)
         cluster:start_node(to)
 
-        all_counted(runs, a, b, cluster)
+        all_counted(runs, a, b, cluster,
+                    together(REDIS_STOPPED, CLUSTER_MOVES))
         assert.equal(to, cluster:owner(slot))
     end)
 

@@ -7,6 +7,29 @@ local load = require "helpers.load"
 
 local CONF = assert(nginx.read_file("spec/scenario/strict_lax_limit.conf"))
 
+local EXIT_LINE = [[
+exit_worker_by_lua_block {
+    require("resty.counter.lax").flush_all()
+}]]
+
+
+-- The scenario's nginx, with the README's exit line unless `exit_line` is
+-- false.
+local function start_nginx(exit_line)
+    return nginx.start({ workers = 2, http = CONF, log_level = "warn",
+                         vars = { exit_worker = exit_line == false and ""
+                                                or EXIT_LINE } })
+end
+
+
+-- Stops nginx (QUIT: the workers' exit paths run too) and checks that it
+-- logged no [error] line or worse.
+local function stop_clean(srv)
+    srv:stop()
+    assert.same({}, srv:unexpected_errors())
+end
+
+
 local LIMIT, WINDOW = 100, 0.2
 -- The README's bound for the sliding window: the most requests it allows
 -- in any WINDOW seconds. Each window's own count stays within the limit,
@@ -54,7 +77,7 @@ describe("strict, lax and limit with 2 workers", function()
     end)
 
     it("strict inc_if: a cap holds exactly under load", function()
-        srv = nginx.start({ workers = 2, http = CONF, log_level = "warn" })
+        srv = start_nginx()
         local report = load.wait(load.start(srv, "/capped", { seconds = 2,
                                                               connections = 32 }))
         local statuses, pids = {}, {}
@@ -78,11 +101,11 @@ describe("strict, lax and limit with 2 workers", function()
         assert.equal("5000", value)
         assert.is_nil(statuses["500"])
         assert.equal(2, workers, "seats were taken in one worker only")
-        assert.same({}, srv:errors())
+        stop_clean(srv)
     end)
 
     it("fixed window: never more than the limit per window", function()
-        srv = nginx.start({ workers = 2, http = CONF, log_level = "warn" })
+        srv = start_nginx()
         local report = load.wait(load.start(srv, "/fixed", { seconds = 2,
                                                              connections = 32 }))
         local per_window, _, rejected, workers = limited(srv, "/fixed")
@@ -99,11 +122,11 @@ describe("strict, lax and limit with 2 workers", function()
         assert.equal(2, workers, "requests reached one worker only")
         assert.is_true(most <= LIMIT, "a window allowed " .. most)
         assert.is_true(full >= windows - 2, full .. " of " .. windows .. " windows full")
-        assert.same({}, srv:errors())
+        stop_clean(srv)
     end)
 
     it("sliding window: within the README's bound in any window", function()
-        srv = nginx.start({ workers = 2, http = CONF, log_level = "warn" })
+        srv = start_nginx()
         local report = load.wait(load.start(srv, "/sliding", { seconds = 2,
                                                                connections = 32 }))
         local _, times, rejected, workers = limited(srv, "/sliding")
@@ -122,11 +145,13 @@ describe("strict, lax and limit with 2 workers", function()
                                #times / seconds * WINDOW, WINDOW, most))
         assert.is_true(most <= SLIDING_BOUND * LIMIT, "most in a window: " .. most)
         assert.is_true(most >= LIMIT, "the limiter let too little through: " .. most)
-        assert.same({}, srv:errors())
+        stop_clean(srv)
     end)
 
-    it("keeps strict values exactly across HUP, and lax loses nothing", function()
-        srv = nginx.start({ workers = 2, http = CONF })
+    -- 4 HUPs with slow requests in flight at each: their increments come
+    -- after the exiting workers' last tick.
+    local function across_hup(exit_line)
+        srv = start_nginx(exit_line)
         assert.same({ 200, "9223372036854775806\n" },
                     { srv:get("/strict?op=set&k=a&v=9223372036854775806") })
         assert.same({ 200, "9223372036854775807\n" }, { srv:get("/strict?op=inc&k=a") })
@@ -154,6 +179,15 @@ describe("strict, lax and limit with 2 workers", function()
         assert.is_true((per_uri["/lax/slow?k=1"] or 0) > 5, "no slow requests")
         assert.equal(logged, counted)
         assert.same(per_uri, (load.counted(srv)))
-        assert.same({}, srv:errors())
+        stop_clean(srv)
+    end
+
+    it("keeps strict values exactly across HUP, and lax loses nothing",
+       function()
+        across_hup()
+    end)
+
+    it("lax loses nothing across HUP without the exit line", function()
+        across_hup(false)
     end)
 end)

@@ -10,8 +10,12 @@
 -- increments made while it runs (it may wait for a lock) go to the next
 -- flush; a delta that cannot be applied (overflow, lock timeout, dict full)
 -- is put back and retried by the next flush, and logged. On reload and
--- shutdown the timer runs once more (premature) and `lax.flush_all()` in
--- exit_worker_by_lua catches requests still in flight after it.
+-- shutdown the timer runs once more (premature); requests still in flight
+-- finish after that tick, and each of their increments then gets a flush
+-- of its own from a zero-delay timer (the one kind nginx still runs in an
+-- exiting worker, with cosockets, and waits for). `lax.flush_all()` in
+-- exit_worker_by_lua flushes what is left to a dict, and says what could
+-- not reach Redis.
 --
 -- What each method guarantees is written above it. In short: increments
 -- are eventually applied exactly; reads and comparisons see "the worker's
@@ -32,6 +36,7 @@ local ffi = require "ffi"
 
 local ngx = ngx
 local ngx_now = ngx.now
+local ngx_sleep = ngx.sleep
 local worker_pid = ngx.worker.pid
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
@@ -48,6 +53,7 @@ local tostring = tostring
 local type = type
 local unpack = unpack
 local fmt = string.format
+local remove = table.remove
 local floor = math.floor
 
 
@@ -76,6 +82,15 @@ local mt = { __index = _M }
 
 -- Every lax counter of this worker, for flush_all().
 local counters = {}
+
+-- True once a premature timer tick has run: the worker is exiting (HUP or
+-- QUIT) and its flush timers are gone, while requests in flight still
+-- count.
+local draining = false
+
+-- How long an explicit flush waits for the flush of the same counter that
+-- is running (a tick's: they never overlap) before giving up.
+local FLUSH_WAIT = 10
 
 
 local HOLDS = {
@@ -195,15 +210,31 @@ end
 local MAX_BATCH_KEYS = 1000
 
 
--- While Redis cannot take them, the pending table keeps at most
--- max_pending keys; the others are dropped, counted and logged.
+-- The keys of the batches of unknown fate.
+local function unknown_keys(self)
+    local n = 0
+    for i = 1, #self.unknown do
+        n = n + #self.unknown[i].keys
+    end
+    return n
+end
+
+
+-- While Redis cannot take them, the pending table and the batches of
+-- unknown fate keep at most max_pending keys together; the pending keys
+-- beyond are dropped, counted and logged (the batches are kept: they may
+-- have been applied, and only their ids tell).
 local function cap_pending(self)
     local count = nkeys(self.pending)
-    if count <= self.max_pending then
+    local room = self.max_pending - unknown_keys(self)
+    if room < 0 then
+        room = 0
+    end
+    if count <= room then
         return
     end
 
-    local drop = count - self.max_pending
+    local drop = count - room
     for key in pairs(self.pending) do
         if drop == 0 then
             break
@@ -213,25 +244,29 @@ local function cap_pending(self)
         drop = drop - 1
         self.metrics.dropped = self.metrics.dropped + 1
     end
-    log_failure(SOURCE, (count - self.max_pending) .. " pending keys dropped "
-                .. "past max_pending (" .. self.max_pending .. ") while "
-                .. "redis cannot take them")
+    log_failure(SOURCE, (count - room) .. " pending keys dropped past "
+                .. "max_pending (" .. self.max_pending .. ") while redis "
+                .. "cannot take them")
 end
 
 
+-- One flush to Redis; never two of one counter at a time (see
+-- flush_to_redis), so the batches of unknown fate are only ever added to
+-- and taken from by one flush.
 local function flush_redis(self)
-    -- A batch whose fate is unknown goes first, under its own id, and
-    -- alone: new deltas wait in the pending table meanwhile.
-    local inflight = self.inflight
-    if inflight then
-        local ok, err = send(self, inflight)
+    -- The batches whose fate is unknown go first, in order, each under
+    -- its own id, and alone: new deltas wait in the pending table.
+    local unknown = self.unknown
+    while unknown[1] do
+        local ok, err = send(self, unknown[1])
         if not ok then
             cap_pending(self)
-            return nil, "flush to redis: " .. tostring(err)
-                        .. " (a batch of " .. #inflight.keys
-                        .. " keys will be sent again under its id)"
+            return nil, "flush to redis: " .. tostring(err) .. " ("
+                        .. #unknown .. " batch(es) of "
+                        .. unknown_keys(self) .. " keys in all will be "
+                        .. "sent again under their ids)"
         end
-        self.inflight = nil
+        remove(unknown, 1)
     end
 
     local pending = self.pending
@@ -266,7 +301,7 @@ local function flush_redis(self)
             -- This one may have run (kept under its id) or surely not
             -- (back to pending); the ones after it were not sent.
             if sent then
-                self.inflight = batches[i]
+                unknown[#unknown + 1] = batches[i]
             else
                 merge_back(self, batches[i])
             end
@@ -295,11 +330,11 @@ end
 local flush
 
 
--- Phases without cosockets: a flush to Redis from there (exit_worker_by_lua
--- above all) goes through a zero-delay timer, which has them.
+-- Phases without cosockets: a flush to Redis from there goes through a
+-- zero-delay timer, which has them. exit_worker_by_lua* has neither.
 local NO_COSOCKET = {
     init = true, init_worker = true, set = true, header_filter = true,
-    body_filter = true, log = true, balancer = true, exit_worker = true,
+    body_filter = true, log = true, balancer = true,
 }
 
 
@@ -308,24 +343,117 @@ local function flush_later(premature, self) -- luacheck: ignore premature
 end
 
 
-flush = function(self)
-    if self.redis then
-        if NO_COSOCKET[get_phase()] then
-            local ok, err = timer_at(0, flush_later, self)
-            if not ok then
-                err = "cannot flush to redis from the " .. get_phase()
-                      .. " phase: " .. tostring(err)
+-- flush_redis, and while the worker exits (no tick will come again) its
+-- retries every allowed_lag for up to exit_timeout seconds, saying each
+-- new reason once.
+local function flush_redis_retried(self)
+    local ok, err = flush_redis(self)
+    if ok then
+        self.last_error = nil
+        return true
+    end
+    log_failure(SOURCE, err)
+    self.last_error = err
+
+    if draining then
+        self.exit_deadline = self.exit_deadline
+                             or ngx_now() + self.exit_timeout
+        local said = err
+        while ngx_now() < self.exit_deadline do
+            ngx_sleep(self.allowed_lag)
+            ok, err = flush_redis(self)
+            if ok then
+                self.last_error = nil
+                return true
+            end
+            self.last_error = err
+            if err ~= said then
+                log_failure(SOURCE, err)
+                said = err
+            end
+        end
+    end
+    return nil, err
+end
+
+
+-- In exit_worker_by_lua* there are no cosockets and no timers: what is
+-- still pending cannot reach Redis any more. Dropped, counted, and said
+-- in one line.
+local function abandon(self)
+    local keys, batch_keys = nkeys(self.pending), unknown_keys(self)
+    if keys == 0 and batch_keys == 0 then
+        return true
+    end
+
+    local msg = fmt('counter "%s" on redis: %d pending keys and %d keys '
+                    .. 'in %d batch(es) of unknown fate could not be sent '
+                    .. 'before the worker exited and are lost (last '
+                    .. 'error: %s)', self.shared.name, keys, batch_keys,
+                    #self.unknown, tostring(self.last_error))
+    log_failure(SOURCE, msg)
+    self.metrics.dropped = self.metrics.dropped + keys + batch_keys
+    self.pending = new_tab(0, 16)
+    self.ttls = {}
+    self.unknown = {}
+    return nil, msg
+end
+
+
+-- A flush to Redis. One at a time per counter: a tick that finds one
+-- running returns (the next tick comes soon), any other caller waits for
+-- it (FLUSH_WAIT seconds at most) and then flushes.
+local function flush_to_redis(self, is_tick)
+    local phase = get_phase()
+    if phase == "exit_worker" then
+        return abandon(self)
+    end
+
+    if NO_COSOCKET[phase] then
+        local fine, ok, err = pcall(timer_at, 0, flush_later, self)
+        if not (fine and ok) then
+            err = "cannot flush to redis from the " .. phase
+                  .. " phase: " .. tostring(fine and err or ok)
+            log_failure(SOURCE, err)
+            return nil, err
+        end
+        return true
+    end
+
+    if self.flushing then
+        if is_tick then
+            return true
+        end
+        local deadline = ngx_now() + FLUSH_WAIT
+        repeat
+            ngx_sleep(0.001)
+            if ngx_now() > deadline then
+                local err = "flush to redis: the flush in progress took "
+                            .. "more than " .. FLUSH_WAIT .. " s"
                 log_failure(SOURCE, err)
                 return nil, err
             end
-            return true
-        end
+        until not self.flushing
+    end
 
-        local ok, err = flush_redis(self)
-        if not ok then
-            log_failure(SOURCE, err)
-        end
-        return ok, err
+    self.flushing = true
+    -- pcall: the flag is cleared whatever happens.
+    local fine, ok, err = pcall(flush_redis_retried, self)
+    self.flushing = false
+    if not fine then
+        ok, err = nil, "flush to redis: " .. tostring(ok)
+        log_failure(SOURCE, err)
+    end
+    return ok, err
+end
+
+
+flush = function(self)
+    if type(self) ~= "table" then
+        dot_call("c", "flush", 2)
+    end
+    if self.redis then
+        return flush_to_redis(self, false)
     end
 
     local pending = self.pending
@@ -381,22 +509,75 @@ end
 _M.flush = flush
 
 
+local drain
+
+
+local function has_work(self)
+    return next(self.pending) ~= nil or self.unknown[1] ~= nil
+end
+
+
+-- A flush from a timer. While the worker exits, deltas that came in
+-- during a flush that succeeded get a flush of their own (one that failed
+-- has retried already: trying again would keep the worker alive).
+local function flush_from_timer(self, is_tick)
+    local ok
+    if self.redis then
+        ok = flush_to_redis(self, is_tick)
+    else
+        ok = flush(self)
+    end
+    if ok and draining and has_work(self) then
+        drain(self)
+    end
+    return ok
+end
+
+
 local function tick(premature, self)
-    -- The premature run (reload, shutdown) flushes too. On Redis, after a
-    -- failed flush the next one waits for its backoff.
+    -- The premature run (reload, shutdown) flushes too, after the flush in
+    -- progress if any (no tick comes after it); from then on increments
+    -- schedule flushes (see drain).
+    -- On Redis, after a failed flush the next timed one waits for its
+    -- backoff.
+    if premature then
+        draining = true
+        flush_from_timer(self, false)
+        return
+    end
     local retry = self.retry
-    if premature or not retry then
-        flush(self)
+    if not retry then
+        flush_from_timer(self, true)
     elseif retry:due() then
-        retry:result(flush(self))
+        retry:result(flush_from_timer(self, true))
     end
 end
 
 
 -- The options of lax.new: strict's and its own.
-local OPTIONS = { allowed_lag = true, max_pending = true }
+local OPTIONS = { allowed_lag = true, max_pending = true, exit_timeout = true }
 for name in pairs(strict._OPTIONS) do
     OPTIONS[name] = true
+end
+
+
+local function drain_tick(premature, self) -- luacheck: ignore premature
+    self.drain_timer = false
+    flush_from_timer(self, false)
+end
+
+
+-- While the worker exits, an increment gets a flush from a zero-delay
+-- timer (one pending at a time per counter): a request still in flight
+-- counts after the last tick. nginx runs such a timer normally then, with
+-- cosockets, and waits for it before exit_worker_by_lua.
+drain = function(self)
+    if not self.drain_timer then
+        -- pcall: ngx.timer.at raises in exit_worker_by_lua*, where
+        -- flush_all() takes over.
+        local ok, made = pcall(timer_at, 0, drain_tick, self)
+        self.drain_timer = ok and made ~= nil
+    end
 end
 
 
@@ -405,11 +586,16 @@ end
 -- context: init_worker_by_lua* and later phases (it creates a timer)
 --
 -- opts: those of strict.new (name, timeout, lock_ttl), and allowed_lag
--- (seconds between flushes, default 0.02).
+-- (seconds between flushes, default 0.02). On Redis also max_pending
+-- (keys held while Redis cannot take them, default 100000) and
+-- exit_timeout (seconds an exiting worker keeps retrying a flush that
+-- failed, default 1).
 function _M.new(shdict_name, opts)
     opts = check.table(opts, "opts", 2)
     check.options(opts, OPTIONS, "opts", 2)
     local lag = check.seconds(opts.allowed_lag, "opts.allowed_lag", 2, 0.02)
+    local exit_timeout = check.seconds(opts.exit_timeout, "opts.exit_timeout",
+                                       2, 1)
     local max_pending = check.integer(opts.max_pending, "opts.max_pending",
                                       1, 1 / 0, 2, 100000)
 
@@ -433,14 +619,20 @@ function _M.new(shdict_name, opts)
         seen = {},
         seen_count = 0,
         -- On Redis: flushes go as batches with ids unique to this worker
-        -- and moment; at most one batch of unknown fate is kept.
+        -- and moment; the batches of unknown fate are kept in order until
+        -- Redis says it has applied them.
         redis = shared.engine ~= nil,
         max_pending = max_pending,
+        exit_timeout = exit_timeout,
         batch_ttl = 3600,
         batch_prefix = worker_pid() .. ":" .. fmt("%.3f", ngx_now()) .. ":"
                        .. tostring({}):match("0x(%x+)") .. ":",
         batch_seq = 0,
-        inflight = nil,
+        unknown = {},
+        flushing = false,
+        drain_timer = false,
+        last_error = nil,
+        exit_deadline = nil,
         retry = shared.engine and backoff.new(lag, MAX_RETRY_WAIT),
         metrics = { duplicates = 0, dropped = 0 },
     }, mt)
@@ -560,6 +752,9 @@ function _M.inc(self, key, n, ttl)
             pending[key] = sum
             if ttl and not self.ttls[key] then
                 self.ttls[key] = ttl
+            end
+            if draining then
+                drain(self)
             end
             return view
         end
@@ -881,10 +1076,7 @@ function _M.pending_keys(self)
         n = n + 1
     end
     -- on Redis, a batch sent but not known to be applied is pending too
-    if self.inflight then
-        n = n + #self.inflight.keys
-    end
-    return n
+    return n + unknown_keys(self)
 end
 
 
@@ -911,13 +1103,22 @@ end
 --
 -- context: any phase; meant for exit_worker_by_lua*
 --
--- Flushes every lax counter of this worker. Put it in
--- `exit_worker_by_lua_block` (beside resty.counter's sync_all) so that
--- reload and shutdown lose no increment. Failures are logged.
+-- Flushes every lax counter of this worker, each on its own: one that
+-- fails or raises does not stop the others. Never raises. Put it in
+-- `exit_worker_by_lua_block` (beside resty.counter's sync_all): there it
+-- flushes what a dict counter still holds, and a counter on Redis (which
+-- cannot be reached from there) logs in one line what it could not send
+-- before. Failures are logged; nil when there was any.
 function _M.flush_all()
     local ok = true
     for i = 1, #counters do
-        if not flush(counters[i]) then
+        local fine, flushed = pcall(flush, counters[i])
+        if not fine then
+            log_failure(SOURCE, fmt('flush of counter "%s" raised: %s',
+                                    counters[i].shared.name,
+                                    tostring(flushed)))
+            ok = nil
+        elseif not flushed then
             ok = nil
         end
     end
