@@ -4,7 +4,8 @@
 --
 -- Each run is one nginx process (master_process off) under callgrind, with
 -- instrumentation off while it starts and while one variant's location
--- takes WARMUP requests (enough for LuaJIT to compile its log handler);
+-- takes WARMUP requests (enough for LuaJIT to compile what its log
+-- handler calls);
 -- then instrumentation on, counts zeroed, REQUESTS sequential requests on
 -- one keep-alive connection from curl (not under valgrind), a dump, and
 -- its total instructions (Ir) divided by REQUESTS. Every variant runs in an
@@ -141,10 +142,12 @@ local function measure(variant, peer)
         lua_path = nginx.root .. "/lua/?.lua;" .. nginx.root .. "/bench/?.lua",
     })
     local dir = srv.dir
-    assert(nginx.sh("valgrind --tool=callgrind --instr-atstart=no "
-                    .. "--callgrind-out-file=" .. dir .. "/callgrind.out "
-                    .. nginx.binary .. " -p " .. dir .. " -c " .. dir
-                    .. "/nginx.conf > " .. dir .. "/stdout.log 2>&1 &"))
+    -- A child of this process (exec), reaped the moment it exits.
+    local valgrind = assert(io.popen(
+        "exec valgrind --tool=callgrind --instr-atstart=no "
+        .. "--callgrind-out-file=" .. dir .. "/callgrind.out " .. nginx.binary
+        .. " -p " .. dir .. " -c " .. dir .. "/nginx.conf > " .. dir
+        .. "/stdout.log 2>&1"))
     local ok, result = pcall(function()
         srv:wait_up(60)
         local path = "/count"
@@ -155,7 +158,6 @@ local function measure(variant, peer)
         callgrind_control(srv, "-z")
         requests(srv, path, REQUESTS)
         callgrind_control(srv, "-d")
-        callgrind_control(srv, "-i off")
         local counted = trace_events(srv)
         local dump = assert(nginx.read_file(dir .. "/callgrind.out.1"),
                             "no callgrind dump")
@@ -167,9 +169,15 @@ local function measure(variant, peer)
                  late = new_events(warm, counted) }
     end)
     local errors = srv:errors()
-    -- Once callgrind_control has talked to it (through vgdb), valgrind
-    -- leaves SIGQUIT pending until the next event: TERM stops it at once.
-    srv:stop("TERM")
+    -- Its dump is read: KILL spares it the final one. (Once
+    -- callgrind_control has talked to it through vgdb, valgrind leaves a
+    -- SIGQUIT pending until the next event: a graceful stop would hang.)
+    local pid = srv:pid()
+    if pid then
+        nginx.sh("kill -KILL " .. pid)
+    end
+    valgrind:close()                    -- waits for it to exit
+    os.remove(dir .. "/nginx.pid")      -- a stale pid must never be signalled
     if KEEP then
         io.stderr:write("kept " .. dir .. "\n")
     else

@@ -241,15 +241,14 @@ function server:wait_exit(timeout)
 end
 
 
--- Graceful stop (QUIT, or the signal named), then TERM and KILL if it
--- hangs. Idempotent.
-function server:stop(signal)
+-- Graceful stop (QUIT), then TERM and KILL if it hangs. Idempotent.
+function server:stop()
     local pid = self:pid()
     if not pid or not alive(pid) then
         return
     end
     self.last_pid = pid
-    sh("kill -" .. (signal or "QUIT") .. " " .. pid)
+    sh("kill -QUIT " .. pid)
     if self:wait_exit(10) then
         return
     end
