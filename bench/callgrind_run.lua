@@ -69,9 +69,16 @@ local function have_peer()
 end
 
 
+-- valgrind's gdbserver pipes (callgrind_control talks through them) are
+-- made in the run's directory, and go with it.
+local function vgdb_prefix(srv)
+    return "--vgdb-prefix=" .. srv.dir .. "/vgdb"
+end
+
+
 local function callgrind_control(srv, option)
-    local out = nginx.read("callgrind_control " .. option .. " " .. srv:pid()
-                           .. " 2>&1")
+    local out = nginx.read("callgrind_control " .. vgdb_prefix(srv) .. " "
+                           .. option .. " " .. srv:pid() .. " 2>&1")
     assert(out:find("OK", 1, true),
            "callgrind_control " .. option .. " failed: " .. out)
 end
@@ -145,7 +152,8 @@ local function measure(variant, peer)
     -- A child of this process (exec), reaped the moment it exits.
     local valgrind = assert(io.popen(
         "exec valgrind --tool=callgrind --instr-atstart=no "
-        .. "--callgrind-out-file=" .. dir .. "/callgrind.out " .. nginx.binary
+        .. vgdb_prefix(srv) .. " --callgrind-out-file=" .. dir
+        .. "/callgrind.out " .. nginx.binary
         .. " -p " .. dir .. " -c " .. dir .. "/nginx.conf > " .. dir
         .. "/stdout.log 2>&1"))
     local ok, result = pcall(function()
