@@ -2,7 +2,8 @@
 #
 #   make run    install what is missing, build, serve the demo on 127.0.0.1
 #   make test   install what is missing, build, run every test
-#   make bench  benchmarks inside nginx workers, as ratios from one run
+#   make bench  benchmarks inside nginx workers, as ratios from one run,
+#               and instructions per request under valgrind's callgrind
 #   make chaos  faults under load (reloads, kills, floods, bad input), one
 #               table row per case; `make chaos-full` adds a 30-minute soak
 #   make loom   loom model tests of the shared engine's lock-free code
@@ -64,6 +65,7 @@ bench: bench-deps
 	$(LUAJIT) bench/run.lua
 	$(LUAJIT) bench/strict_run.lua
 	$(LUAJIT) bench/redis_run.lua
+	$(LUAJIT) bench/callgrind_run.lua
 
 chaos: deps
 	@$(MAKE) --no-print-directory chaos-short
@@ -96,9 +98,11 @@ endef
 deps:
 	$(call install_packages,$(DEB_PACKAGES))
 
-# gnuplot draws bench/overhead.png.
+# gnuplot draws bench/overhead.png; valgrind counts instructions per
+# request (bench/callgrind_run.lua), where greencheek's original request
+# counter needs lua-cjson.
 bench-deps:
-	$(call install_packages,$(DEB_PACKAGES) gnuplot-nox)
+	$(call install_packages,$(DEB_PACKAGES) gnuplot-nox valgrind lua-cjson)
 
 build: $(MODULE_SO)
 

@@ -15,6 +15,7 @@ local MODULES = {
 }
 
 local NGINX = os.getenv("NGINX") or "/usr/sbin/nginx"
+_M.binary = NGINX
 
 
 local function sh(cmd)
@@ -109,11 +110,10 @@ local server = {}
 server.__index = server
 
 
--- opts: http (the body of the http block, with ${port}, ${dir}, ${root}
--- placeholders), main (extra main-level directives), workers (default 2),
--- env (a table of environment variables for nginx), lua_path and
--- lua_cpath (default: the repo's lua/ and the built module).
-function _M.start(opts)
+-- The config of `opts` (see start) written to a new directory, as a
+-- server object not started yet: for a runner that starts nginx its own
+-- way (under valgrind, in the foreground), then calls wait_up.
+function _M.prepare(opts)
     local dir = read("mktemp -d /tmp/resty-counter-spec.XXXXXX"):gsub("%s+$", "")
     -- Workers run as nobody when the master is root: let them write here.
     assert(sh("chmod 1777 " .. dir))
@@ -152,13 +152,22 @@ function _M.start(opts)
     f:write(conf, "\n")
     f:close()
 
+    return setmetatable({ dir = dir, port = vars.port, vars = vars }, server)
+end
+
+
+-- opts: http (the body of the http block, with ${port}, ${dir}, ${root}
+-- placeholders), main (extra main-level directives), workers (default 2),
+-- env (a table of environment variables for nginx), lua_path and
+-- lua_cpath (default: the repo's lua/ and the built module).
+function _M.start(opts)
+    local self = _M.prepare(opts)
+    local dir = self.dir
     local env = {}
     for k, v in pairs(opts.env or {}) do
         env[#env + 1] = k .. "='" .. tostring(v):gsub("'", "'\\''") .. "'"
     end
 
-    local self = setmetatable({ dir = dir, port = vars.port, vars = vars },
-                              server)
     local cmd = table.concat(env, " ") .. " " .. NGINX .. " -p " .. dir
                 .. " -c " .. dir .. "/nginx.conf"
                 .. " > " .. dir .. "/stdout.log 2>&1"
@@ -166,9 +175,14 @@ function _M.start(opts)
         error("nginx did not start: " .. (_M.read_file(dir .. "/stdout.log") or "")
               .. (_M.read_file(dir .. "/error.log") or ""))
     end
+    return self:wait_up(10)
+end
 
-    -- Up when it answers on its port (any status), within 10 s.
-    for _ = 1, 100 do
+
+-- Returns the server once it answers on its port (any status), within
+-- `seconds`; otherwise stops it and raises with its error log.
+function server:wait_up(seconds)
+    for _ = 1, seconds * 10 do
         if self:pid() and sh("curl -s -o /dev/null --max-time 1 http://127.0.0.1:"
                              .. self.port .. "/") then
             return self
@@ -177,7 +191,8 @@ function _M.start(opts)
     end
     self:stop()
     error("nginx did not answer on port " .. self.port .. ": "
-          .. (self:error_log() or ""))
+          .. (self:error_log() or "")
+          .. (_M.read_file(self.dir .. "/stdout.log") or ""))
 end
 
 
