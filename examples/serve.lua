@@ -82,8 +82,11 @@ io.write("counting requests on http://127.0.0.1:", port, "/ ; counts: ",
          "http://127.0.0.1:", port, "/counts, stats: /stats, /metrics\n",
          "nginx's warnings follow (", error_log, "); Ctrl-C stops\n")
 io.flush()
--- tail runs until Ctrl-C; meanwhile the interrupt is ignored here, so
--- nginx is stopped after it.
-nginx.sh("tail -n 0 -f " .. quote(error_log))
+-- Until Ctrl-C (or TERM, HUP). The shell stops nginx itself: this
+-- process ignores Ctrl-C while it waits, but not a TERM sent to the group.
+local pid_file = quote(run_dir .. "/nginx.pid")
+nginx.sh("tail -n 0 -f " .. quote(error_log) .. " & t=$!; trap 'kill $t;"
+         .. " kill -QUIT $(cat " .. pid_file .. "); rm -rf " .. quote(copy_dir)
+         .. "' INT TERM HUP; wait $t")
 stop()
 io.write("\nnginx stopped\n")
