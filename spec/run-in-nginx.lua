@@ -243,10 +243,14 @@ local function run_with_nginx(extra)
 end
 
 
--- busted's closing line: successes, failures, errors, pending.
+-- busted's closing line: successes, failures, errors, pending. A run
+-- without one counts as one failure.
 local function tally(out, into)
     local s, f, e, p = out:match(
         "(%d+) successes? / (%d+) failures? / (%d+) errors? / (%d+) pending")
+    if not s then
+        f = 1
+    end
     into.passed = into.passed + (tonumber(s) or 0)
     into.failed = into.failed + (tonumber(f) or 0) + (tonumber(e) or 0)
     into.pending = into.pending + (tonumber(p) or 0)
