@@ -111,7 +111,6 @@ local WORKERS_READ_ROOT = workers_can_read(ROOT)
 -- checkout when they can read it; otherwise (a mode-700 home or mktemp -d,
 -- with the master root and the workers nobody) a copy made in `dir`, which
 -- must be readable by them, said once on stderr.
-local told
 function _M.worker_root(dir)
     if WORKERS_READ_ROOT then
         return ROOT
@@ -123,8 +122,11 @@ function _M.worker_root(dir)
               .. " || cp -r " .. quote(ROOT .. "/target/lua") .. " "
               .. quote(copy .. "/target") .. "; } && chmod -R a+rX "
               .. quote(copy)), "cannot copy the code for nginx's workers")
-    if not told then
-        told = true
+    -- Once a process: busted loads this module afresh for each spec
+    -- file, but keeps the registry.
+    local registry = debug.getregistry()
+    if not registry.resty_counter_told then
+        registry.resty_counter_told = true
         io.stderr:write("note: nginx's workers run as ", _M.stack.user,
                         ", who cannot read ", ROOT, ": they load a copy",
                         " of lua/, spec/ and target/lua/ made for each",
