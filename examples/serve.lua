@@ -54,8 +54,9 @@ end
 
 io.write("starting ", nginx.stack.name, "'s nginx ",
          nginx.stack.version or "", " (", nginx.stack.nginx, ")\n")
-if not nginx.sh(quote(nginx.stack.nginx) .. " -p " .. quote(run_dir)
-                .. " -c " .. quote(run_dir .. "/nginx.conf")) then
+if not nginx.sh(nginx.ENV .. quote(nginx.stack.nginx) .. " -p "
+                .. quote(run_dir) .. " -c " .. quote(run_dir .. "/nginx.conf"))
+then
     nginx.sh("rm -rf " .. quote(copy_dir))
     fail("nginx did not start (its messages are above)")
 end

@@ -133,7 +133,7 @@ end
 local function run_with_resty(extra)
     local dir = nginx.read("mktemp -d /tmp/resty-counter-resty.XXXXXX")
                 :gsub("%s+$", "")
-    local cmd, main = {}, {}
+    local cmd, main = { nginx.ENV }, {}
     for _, name in ipairs(ENV_NAMES) do
         cmd[#cmd + 1] = name .. "=" .. quote(ENV[name])
         main[#main + 1] = "env " .. name .. ";"

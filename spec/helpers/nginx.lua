@@ -80,6 +80,12 @@ end
 _M.stack = find_stack()
 
 
+-- The start of every command that starts nginx (or resty): nginx reads
+-- NGINX itself (sockets inherited in a binary upgrade) and, when it is
+-- set, logs "invalid socket number" and does not daemonize.
+_M.ENV = "env -u NGINX "
+
+
 -- Are we root? Then nginx's workers run as stack.user, not as us.
 local AS_ROOT = trim(read("id -u")) == "0"
 
@@ -294,7 +300,7 @@ function _M.start(opts)
 
     local self = setmetatable({ dir = dir, port = vars.port, vars = vars },
                               server)
-    local cmd = table.concat(env, " ") .. " " .. quote(_M.stack.nginx)
+    local cmd = _M.ENV .. table.concat(env, " ") .. " " .. quote(_M.stack.nginx)
                 .. " -p " .. dir
                 .. " -c " .. dir .. "/nginx.conf"
                 .. " > " .. dir .. "/stdout.log 2>&1"
