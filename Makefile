@@ -190,12 +190,15 @@ serve: build
 
 # OpenResty's components (nginx 1.29.2, lua-nginx-module 0.10.29, its LuaJIT,
 # lua-resty-core 0.1.32, lua-resty-redis 0.33, resty-cli 0.32) built from the
-# sources in ../shared/openresty (about 1.5 minutes; nothing when built).
+# sources in ../shared/openresty into OPENRESTY_BUILD (about 1.5 minutes;
+# nothing when built). nginx's workers load its lualib: when they cannot
+# read this checkout (root master, mode-700 folder), build it elsewhere.
 OPENRESTY_SRC ?= $(ROOT)/../shared/openresty
+OPENRESTY_BUILD ?= $(ROOT)/target/openresty
 openresty:
-	@test -x $(OPENRESTY_SRC)/build.sh || { \
+	@test -f $(OPENRESTY_SRC)/build.sh || { \
 		echo "no $(OPENRESTY_SRC)/build.sh: set OPENRESTY_SRC"; exit 1; }
-	bash $(OPENRESTY_SRC)/build.sh $(ROOT)/target/openresty
+	bash $(OPENRESTY_SRC)/build.sh $(OPENRESTY_BUILD)
 
 # The originals' own suites (Test::Nginx) on ours and on the originals, on
 # the stack in use; Kong's gates, greencheek's is reported only. See

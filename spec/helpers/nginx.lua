@@ -110,6 +110,19 @@ local function workers_can_read(root)
 end
 local WORKERS_READ_ROOT = workers_can_read(ROOT)
 
+-- OpenResty's lualib (resty.redis and others) is loaded by the workers at
+-- run time: it cannot be copied the way the checkout is.
+if AS_ROOT and _M.stack.prefix
+   and not sh("runuser -u " .. _M.stack.user .. " -- test -r "
+              .. quote(_M.stack.prefix .. "/lualib/resty/core.lua")
+              .. " 2>/dev/null")
+then
+    error("nginx's workers run as " .. _M.stack.user .. " and cannot read "
+          .. _M.stack.prefix .. "/lualib: install or build OpenResty where"
+          .. " they can (make openresty OPENRESTY_BUILD=/a/readable/folder)",
+          0)
+end
+
 
 -- syntax: root = nginx.worker_root(dir)
 --
