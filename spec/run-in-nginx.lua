@@ -25,9 +25,10 @@ local redis_server = require "helpers.redis"
 local quote = nginx.quote
 
 -- Watchdogs, from measured runs on 2 busy cores (see README, Tests): the
--- whole of spec/resty takes 6-9 s of busted time on either stack, and its
--- longest silence (one spec running) is under 4 s; a worker that failed
--- to load is caught from its error log within 0.1 s instead. 10x margins.
+-- whole of spec/resty takes 6-10 s of busted time on either stack, and its
+-- longest silence (one spec running) was 2-7 s; a worker that failed to
+-- load is caught from its error log within 0.1 s instead. Margins of 6x
+-- and more (12x on the whole).
 local WATCHDOG_SILENT = 40
 local WATCHDOG_TOTAL = 120
 
