@@ -9,6 +9,15 @@
 #   make loom   loom model tests of the shared engine's lock-free code
 #   make fuzz   cargo fuzz on every core function that takes outside input
 #               (FUZZ_SECONDS per target, default 60)
+#   make openresty  builds OpenResty's components from ../shared/openresty
+#               into target/openresty (OPENRESTY_PREFIX=$PWD/target/openresty)
+#   make peer   the original libraries' own test suites against ours
+#               (../shared/peer), on the stack in use
+#
+# The stack: Debian's nginx and lua module by default; an OpenResty when
+# OPENRESTY_PREFIX names its prefix (PREFIX/bin/resty, PREFIX/nginx/sbin/nginx)
+# or, that variable unset, when `resty` is on PATH (OPENRESTY_PREFIX= forces
+# Debian's). spec/helpers/nginx.lua decides; every runner says which it uses.
 #
 # The top-level targets install Debian packages first and then re-enter make,
 # so that a cargo installed by `deps` is the one the build finds.
@@ -52,7 +61,8 @@ endif
 MODULE_SO := target/lua/resty_counter_core.so
 
 .PHONY: run test bench chaos chaos-full fuzz deps bench-deps build serve check unit-test \
-	loom lint spec scenario chaos-short fuzz-short msrv-check clean
+	loom lint spec scenario chaos-short fuzz-short msrv-check clean openresty \
+	peer test-stack
 
 run: deps
 	@$(MAKE) --no-print-directory serve
@@ -113,6 +123,10 @@ $(MODULE_SO): Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs)
 
 check: build unit-test loom lint spec scenario chaos-short fuzz-short
 
+# What depends on the stack, for a second one (.ci/run: OpenResty's).
+test-stack: deps
+	@$(MAKE) --no-print-directory build spec scenario chaos-short
+
 unit-test:
 	$(CARGO) test --no-default-features
 
@@ -138,7 +152,7 @@ lint:
 		$(CARGO) clippy -q --all-targets -- -D warnings; \
 		$(CARGO) clippy -q --no-default-features --all-targets -- -D warnings; \
 	else echo "SKIPPED: cargo clippy (clippy not installed)"; fi
-	luacheck -q lua spec bench
+	luacheck -q lua spec bench examples
 
 # busted specs inside a real nginx worker (spec/resty/).
 spec: build
@@ -189,13 +203,27 @@ msrv-check:
 		/usr/bin/cargo build --release
 
 serve: build
-	@mkdir -p $(RUN_DIR)/logs
-	@chmod 1777 $(RUN_DIR)
-	@sed -e 's|@ROOT@|$(ROOT)|g; s|@PORT@|$(PORT)|g; s|@DIR@|$(RUN_DIR)|g' \
-		examples/nginx.conf > $(RUN_DIR)/nginx.conf
-	@echo "counting requests on http://127.0.0.1:$(PORT)/ ;" \
-		"counts: http://127.0.0.1:$(PORT)/counts (Ctrl-C stops)"
-	nginx -p $(RUN_DIR) -c $(RUN_DIR)/nginx.conf -g 'daemon off;'
+	$(LUAJIT) examples/serve.lua $(PORT) $(RUN_DIR)
+
+# OpenResty's components (nginx 1.29.2, lua-nginx-module 0.10.29, its LuaJIT,
+# lua-resty-core 0.1.32, lua-resty-redis 0.33, resty-cli 0.32) built from the
+# sources in ../shared/openresty into OPENRESTY_BUILD (about 1.5 minutes;
+# nothing when built). nginx's workers load its lualib: when they cannot
+# read this checkout (root master, mode-700 folder), build it elsewhere.
+OPENRESTY_SRC ?= $(ROOT)/../shared/openresty
+OPENRESTY_BUILD ?= $(ROOT)/target/openresty
+openresty:
+	@test -f $(OPENRESTY_SRC)/build.sh || { \
+		echo "no $(OPENRESTY_SRC)/build.sh: set OPENRESTY_SRC"; exit 1; }
+	bash $(OPENRESTY_SRC)/build.sh $(OPENRESTY_BUILD)
+
+# The originals' own suites (Test::Nginx) on ours and on the originals, on
+# the stack in use; Kong's gates, greencheek's is reported only. See
+# spec/peer.sh for why and for what it prints.
+PEER_SRC ?= $(ROOT)/../shared/peer
+peer: deps
+	@$(MAKE) --no-print-directory build
+	bash spec/peer.sh $(PEER_SRC)
 
 clean:
 	$(CARGO) clean

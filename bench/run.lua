@@ -203,7 +203,7 @@ local header = {
         .. " CPUs (" .. first_line("sed -n 's/^model name[^:]*: //p' /proc/cpuinfo")
         .. "), shared with other work: absolute times drift, ratios taken in"
         .. " one run hold better",
-    "- nginx: " .. first_line("nginx -v"),
+    "- nginx: " .. first_line(nginx.quote(nginx.stack.nginx) .. " -v"),
     "- lua-nginx-module: " .. first_line("dpkg-query -W -f='${Version}' "
                                          .. "libnginx-mod-http-lua"),
     "- LuaJIT: " .. first_line("luajit -v"),

@@ -390,6 +390,8 @@ out[#out + 1] = ""
 out[#out + 1] = failed == 0 and "all cases passed"
                 or (failed .. " case(s) FAILED")
 print()
+print("on " .. nginx.stack.name .. "'s nginx " .. (nginx.stack.version or "?")
+      .. " (" .. nginx.stack.nginx .. ")")
 print(table.concat(out, "\n"))
 
 -- The full run is long and rare: its table is kept, with the machine and
@@ -408,7 +410,7 @@ if FULL then
         "",
         "- machine: " .. first_line("uname -srm") .. ", "
             .. first_line("nproc") .. " CPUs, shared with other work",
-        "- nginx: " .. first_line("nginx -v"),
+        "- nginx: " .. first_line(nginx.quote(nginx.stack.nginx) .. " -v"),
         "- redis-server: " .. first_line("redis-server --version"),
         "- LuaJIT: " .. first_line("luajit -v"),
         "",

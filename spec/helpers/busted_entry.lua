@@ -13,12 +13,14 @@ end
 
 
 -- Returns true when every spec passed. `args` are busted's command line;
--- its report goes to `output_path` when given (a worker has no terminal).
+-- its report goes to `output_path` when given (a worker has no terminal),
+-- unbuffered, so that spec/run-in-nginx.lua can show it as it is written.
 function _M.run(args, output_path)
     _G.arg = args
     local out
     if output_path then
         out = assert(io.open(output_path, "w"))
+        out:setvbuf("no")
         io.output(out)
     end
 

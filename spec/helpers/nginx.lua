@@ -1,7 +1,7 @@
--- Starts and drives a real nginx (Debian's, with the lua module) on a free
--- loopback port, for specs run from the host with `luajit /usr/bin/busted`
--- and for spec/run-in-nginx.lua. Everything it starts it also stops, and
--- every wait is bounded.
+-- Starts and drives a real nginx on a free loopback port, for specs run
+-- from the host with `luajit /usr/bin/busted` and for spec/run-in-nginx.lua:
+-- Debian's nginx with its lua module, or an OpenResty's (see `stack`
+-- below). Everything it starts it also stops, and every wait is bounded.
 
 local _M = {}
 
@@ -9,13 +9,12 @@ local ROOT = os.getenv("COUNTER_ROOT")
              or assert(io.popen("pwd")):read("*l")
 _M.root = ROOT
 
-local MODULES = {
+-- Debian's lua module and the kit it needs, ndk first. An nginx with the
+-- lua module built in (OpenResty's) refuses them ("already loaded").
+local DEBIAN_MODULES = {
     "/usr/lib/nginx/modules/ndk_http_module.so",
     "/usr/lib/nginx/modules/ngx_http_lua_module.so",
 }
-
-local NGINX = os.getenv("NGINX") or "/usr/sbin/nginx"
-_M.binary = NGINX
 
 
 local function sh(cmd)
@@ -32,6 +31,156 @@ local function read(cmd)
     return out
 end
 _M.read = read
+
+
+local function trim(s)
+    return (s:gsub("^%s+", ""):gsub("%s+$", ""))
+end
+
+
+local function quote(s)
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+_M.quote = quote
+
+
+-- The stack under test: an OpenResty when OPENRESTY_PREFIX names one or,
+-- when that variable is unset, when `resty` is on PATH (its prefix);
+-- otherwise (or with OPENRESTY_PREFIX empty) Debian's packages.
+-- stack.nginx is the nginx binary, stack.resty resty-cli (or nil),
+-- stack.modules the load_module lines it needs, stack.user the user its
+-- workers run as when the master is root.
+local function find_stack()
+    local prefix = os.getenv("OPENRESTY_PREFIX")
+    if prefix == nil then
+        local resty = trim(read("command -v resty 2>/dev/null"))
+        if resty ~= "" then
+            prefix = trim(read("dirname \"$(dirname \"$(readlink -f "
+                               .. quote(resty) .. ")\")\""))
+        end
+    end
+    local stack = { name = "debian", nginx = "/usr/sbin/nginx" }
+    if prefix and prefix ~= "" then
+        stack = { name = "openresty", prefix = prefix,
+                  nginx = prefix .. "/nginx/sbin/nginx",
+                  resty = prefix .. "/bin/resty" }
+        if not sh("test -x " .. quote(stack.nginx) .. " -a -x "
+                  .. quote(stack.resty)) then
+            error("OPENRESTY_PREFIX=" .. prefix .. " holds no nginx/sbin/nginx"
+                  .. " and bin/resty (build one with make openresty)", 0)
+        end
+    end
+    local version = read(quote(stack.nginx) .. " -V 2>&1")
+    stack.modules = version:find("lua-nginx-module", 1, true) and {}
+                    or DEBIAN_MODULES
+    stack.user = version:match("%-%-user=(%S+)") or "nobody"
+    stack.version = version:match("nginx/(%S+)")
+    return stack
+end
+_M.stack = find_stack()
+-- The nginx binary of the stack in use, for runners that start it their
+-- own way (bench/callgrind_run.lua).
+_M.binary = _M.stack.nginx
+
+
+-- The start of every command that starts nginx (or resty): nginx reads
+-- NGINX itself (sockets inherited in a binary upgrade) and, when it is
+-- set, logs "invalid socket number" and does not daemonize.
+_M.ENV = "env -u NGINX "
+
+
+-- Are we root? Then nginx's workers run as stack.user, not as us.
+local AS_ROOT = trim(read("id -u")) == "0"
+
+-- What the workers load: the library, the module and the spec helpers.
+local WORKER_FILES = { "lua/resty/counter.lua",
+                       "target/lua/resty_counter_core.so",
+                       "spec/helpers/busted_entry.lua" }
+
+
+-- true when nginx's workers can read what they load from `root`: always
+-- when we are not root (they run as us), otherwise when stack.user can.
+local function workers_can_read(root)
+    if not AS_ROOT then
+        return true
+    end
+    local tests = {}
+    for _, file in ipairs(WORKER_FILES) do
+        tests[#tests + 1] = "-r " .. quote(root .. "/" .. file)
+    end
+    return sh("runuser -u " .. _M.stack.user .. " -- test "
+              .. table.concat(tests, " -a ") .. " 2>/dev/null")
+end
+local WORKERS_READ_ROOT = workers_can_read(ROOT)
+
+-- OpenResty's lualib (resty.redis and others) is loaded by the workers at
+-- run time: it cannot be copied the way the checkout is.
+if AS_ROOT and _M.stack.prefix
+   and not sh("runuser -u " .. _M.stack.user .. " -- test -r "
+              .. quote(_M.stack.prefix .. "/lualib/resty/core.lua")
+              .. " 2>/dev/null")
+then
+    error("nginx's workers run as " .. _M.stack.user .. " and cannot read "
+          .. _M.stack.prefix .. "/lualib: install or build OpenResty where"
+          .. " they can (make openresty OPENRESTY_BUILD=/a/readable/folder)",
+          0)
+end
+
+
+-- syntax: root = nginx.worker_root(dir)
+--
+-- The folder nginx's workers load lua/, spec/ and target/lua/ from: the
+-- checkout when they can read it; otherwise (a mode-700 home or mktemp -d,
+-- with the master root and the workers nobody) a copy made in `dir`, which
+-- must be readable by them, said once on stderr.
+function _M.worker_root(dir)
+    if WORKERS_READ_ROOT then
+        return ROOT
+    end
+    local copy = dir .. "/code"
+    assert(sh("mkdir -p " .. quote(copy .. "/target") .. " && cp -r "
+              .. quote(ROOT .. "/lua") .. " " .. quote(ROOT .. "/spec") .. " "
+              .. quote(copy) .. " && { ! test -d " .. quote(ROOT .. "/target/lua")
+              .. " || cp -r " .. quote(ROOT .. "/target/lua") .. " "
+              .. quote(copy .. "/target") .. "; } && chmod -R a+rX "
+              .. quote(copy)), "cannot copy the code for nginx's workers")
+    -- Once a process: busted loads this module afresh for each spec
+    -- file, but keeps the registry.
+    local registry = debug.getregistry()
+    if not registry.resty_counter_told then
+        registry.resty_counter_told = true
+        io.stderr:write("note: nginx's workers run as ", _M.stack.user,
+                        ", who cannot read ", ROOT, ": they load a copy",
+                        " of lua/, spec/ and target/lua/ made for each",
+                        " nginx (", copy, ")\n")
+    end
+    return copy
+end
+
+
+-- The lines of an error log that say a worker could not load or run its
+-- start-up code, with what to check when the cause may be file access.
+function _M.load_failures(log)
+    local found = {}
+    for line in ((log or "") .. "\n"):gmatch("([^\n]*)\n") do
+        if line:find("init_worker_by_lua error", 1, true)
+           or line:find("module '[^']+' not found")
+        then
+            found[#found + 1] = line
+        end
+    end
+    if #found == 0 then
+        return nil
+    end
+    local msg = "nginx's workers could not load their code:\n"
+                .. table.concat(found, "\n")
+    if AS_ROOT then
+        msg = msg .. "\n(they run as " .. _M.stack.user
+              .. ": every folder above the code must be searchable and its"
+              .. " files readable by that user)"
+    end
+    return msg
+end
 
 
 function _M.read_file(path)
@@ -117,25 +266,28 @@ function _M.prepare(opts)
     local dir = read("mktemp -d /tmp/resty-counter-spec.XXXXXX"):gsub("%s+$", "")
     -- Workers run as nobody when the master is root: let them write here.
     assert(sh("chmod 1777 " .. dir))
+    local root = _M.worker_root(dir)
 
     local vars = {
-        root = ROOT,
+        root = root,
         dir = dir,
         port = _M.free_port(),
         workers = opts.workers or 2,
-        lua_path = opts.lua_path or (ROOT .. "/lua/?.lua;" .. ROOT .. "/spec/?.lua"),
-        lua_cpath = opts.lua_cpath or (ROOT .. "/target/lua/?.so"),
+        lua_path = opts.lua_path or (root .. "/lua/?.lua;" .. root .. "/spec/?.lua"),
+        lua_cpath = opts.lua_cpath or (root .. "/target/lua/?.so"),
     }
     for k, v in pairs(opts.vars or {}) do
         vars[k] = v
     end
+    vars.lua_path = expand(vars.lua_path, vars)
+    vars.lua_cpath = expand(vars.lua_cpath, vars)
 
     local lines = {
         "worker_processes ${workers};",
         "pid ${dir}/nginx.pid;",
         "error_log ${dir}/error.log " .. (opts.log_level or "info") .. ";",
     }
-    for _, module in ipairs(MODULES) do
+    for _, module in ipairs(_M.stack.modules) do
         lines[#lines + 1] = "load_module " .. module .. ";"
     end
     lines[#lines + 1] = opts.main or ""
@@ -157,18 +309,23 @@ end
 
 
 -- opts: http (the body of the http block, with ${port}, ${dir}, ${root}
--- placeholders), main (extra main-level directives), workers (default 2),
--- env (a table of environment variables for nginx), lua_path and
--- lua_cpath (default: the repo's lua/ and the built module).
+-- placeholders: ${root} is what the workers load from, see worker_root),
+-- main (extra main-level directives), workers (default 2), env (a table of
+-- environment variables for nginx, whose values may hold the same
+-- placeholders), lua_path and lua_cpath (default: the repo's lua/ and
+-- spec/, and the built module).
+-- Raises when nginx does not start, does not answer within 10 s, or its
+-- workers could not load their start-up code.
 function _M.start(opts)
     local self = _M.prepare(opts)
     local dir = self.dir
     local env = {}
     for k, v in pairs(opts.env or {}) do
-        env[#env + 1] = k .. "='" .. tostring(v):gsub("'", "'\\''") .. "'"
+        env[#env + 1] = k .. "=" .. quote(expand(tostring(v), self.vars))
     end
 
-    local cmd = table.concat(env, " ") .. " " .. NGINX .. " -p " .. dir
+    local cmd = _M.ENV .. table.concat(env, " ") .. " " .. quote(_M.stack.nginx)
+                .. " -p " .. dir
                 .. " -c " .. dir .. "/nginx.conf"
                 .. " > " .. dir .. "/stdout.log 2>&1"
     if not sh(cmd) then
@@ -179,12 +336,18 @@ function _M.start(opts)
 end
 
 
--- Returns the server once it answers on its port (any status), within
--- `seconds`; otherwise stops it and raises with its error log.
+-- Returns the server once it answers on its port (any status) with no
+-- worker that failed to load its code, within `seconds`; otherwise stops
+-- it and raises with its error log.
 function server:wait_up(seconds)
     for _ = 1, seconds * 10 do
         if self:pid() and sh("curl -s -o /dev/null --max-time 1 http://127.0.0.1:"
                              .. self.port .. "/") then
+            local failed = _M.load_failures(self:error_log())
+            if failed then
+                self:cleanup()
+                error(failed, 2)
+            end
             return self
         end
         _M.sleep(0.1)

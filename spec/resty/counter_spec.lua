@@ -6,11 +6,8 @@
 local counter = require "resty.counter"
 local race = require "helpers.race"
 
--- Specs that send requests to this nginx need spec/nginx/unit.conf's
--- locations, which OpenResty's `resty` (the other runner) does not have.
-local it_http = package.loaded["spec.port"] and it or function(name)
-    pending(name .. " (needs the locations of spec/nginx/unit.conf)")
-end
+-- Specs that send requests to this nginx (see spec/helpers/it_http.lua).
+local it_http = require("helpers.it_http")(it, pending)
 
 local MAX_SAFE = 2^53 - 1
 

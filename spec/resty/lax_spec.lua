@@ -4,11 +4,8 @@ local lax = require "resty.counter.lax"
 local strict = require "resty.counter.strict"
 local race = require "helpers.race"
 
--- Specs that send requests to this nginx need spec/nginx/unit.conf's
--- locations, which OpenResty's `resty` (the other runner) does not have.
-local it_http = package.loaded["spec.port"] and it or function(name)
-    pending(name .. " (needs the locations of spec/nginx/unit.conf)")
-end
+-- Specs that send requests to this nginx (see spec/helpers/it_http.lua).
+local it_http = require("helpers.it_http")(it, pending)
 
 
 local MAX = 9223372036854775807LL

@@ -27,8 +27,8 @@ end
 
 local raw = redis.new(backend())
 
--- Specs that send requests to this nginx need spec/nginx/unit.conf's port.
-local it_http = package.loaded["spec.port"] and it or pending
+-- Specs that send requests to this nginx (see spec/helpers/it_http.lua).
+local it_http = require("helpers.it_http")(it, pending)
 
 
 describe("resty.counter.strict on Redis", function()

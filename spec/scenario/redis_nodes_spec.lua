@@ -243,6 +243,14 @@ describe("lax and limit on Redis across two nodes", function()
         cleanup(redis, a, b)
     end)
 
+    it("use the stack's own lua-resty-redis", function()
+        -- OpenResty's is resty.redis; Debian's the same library (0.27) as
+        -- nginx.redis.
+        local expected = nginx.stack.name == "openresty" and "resty.redis"
+                         or "nginx.redis"
+        assert.same({ 200, expected .. "\n" }, { a:get("/driver") })
+    end)
+
     it("count every request of both nodes exactly, through a restart, "
        .. "a freeze and a pause of Redis", function()
         local runs = hit_both(a, b, 9)
