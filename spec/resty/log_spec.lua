@@ -13,10 +13,15 @@ local error_log = require "helpers.error_log"
 local PORT = tonumber(os.getenv("REDIS_PORT"))
 local PASSWORD = os.getenv("REDIS_PASSWORD")
 
--- These specs read nginx's error.log, which `resty` does not write there.
-local it_log = error_log.available() and it or function(name)
-    pending(name .. " (needs <prefix>/error.log)")
-end
+-- These specs read nginx's error.log, which `resty` does not write there:
+-- they run in the runner's nginx (tagged #http, see
+-- spec/helpers/it_http.lua), where it is <prefix>/error.log.
+local it_log = require("helpers.it_http")(function(name, fn)
+    if error_log.available() then
+        return it(name, fn)
+    end
+    return pending(name .. " (needs <prefix>/error.log)")
+end, pending)
 
 
 local function now()
