@@ -151,7 +151,7 @@ chaos-short: build
 
 # cargo fuzz needs rustup's nightly toolchain; `make fuzz` installs the
 # cargo-fuzz command from crates.io when it is missing.
-FUZZ_TARGETS := histogram_decode request_merge report_render pending_store \
+FUZZ_TARGETS := request_record report_render pending_store \
 	ffi_calls int64_ops engine_table
 FUZZ_SECONDS ?= 60
 RUSTUP_CARGO := $(HOME)/.cargo/bin/cargo

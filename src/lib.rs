@@ -27,7 +27,6 @@ pub mod ffi_int;
 pub mod histogram;
 pub mod int64;
 pub mod pending;
-pub mod requests;
 pub mod stats;
 pub mod window;
 
