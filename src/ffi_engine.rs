@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::engine::counter::{self, Counter};
 use crate::engine::lock::{self, Holder, Taken};
-use crate::engine::requests::{self, Recorded, Requests, Roller};
+use crate::engine::requests::{self, Layout, Recorded, Requests, Roller};
 use crate::engine::table::{Record, Table};
 use crate::engine::zone::{self, SlabApi};
 use crate::engine::Error;
@@ -563,8 +563,27 @@ impl Roller for Worker {
     }
 }
 
-/// The cells of request key `key`'s record, for a ring of `ring` windows,
-/// made when it has none. A new key other than "all" and the overflow key
+/// The layout of this engine's request records for a ring of `ring`
+/// windows: 1 with histograms, 0 without (the engine is too small for
+/// [`requests::MIN_KEYS_WITH_HISTOGRAM`] of them), `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_layout(engine: *const Engine, ring: u32) -> i32 {
+    match engine.as_ref() {
+        Some(engine) => match Layout::for_arena(ring as usize, engine.table.stats().arena_total) {
+            Some(layout) => i32::from(layout.has_histogram()),
+            None => CODE_BAD_ARGUMENT,
+        },
+        None => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// The cells of request key `key`'s record, for a ring of `ring` windows
+/// with histograms when `histogram` is non-zero (as
+/// [`rc_requests_layout`] said), made when it has none. A new key other than "all" and the overflow key
 /// (`capped` zero) takes a place among `max_keys`.
 ///
 /// # Errors
@@ -584,6 +603,7 @@ pub unsafe extern "C" fn rc_requests_key(
     key: *const u8,
     len: usize,
     ring: u32,
+    histogram: i32,
     max_keys: u32,
     capped: i32,
     cells: *mut *const AtomicU64,
@@ -592,12 +612,13 @@ pub unsafe extern "C" fn rc_requests_key(
         Some(both) => both,
         None => return CODE_BAD_ARGUMENT,
     };
-    if ring == 0 || ring as usize > requests::MAX_RING {
-        return CODE_BAD_ARGUMENT;
-    }
+    let layout = match Layout::new(ring as usize, histogram != 0) {
+        Some(layout) => layout,
+        None => return CODE_BAD_ARGUMENT,
+    };
     guarded(CODE_INTERNAL, || {
         engine.set_key(requests::KIND, key_bytes(key, len));
-        let width = requests::width(ring as usize);
+        let width = layout.width();
         let table = &engine.table;
         let found = match table.lookup(&engine.key) {
             Some(record) if record.width() == width => Ok((record, false)),
@@ -641,19 +662,22 @@ pub unsafe extern "C" fn rc_requests_key(
 ///
 /// # Safety
 ///
-/// `cells` is null or from [`rc_requests_key`] with this `ring`.
+/// `cells` is null or from [`rc_requests_key`] with this `ring` and
+/// `histogram`.
 #[no_mangle]
 pub unsafe extern "C" fn rc_requests_record(
     cells: *const AtomicU64,
     ring: u32,
+    histogram: i32,
     window: u64,
     latency_ms: f64,
 ) -> i32 {
-    if cells.is_null() || ring == 0 || ring as usize > requests::MAX_RING {
-        return CODE_BAD_ARGUMENT;
-    }
-    let cells = std::slice::from_raw_parts(cells, requests::width(ring as usize) as usize);
-    match Requests::new(cells, ring as usize) {
+    let layout = match Layout::new(ring as usize, histogram != 0) {
+        Some(layout) if !cells.is_null() => layout,
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let cells = std::slice::from_raw_parts(cells, layout.width() as usize);
+    match Requests::new(cells, layout) {
         Some(record) => match record.record(window, latency_ms, &Worker) {
             Recorded::Window => 0,
             Recorded::TotalOnly => 1,
@@ -692,7 +716,8 @@ fn add_to_report(report: &mut Report, key: &[u8], record: &Requests<'_, AtomicU6
 
 /// A report of every request key recorded at least once (or of `key` alone when `single` is
 /// non-zero; empty when it has no record) at `now` over windows of
-/// `window` seconds, for a ring of `ring` windows (`previous` + 1). Null
+/// `window` seconds, for a ring of `ring` windows (`previous` + 1) with
+/// histograms or not, as [`rc_requests_layout`] says. Null
 /// for bad arguments. Rendered with [`crate::ffi::rc_report_json`] and
 /// the like, freed with [`crate::ffi::rc_report_free`].
 ///
@@ -704,14 +729,15 @@ fn add_to_report(report: &mut Report, key: &[u8], record: &Requests<'_, AtomicU6
 pub unsafe extern "C" fn rc_requests_report(
     engine: *mut Engine,
     ring: u32,
+    histogram: i32,
     window: u32,
     now: f64,
     key: *const u8,
     len: usize,
     single: i32,
 ) -> *mut Report {
-    let engine = match engine.as_mut() {
-        Some(engine) if (!key.is_null() || len == 0) && ring >= 1 => engine,
+    let (engine, layout) = match (engine.as_mut(), Layout::new(ring as usize, histogram != 0)) {
+        (Some(engine), Some(layout)) if !key.is_null() || len == 0 => (engine, layout),
         _ => return std::ptr::null_mut(),
     };
     guarded(std::ptr::null_mut(), || {
@@ -720,12 +746,12 @@ pub unsafe extern "C" fn rc_requests_report(
             Err(_) => return std::ptr::null_mut(),
         };
         let current = (now / f64::from(window)).floor() as u64;
-        let width = requests::width(ring as usize);
+        let width = layout.width();
         if single != 0 {
             let key = key_bytes(key, len);
             engine.set_key(requests::KIND, key);
             let found = engine.table.lookup(&engine.key);
-            match found.and_then(|r| Requests::new(r.cells(), ring as usize)) {
+            match found.and_then(|r| Requests::new(r.cells(), layout)) {
                 Some(record) => add_to_report(&mut report, key, &record, current),
                 None => report.add(key, Vec::new(), Default::default()),
             }
@@ -737,7 +763,7 @@ pub unsafe extern "C" fn rc_requests_report(
                 }
                 // A key made and never recorded (the overflow key, made
                 // in advance) is not shown.
-                match Requests::new(record.cells(), ring as usize) {
+                match Requests::new(record.cells(), layout) {
                     Some(cells) if cells.total().count > 0 => {
                         add_to_report(&mut report, &key[1..], &cells, current)
                     }

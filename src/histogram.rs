@@ -4,19 +4,26 @@
 //! counter keeps them dense in the shared engine
 //! ([`crate::engine::requests`]), two bucket counts per word, and reads
 //! them back as a sparse [`Histogram`] with [`Histogram::from_buckets`].
-//!
+
 /// Sub-buckets per power of two. A value is reported as the middle of its
 /// bucket, at most half a bucket (1/32 of the octave's base) away: 3.1%.
 /// (32 would halve the error and double the engine's memory per key.)
 const SUB_BUCKET_BITS: u32 = 4;
 const SUB_BUCKETS: i32 = 1 << SUB_BUCKET_BITS;
 
-/// The smallest octave: 2^-10 ms (about 1 us). Anything below, zero
-/// included, lands in bucket 0 and reads as 0.
-const MIN_EXPONENT: i32 = -10;
-/// The largest octave: 2^30 ms (12 days). Anything above lands in the last
-/// bucket; the exact maximum is kept besides.
-const MAX_EXPONENT: i32 = 30;
+/// The smallest octave: 2^-3 ms (125 us; $request_time counts whole
+/// milliseconds). Anything below, zero included, lands in bucket 0 and
+/// reads as 0.
+const MIN_EXPONENT: i32 = -3;
+/// The largest octave: 2^20 ms (17.5 minutes, so values up to 35 minutes
+/// keep their precision). Anything above lands in the last bucket, read as
+/// at most the exact maximum, which is kept besides.
+///
+/// 24 octaves: 385 buckets, 193 words a window in the engine. The range
+/// was 2^-10 to 2^30 ms (657 buckets at this resolution): a key of three
+/// windows then took 8.1 KB, and greencheek's own test dict of 16k (an
+/// engine of 8 KB) could not hold its one key.
+const MAX_EXPONENT: i32 = 20;
 
 /// Bucket 0 holds values below 2^MIN_EXPONENT; the others are log-linear.
 pub const BUCKETS: u16 = ((MAX_EXPONENT - MIN_EXPONENT + 1) * SUB_BUCKETS + 1) as u16;
@@ -76,8 +83,11 @@ pub struct Histogram {
     pub sum: f64,
     pub max: f64,
     /// (bucket, count), sorted by bucket, no zero counts. Sparse: a key's
-    /// latencies usually fill a few dozen of the 657 buckets.
+    /// latencies usually fill a few dozen of the 385 buckets.
     buckets: Vec<(u16, u64)>,
+    /// Kept without buckets (an engine too small for them): no
+    /// percentiles.
+    no_buckets: bool,
 }
 
 impl Histogram {
@@ -125,7 +135,29 @@ impl Histogram {
             buckets: buckets
                 .filter(|&(bucket, n)| n > 0 && bucket < BUCKETS)
                 .collect(),
+            no_buckets: false,
         }
+    }
+
+    /// Counts, sum and maximum kept without buckets: [`percentile`] is
+    /// then unknown ([`has_buckets`] false).
+    ///
+    /// [`percentile`]: Histogram::percentile
+    /// [`has_buckets`]: Histogram::has_buckets
+    pub fn without_buckets(count: u64, sum: f64, max: f64) -> Histogram {
+        Histogram {
+            count,
+            sum,
+            max,
+            buckets: Vec::new(),
+            no_buckets: true,
+        }
+    }
+
+    /// Whether percentiles can be read (false for
+    /// [`without_buckets`](Histogram::without_buckets)).
+    pub fn has_buckets(&self) -> bool {
+        !self.no_buckets
     }
 
     pub fn is_empty(&self) -> bool {

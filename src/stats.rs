@@ -313,9 +313,11 @@ impl Serialize for WindowView<'_> {
         map.serialize_entry("requests", &h.count)?;
         map.serialize_entry("latency_ms", &h.mean())?;
         map.serialize_entry("startofminute_epoch", &report.window_start(self.age))?;
-        map.serialize_entry("p50", &h.percentile(0.50))?;
-        map.serialize_entry("p90", &h.percentile(0.90))?;
-        map.serialize_entry("p99", &h.percentile(0.99))?;
+        // null when the engine keeps no histograms (too small for them).
+        let percentile = |q| Some(h.percentile(q)).filter(|_| h.has_buckets());
+        map.serialize_entry("p50", &percentile(0.50))?;
+        map.serialize_entry("p90", &percentile(0.90))?;
+        map.serialize_entry("p99", &percentile(0.99))?;
         map.serialize_entry("max", &h.max)?;
         if self.age == 0 {
             map.serialize_entry("epoch", &(report.now.floor() as i64))?;

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use resty_counter_core::engine::requests::width;
+use resty_counter_core::engine::requests::Layout;
 use resty_counter_core::ffi::*;
 use resty_counter_core::ffi_engine::{rc_requests_record, rc_requests_report};
 use resty_counter_core::ffi_int::*;
@@ -24,14 +24,16 @@ fuzz_target!(|data: &[u8]| {
         // The request path: a record of a ring the bytes choose, windows
         // and latencies from the bytes; null and bad rings refused.
         let ring = u32::from(data[0] % 4) + 1;
-        let cells: Vec<AtomicU64> = (0..width(ring as usize)).map(|_| AtomicU64::new(0)).collect();
+        let histogram = i32::from(data[0] & 4 != 0);
+        let layout = Layout::new(ring as usize, histogram != 0).unwrap();
+        let cells: Vec<AtomicU64> = (0..layout.width()).map(|_| AtomicU64::new(0)).collect();
         let window = u64::from_le_bytes([data[1], data[2], data[3], 0, 0, 0, 0, data[0]]);
         let latency = f64::from(data[1]) - 3.0;
-        assert!(rc_requests_record(cells.as_ptr(), ring, window, latency) >= 0);
-        assert!(rc_requests_record(ptr::null(), ring, window, latency) < 0);
-        assert!(rc_requests_record(cells.as_ptr(), 0, window, latency) < 0);
-        assert!(rc_requests_record(cells.as_ptr(), 200, window, latency) < 0);
-        assert!(rc_requests_report(ptr::null_mut(), ring, 60, 1.0, data.as_ptr(), data.len(), 1).is_null());
+        assert!(rc_requests_record(cells.as_ptr(), ring, histogram, window, latency) >= 0);
+        assert!(rc_requests_record(ptr::null(), ring, histogram, window, latency) < 0);
+        assert!(rc_requests_record(cells.as_ptr(), 0, histogram, window, latency) < 0);
+        assert!(rc_requests_record(cells.as_ptr(), 200, histogram, window, latency) < 0);
+        assert!(rc_requests_report(ptr::null_mut(), ring, histogram, 60, 1.0, data.as_ptr(), data.len(), 1).is_null());
         rc_report_free(ptr::null_mut());
 
         let pending = rc_store_new();

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 
 use libfuzzer_sys::fuzz_target;
 use resty_counter_core::engine::lock::Holder;
-use resty_counter_core::engine::requests::{width, Recorded, Requests, Roller};
+use resty_counter_core::engine::requests::{Layout, Recorded, Requests, Roller};
 
 struct Alone;
 
@@ -30,8 +30,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let ring = usize::from(data[0] % 4) + 1;
-    let cells: Vec<AtomicU64> = (0..width(ring)).map(|_| AtomicU64::new(0)).collect();
-    let record = Requests::new(&cells, ring).expect("a record of its width");
+    let layout = Layout::new(ring, data[0] & 4 != 0).expect("a ring of 1 to 4");
+    let cells: Vec<AtomicU64> = (0..layout.width()).map(|_| AtomicU64::new(0)).collect();
+    let record = Requests::new(&cells, layout).expect("a record of its width");
     // The model: per slot, the window it holds and its count.
     let mut slots = vec![None::<(u64, u64)>; ring];
     let mut total = 0u64;
@@ -65,6 +66,7 @@ fuzz_target!(|data: &[u8]| {
         let got = record.window(window);
         assert_eq!(got.as_ref().map(|h| h.count), model);
         if let Some(h) = got {
+            assert_eq!(h.has_buckets(), layout.has_histogram());
             assert!(h.sum.is_finite() && h.max.is_finite());
             let p99 = h.percentile(0.99);
             assert!(p99 <= h.max, "{} > {}", p99, h.max);

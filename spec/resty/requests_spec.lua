@@ -381,9 +381,10 @@ describe("resty.counter.requests", function()
             for i = 1, 1000 do
                 r:record("flood" .. i, 0.001)
             end
-            -- 5 keys in this worker's cache and in the engine
+            -- 5 keys and the overflow key, in this worker's cache and in
+            -- the engine
             local m = r:self_metrics()
-            assert.equal(before + 5, m.cached)
+            assert.equal(before + 6, m.cached)
             assert.equal(995, m.overflowed)
             local doc = stats(r)
             assert.equal(995, doc.stats._overflow.current.requests)
@@ -438,26 +439,25 @@ describe("resty.counter.requests", function()
                            .. 'key="k"} 2', text)
         end)
 
-        it("refuses a previous that differs from the dict's records'",
+        it("refuses a previous that differs from the key's record's",
            function()
             local r, clock, dict_name = engine()
             r:record("k", 0.001)
-            local other, err = requests.new(dict_name, { previous = 3,
-                clock = function() return clock.now end })
-            assert.is_nil(other)
-            assert.equal('request key "_overflow" has a record of another '
-                         .. 'shape: every request counter of a dict must '
-                         .. 'have the same "previous"', err)
+            local other = assert(requests.new(dict_name, { previous = 3,
+                clock = function() return clock.now end }))
+            local ok, err = other:record("k", 0.001)
+            assert.is_nil(ok)
+            assert.equal('request key "k" has a record of another shape: '
+                         .. 'every request counter of a dict must have the '
+                         .. 'same "previous"', err)
         end)
 
         it("in a full engine, records new keys under the overflow key",
            function()
             fresh("requests_small")
             local r = assert(requests.new("requests_small"))
-            local recorded = 0
-            for i = 1, 6 do
+            for i = 1, 500 do
                 assert.is_true(r:record("key" .. i, 0.001))
-                recorded = recorded + 1
             end
             local m = r:self_metrics()
             assert.is_true(m.refused > 0, "a 64k dict's engine is full")
@@ -466,8 +466,26 @@ describe("resty.counter.requests", function()
             for _, key in pairs(doc.stats) do
                 sum = sum + key.current.requests
             end
-            assert.equal(recorded, sum)
+            assert.equal(500, sum)
             assert.equal(m.refused, doc.stats._overflow.current.requests)
+        end)
+
+        it("in an engine too small for histograms, shows no percentiles",
+           function()
+            -- requests_small's engine (32k) holds fewer than 8 records
+            -- with histograms: its records have none.
+            local r = assert(requests.new("requests_small"))
+            local text = assert(r:single_stats("key1"))
+            local current = json.decode(text).stats.current
+            assert.equal(1, current.requests)
+            assert.equal(1, current.max)
+            assert.matches('"p50":null,"p90":null,"p99":null', text, 1,
+                           true)
+            -- and a dict of 256k has them
+            local big = engine()
+            big:record("k", 0.001)
+            current = stats(big).stats.k.current
+            assert.near(1, current.p50, 0.05)
         end)
 
         it_http("a read right after a request in another worker includes it",

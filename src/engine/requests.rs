@@ -15,6 +15,11 @@
 //!            then the histogram's buckets, two u32 counts per word
 //! ```
 //!
+//! An engine too small to hold [`MIN_KEYS_WITH_HISTOGRAM`] records with
+//! histograms (a dict of some 100k or less at the default three windows)
+//! makes its request records without the buckets (see [`Layout`]): counts,
+//! sums and maxima only, and no percentiles.
+//!
 //! A window's slot is `window % ring`. A writer whose slot holds its window
 //! adds; one whose slot holds an older window rolls it (under the roll lock:
 //! marks it ROLLING, zeroes it, stamps it) and adds; one whose slot holds a
@@ -64,10 +69,58 @@ const ROLLING: u64 = u64::MAX;
 /// windows, see crate::stats).
 pub const MAX_RING: usize = 65;
 
-/// A record's width, in cells, for a ring of `ring` windows (the current
-/// one and `previous`).
-pub fn width(ring: usize) -> u32 {
-    (HEADER + ring * SLOT_WORDS) as u32
+/// The fewest records with histograms an engine must hold for its request
+/// records to have them.
+pub const MIN_KEYS_WITH_HISTOGRAM: usize = 8;
+
+/// The shape of an engine's request records: `ring` windows (the current
+/// one and `previous`), with or without histogram buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    ring: usize,
+    histogram: bool,
+}
+
+impl Layout {
+    /// None for a ring of 0 or past [`MAX_RING`].
+    pub fn new(ring: usize, histogram: bool) -> Option<Layout> {
+        if ring == 0 || ring > MAX_RING {
+            return None;
+        }
+        Some(Layout { ring, histogram })
+    }
+
+    /// The layout of an engine whose arena has `arena_words` words: with
+    /// histograms when it holds [`MIN_KEYS_WITH_HISTOGRAM`] such records
+    /// (of keys of up to 64 bytes). The same in every worker, for the
+    /// engine's life.
+    pub fn for_arena(ring: usize, arena_words: u64) -> Option<Layout> {
+        let dense = Layout::new(ring, true)?;
+        let record = u64::from(dense.width()) + 2 + 8;
+        let histogram = arena_words >= MIN_KEYS_WITH_HISTOGRAM as u64 * record;
+        Layout::new(ring, histogram)
+    }
+
+    pub fn ring(self) -> usize {
+        self.ring
+    }
+
+    pub fn has_histogram(self) -> bool {
+        self.histogram
+    }
+
+    fn slot_words(self) -> usize {
+        if self.histogram {
+            SLOT_WORDS
+        } else {
+            S_BUCKETS
+        }
+    }
+
+    /// A record's width, in cells.
+    pub fn width(self) -> u32 {
+        (HEADER + self.ring * self.slot_words()) as u32
+    }
 }
 
 /// Whether a table key (kind byte included) is a request key, not the key
@@ -113,7 +166,7 @@ pub struct Total {
 #[derive(Debug, Clone, Copy)]
 pub struct Requests<'a, W: Word> {
     cells: &'a [W],
-    ring: usize,
+    layout: Layout,
 }
 
 fn add_max<W: Word>(cell: &W, value: f64) {
@@ -127,17 +180,18 @@ fn add_max<W: Word>(cell: &W, value: f64) {
 }
 
 impl<'a, W: Word> Requests<'a, W> {
-    /// None when `cells` is not a record of a ring of `ring` windows.
-    pub fn new(cells: &'a [W], ring: usize) -> Option<Requests<'a, W>> {
-        if ring == 0 || ring > MAX_RING || cells.len() != width(ring) as usize {
+    /// None when `cells` is not a record of `layout`.
+    pub fn new(cells: &'a [W], layout: Layout) -> Option<Requests<'a, W>> {
+        if cells.len() != layout.width() as usize {
             return None;
         }
-        Some(Requests { cells, ring })
+        Some(Requests { cells, layout })
     }
 
     fn slot(&self, window: u64) -> &'a [W] {
-        let start = HEADER + (window % self.ring as u64) as usize * SLOT_WORDS;
-        &self.cells[start..start + SLOT_WORDS]
+        let words = self.layout.slot_words();
+        let start = HEADER + (window % self.layout.ring as u64) as usize * words;
+        &self.cells[start..start + words]
     }
 
     /// Records one request of `latency_ms` (non-negative and finite: the
@@ -166,8 +220,10 @@ impl<'a, W: Word> Requests<'a, W> {
                 slot[S_COUNT].fetch_add(1, Relaxed);
                 add_f64(&slot[S_SUM], value);
                 add_max(&slot[S_MAX], value);
-                let bucket = bucket_of(value) as usize;
-                slot[S_BUCKETS + bucket / 2].fetch_add(1 << (32 * (bucket % 2)), Relaxed);
+                if self.layout.histogram {
+                    let bucket = bucket_of(value) as usize;
+                    slot[S_BUCKETS + bucket / 2].fetch_add(1 << (32 * (bucket % 2)), Relaxed);
+                }
                 return Recorded::Window;
             }
             if stamp != ROLLING && stamp > want {
@@ -212,7 +268,7 @@ impl<'a, W: Word> Requests<'a, W> {
     }
 
     /// Window `window` as it is now, or None when its slot holds another
-    /// window (or none yet).
+    /// window (or none yet). Without histograms, it has no percentiles.
     pub fn window(&self, window: u64) -> Option<Histogram> {
         let want = window.saturating_add(1).min(ROLLING - 1);
         let slot = self.slot(window);
@@ -226,6 +282,9 @@ impl<'a, W: Word> Requests<'a, W> {
         // Rolled while read: the window is gone.
         if slot[S_STAMP].load(Relaxed) != want {
             return None;
+        }
+        if !self.layout.histogram {
+            return Some(Histogram::without_buckets(count, sum, max));
         }
         let pairs = buckets.into_iter().enumerate().flat_map(|(i, word)| {
             let bucket = (2 * i) as u16;
@@ -297,14 +356,20 @@ mod tests {
         }
     }
 
+    fn dense(ring: usize) -> Layout {
+        Layout::new(ring, true).unwrap()
+    }
+
     fn cells(ring: usize) -> Vec<AtomicU64> {
-        (0..width(ring)).map(|_| AtomicU64::new(0)).collect()
+        (0..dense(ring).width())
+            .map(|_| AtomicU64::new(0))
+            .collect()
     }
 
     #[test]
     fn a_window_holds_its_requests_and_the_total_all() {
         let cells = cells(3);
-        let r = Requests::new(&cells, 3).unwrap();
+        let r = Requests::new(&cells, dense(3)).unwrap();
         for ms in [1.0, 4.0, 30.0] {
             assert_eq!(r.record(100, ms, &Here), Recorded::Window);
         }
@@ -331,7 +396,7 @@ mod tests {
     #[test]
     fn percentiles_stay_within_5_percent() {
         let cells = cells(1);
-        let r = Requests::new(&cells, 1).unwrap();
+        let r = Requests::new(&cells, dense(1)).unwrap();
         let mut values: Vec<f64> = (1..=5000).map(|i| f64::from(i) * 0.37).collect();
         for &v in &values {
             r.record(7, v, &Here);
@@ -355,15 +420,17 @@ mod tests {
     #[test]
     fn bad_rings_are_refused() {
         let c = cells(2);
-        assert!(Requests::new(&c, 3).is_none());
-        assert!(Requests::new(&c, 0).is_none());
-        assert!(Requests::new(&c, 2).is_some());
+        assert!(Requests::new(&c, dense(3)).is_none());
+        assert!(Layout::new(0, true).is_none());
+        assert!(Layout::new(MAX_RING + 1, true).is_none());
+        assert!(Requests::new(&c, dense(2)).is_some());
+        assert!(Requests::new(&c, Layout::new(2, false).unwrap()).is_none());
     }
 
     #[test]
     fn a_roll_left_by_a_dead_writer_is_finished() {
         let cells = cells(2);
-        let r = Requests::new(&cells, 2).unwrap();
+        let r = Requests::new(&cells, dense(2)).unwrap();
         r.record(4, 1.0, &Here);
         // A writer (pid 1 is never us) died holding the lock mid-roll.
         let dead = Holder {
@@ -380,7 +447,7 @@ mod tests {
     #[test]
     fn threads_rolling_the_same_slots_lose_no_request() {
         let cells: Arc<Vec<AtomicU64>> = Arc::new(cells(3));
-        let r = Requests::new(&cells, 3).unwrap();
+        let r = Requests::new(&cells, dense(3)).unwrap();
         for window in 0..3 {
             r.record(window, 1.0, &Here);
         }
@@ -390,7 +457,7 @@ mod tests {
             .map(|_| {
                 let cells = Arc::clone(&cells);
                 std::thread::spawn(move || {
-                    let r = Requests::new(&cells, 3).unwrap();
+                    let r = Requests::new(&cells, dense(3)).unwrap();
                     for i in 0..30_000u64 {
                         assert_eq!(r.record(3 + i / 10_000, 2.0, &Here), Recorded::Window);
                     }
@@ -406,6 +473,23 @@ mod tests {
         }
         assert_eq!(r.window(0), None);
         assert_eq!(r.total().count, 120_003);
+    }
+
+    #[test]
+    fn a_small_engine_keeps_no_histograms() {
+        let record = u64::from(dense(3).width()) + 10;
+        let small = Layout::for_arena(3, 8 * record - 1).unwrap();
+        assert!(!small.has_histogram());
+        assert!(Layout::for_arena(3, 8 * record).unwrap().has_histogram());
+        assert_eq!(small.width(), 14 + 3 * 4);
+        let cells: Vec<AtomicU64> = (0..small.width()).map(|_| AtomicU64::new(0)).collect();
+        let r = Requests::new(&cells, small).unwrap();
+        r.record(5, 3.0, &Here);
+        r.record(5, 9.0, &Here);
+        let w = r.window(5).unwrap();
+        assert_eq!((w.count, w.sum, w.max), (2, 12.0, 9.0));
+        assert!(!w.has_buckets());
+        assert_eq!(r.total().count, 2);
     }
 
     #[test]

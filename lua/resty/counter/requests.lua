@@ -47,15 +47,16 @@ typedef struct rc_report_s rc_report_t;
 
 int32_t rc_utf8_valid(const unsigned char *ptr, size_t len);
 
+int32_t rc_requests_layout(const rc_engine_t *engine, uint32_t ring);
 int32_t rc_requests_key(rc_engine_t *engine, const unsigned char *key,
-    size_t len, uint32_t ring, uint32_t max_keys, int32_t capped,
-    const uint64_t **cells);
+    size_t len, uint32_t ring, int32_t histogram, uint32_t max_keys,
+    int32_t capped, const uint64_t **cells);
 int32_t rc_requests_record(const uint64_t *cells, uint32_t ring,
-    uint64_t window, double latency_ms);
+    int32_t histogram, uint64_t window, double latency_ms);
 uint64_t rc_requests_tracked(const rc_engine_t *engine);
 rc_report_t *rc_requests_report(rc_engine_t *engine, uint32_t ring,
-    uint32_t window, double now, const unsigned char *key, size_t len,
-    int32_t single);
+    int32_t histogram, uint32_t window, double now,
+    const unsigned char *key, size_t len, int32_t single);
 
 void rc_report_free(rc_report_t *report);
 void rc_report_key_info(rc_report_t *report, uint32_t tracked,
@@ -158,8 +159,15 @@ local function key_cells(self, key, level)
     check_request_key(key, level + 1)
 
     local capped = key ~= "all" and key ~= self.overflow_key
+    if capped and not self.cells[self.overflow_key] then
+        -- The overflow key's record is made before the first capped key's,
+        -- so that it has room once the engine has none for new keys. (It
+        -- is shown once it has counted a request.)
+        key_cells(self, self.overflow_key, level + 1)
+    end
     local rc = C.rc_requests_key(self.engine, key, #key, self.ring,
-                                 self.max_keys, capped and 1 or 0, cells_out)
+                                 self.histogram, self.max_keys,
+                                 capped and 1 or 0, cells_out)
     if rc >= 0 then
         local cells = cells_out[0]
         self.cells[key] = cells
@@ -233,6 +241,9 @@ local function construct(shdict_name, opts, level)
         window = window,
         previous = previous,
         ring = previous + 1,
+        -- 1: records with histograms; 0: the engine is too small for
+        -- them (no percentiles). The same in every worker.
+        histogram = C.rc_requests_layout(handle.ptr, previous + 1),
         max_keys = max_keys,
         overflow_key = overflow_key,
         flush_interval = flush_interval,
@@ -242,14 +253,6 @@ local function construct(shdict_name, opts, level)
         cached = 0,         -- keys in `cells`
         metrics = { overflowed = 0, refused = 0, total_only = 0 },
     }, mt)
-
-    -- The overflow key's record is made now, so that it has room when
-    -- the engine has none for new keys.
-    local cells
-    cells, err = key_cells(self, overflow_key, level)
-    if not cells then
-        return nil, err
-    end
     return self
 end
 _M._new = construct
@@ -305,7 +308,7 @@ local function record_in(self, key, w, ms, level)
         end
     end
 
-    local rc = C.rc_requests_record(cells, self.ring, w, ms)
+    local rc = C.rc_requests_record(cells, self.ring, self.histogram, w, ms)
     if rc ~= 0 then
         if rc ~= TOTAL_ONLY then
             return nil, failure(rc)
@@ -385,8 +388,9 @@ local function report(self, only_key)
     local now = self.clock and self.clock() or ngx_now()
     local ptr
     if type(now) == "number" then
-        ptr = C.rc_requests_report(self.engine, self.ring, self.window, now,
-                                   only_key or "", only_key and #only_key or 0,
+        ptr = C.rc_requests_report(self.engine, self.ring, self.histogram,
+                                   self.window, now, only_key or "",
+                                   only_key and #only_key or 0,
                                    only_key and 1 or 0)
     end
     if ptr == nil then
