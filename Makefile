@@ -118,8 +118,8 @@ unit-test:
 LOOM_MIN_MINOR := 95
 loom:
 	@if [ -n "$(CARGO_MINOR)" ] && [ "$(CARGO_MINOR)" -ge $(LOOM_MIN_MINOR) ]; then \
-		echo "cd loom && $(CARGO) test --release --test engine"; \
-		cd loom && $(CARGO) test -q --release --test engine; \
+		echo "cd loom && $(CARGO) test --release --test engine --test requests"; \
+		cd loom && $(CARGO) test -q --release --test engine --test requests; \
 	else echo "SKIPPED: loom model tests (need cargo 1.$(LOOM_MIN_MINOR)+, e.g. rustup's stable)"; fi
 
 # clippy and rustfmt come with rustup's toolchain; Debian's cargo has

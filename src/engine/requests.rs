@@ -275,9 +275,11 @@ impl<'a, W: Word> Requests<'a, W> {
         if slot[S_STAMP].load(Acquire) != want {
             return None;
         }
+        // Acquire: a cell zeroed by a roll (a Release store after the
+        // ROLLING mark) makes the stamp's second look below see the roll.
         let count = slot[S_COUNT].load(Acquire);
-        let sum = load_f64(&slot[S_SUM]);
-        let max = load_f64(&slot[S_MAX]);
+        let sum = f64::from_bits(slot[S_SUM].load(Acquire));
+        let max = f64::from_bits(slot[S_MAX].load(Acquire));
         let buckets: Vec<u64> = slot[S_BUCKETS..].iter().map(|w| w.load(Acquire)).collect();
         // Rolled while read: the window is gone.
         if slot[S_STAMP].load(Relaxed) != want {
