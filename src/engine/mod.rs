@@ -1,7 +1,7 @@
 //! The shared engine: every worker's counts in one region of the shared
 //! dict's zone, written lock-free on the request path, readable by every
 //! worker at once, and left intact whatever happens to a worker.
-//! docs/engine.md is the design; this module is its first stage.
+//! docs/engine.md is the design; stages 1 to 3 are built.
 //!
 //! - [`word`]: the atomic words everything is made of (generic, so that the
 //!   `loom` model tests run the very same code).
