@@ -534,8 +534,8 @@ pub unsafe extern "C" fn rc_counter_sync_end(engine: *mut Engine) -> i32 {
     }
 }
 
-/// The request path's [`Roller`]: this process, `kill(pid, 0)`, a short
-/// spin and then yields of the CPU while another worker rolls a slot.
+/// The request path's [`Roller`]: this process and `kill(pid, 0)`; the
+/// default waits while another worker rolls a slot.
 struct Worker;
 
 impl Roller for Worker {
@@ -545,39 +545,6 @@ impl Roller for Worker {
 
     fn alive(&self, pid: u32) -> bool {
         alive(pid)
-    }
-
-    fn pause(&self, spin: u32) {
-        if spin < 64 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
-
-    fn spins(&self) -> u32 {
-        // A roll is a few hundred stores: a roller still at it after this
-        // many yields was descheduled (or stopped); its writers count in
-        // the total and go on.
-        2000
-    }
-}
-
-/// The layout of this engine's request records for a ring of `ring`
-/// windows: 1 with histograms, 0 without (the engine is too small for
-/// [`requests::MIN_KEYS_WITH_HISTOGRAM`] of them), `CODE_BAD_ARGUMENT`.
-///
-/// # Safety
-///
-/// `engine` is null or from [`rc_engine_attach`].
-#[no_mangle]
-pub unsafe extern "C" fn rc_requests_layout(engine: *const Engine, ring: u32) -> i32 {
-    match engine.as_ref() {
-        Some(engine) => match Layout::for_arena(ring as usize, engine.table.stats().arena_total) {
-            Some(layout) => i32::from(layout.has_histogram()),
-            None => CODE_BAD_ARGUMENT,
-        },
-        None => CODE_BAD_ARGUMENT,
     }
 }
 

@@ -146,10 +146,21 @@ pub trait Roller {
     fn me(&self) -> Holder;
     /// Whether a process exists.
     fn alive(&self, pid: u32) -> bool;
-    /// One wait while another writer rolls the slot.
-    fn pause(&self, spin: u32);
-    /// How many waits before giving up on a live roller.
-    fn spins(&self) -> u32;
+    /// One wait while another writer rolls the slot: a short spin, then
+    /// yields of the CPU.
+    fn pause(&self, spin: u32) {
+        if spin < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    /// How many waits before giving up on a live roller. A roll is a few
+    /// hundred stores: a roller still at it after 2000 was descheduled (or
+    /// stopped); its writers count in the total and go on.
+    fn spins(&self) -> u32 {
+        2000
+    }
 }
 
 /// Every request since the key was made, for Prometheus' counters.
