@@ -548,10 +548,29 @@ impl Roller for Worker {
     }
 }
 
+/// The layout of this engine's request records for a ring of `ring`
+/// windows: 1 with histograms, 0 without (the engine is too small for
+/// [`requests::MIN_KEYS_WITH_HISTOGRAM`] of them), `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_layout(engine: *const Engine, ring: u32) -> i32 {
+    match engine.as_ref() {
+        Some(engine) => match Layout::for_arena(ring as usize, engine.table.stats().arena_total) {
+            Some(layout) => i32::from(layout.has_histogram()),
+            None => CODE_BAD_ARGUMENT,
+        },
+        None => CODE_BAD_ARGUMENT,
+    }
+}
+
 /// The cells of request key `key`'s record, for a ring of `ring` windows
 /// with histograms when `histogram` is non-zero (as
-/// [`rc_requests_layout`] said), made when it has none. A new key other than "all" and the overflow key
-/// (`capped` zero) takes a place among `max_keys`.
+/// [`rc_requests_layout`] said), made when it has none. A new key other
+/// than "all" and the overflow key (`capped` zero) takes a place among
+/// `max_keys`.
 ///
 /// # Errors
 ///
@@ -681,8 +700,9 @@ fn add_to_report(report: &mut Report, key: &[u8], record: &Requests<'_, AtomicU6
     report.add(key, windows, record.total());
 }
 
-/// A report of every request key recorded at least once (or of `key` alone when `single` is
-/// non-zero; empty when it has no record) at `now` over windows of
+/// A report of every request key recorded at least once (or of `key`
+/// alone when `single` is non-zero; empty when it has no record) at `now`
+/// over windows of
 /// `window` seconds, for a ring of `ring` windows (`previous` + 1) with
 /// histograms or not, as [`rc_requests_layout`] says. Null
 /// for bad arguments. Rendered with [`crate::ffi::rc_report_json`] and
