@@ -136,8 +136,8 @@ unit-test:
 LOOM_MIN_MINOR := 95
 loom:
 	@if [ -n "$(CARGO_MINOR)" ] && [ "$(CARGO_MINOR)" -ge $(LOOM_MIN_MINOR) ]; then \
-		echo "cd loom && $(CARGO) test --release --test engine"; \
-		cd loom && $(CARGO) test -q --release --test engine; \
+		echo "cd loom && $(CARGO) test --release --test engine --test requests"; \
+		cd loom && $(CARGO) test -q --release --test engine --test requests; \
 	else echo "SKIPPED: loom model tests (need cargo 1.$(LOOM_MIN_MINOR)+, e.g. rustup's stable)"; fi
 
 # clippy and rustfmt come with rustup's toolchain; Debian's cargo has
@@ -169,7 +169,7 @@ chaos-short: build
 
 # cargo fuzz needs rustup's nightly toolchain; `make fuzz` installs the
 # cargo-fuzz command from crates.io when it is missing.
-FUZZ_TARGETS := histogram_decode request_merge report_render pending_store \
+FUZZ_TARGETS := request_record report_render pending_store \
 	ffi_calls int64_ops engine_table
 FUZZ_SECONDS ?= 60
 RUSTUP_CARGO := $(HOME)/.cargo/bin/cargo

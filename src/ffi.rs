@@ -12,8 +12,7 @@ use std::sync::Once;
 
 use crate::error::Error;
 use crate::pending::{Delta, PendingStore, Slot};
-use crate::requests::RequestStore;
-use crate::stats::{KeyInfo, Record, Report};
+use crate::stats::{KeyInfo, Report};
 
 /// The version of the layout and signatures below. The Lua side refuses to
 /// run against a library whose version differs from the one it declares.
@@ -204,230 +203,16 @@ pub unsafe extern "C" fn rc_utf8_valid(ptr: *const u8, len: usize) -> i32 {
     guarded(0, || i32::from(std::str::from_utf8(text).is_ok()))
 }
 
-/// Creates an empty request store (null after a caught panic). Freed with
-/// [`rc_requests_free`].
-#[no_mangle]
-pub extern "C" fn rc_requests_new() -> *mut RequestStore {
-    guarded(std::ptr::null_mut(), || {
-        Box::into_raw(Box::new(RequestStore::new()))
-    })
-}
-
-/// Frees a request store. Null is ignored.
-///
-/// # Safety
-///
-/// `store` is null or from [`rc_requests_new`], not yet freed.
-#[no_mangle]
-pub unsafe extern "C" fn rc_requests_free(store: *mut RequestStore) {
-    if !store.is_null() {
-        guarded((), || drop(Box::from_raw(store)));
-    }
-}
-
-/// An empty slot for a (key, window) pair.
-///
-/// # Errors
-///
-/// Returns the slot (>= 0) or a negative [`Error`] code: `TooManyKeys`,
-/// `BadSlot` for a null store, `Internal` on a panic.
-///
-/// # Safety
-///
-/// `store` is null or a live request store.
-#[no_mangle]
-pub unsafe extern "C" fn rc_requests_alloc(store: *mut RequestStore) -> i32 {
-    let store = match store.as_mut() {
-        Some(store) => store,
-        None => return Error::BadSlot.code(),
-    };
-    // Below MAX_PENDING_KEYS (2^22): fits an i32.
-    guarded(Error::Internal.code(), || match store.alloc() {
-        Ok(slot) => slot as i32,
-        Err(e) => e.code(),
-    })
-}
-
-/// Records one request of `latency_ms` in a slot: the per-request call.
-///
-/// # Errors
-///
-/// Returns 0, or a negative [`Error`] code: `BadSlot`, `Internal`.
-///
-/// # Safety
-///
-/// `store` is null or a live request store.
-#[no_mangle]
-pub unsafe extern "C" fn rc_requests_record(
-    store: *mut RequestStore,
-    slot: u32,
-    latency_ms: f64,
-) -> i32 {
-    let store = match store.as_mut() {
-        Some(store) => store,
-        None => return Error::BadSlot.code(),
-    };
-    guarded(Error::Internal.code(), || {
-        match store.record(slot, latency_ms) {
-            Ok(()) => 0,
-            Err(e) => e.code(),
-        }
-    })
-}
-
-/// Merges a slot into the encoded record `stored` (from the dict; empty or
-/// null when there is none) and points `*out`/`*out_len` at the result,
-/// valid until the next merge or the store's free. The slot is unchanged.
-///
-/// # Errors
-///
-/// Returns 0, or a negative [`Error`] code: `BadSlot`, `CorruptRecord`,
-/// `Internal`.
-///
-/// # Safety
-///
-/// `store` is null or live; `stored` is null or `stored_len` readable
-/// bytes; `out` and `out_len` are null or writable.
-#[no_mangle]
-pub unsafe extern "C" fn rc_requests_merge(
-    store: *mut RequestStore,
-    slot: u32,
-    stored: *const u8,
-    stored_len: usize,
-    out: *mut *const u8,
-    out_len: *mut usize,
-) -> i32 {
-    let (store, out, out_len) = match (store.as_mut(), out.as_mut(), out_len.as_mut()) {
-        (Some(store), Some(out), Some(out_len)) => (store, out, out_len),
-        _ => return Error::BadSlot.code(),
-    };
-    let stored = bytes(stored, stored_len);
-    guarded(Error::Internal.code(), || {
-        match store.merge_into(slot, stored) {
-            Ok(merged) => {
-                *out = merged.as_ptr();
-                *out_len = merged.len();
-                0
-            }
-            Err(e) => e.code(),
-        }
-    })
-}
-
-/// Empties a slot whose merge the dict has taken, for reuse.
-///
-/// # Errors
-///
-/// Returns 0, or a negative [`Error`] code: `BadSlot`, `Internal`.
-///
-/// # Safety
-///
-/// `store` is null or a live request store.
-#[no_mangle]
-pub unsafe extern "C" fn rc_requests_release(store: *mut RequestStore, slot: u32) -> i32 {
-    let store = match store.as_mut() {
-        Some(store) => store,
-        None => return Error::BadSlot.code(),
-    };
-    guarded(Error::Internal.code(), || match store.release(slot) {
-        Ok(()) => 0,
-        Err(e) => e.code(),
-    })
-}
-
-/// Slots waiting for a flush (0 for null).
-///
-/// # Safety
-///
-/// `store` is null or a live request store.
-#[no_mangle]
-pub unsafe extern "C" fn rc_requests_pending(store: *const RequestStore) -> u32 {
-    match store.as_ref() {
-        // Bounded by MAX_PENDING_KEYS.
-        Some(store) => store.pending() as u32,
-        None => 0,
-    }
-}
-
-/// Starts a report at `now` over windows of `window` seconds, showing
-/// `previous` windows before the current one. Null for bad arguments or
-/// after a caught panic. Freed with [`rc_report_free`].
-#[no_mangle]
-pub extern "C" fn rc_report_new(window: u32, now: f64, previous: u32) -> *mut Report {
-    guarded(std::ptr::null_mut(), || {
-        match Report::new(u64::from(window), now, previous as usize) {
-            Ok(report) => Box::into_raw(Box::new(report)),
-            Err(_) => std::ptr::null_mut(),
-        }
-    })
-}
-
 /// Frees a report. Null is ignored.
 ///
 /// # Safety
 ///
-/// `report` is null or from [`rc_report_new`], not yet freed.
+/// `report` is null or from [`crate::ffi_engine::rc_requests_report`], not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn rc_report_free(report: *mut Report) {
     if !report.is_null() {
         guarded((), || drop(Box::from_raw(report)));
     }
-}
-
-/// Adds a key; returns its index for [`rc_report_put`], or a negative
-/// [`Error`] code.
-///
-/// # Safety
-///
-/// `report` is null or live; `key` is null or `len` readable bytes.
-#[no_mangle]
-pub unsafe extern "C" fn rc_report_add_key(report: *mut Report, key: *const u8, len: usize) -> i32 {
-    let report = match report.as_mut() {
-        Some(report) => report,
-        None => return Error::BadSlot.code(),
-    };
-    let key = bytes(key, len);
-    guarded(Error::Internal.code(), || {
-        i32::try_from(report.add_key(key)).unwrap_or(Error::TooManyKeys.code())
-    })
-}
-
-/// Sets a key's record from its encoded form: `window` -1 for the total
-/// since the key was first recorded, 0 for the current window, 1 for the
-/// one before, and so on.
-///
-/// # Errors
-///
-/// Returns 0, or a negative [`Error`] code: `BadSlot`, `CorruptRecord`
-/// (the record is then shown empty), `Internal`.
-///
-/// # Safety
-///
-/// `report` is null or live; `record` is null or `len` readable bytes.
-#[no_mangle]
-pub unsafe extern "C" fn rc_report_put(
-    report: *mut Report,
-    key: u32,
-    window: i32,
-    record: *const u8,
-    len: usize,
-) -> i32 {
-    let report = match report.as_mut() {
-        Some(report) => report,
-        None => return Error::BadSlot.code(),
-    };
-    let which = if window < 0 {
-        Record::Total
-    } else {
-        Record::Window(window as usize)
-    };
-    let record = bytes(record, len);
-    guarded(Error::Internal.code(), || {
-        match report.put(key as usize, which, record) {
-            Ok(()) => 0,
-            Err(e) => e.code(),
-        }
-    })
 }
 
 /// Says in the JSON how many keys are tracked, the cap and the key that
@@ -556,55 +341,24 @@ mod tests {
     }
 
     #[test]
-    fn requests_and_reports_round_trip_through_the_c_abi() {
+    fn reports_render_through_the_c_abi() {
         unsafe {
-            let store = rc_requests_new();
-            let slot = rc_requests_alloc(store);
-            assert_eq!(slot, 0);
-            assert_eq!(rc_requests_record(store, 0, 12.0), 0);
-            assert_eq!(rc_requests_record(store, 5, 12.0), Error::BadSlot.code());
-            let (mut out, mut out_len) = (ptr::null(), 0);
-            assert_eq!(
-                rc_requests_merge(store, 0, ptr::null(), 0, &mut out, &mut out_len),
-                0
-            );
-            let record = bytes(out, out_len).to_vec();
-            let junk = b"junk";
-            assert_eq!(
-                rc_requests_merge(store, 0, junk.as_ptr(), junk.len(), &mut out, &mut out_len),
-                Error::CorruptRecord.code()
-            );
-            assert_eq!(rc_requests_pending(store), 1);
-            assert_eq!(rc_requests_release(store, 0), 0);
-            assert_eq!(rc_requests_pending(store), 0);
-            rc_requests_free(store);
-
-            assert!(rc_report_new(0, 1.0, 2).is_null());
-            let report = rc_report_new(60, 61.0, 2);
-            let key = b"all";
-            assert_eq!(rc_report_add_key(report, key.as_ptr(), key.len()), 0);
-            assert_eq!(
-                rc_report_put(report, 0, 0, record.as_ptr(), record.len()),
-                0
-            );
-            assert_eq!(
-                rc_report_put(report, 0, -1, record.as_ptr(), record.len()),
-                0
-            );
-            assert_eq!(
-                rc_report_put(report, 0, 3, ptr::null(), 0),
-                Error::BadSlot.code()
-            );
+            let mut report = Report::new(60, 61.0, 2).unwrap();
+            let mut h = crate::histogram::Histogram::new();
+            h.record(12.0);
+            report.add(b"all", vec![h], Default::default());
+            let report = Box::into_raw(Box::new(report));
             let mut len = 0;
             let json = rc_report_json(report, 1.0, 2.0, 0, &mut len);
             let json = String::from_utf8_lossy(bytes(json, len));
             assert!(json.contains("\"requests\":1"), "{}", json);
             let text = rc_report_prometheus(report, ptr::null(), 0, &mut len);
             let text = String::from_utf8_lossy(bytes(text, len));
-            assert!(text.contains("request_counter_requests_total{dict=\"\",key=\"all\"} 1"));
+            assert!(text.contains("request_counter_rate{dict=\"\",key=\"all\",window=\"60\"} 1"));
             rc_report_free(report);
 
             let bad = [0xffu8, 0xfe];
+            let key = b"all";
             assert_eq!(rc_utf8_valid(bad.as_ptr(), bad.len()), 0);
             assert_eq!(rc_utf8_valid(key.as_ptr(), key.len()), 1);
             assert_eq!(rc_utf8_valid(ptr::null(), 0), 1);

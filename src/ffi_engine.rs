@@ -17,13 +17,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::engine::counter::{self, Counter};
 use crate::engine::lock::{self, Holder, Taken};
+use crate::engine::requests::{self, Layout, Recorded, Requests, Roller};
 use crate::engine::table::{Record, Table};
 use crate::engine::zone::{self, SlabApi};
 use crate::engine::Error;
 use crate::ffi::guarded;
+use crate::stats::Report;
 
 /// The version of the declarations in engine.lua.
-pub const ENGINE_ABI_VERSION: i32 = 1;
+pub const ENGINE_ABI_VERSION: i32 = 2;
 
 pub const CODE_OUT_OF_EXACT_RANGE: i32 = -2;
 pub const CODE_INTERNAL: i32 = -4;
@@ -35,6 +37,9 @@ pub const CODE_BAD_WIDTH: i32 = -22;
 pub const CODE_WIDTH_MISMATCH: i32 = -23;
 pub const CODE_NOT_FOUND: i32 = -24;
 pub const CODE_NO_ENGINE: i32 = -25;
+/// A request key past `max_keys`: the Lua side records it under the
+/// overflow key.
+pub const CODE_KEYS_FULL: i32 = -26;
 
 /// The lock word (of [`crate::engine::table::LOCKS`]) of the counter's
 /// dict mirror.
@@ -101,6 +106,46 @@ pub struct Engine {
     bytes: usize,
     key: Vec<u8>,
     changed: Vec<Changed>,
+}
+
+impl Engine {
+    /// `kind` and `key` as the table knows them, in `self.key`.
+    fn set_key(&mut self, kind: u8, key: &[u8]) {
+        self.key.clear();
+        self.key.push(kind);
+        self.key.extend_from_slice(key);
+    }
+}
+
+/// The key a caller passed: `len` bytes at `key` (null only when empty).
+///
+/// # Safety
+///
+/// `key` points to `len` readable bytes, or `len` is 0.
+unsafe fn key_bytes<'a>(key: *const u8, len: usize) -> &'a [u8] {
+    if len == 0 {
+        &[][..]
+    } else {
+        std::slice::from_raw_parts(key, len)
+    }
+}
+
+/// The engine and the out-pointer of a call that looks a key up; None when
+/// either is null, or the key is null with a length.
+///
+/// # Safety
+///
+/// As the calling function's.
+unsafe fn key_call<'a>(
+    engine: *mut Engine,
+    key: *const u8,
+    len: usize,
+    cells: *mut *const AtomicU64,
+) -> Option<(&'a mut Engine, &'a mut *const AtomicU64)> {
+    match (engine.as_mut(), cells.as_mut()) {
+        (Some(engine), Some(cells)) if !key.is_null() || len == 0 => Some((engine, cells)),
+        _ => None,
+    }
 }
 
 /// A counter whose value differs from what the dict mirrors.
@@ -257,19 +302,12 @@ pub unsafe extern "C" fn rc_engine_record(
     create: i32,
     cells: *mut *const AtomicU64,
 ) -> i32 {
-    let (engine, cells) = match (engine.as_mut(), cells.as_mut()) {
-        (Some(engine), Some(cells)) if !key.is_null() || len == 0 => (engine, cells),
-        _ => return CODE_BAD_ARGUMENT,
+    let (engine, cells) = match key_call(engine, key, len, cells) {
+        Some(both) => both,
+        None => return CODE_BAD_ARGUMENT,
     };
     guarded(CODE_INTERNAL, || {
-        let key = if len == 0 {
-            &[][..]
-        } else {
-            std::slice::from_raw_parts(key, len)
-        };
-        engine.key.clear();
-        engine.key.push(kind);
-        engine.key.extend_from_slice(key);
+        engine.set_key(kind, key_bytes(key, len));
         let found = if create != 0 {
             engine.table.get_or_insert(&engine.key, width)
         } else {
@@ -494,4 +532,233 @@ pub unsafe extern "C" fn rc_counter_sync_end(engine: *mut Engine) -> i32 {
         Some(engine) => i32::from(lock::unlock(engine.table.lock_word(MIRROR_LOCK), me())),
         None => 0,
     }
+}
+
+/// The request path's [`Roller`]: this process and `kill(pid, 0)`; the
+/// default waits while another worker rolls a slot.
+struct Worker;
+
+impl Roller for Worker {
+    fn me(&self) -> Holder {
+        me()
+    }
+
+    fn alive(&self, pid: u32) -> bool {
+        alive(pid)
+    }
+}
+
+/// The layout of this engine's request records for a ring of `ring`
+/// windows: 1 with histograms, 0 without (the engine is too small for
+/// [`requests::MIN_KEYS_WITH_HISTOGRAM`] of them), `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_layout(engine: *const Engine, ring: u32) -> i32 {
+    match engine.as_ref() {
+        Some(engine) => match Layout::for_arena(ring as usize, engine.table.stats().arena_total) {
+            Some(layout) => i32::from(layout.has_histogram()),
+            None => CODE_BAD_ARGUMENT,
+        },
+        None => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// The cells of request key `key`'s record, for a ring of `ring` windows
+/// with histograms when `histogram` is non-zero (as
+/// [`rc_requests_layout`] said), made when it has none. A new key other
+/// than "all" and the overflow key (`capped` zero) takes a place among
+/// `max_keys`.
+///
+/// # Errors
+///
+/// Returns 1 when this call made it, 0 when it existed, `CODE_KEYS_FULL`
+/// when `max_keys` keys are registered, or `CODE_FULL`,
+/// `CODE_KEY_TOO_LONG`, `CODE_WIDTH_MISMATCH` (the key has a record of
+/// another ring: another `previous`), `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `key` points to `len`
+/// readable bytes; `cells` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_key(
+    engine: *mut Engine,
+    key: *const u8,
+    len: usize,
+    ring: u32,
+    histogram: i32,
+    max_keys: u32,
+    capped: i32,
+    cells: *mut *const AtomicU64,
+) -> i32 {
+    let (engine, cells) = match key_call(engine, key, len, cells) {
+        Some(both) => both,
+        None => return CODE_BAD_ARGUMENT,
+    };
+    let layout = match Layout::new(ring as usize, histogram != 0) {
+        Some(layout) => layout,
+        None => return CODE_BAD_ARGUMENT,
+    };
+    guarded(CODE_INTERNAL, || {
+        engine.set_key(requests::KIND, key_bytes(key, len));
+        let width = layout.width();
+        let table = &engine.table;
+        let found = match table.lookup(&engine.key) {
+            Some(record) if record.width() == width => Ok((record, false)),
+            Some(record) => Err(Error::WidthMismatch {
+                found: record.width(),
+            }),
+            None if capped == 0 => table.get_or_insert(&engine.key, width),
+            None => {
+                let keys = match table.get_or_insert(requests::KEYS_KEY, 1) {
+                    Ok((record, _)) => &record.cells()[0],
+                    Err(e) => return code_of(e),
+                };
+                if !requests::register(keys, u64::from(max_keys)) {
+                    return CODE_KEYS_FULL;
+                }
+                let made = table.get_or_insert(&engine.key, width);
+                if !matches!(made, Ok((_, true))) {
+                    // Made by another worker meanwhile, or not at all.
+                    requests::unregister(keys);
+                }
+                made
+            }
+        };
+        match found {
+            Ok((record, made)) => {
+                *cells = record.cells().as_ptr();
+                i32::from(made)
+            }
+            Err(e) => code_of(e),
+        }
+    })
+}
+
+/// Records one request of `latency_ms` in window `window` (the request's
+/// start time over the window length, floored): the request path.
+///
+/// # Errors
+///
+/// 0 (in the window), 1 (in the total only: the slot holds a newer
+/// window), or `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `cells` is null or from [`rc_requests_key`] with this `ring` and
+/// `histogram`.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_record(
+    cells: *const AtomicU64,
+    ring: u32,
+    histogram: i32,
+    window: u64,
+    latency_ms: f64,
+) -> i32 {
+    let layout = match Layout::new(ring as usize, histogram != 0) {
+        Some(layout) if !cells.is_null() => layout,
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let cells = std::slice::from_raw_parts(cells, layout.width() as usize);
+    match Requests::new(cells, layout) {
+        Some(record) => match record.record(window, latency_ms, &Worker) {
+            Recorded::Window => 0,
+            Recorded::TotalOnly => 1,
+        },
+        None => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// How many keys are registered against `max_keys` (0 for null).
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_tracked(engine: *const Engine) -> u64 {
+    match engine.as_ref() {
+        Some(engine) => engine
+            .table
+            .lookup(requests::KEYS_KEY)
+            .filter(|record| record.width() == 1)
+            .map_or(0, |record| record.cells()[0].load(Relaxed)),
+        None => 0,
+    }
+}
+
+fn add_to_report(report: &mut Report, key: &[u8], record: &Requests<'_, AtomicU64>, now: u64) {
+    let windows = (0..=report.previous())
+        .map(|age| {
+            now.checked_sub(age as u64)
+                .and_then(|window| record.window(window))
+                .unwrap_or_default()
+        })
+        .collect();
+    report.add(key, windows, record.total());
+}
+
+/// A report of every request key recorded at least once (or of `key`
+/// alone when `single` is non-zero; empty when it has no record) at `now`
+/// over windows of
+/// `window` seconds, for a ring of `ring` windows (`previous` + 1) with
+/// histograms or not, as [`rc_requests_layout`] says. Null
+/// for bad arguments. Rendered with [`crate::ffi::rc_report_json`] and
+/// the like, freed with [`crate::ffi::rc_report_free`].
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `key` points to `len`
+/// readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_report(
+    engine: *mut Engine,
+    ring: u32,
+    histogram: i32,
+    window: u32,
+    now: f64,
+    key: *const u8,
+    len: usize,
+    single: i32,
+) -> *mut Report {
+    let (engine, layout) = match (engine.as_mut(), Layout::new(ring as usize, histogram != 0)) {
+        (Some(engine), Some(layout)) if !key.is_null() || len == 0 => (engine, layout),
+        _ => return std::ptr::null_mut(),
+    };
+    guarded(std::ptr::null_mut(), || {
+        let mut report = match Report::new(u64::from(window), now, ring as usize - 1) {
+            Ok(report) => report,
+            Err(_) => return std::ptr::null_mut(),
+        };
+        let current = (now / f64::from(window)).floor() as u64;
+        let width = layout.width();
+        if single != 0 {
+            let key = key_bytes(key, len);
+            engine.set_key(requests::KIND, key);
+            let found = engine.table.lookup(&engine.key);
+            match found.and_then(|r| Requests::new(r.cells(), layout)) {
+                Some(record) => add_to_report(&mut report, key, &record, current),
+                None => report.add(key, Vec::new(), Default::default()),
+            }
+        } else {
+            for record in engine.table.records() {
+                let key = record.key_bytes();
+                if record.width() != width || !requests::is_request_key(key) {
+                    continue;
+                }
+                // A key made and never recorded (the overflow key, made
+                // in advance) is not shown.
+                match Requests::new(record.cells(), layout) {
+                    Some(cells) if cells.total().count > 0 => {
+                        add_to_report(&mut report, &key[1..], &cells, current)
+                    }
+                    _ => {}
+                }
+            }
+            report.sort_keys();
+        }
+        Box::into_raw(Box::new(report))
+    })
 }

@@ -1,8 +1,9 @@
 //! The Rust core of lua-resty-counter-rs.
 //!
 //! - [`engine`]: the shared engine (docs/engine.md): counts in the shared
-//!   dict's zone, lock-free, safe from any worker's death. Its first stage;
-//!   the modules below move onto it stage by stage.
+//!   dict's zone, lock-free, safe from any worker's death. `resty.counter`
+//!   and the request counter count in it ([`ffi_engine`] is their C ABI);
+//!   lax and strict move onto it in stage 4.
 //! - [`pending`]: per-worker pending deltas, drained by a sync. Plain Rust,
 //!   tested by `cargo test` with no Lua.
 //! - [`ffi`]: the `extern "C"` functions LuaJIT calls through its FFI on the
@@ -16,8 +17,8 @@
 //! Crates the design names and this crate does not use yet: `once_cell`
 //! (std's `Once` covers the one thing initialised once, see
 //! [`ffi::install_panic_hook`]), `crossbeam-utils` (a worker's store is
-//! touched by one thread only: nothing is shared, so nothing is padded) and
-//! `serde_json` (no JSON is rendered in Rust yet).
+//! touched by one thread only: nothing is shared, so nothing is padded).
+//! [`stats`] renders the request counter's JSON with `serde_json`.
 
 pub mod engine;
 pub mod error;
@@ -27,7 +28,6 @@ pub mod ffi_int;
 pub mod histogram;
 pub mod int64;
 pub mod pending;
-pub mod requests;
 pub mod stats;
 pub mod window;
 

@@ -1,23 +1,17 @@
-//! Renders request records read from the shared dict: the JSON of
+//! Renders request records read from the shared engine: the JSON of
 //! greencheek's request counter (with percentiles added) through
 //! `serde_json`, and the Prometheus text exposition format.
 //!
-//! The shim reads the records (one dict `get` each, no scan of the dict)
-//! and hands them over key by key; rendering, escaping and the arithmetic
-//! happen here.
+//! The engine's walk ([`crate::ffi_engine`]) hands the records over key by
+//! key; rendering, escaping and the arithmetic happen here.
 
 use std::fmt::Write as _;
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
+use crate::engine::requests::Total;
 use crate::error::Error;
-use crate::histogram::Histogram;
-
-/// Upper bounds, in seconds, of the Prometheus latency buckets: the
-/// client libraries' defaults, which dashboards expect.
-const PROMETHEUS_BUCKETS: [f64; 11] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+use crate::histogram::{Histogram, PROMETHEUS_EDGES_MS};
 
 /// The most previous windows a report may show.
 pub const MAX_PREVIOUS_WINDOWS: usize = 64;
@@ -32,7 +26,7 @@ struct KeyRecords {
     /// The current window first, then the previous ones.
     windows: Vec<Histogram>,
     /// Every request since the key was first recorded.
-    total: Histogram,
+    total: Total,
 }
 
 /// What the report says about the key registry.
@@ -51,19 +45,9 @@ pub struct Report {
     previous: usize,
     keys: Vec<KeyRecords>,
     key_info: Option<KeyInfo>,
-    corrupt: u64,
     /// "current", "prev1", "prev2", ...
     window_names: Vec<String>,
     rendered: String,
-}
-
-/// Which record of a key [`Report::put`] receives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Record {
-    /// Every request since the key was first recorded.
-    Total,
-    /// 0 is the current window, 1 the one before, and so on.
-    Window(usize),
 }
 
 impl Report {
@@ -84,7 +68,6 @@ impl Report {
             previous,
             keys: Vec::new(),
             key_info: None,
-            corrupt: 0,
             window_names: (0..=previous)
                 .map(|age| match age {
                     0 => "current".to_string(),
@@ -101,52 +84,32 @@ impl Report {
         (current - age as i64) * self.window as i64
     }
 
-    /// Adds a key with empty records; returns its index for [`Report::put`].
-    /// Bytes that are not UTF-8 are shown as U+FFFD (the shim refuses such
-    /// keys, so this only guards against a foreign writer).
-    pub fn add_key(&mut self, key: &[u8]) -> usize {
+    /// Adds a key's records: `windows` the current window first, then the
+    /// previous ones (missing ones are empty, extra ones ignored). Bytes
+    /// that are not UTF-8 are shown as U+FFFD (the shim refuses such keys,
+    /// so this only guards against a foreign writer).
+    pub fn add(&mut self, key: &[u8], mut windows: Vec<Histogram>, total: Total) {
+        windows.resize(self.previous + 1, Histogram::new());
         self.keys.push(KeyRecords {
             key: String::from_utf8_lossy(key).into_owned(),
-            windows: vec![Histogram::new(); self.previous + 1],
-            total: Histogram::new(),
+            windows,
+            total,
         });
-        self.keys.len() - 1
     }
 
-    /// Sets one record of a key from its encoded form in the dict.
-    ///
-    /// # Errors
-    ///
-    /// `BadSlot` for an unknown key index or window; `CorruptRecord` when
-    /// the bytes are not a record (the record then stays empty and the
-    /// report counts it).
-    pub fn put(&mut self, key: usize, record: Record, bytes: &[u8]) -> Result<(), Error> {
-        let previous = self.previous;
-        let entry = self.keys.get_mut(key).ok_or(Error::BadSlot)?;
-        let target = match record {
-            Record::Total => &mut entry.total,
-            Record::Window(age) if age <= previous => &mut entry.windows[age],
-            Record::Window(_) => return Err(Error::BadSlot),
-        };
-        match Histogram::decode(bytes) {
-            Ok(h) => {
-                *target = h;
-                Ok(())
-            }
-            Err(_) => {
-                self.corrupt += 1;
-                Err(Error::CorruptRecord)
-            }
-        }
+    /// How many windows before the current one the report shows.
+    pub fn previous(&self) -> usize {
+        self.previous
+    }
+
+    /// Orders the keys by their bytes, so that every worker renders the
+    /// same text.
+    pub fn sort_keys(&mut self) {
+        self.keys.sort_by(|a, b| a.key.cmp(&b.key));
     }
 
     pub fn set_key_info(&mut self, info: KeyInfo) {
         self.key_info = Some(info);
-    }
-
-    /// Records that could not be read.
-    pub fn corrupt_records(&self) -> u64 {
-        self.corrupt
     }
 
     /// The sliding-window estimate of requests per window:
@@ -189,9 +152,9 @@ impl Report {
             .iter()
             .map(|r| format!("{{dict=\"{}\",key=\"{}\"", dict, escape_label(&r.key)))
             .collect();
-        let edges: Vec<String> = PROMETHEUS_BUCKETS
+        let edges: Vec<String> = PROMETHEUS_EDGES_MS
             .iter()
-            .map(|le| format!(",le=\"{}\"}} ", le))
+            .map(|le| format!(",le=\"{}\"}} ", le / 1000.0))
             .collect();
 
         out.push_str("# HELP request_counter_requests_total Requests recorded, by key.\n");
@@ -206,11 +169,11 @@ impl Report {
         out.push_str("# TYPE request_counter_latency_seconds histogram\n");
         for (records, labels) in self.keys.iter().zip(&labels) {
             let total = &records.total;
-            for (le, edge) in PROMETHEUS_BUCKETS.iter().zip(&edges) {
+            for (below, edge) in total.at_or_below.iter().zip(&edges) {
                 out.push_str("request_counter_latency_seconds_bucket");
                 out.push_str(labels);
                 out.push_str(edge);
-                let _ = writeln!(out, "{}", total.count_at_or_below(le * 1000.0));
+                let _ = writeln!(out, "{}", below);
             }
             out.push_str("request_counter_latency_seconds_bucket");
             out.push_str(labels);
@@ -350,9 +313,11 @@ impl Serialize for WindowView<'_> {
         map.serialize_entry("requests", &h.count)?;
         map.serialize_entry("latency_ms", &h.mean())?;
         map.serialize_entry("startofminute_epoch", &report.window_start(self.age))?;
-        map.serialize_entry("p50", &h.percentile(0.50))?;
-        map.serialize_entry("p90", &h.percentile(0.90))?;
-        map.serialize_entry("p99", &h.percentile(0.99))?;
+        // null when the engine keeps no histograms (too small for them).
+        let percentile = |q| Some(h.percentile(q)).filter(|_| h.has_buckets());
+        map.serialize_entry("p50", &percentile(0.50))?;
+        map.serialize_entry("p90", &percentile(0.90))?;
+        map.serialize_entry("p99", &percentile(0.99))?;
         map.serialize_entry("max", &h.max)?;
         if self.age == 0 {
             map.serialize_entry("epoch", &(report.now.floor() as i64))?;
@@ -382,27 +347,35 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
-    fn encoded(latencies: &[f64]) -> Vec<u8> {
+    fn histogram(latencies: &[f64]) -> Histogram {
         let mut h = Histogram::new();
         for &v in latencies {
             h.record(v);
         }
-        let mut out = Vec::new();
-        h.encode(&mut out);
-        out
+        h
+    }
+
+    fn total(latencies: &[f64]) -> Total {
+        let mut total = Total {
+            count: latencies.len() as u64,
+            sum: latencies.iter().sum(),
+            ..Total::default()
+        };
+        for (edge, out) in PROMETHEUS_EDGES_MS.iter().zip(&mut total.at_or_below) {
+            *out = latencies.iter().filter(|&&v| v <= *edge).count() as u64;
+        }
+        total
     }
 
     #[test]
     fn json_has_the_original_fields_and_the_rate() {
         // 15 s into the window that starts at 1537724100.
         let mut report = Report::new(60, 1537724115.5, 2).unwrap();
-        let all = report.add_key(b"all");
-        report
-            .put(all, Record::Window(0), &encoded(&[10.0, 20.0]))
-            .unwrap();
-        report
-            .put(all, Record::Window(1), &encoded(&[1.0; 40]))
-            .unwrap();
+        report.add(
+            b"all",
+            vec![histogram(&[10.0, 20.0]), histogram(&[1.0; 40])],
+            total(&[]),
+        );
         let json: Value = serde_json::from_str(report.json(4096.0, 16384.0, false)).unwrap();
 
         assert_eq!(json["shared_dict_info"]["free_space"], 4096.0);
@@ -437,10 +410,7 @@ mod tests {
         assert_eq!(json["stats"]["current"]["requests"], 0);
         assert_eq!(json["stats"]["prev2"]["startofminute_epoch"], 0);
 
-        let key = report.add_key(b"login");
-        report
-            .put(key, Record::Window(0), &encoded(&[3.0]))
-            .unwrap();
+        report.add(b"login", vec![histogram(&[3.0])], total(&[3.0]));
         let json: Value = serde_json::from_str(report.json(1.0, 2.0, true)).unwrap();
         assert_eq!(json["stats"]["current"]["requests"], 1);
     }
@@ -449,10 +419,7 @@ mod tests {
     fn keys_are_escaped_in_json_and_in_prometheus() {
         let mut report = Report::new(60, 120.0, 1).unwrap();
         let nasty = "a\"b\\c\nd|e</script>\u{1}é";
-        let key = report.add_key(nasty.as_bytes());
-        report
-            .put(key, Record::Total, &encoded(&[4.0, 40.0, 4000.0]))
-            .unwrap();
+        report.add(nasty.as_bytes(), vec![], total(&[4.0, 40.0, 4000.0]));
 
         let json: Value = serde_json::from_str(report.json(0.0, 0.0, false)).unwrap();
         assert!(json["stats"][nasty].is_object());
@@ -492,14 +459,5 @@ mod tests {
         assert_eq!(Report::new(60, 1.0, 65).unwrap_err(), Error::BadArgument);
         assert_eq!(Report::new(60, 1e300, 2).unwrap_err(), Error::BadArgument);
         assert_eq!(Report::new(60, -1.0, 2).unwrap_err(), Error::BadArgument);
-        let mut report = Report::new(60, 1.0, 2).unwrap();
-        assert_eq!(report.put(0, Record::Total, &[]), Err(Error::BadSlot));
-        let key = report.add_key(b"k");
-        assert_eq!(report.put(key, Record::Window(3), &[]), Err(Error::BadSlot));
-        assert_eq!(
-            report.put(key, Record::Window(2), b"junk"),
-            Err(Error::CorruptRecord)
-        );
-        assert_eq!(report.corrupt_records(), 1);
     }
 }

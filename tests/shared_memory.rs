@@ -18,9 +18,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+mod common;
+use common::{assert_ended, shared_words};
+
 use resty_counter_core::engine::cell::{add_i64, load_i64};
 use resty_counter_core::engine::table::Table;
-use resty_counter_core::engine::word::words_at;
 
 const PROCESSES: usize = 6;
 const SHARED_KEYS: usize = 16;
@@ -28,21 +30,6 @@ const OWN_KEYS: usize = 400;
 const OPS: u64 = 300_000;
 const RACE_KEYS: usize = 2000;
 const REGION_WORDS: usize = 1 << 17;
-
-fn shared_words(words: usize) -> &'static [AtomicU64] {
-    unsafe {
-        let at = libc::mmap(
-            std::ptr::null_mut(),
-            words * 8,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        assert_ne!(at, libc::MAP_FAILED, "mmap");
-        words_at(at as *mut u8, words)
-    }
-}
 
 fn shared_key(i: usize) -> Vec<u8> {
     format!("shared-{}", i).into_bytes()
@@ -144,20 +131,7 @@ fn processes_killed_mid_write_lose_nothing_done_and_corrupt_nothing() {
     for (process, &pid) in pids.iter().enumerate() {
         let mut status = 0;
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        if killed.contains(&process) {
-            assert!(
-                libc::WIFSIGNALED(status),
-                "process {} ended before its kill",
-                process
-            );
-        } else {
-            assert!(
-                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                "process {} failed: {}",
-                process,
-                status
-            );
-        }
+        assert_ended(process, status, killed.contains(&process));
     }
 
     let total_of = |key: &[u8]| table.lookup(key).map_or(0, |r| load_i64(&r.cells()[0]));

@@ -3,10 +3,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use resty_counter_core::engine::requests::Layout;
 use resty_counter_core::ffi::*;
+use resty_counter_core::ffi_engine::{rc_requests_record, rc_requests_report};
 use resty_counter_core::ffi_int::*;
 use resty_counter_core::int64::MAX_TEXT_LEN;
 use std::ptr;
+use std::sync::atomic::AtomicU64;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
@@ -18,22 +21,20 @@ fuzz_target!(|data: &[u8]| {
             std::str::from_utf8(data).is_ok()
         );
 
-        let store = rc_requests_new();
-        let slot = u32::from(data[0] % 4);
-        rc_requests_alloc(store);
-        rc_requests_record(store, slot, f64::from(data[1]) - 3.0);
-        let (mut out, mut out_len) = (ptr::null(), 0usize);
-        rc_requests_merge(store, slot, data.as_ptr(), data.len(), &mut out, &mut out_len);
-        rc_requests_release(store, u32::from(data[2]));
-        rc_requests_free(store);
-
-        let report = rc_report_new(u32::from(data[3]), f64::from(data[1]) * 1e7, u32::from(data[2]));
-        rc_report_add_key(report, data.as_ptr(), data.len());
-        rc_report_put(report, u32::from(data[0] % 2), i32::from(data[1] as i8), data.as_ptr(), data.len());
-        let mut len = 0usize;
-        rc_report_json(report, 1.0, 2.0, i32::from(data[2] % 2), &mut len);
-        rc_report_prometheus(report, data.as_ptr(), data.len(), &mut len);
-        rc_report_free(report);
+        // The request path: a record of a ring the bytes choose, windows
+        // and latencies from the bytes; null and bad rings refused.
+        let ring = u32::from(data[0] % 4) + 1;
+        let histogram = i32::from(data[0] & 4 != 0);
+        let layout = Layout::new(ring as usize, histogram != 0).unwrap();
+        let cells: Vec<AtomicU64> = (0..layout.width()).map(|_| AtomicU64::new(0)).collect();
+        let window = u64::from_le_bytes([data[1], data[2], data[3], 0, 0, 0, 0, data[0]]);
+        let latency = f64::from(data[1]) - 3.0;
+        assert!(rc_requests_record(cells.as_ptr(), ring, histogram, window, latency) >= 0);
+        assert!(rc_requests_record(ptr::null(), ring, histogram, window, latency) < 0);
+        assert!(rc_requests_record(cells.as_ptr(), 0, histogram, window, latency) < 0);
+        assert!(rc_requests_record(cells.as_ptr(), 200, histogram, window, latency) < 0);
+        assert!(rc_requests_report(ptr::null_mut(), ring, histogram, 60, 1.0, data.as_ptr(), data.len(), 1).is_null());
+        rc_report_free(ptr::null_mut());
 
         let pending = rc_store_new();
         let mut slots = ptr::null_mut();

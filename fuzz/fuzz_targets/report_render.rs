@@ -4,7 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use resty_counter_core::stats::{Record, Report};
+use resty_counter_core::engine::requests::Total;
+use resty_counter_core::histogram::Histogram;
+use resty_counter_core::stats::Report;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 12 {
@@ -19,26 +21,33 @@ fuzz_target!(|data: &[u8]| {
         Ok(report) => report,
         Err(_) => return,
     };
-    // The rest: records of the form [key len][key][which][record len][record].
+    // The rest: keys of the form [key len][key][windows][latencies len]
+    // [latencies, one byte each], and a total from the same bytes.
     let mut rest = &data[11..];
     let mut keys = Vec::new();
     while rest.len() >= 3 {
         let key_len = usize::from(rest[0]).min(rest.len() - 1);
         let key = &rest[1..1 + key_len];
         rest = &rest[1 + key_len..];
-        let index = report.add_key(key);
         keys.push(String::from_utf8_lossy(key).into_owned());
         if rest.len() < 2 {
+            report.add(key, Vec::new(), Total::default());
             break;
         }
-        let which = if rest[0] == 255 {
-            Record::Total
-        } else {
-            Record::Window(usize::from(rest[0]))
+        let windows = usize::from(rest[0] % 70);
+        let latencies_len = usize::from(rest[1]).min(rest.len() - 2);
+        let latencies = &rest[2..2 + latencies_len];
+        let mut h = Histogram::new();
+        for &ms in latencies {
+            h.record(f64::from(ms) * 37.5);
+        }
+        let total = Total {
+            count: h.count,
+            sum: h.sum,
+            ..Total::default()
         };
-        let record_len = usize::from(rest[1]).min(rest.len() - 2);
-        let _ = report.put(index, which, &rest[2..2 + record_len]);
-        rest = &rest[2 + record_len..];
+        report.add(key, vec![h; windows], total);
+        rest = &rest[2 + latencies_len..];
     }
 
     let json: serde_json::Value =

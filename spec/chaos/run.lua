@@ -27,7 +27,6 @@ if arg[1] and not FULL then
         ONLY[name] = true
     end
 end
-local SYNC_INTERVAL = 0.1
 
 local rows = {}
 local failed = 0
@@ -164,10 +163,8 @@ local function worker_pids(srv)
 end
 
 
--- kill -9 of a worker 3 times. resty.counter counts in the shared engine:
--- nothing may be lost. The request counter still keeps each worker's
--- records in that worker until its flush: its loss is at most what the
--- killed workers logged in their last two flush intervals.
+-- kill -9 of a worker 3 times. resty.counter and the request counter both
+-- count in the shared engine: nothing may be lost, nothing counted twice.
 local function kill_case()
     local srv = start(2)
     local runs = run_load(srv, 5, false)
@@ -182,23 +179,19 @@ local function kill_case()
     local lines = access(srv)
     local sent = #lines
     local counted, recorded = totals(srv, sent)
-    local bound = 0
-    for _, kill in ipairs(kills) do
-        for _, line in ipairs(lines) do
-            if line[2] == kill.pid and line[1] > kill.at - 2 * SYNC_INTERVAL then
-                bound = bound + 1
-            end
-        end
+    -- A worker killed while it serves a request has written that request
+    -- to the access log, or counted it, or both, or neither: the log and
+    -- the count are two handlers of the log phase. So each kill may move
+    -- the comparison by one, either way; anything beyond is a loss.
+    for _, case in ipairs({ { "resty.counter", counted },
+                            { "request counter", recorded } }) do
+        local lost = sent - case[2]
+        row("kill -9 of a worker x3 (" .. case[1] .. ")", sent, case[2],
+            math.max(lost, 0), math.max(-lost, 0),
+            lost >= -#kills and lost <= #kills,
+            "the shared engine: 0 lost, 0 counted twice (the request in "
+            .. "service at each kill may be in one of log and count)")
     end
-    local lost = sent - counted
-    row("kill -9 of a worker x3 (resty.counter)", sent, counted,
-        math.max(lost, 0), math.max(-lost, 0), lost == 0,
-        "the shared engine: 0 lost, 0 counted twice")
-    lost = sent - recorded
-    row("kill -9 of a worker x3 (request counter)", sent, recorded, lost,
-        math.max(-lost, 0), lost >= 0 and lost <= bound,
-        string.format("lost %.4f%% of sent; bound %d (2 intervals of the "
-                      .. "killed workers)", lost * 100 / sent, bound))
     srv:cleanup()
 end
 
@@ -214,7 +207,7 @@ local function flood_case()
     for n in (body or ""):gmatch("%-?[%d.]+") do
         v[#v + 1] = tonumber(n)
     end
-    -- refused keys (counter), lost (counter), failed writes (requests),
+    -- refused keys (counter), lost (counter), refused keys (requests),
     -- overflowed, pending, gc KB, tracked keys
     local aborted = 0
     for _, line in ipairs(srv:errors()) do
@@ -229,11 +222,11 @@ local function flood_case()
         aborted == 0 and ok200 == sent and (v[1] or 0) > 0 and v[2] == 0,
         "every request 200, no error thrown to a request, keys beyond the "
         .. "engine's room refused and counted")
-    row("tiny dict (12k) flooded, key cap 50 (request counter)", sent,
+    row("small dict (64k) flooded, key cap 50 (request counter)", sent,
         "tracked " .. (v[7] or "?") .. ", overflowed " .. (v[4] or "?"), "-",
         0, aborted == 0 and (v[7] or 99) <= 50 and (v[4] or 0) > 0,
-        "cap respected, nothing evicted; writes refused for lack of room "
-        .. "(kept pending, counted): " .. (v[3] or "?"))
+        "cap respected, nothing evicted; keys refused for lack of room in "
+        .. "the engine (counted under the overflow key): " .. (v[3] or "?"))
     srv:cleanup()
 end
 

@@ -1,10 +1,20 @@
 -- resty.counter.requests and the resty.greencheek.request.counter drop-in,
 -- inside a real nginx worker (run by spec/run-in-nginx.lua). Time comes
 -- from an injected clock, so windows roll over on demand.
+--
+-- Requests live in the shared engine of the dict, which no spec can empty:
+-- every spec that reads all keys takes a dict of its own (engine()).
 
 local requests = require "resty.counter.requests"
 local request_counter = require "resty.greencheek.request.counter"
 local json = require "dkjson"
+local race = require "helpers.race"
+
+-- Specs that send requests to this nginx need spec/nginx/unit.conf's
+-- locations, which OpenResty's `resty` (the other runner) does not have.
+local it_http = package.loaded["spec.port"] and it or function(name)
+    pending(name .. " (needs the locations of spec/nginx/unit.conf)")
+end
 
 -- A window start (a multiple of 60), so that tests can count in seconds.
 local T0 = 1537724100
@@ -25,20 +35,27 @@ local function raised(fn, ...)
 end
 
 
--- An engine on a fresh "requests" dict, whose clock reads `clock.now`.
+-- The dicts of spec/nginx/unit.conf for these specs (requests_1 to
+-- requests_24, 256k each: some 14 keys of 3 windows).
+local dicts_used = 0
+
+
+-- An engine on a dict no other spec has used, whose clock reads
+-- `clock.now`; and the dict's name.
 local function engine(opts)
-    fresh("requests")
+    dicts_used = dicts_used + 1
+    assert(dicts_used <= 24, "add request dicts to spec/nginx/unit.conf")
+    local name = "requests_" .. dicts_used
+    fresh(name)
     local clock = { now = T0 }
     opts = opts or {}
     opts.clock = function() return clock.now end
-    opts.flush_interval = opts.flush_interval or 3600
-    local r = assert(requests.new("requests", opts))
-    return r, clock
+    local r = assert(requests.new(name, opts))
+    return r, clock, name
 end
 
 
 local function stats(r)
-    assert(r:flush())
     local text = assert(r:stats())
     local decoded = json.decode(text)
     assert(decoded, "not JSON: " .. text)
@@ -87,7 +104,7 @@ describe("resty.counter.requests", function()
 
     describe("stats()", function()
         it("has greencheek's JSON shape, field by field", function()
-            local r, clock = engine()
+            local r, clock, dict_name = engine()
             clock.now = T0 + 5
             r:record_with_all("login", "0.010")
             r:record_with_all("login", 0.030)
@@ -96,7 +113,7 @@ describe("resty.counter.requests", function()
             local doc = stats(r)
 
             local info = doc.shared_dict_info
-            assert.equal(ngx.shared.requests:capacity(), info.capacity)
+            assert.equal(ngx.shared[dict_name]:capacity(), info.capacity)
             assert.is_number(info.free_space)
             assert.is_true(info.free_space < info.capacity)
 
@@ -246,9 +263,12 @@ describe("resty.counter.requests", function()
             end
         end)
 
-        it("reads only registered keys, not the rest of the dict", function()
-            local r = engine()
-            ngx.shared.requests:set("someone else's key", 1)
+        it("reads only request keys, not the rest of the dict or engine",
+           function()
+            local r, _, dict_name = engine()
+            ngx.shared[dict_name]:set("someone else's key", 1)
+            -- A resty.counter key in the same engine is not a request key.
+            require("resty.counter").new(dict_name):incr("counted")
             r:record("k", 0.001)
             local doc = stats(r)
             assert.same({ "k" }, (function()
@@ -266,7 +286,6 @@ describe("resty.counter.requests", function()
             local r = engine()
             r:record("one", 0.002)
             r:record("two", 0.002)
-            assert(r:flush())
             local doc = json.decode(assert(r:single_stats("one")))
             assert.equal(1, doc.stats.current.requests)
             assert.is_table(doc.stats.prev1)
@@ -283,6 +302,7 @@ describe("resty.counter.requests", function()
         it("raises a clear error for bad keys, blaming the caller",
            function()
             local r = engine()
+            local cached = r:self_metrics().cached
             local cases = {
                 { nil, 'bad "key" argument: string expected, got nil' },
                 { "", 'bad "key" argument: empty string' },
@@ -297,11 +317,12 @@ describe("resty.counter.requests", function()
                 assert.matches("requests_spec.lua:%d+: "
                                .. case[2]:gsub("%p", "%%%0"), err)
             end
-            assert.equal(0, r:self_metrics().pending)
+            assert.equal(cached, r:self_metrics().cached)
         end)
 
         it("raises a clear error for bad latencies", function()
             local r = engine()
+            local cached = r:self_metrics().cached
             local cases = {
                 { nil, 'bad "latency" argument: number expected, got nil' },
                 { -0.001, 'bad "latency" argument: -0.001 is negative' },
@@ -317,7 +338,7 @@ describe("resty.counter.requests", function()
                 assert.matches(case[2]:gsub("%p", "%%%0"), err)
             end
             -- and nothing was recorded
-            assert.equal(0, r:self_metrics().pending)
+            assert.equal(cached, r:self_metrics().cached)
             assert.is_true(r:record("k", "0.012"))
             assert.is_true(r:record("k", 0))
             assert.equal(2, stats(r).stats.k.current.requests)
@@ -354,151 +375,139 @@ describe("resty.counter.requests", function()
             assert.is_nil(doc.stats.key11)
         end)
 
-        it("bounds what a worker holds before its first flush", function()
+        it("bounds what a flood of new keys makes", function()
             local r = engine({ max_keys = 5 })
+            local before = r:self_metrics().cached
             for i = 1, 1000 do
                 r:record("flood" .. i, 0.001)
             end
-            -- 5 keys plus the overflow key
-            assert.equal(6, r:self_metrics().pending)
+            -- 5 keys and the overflow key, in this worker's cache and in
+            -- the engine
+            local m = r:self_metrics()
+            assert.equal(before + 6, m.cached)
+            assert.equal(995, m.overflowed)
             local doc = stats(r)
             assert.equal(995, doc.stats._overflow.current.requests)
+            assert.equal(5, doc.key_info.tracked)
         end)
     end)
 
-    describe("flush()", function()
-        it("keeps records pending while another flush holds the lock",
-           function()
-            local r = engine({ lock_timeout = 0.05 })
+    describe("the shared engine", function()
+        it("needs no flush: flush() and flush_all() return true", function()
+            local r = engine()
             r:record("k", 0.001)
-            local dict = ngx.shared.requests
-            assert(dict:add("rc:lock", "someone", 10))
-            local ok, err = r:flush()
-            assert.is_nil(ok)
-            assert.equal("timeout waiting for another worker's flush", err)
-            assert.equal(1, r:self_metrics().pending)
-            r:record("k", 0.001)
-            dict:delete("rc:lock")
-            assert.equal(2, stats(r).stats.k.current.requests)
+            assert.equal(1, stats(r).stats.k.current.requests)
+            assert.is_true(r:flush())
+            assert.is_true(requests.flush_all())
             assert.equal(0, r:self_metrics().pending)
-        end)
-
-        it("takes over at once the lock of a worker that died flushing",
-           function()
-            local r = engine({ lock_timeout = 0.3 })
-            local dict = ngx.shared.requests
-            -- pid 1 exists: its lock is waited for, then given up on
-            r:record("k", 0.001)
-            assert(dict:add("rc:lock", "1:flushing", 10))
-            local ok, err = r:flush()
-            assert.is_nil(ok)
-            assert.equal("timeout waiting for another worker's flush", err)
-            dict:delete("rc:lock")
-
-            -- a shell that has exited: its pid names no process now
-            local p = io.popen("sh -c 'echo $$'")
-            local dead = tonumber(p:read("*l"))
-            p:close()
-            assert(dict:add("rc:lock", dead .. ":flushing", 10))
-            ngx.update_time()
-            local start = ngx.now()
-            assert(r:flush())
-            ngx.update_time()
-            assert.is_true(ngx.now() - start < 0.1)
-            assert.is_nil(dict:get("rc:lock"))          -- and released
             assert.equal(1, stats(r).stats.k.current.requests)
         end)
 
-        it("in a full dict, evicts nothing and keeps records pending",
+        it("counts the records of several engines (as of workers) as one",
            function()
-            local dict = fresh("tiny")
-            -- Fill the dict with one value as large as it takes.
-            local size = 16384
-            while not dict:safe_set("filler", string.rep("x", size)) do
-                size = size - 256
-            end
-            -- and the small slots that are left
-            local small = 0
-            while dict:safe_set("small" .. small, "x") do
-                small = small + 1
-            end
-            local r = assert(requests.new("tiny", { flush_interval = 3600 }))
-            for i = 1, 5 do
-                r:record("key" .. i, 0.001)
-            end
-            local ok, err = r:flush()
-            assert.is_nil(ok)
-            -- (Even the lock entry may find no room.)
-            assert.matches("no memory", err, 1, true)
-            local m = r:self_metrics()
-            assert.is_true(m.pending > 0)
-            assert.is_true(m.failed > 0)
-            assert.equal(size, #dict:get("filler"))
-
-            -- Room again: every pending record is written, none lost.
-            dict:delete("filler")
-            for i = 0, small - 1 do
-                dict:delete("small" .. i)
-            end
-            assert(r:flush())
-            assert.equal(0, r:self_metrics().pending)
-            local doc = json.decode(assert(r:stats()))
-            for i = 1, 5 do
-                assert.equal(1, doc.stats["key" .. i].current.requests)
-            end
-        end)
-
-        it("flush_all() flushes every engine of the worker", function()
-            local r = engine()
-            r:record("k", 0.001)
-            assert.equal(1, r:self_metrics().pending)
-            -- (Its result also covers engines of other tests, on other
-            -- dicts: only this one's records are checked.)
-            requests.flush_all()
-            assert.equal(0, r:self_metrics().pending)
-        end)
-
-        it("sets a TTL on window records and none on totals", function()
-            local r, clock = engine()
-            clock.now = T0 + 30
-            r:record("k", 0.001)
-            assert(r:flush())
-            local dict = ngx.shared.requests
-            local ttl = dict:ttl("rc:w:" .. (T0 / 60) .. ":k")
-            -- shown until 2 windows old, plus one of margin
-            assert.near((T0 + 4 * 60) - (T0 + 30), ttl, 1)
-            assert.equal(0, dict:ttl("rc:t:k"))
-        end)
-
-        it("replaces a record that is not one, and counts it", function()
-            local r = engine()
-            local dict = ngx.shared.requests
-            r:record("k", 0.001)
-            assert(r:flush())
-            dict:set("rc:t:k", "garbage")
-            r:record("k", 0.001)
-            assert(r:flush())
-            assert.equal(1, r:self_metrics().corrupt)
-            assert.equal(2, stats(r).stats.k.current.requests)
-        end)
-
-        it("merges the records of several engines (as of workers)",
-           function()
-            local r1, clock = engine()
-            local r2 = assert(requests.new("requests", {
-                clock = function() return clock.now end,
-                flush_interval = 3600 }))
+            local r1, clock, dict_name = engine()
+            local r2 = assert(requests.new(dict_name, {
+                clock = function() return clock.now end }))
             for _ = 1, 7 do
                 r1:record("k", 0.010)
             end
             for _ = 1, 5 do
                 r2:record("k", 0.100)
             end
-            assert(r2:flush())
-            local k = stats(r1).stats.k.current
-            assert.equal(12, k.requests)
-            assert.near((7 * 10 + 5 * 100) / 12, k.latency_ms, 1e-9)
-            assert.equal(100, k.max)
+            for _, r in ipairs({ r1, r2 }) do
+                local k = stats(r).stats.k.current
+                assert.equal(12, k.requests)
+                assert.near((7 * 10 + 5 * 100) / 12, k.latency_ms, 1e-9)
+                assert.equal(100, k.max)
+            end
+        end)
+
+        it("counts a request whose window's slot moved on in the total",
+           function()
+            local r, clock = engine({ previous = 1 })
+            clock.now = T0 + 120
+            r:record("k", 0.001)
+            -- Two windows back: the slot of T0 + 120's window.
+            clock.now = T0
+            r:record("k", 0.001)
+            assert.equal(1, r:self_metrics().total_only)
+            clock.now = T0 + 120
+            local doc = stats(r)
+            assert.equal(1, doc.stats.k.current.requests)
+            local text = assert(r:prometheus())
+            assert.matches('request_counter_requests_total{dict="[^"]+",'
+                           .. 'key="k"} 2', text)
+        end)
+
+        it("refuses a previous that differs from the key's record's",
+           function()
+            local r, clock, dict_name = engine()
+            r:record("k", 0.001)
+            local other = assert(requests.new(dict_name, { previous = 3,
+                clock = function() return clock.now end }))
+            local ok, err = other:record("k", 0.001)
+            assert.is_nil(ok)
+            assert.equal('request key "k" has a record of another shape: '
+                         .. 'every request counter of a dict must have the '
+                         .. 'same "previous"', err)
+        end)
+
+        it("in a full engine, records new keys under the overflow key",
+           function()
+            fresh("requests_small")
+            local r = assert(requests.new("requests_small"))
+            for i = 1, 500 do
+                assert.is_true(r:record("key" .. i, 0.001))
+            end
+            local m = r:self_metrics()
+            assert.is_true(m.refused > 0, "a 64k dict's engine is full")
+            local doc = json.decode(assert(r:stats()))
+            local sum = 0
+            for _, key in pairs(doc.stats) do
+                sum = sum + key.current.requests
+            end
+            assert.equal(500, sum)
+            assert.equal(m.refused, doc.stats._overflow.current.requests)
+        end)
+
+        it("in an engine too small for histograms, shows no percentiles",
+           function()
+            -- requests_small's engine (32k) holds fewer than 8 records
+            -- with histograms: its records have none.
+            local r = assert(requests.new("requests_small"))
+            local text = assert(r:single_stats("key1"))
+            local current = json.decode(text).stats.current
+            assert.equal(1, current.requests)
+            assert.equal(1, current.max)
+            assert.matches('"p50":null,"p90":null,"p99":null', text, 1,
+                           true)
+            -- and a dict of 256k has them
+            local big = engine()
+            big:record("k", 0.001)
+            current = stats(big).stats.k.current
+            assert.near(1, current.p50, 0.05)
+        end)
+
+        it_http("a read right after a request in another worker includes it",
+                function()
+            local k = "http-" .. ngx.now()
+            local seen, sent = {}, 0
+            -- Until both workers have recorded (the kernel picks one per
+            -- connection), then a few more.
+            for _ = 1, 400 do
+                local body = assert(race.get("/requests/record?key=" .. k))
+                sent = sent + 1
+                seen[body:match("worker (%d)")] = true
+                local doc = json.decode(assert(request_counter.single_stats(
+                    "requests_http", k)))
+                local windows = doc.stats.current.requests
+                                + doc.stats.prev1.requests
+                assert.equal(sent, windows)
+                if seen["0"] and seen["1"] and sent >= 20 then
+                    break
+                end
+            end
+            assert.is_true(seen["0"] and seen["1"], "both workers recorded")
         end)
     end)
 
@@ -522,18 +531,17 @@ describe("resty.counter.requests", function()
 
         it("renders counters, a histogram and a rate, labels escaped",
            function()
-            local r = engine()
+            local r, _, dict_name = engine()
             local key = 'a"b\\c\nd'
             for _, s in ipairs({ 0.003, 0.003, 0.02, 0.7, 30 }) do
                 r:record(key, s)
             end
-            assert(r:flush())
             local samples, types = parse(assert(r:prometheus()))
             assert.equal("counter", types.request_counter_requests_total)
             assert.equal("histogram", types.request_counter_latency_seconds)
             assert.equal("gauge", types.request_counter_rate)
 
-            local labels = 'dict="requests",key="a\\"b\\\\c\\nd"'
+            local labels = 'dict="' .. dict_name .. '",key="a\\"b\\\\c\\nd"'
             local function sample(name, extra)
                 return samples[name .. "{" .. labels .. (extra or "") .. "}"]
             end
@@ -579,7 +587,6 @@ describe("resty.greencheek.request.counter", function()
         fresh("greencheek")
         assert(request_counter.configure("greencheek", {
             clock = function() return clock.now end,
-            flush_interval = 3600,
         }))
     end)
 

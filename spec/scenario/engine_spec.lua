@@ -46,8 +46,9 @@ end
 
 
 -- Every URI of the access log against the engine's value for it, asked
--- once, right after the load: no settling, no sync awaited.
-local function assert_exact(srv)
+-- once, right after the load: no settling, no sync awaited. With `slack`,
+-- the per-URI differences may add up to that many (see the SIGKILL spec).
+local function assert_exact(srv, slack)
     local per_uri, logged = load.logged(srv)
     local uris = {}
     for uri in pairs(per_uri) do
@@ -59,7 +60,20 @@ local function assert_exact(srv)
     for uri, value in body:gmatch("(%S+) (%S+)") do
         counted[uri] = tonumber(value)
     end
-    assert.same(per_uri, counted)
+    if not slack then
+        assert.same(per_uri, counted)
+        return logged
+    end
+    local off = 0
+    for uri, n in pairs(per_uri) do
+        off = off + math.abs(n - (counted[uri] or 0))
+    end
+    for uri in pairs(counted) do
+        if not per_uri[uri] then
+            off = off + counted[uri]
+        end
+    end
+    assert.is_true(off <= slack, off .. " off the access log")
     return logged
 end
 
@@ -144,7 +158,10 @@ describe("resty.counter on the shared engine, Kong's configuration", function()
         end
         load.wait(run)
         nginx.sleep(0.5)
-        assert.is_true(assert_exact(srv) > 1000, "too little load")
+        -- The request a worker serves when it is killed may be in the
+        -- access log or in the count (two handlers of the log phase), not
+        -- both: one per kill, either way. Anything beyond is a loss.
+        assert.is_true(assert_exact(srv, 3) > 1000, "too little load")
         -- The master reports each kill; nothing else may be logged.
         local errors = {}
         for _, line in ipairs(srv:errors()) do

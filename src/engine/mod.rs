@@ -1,13 +1,14 @@
 //! The shared engine: every worker's counts in one region of the shared
 //! dict's zone, written lock-free on the request path, readable by every
 //! worker at once, and left intact whatever happens to a worker.
-//! docs/engine.md is the design; this module is its first stage.
+//! docs/engine.md is the design; stages 1 to 3 are built.
 //!
 //! - [`word`]: the atomic words everything is made of (generic, so that the
 //!   `loom` model tests run the very same code).
 //! - [`table`]: keys to records of cells, lock-free.
 //! - [`cell`]: counting in a cell (`i64` exact, `f64`).
 //! - [`counter`]: `resty.counter`'s records.
+//! - [`requests`]: the request counter's records (windows in a ring).
 //! - [`lock`]: a try-lock that a dead holder cannot keep.
 //! - [`zone`]: finding or making the region in an nginx zone.
 
@@ -15,6 +16,7 @@ pub mod cell;
 pub mod counter;
 mod error;
 pub mod lock;
+pub mod requests;
 pub mod table;
 pub mod word;
 pub mod zone;

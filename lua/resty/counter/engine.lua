@@ -21,7 +21,7 @@ local tonumber = tonumber
 local tostring = tostring
 
 
-local ENGINE_ABI = 1
+local ENGINE_ABI = 2
 
 -- The share of a dict's zone the engine takes when the first worker
 -- attaches; the dict keeps the rest for its own keys.

@@ -2,9 +2,8 @@
 --
 -- A drop-in for greencheek's request-per-minute counter: the same calls
 -- and the same JSON, on resty.counter.requests. Requests are recorded in
--- the worker (no shared-dict lock per request) and flushed to the dict
--- every second, so stats are at most one flush interval old; flush() makes
--- this worker's records visible now.
+-- the dict's shared engine (no lock per request), so a read right after a
+-- request, in any worker, includes it; flush() has nothing left to do.
 
 
 local check = require "resty.counter.check"
@@ -47,7 +46,8 @@ end
 -- context: init_worker_by_lua* (before any request is recorded)
 --
 -- Sets a dict's options (see resty.counter.requests.new: window, previous,
--- max_keys, overflow_key, flush_interval, lock_timeout, clock) and returns
+-- max_keys, overflow_key, clock; flush_interval and lock_timeout are
+-- accepted and unused) and returns
 -- its engine. Configuring a dict this worker already uses is an error; an
 -- unknown option raises.
 function _M.configure(dict_name, opts)
@@ -156,8 +156,9 @@ end
 --
 -- context: any phase
 --
--- Writes this worker's records to the dict now (other workers flush on
--- their own timers).
+-- Nothing to do: requests are in the shared engine as they are recorded.
+-- Returns true (nil, err for an unknown dict), for callers of the
+-- flushing versions.
 function _M.flush(dict_name)
     local r, err = engine(dict_name, 2)
     if not r then
@@ -169,8 +170,10 @@ end
 
 -- syntax: ok = request_counter.flush_all()
 --
--- context: any phase; meant for exit_worker_by_lua*, so that reload and
--- shutdown lose no request
+-- context: any phase
+--
+-- Nothing to do (see flush()); returns true, so that an
+-- exit_worker_by_lua* written for the flushing versions keeps working.
 _M.flush_all = requests.flush_all
 
 

@@ -1,0 +1,518 @@
+//! The request counter's records in the engine (docs/engine.md, stage 3):
+//! one per key, written by every worker without a lock, read by any.
+//!
+//! Cells:
+//!
+//! ```text
+//! 0          total count (every request since the key was made)
+//! 1          total latency sum, ms (f64 bits)
+//! 2..13      total count per Prometheus edge (not cumulative; a latency
+//!            above the last edge is in the count only)
+//! 13         the roll lock (see super::lock)
+//! 14..       `ring` window slots of SLOT_WORDS words each:
+//!            stamp (window index + 1; 0 empty; ROLLING while zeroed),
+//!            count, sum (f64 bits), max (f64 bits),
+//!            then the histogram's buckets, two u32 counts per word
+//! ```
+//!
+//! An engine too small to hold [`MIN_KEYS_WITH_HISTOGRAM`] records with
+//! histograms (a dict of some 100k or less at the default three windows)
+//! makes its request records without the buckets (see [`Layout`]): counts,
+//! sums and maxima only, and no percentiles.
+//!
+//! A window's slot is `window % ring`. A writer whose slot holds its window
+//! adds; one whose slot holds an older window rolls it (under the roll lock:
+//! marks it ROLLING, zeroes it, stamps it) and adds; one whose slot holds a
+//! newer window (its clock is behind another worker's by `ring` windows)
+//! adds to the total only.
+
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use super::cell::{add_f64, load_f64};
+use super::lock::{self, Holder};
+use super::word::Word;
+use crate::histogram::{bucket_of, Histogram, BUCKETS, MAX_VALUE, PROMETHEUS_EDGES_MS};
+
+/// The first byte of every request key in the table.
+pub const KIND: u8 = b'r';
+
+/// The engine-wide count of keys registered against `max_keys`: a record
+/// of one cell under a key no request key has (request keys are the kind
+/// byte and a key that [`is_request_key`] accepts).
+pub const KEYS_KEY: &[u8] = b"r\0keys";
+
+const T_COUNT: usize = 0;
+const T_SUM: usize = 1;
+const T_EDGES: usize = 2;
+const EDGES: usize = PROMETHEUS_EDGES_MS.len();
+const ROLL_LOCK: usize = T_EDGES + EDGES;
+const HEADER: usize = ROLL_LOCK + 1;
+
+const S_STAMP: usize = 0;
+const S_COUNT: usize = 1;
+const S_SUM: usize = 2;
+const S_MAX: usize = 3;
+const S_BUCKETS: usize = 4;
+
+/// Words of bucket counts in a slot: two u32 counts per word. A count
+/// would need 2^32 requests in one window and one bucket to carry into its
+/// neighbour.
+pub const BUCKET_WORDS: usize = (BUCKETS as usize + 1) / 2;
+
+/// Words per window slot.
+pub const SLOT_WORDS: usize = S_BUCKETS + BUCKET_WORDS;
+
+/// The stamp of a slot being zeroed by a roll.
+const ROLLING: u64 = u64::MAX;
+
+/// The most window slots a record has (a report shows at most 64 previous
+/// windows, see crate::stats).
+pub const MAX_RING: usize = 65;
+
+/// The fewest records with histograms an engine must hold for its request
+/// records to have them.
+pub const MIN_KEYS_WITH_HISTOGRAM: usize = 8;
+
+/// The shape of an engine's request records: `ring` windows (the current
+/// one and `previous`), with or without histogram buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    ring: usize,
+    histogram: bool,
+}
+
+impl Layout {
+    /// None for a ring of 0 or past [`MAX_RING`].
+    pub fn new(ring: usize, histogram: bool) -> Option<Layout> {
+        if ring == 0 || ring > MAX_RING {
+            return None;
+        }
+        Some(Layout { ring, histogram })
+    }
+
+    /// The layout of an engine whose arena has `arena_words` words: with
+    /// histograms when it holds [`MIN_KEYS_WITH_HISTOGRAM`] such records
+    /// (of keys of up to 64 bytes). The same in every worker, for the
+    /// engine's life.
+    pub fn for_arena(ring: usize, arena_words: u64) -> Option<Layout> {
+        let dense = Layout::new(ring, true)?;
+        let record = u64::from(dense.width()) + 2 + 8;
+        let histogram = arena_words >= MIN_KEYS_WITH_HISTOGRAM as u64 * record;
+        Layout::new(ring, histogram)
+    }
+
+    pub fn ring(self) -> usize {
+        self.ring
+    }
+
+    pub fn has_histogram(self) -> bool {
+        self.histogram
+    }
+
+    fn slot_words(self) -> usize {
+        if self.histogram {
+            SLOT_WORDS
+        } else {
+            S_BUCKETS
+        }
+    }
+
+    /// A record's width, in cells.
+    pub fn width(self) -> u32 {
+        (HEADER + self.ring * self.slot_words()) as u32
+    }
+}
+
+/// Whether a table key (kind byte included) is a request key, not the key
+/// registry's count.
+pub fn is_request_key(key: &[u8]) -> bool {
+    key.first() == Some(&KIND) && key.get(1) != Some(&0)
+}
+
+/// What a recording did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// In its window and the total.
+    Window,
+    /// In the total only: its window's slot holds a newer window (a clock
+    /// behind another worker's by the whole ring), or a live roller did not
+    /// finish within the spins allowed.
+    TotalOnly,
+}
+
+/// What recording needs from the process it runs in.
+pub trait Roller {
+    /// This process as a lock holder.
+    fn me(&self) -> Holder;
+    /// Whether a process exists.
+    fn alive(&self, pid: u32) -> bool;
+    /// One wait while another writer rolls the slot: a short spin, then
+    /// yields of the CPU.
+    fn pause(&self, spin: u32) {
+        if spin < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    /// How many waits before giving up on a live roller. A roll is a few
+    /// hundred stores: a roller still at it after 2000 was descheduled (or
+    /// stopped); its writers count in the total and go on.
+    fn spins(&self) -> u32 {
+        2000
+    }
+}
+
+/// Every request since the key was made, for Prometheus' counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Total {
+    pub count: u64,
+    pub sum: f64,
+    /// Requests at or below each edge of [`PROMETHEUS_EDGES_MS`]
+    /// (cumulative).
+    pub at_or_below: [u64; EDGES],
+}
+
+/// A request record's cells.
+#[derive(Debug, Clone, Copy)]
+pub struct Requests<'a, W: Word> {
+    cells: &'a [W],
+    layout: Layout,
+}
+
+fn add_max<W: Word>(cell: &W, value: f64) {
+    let mut current = cell.load(Relaxed);
+    while value > f64::from_bits(current) {
+        match cell.compare_exchange(current, value.to_bits(), Relaxed, Relaxed) {
+            Ok(_) => return,
+            Err(now) => current = now,
+        }
+    }
+}
+
+impl<'a, W: Word> Requests<'a, W> {
+    /// None when `cells` is not a record of `layout`.
+    pub fn new(cells: &'a [W], layout: Layout) -> Option<Requests<'a, W>> {
+        if cells.len() != layout.width() as usize {
+            return None;
+        }
+        Some(Requests { cells, layout })
+    }
+
+    fn slot(&self, window: u64) -> &'a [W] {
+        let words = self.layout.slot_words();
+        let start = HEADER + (window % self.layout.ring as u64) as usize * words;
+        &self.cells[start..start + words]
+    }
+
+    /// Records one request of `latency_ms` (non-negative and finite: the
+    /// Lua side checks; anything else counts as 0, above
+    /// [`MAX_VALUE`] as that) in window `window` (the start time's index).
+    pub fn record(&self, window: u64, latency_ms: f64, roller: &impl Roller) -> Recorded {
+        let value = if latency_ms >= 0.0 && latency_ms.is_finite() {
+            latency_ms.min(MAX_VALUE)
+        } else {
+            0.0
+        };
+        self.cells[T_COUNT].fetch_add(1, Relaxed);
+        add_f64(&self.cells[T_SUM], value);
+        if let Some(edge) = PROMETHEUS_EDGES_MS.iter().position(|&le| value <= le) {
+            self.cells[T_EDGES + edge].fetch_add(1, Relaxed);
+        }
+
+        // Stamps are window + 1 (0 is an empty slot); past u64::MAX - 1
+        // would be ROLLING: such a window is in no clock.
+        let want = window.saturating_add(1).min(ROLLING - 1);
+        let slot = self.slot(window);
+        let mut spins = 0;
+        loop {
+            let stamp = slot[S_STAMP].load(Acquire);
+            if stamp == want {
+                slot[S_COUNT].fetch_add(1, Relaxed);
+                add_f64(&slot[S_SUM], value);
+                add_max(&slot[S_MAX], value);
+                if self.layout.histogram {
+                    let bucket = bucket_of(value) as usize;
+                    slot[S_BUCKETS + bucket / 2].fetch_add(1 << (32 * (bucket % 2)), Relaxed);
+                }
+                return Recorded::Window;
+            }
+            if stamp != ROLLING && stamp > want {
+                return Recorded::TotalOnly;
+            }
+            if stamp == ROLLING && spins < roller.spins() {
+                // Another writer is zeroing the slot: a few hundred stores.
+                roller.pause(spins);
+                spins += 1;
+                continue;
+            }
+            match self.roll(slot, want, roller) {
+                Ok(()) => continue,
+                Err(()) if spins < roller.spins() => {
+                    roller.pause(spins);
+                    spins += 1;
+                }
+                Err(()) => return Recorded::TotalOnly,
+            }
+        }
+    }
+
+    /// Rolls `slot` on to stamp `want` unless someone did; Err when a live
+    /// writer holds the roll lock.
+    fn roll(&self, slot: &[W], want: u64, roller: &impl Roller) -> Result<(), ()> {
+        let word = &self.cells[ROLL_LOCK];
+        let me = roller.me();
+        lock::try_lock(word, me, |pid| roller.alive(pid)).map_err(|_| ())?;
+        let stamp = slot[S_STAMP].load(Acquire);
+        // A stamp still older (or ROLLING: a roller died mid-way) is ours
+        // to roll; anything else another roller did before us.
+        if stamp < want || stamp == ROLLING {
+            slot[S_STAMP].store(ROLLING, Relaxed);
+            // Release: a reader that sees a zero sees ROLLING after it.
+            for cell in &slot[S_COUNT..] {
+                cell.store(0, Release);
+            }
+            slot[S_STAMP].store(want, Release);
+        }
+        lock::unlock(word, me);
+        Ok(())
+    }
+
+    /// Window `window` as it is now, or None when its slot holds another
+    /// window (or none yet). Without histograms, it has no percentiles.
+    pub fn window(&self, window: u64) -> Option<Histogram> {
+        let want = window.saturating_add(1).min(ROLLING - 1);
+        let slot = self.slot(window);
+        if slot[S_STAMP].load(Acquire) != want {
+            return None;
+        }
+        // Acquire: a cell zeroed by a roll (a Release store after the
+        // ROLLING mark) makes the stamp's second look below see the roll.
+        let count = slot[S_COUNT].load(Acquire);
+        let sum = f64::from_bits(slot[S_SUM].load(Acquire));
+        let max = f64::from_bits(slot[S_MAX].load(Acquire));
+        let buckets: Vec<u64> = slot[S_BUCKETS..].iter().map(|w| w.load(Acquire)).collect();
+        // Rolled while read: the window is gone.
+        if slot[S_STAMP].load(Relaxed) != want {
+            return None;
+        }
+        if !self.layout.histogram {
+            return Some(Histogram::without_buckets(count, sum, max));
+        }
+        let pairs = buckets.into_iter().enumerate().flat_map(|(i, word)| {
+            let bucket = (2 * i) as u16;
+            vec![(bucket, word & 0xFFFF_FFFF), (bucket + 1, word >> 32)]
+        });
+        Some(Histogram::from_buckets(count, sum, max, pairs))
+    }
+
+    /// Every request since the key was made.
+    pub fn total(&self) -> Total {
+        let mut total = Total {
+            count: self.cells[T_COUNT].load(Relaxed),
+            sum: load_f64(&self.cells[T_SUM]),
+            at_or_below: [0; EDGES],
+        };
+        let mut below = 0u64;
+        for (edge, out) in total.at_or_below.iter_mut().enumerate() {
+            below = below.saturating_add(self.cells[T_EDGES + edge].load(Relaxed));
+            *out = below;
+        }
+        total
+    }
+}
+
+/// Takes a place for a new key in the registry count `keys` (the one cell
+/// of the [`KEYS_KEY`] record): false when `max` are taken.
+pub fn register<W: Word>(keys: &W, max: u64) -> bool {
+    let mut current = keys.load(Relaxed);
+    loop {
+        if current >= max {
+            return false;
+        }
+        match keys.compare_exchange(current, current + 1, Relaxed, Relaxed) {
+            Ok(_) => return true,
+            Err(now) => current = now,
+        }
+    }
+}
+
+/// Gives back a place taken by [`register`] (the key was made by another
+/// worker meanwhile, or could not be made).
+pub fn unregister<W: Word>(keys: &W) {
+    keys.fetch_add(u64::MAX, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    struct Here;
+
+    impl Roller for Here {
+        fn me(&self) -> Holder {
+            Holder {
+                pid: std::process::id(),
+                instance: 1,
+            }
+        }
+        fn alive(&self, pid: u32) -> bool {
+            pid == std::process::id()
+        }
+        fn pause(&self, _: u32) {
+            std::thread::yield_now();
+        }
+        fn spins(&self) -> u32 {
+            100_000
+        }
+    }
+
+    fn dense(ring: usize) -> Layout {
+        Layout::new(ring, true).unwrap()
+    }
+
+    fn cells(ring: usize) -> Vec<AtomicU64> {
+        (0..dense(ring).width())
+            .map(|_| AtomicU64::new(0))
+            .collect()
+    }
+
+    #[test]
+    fn a_window_holds_its_requests_and_the_total_all() {
+        let cells = cells(3);
+        let r = Requests::new(&cells, dense(3)).unwrap();
+        for ms in [1.0, 4.0, 30.0] {
+            assert_eq!(r.record(100, ms, &Here), Recorded::Window);
+        }
+        let w = r.window(100).unwrap();
+        assert_eq!((w.count, w.sum, w.max), (3, 35.0, 30.0));
+        assert!((w.percentile(0.5) - 4.0).abs() / 4.0 < 0.032);
+        assert_eq!(r.window(101), None);
+        assert_eq!(r.window(97), None, "same slot, another window");
+        // Windows roll on: 103 takes 100's slot.
+        assert_eq!(r.record(103, 2.0, &Here), Recorded::Window);
+        assert_eq!(r.window(100), None);
+        let w = r.window(103).unwrap();
+        assert_eq!((w.count, w.sum, w.max), (1, 2.0, 2.0));
+        // A request of a window older than its slot's is in the total only.
+        assert_eq!(r.record(100, 7.0, &Here), Recorded::TotalOnly);
+        let total = r.total();
+        assert_eq!((total.count, total.sum), (5, 44.0));
+        // Edges 5, 10, 25, 50 ms...: 1, 2, 4 at or below 5; 30 at 50.
+        assert_eq!(total.at_or_below[0], 3);
+        assert_eq!(total.at_or_below[2], 4);
+        assert_eq!(total.at_or_below[3], 5);
+    }
+
+    #[test]
+    fn percentiles_stay_within_5_percent() {
+        let cells = cells(1);
+        let r = Requests::new(&cells, dense(1)).unwrap();
+        let mut values: Vec<f64> = (1..=5000).map(|i| f64::from(i) * 0.37).collect();
+        for &v in &values {
+            r.record(7, v, &Here);
+        }
+        values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let w = r.window(7).unwrap();
+        for q in [0.5, 0.9, 0.99] {
+            let exact = values[((q * values.len() as f64).ceil() as usize) - 1];
+            let got = w.percentile(q);
+            assert!(
+                (got - exact).abs() / exact < 0.05,
+                "p{} {} {}",
+                q,
+                got,
+                exact
+            );
+        }
+        assert_eq!(w.max, 1850.0);
+    }
+
+    #[test]
+    fn bad_rings_are_refused() {
+        let c = cells(2);
+        assert!(Requests::new(&c, dense(3)).is_none());
+        assert!(Layout::new(0, true).is_none());
+        assert!(Layout::new(MAX_RING + 1, true).is_none());
+        assert!(Requests::new(&c, dense(2)).is_some());
+        assert!(Requests::new(&c, Layout::new(2, false).unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_roll_left_by_a_dead_writer_is_finished() {
+        let cells = cells(2);
+        let r = Requests::new(&cells, dense(2)).unwrap();
+        r.record(4, 1.0, &Here);
+        // A writer (pid 1 is never us) died holding the lock mid-roll.
+        let dead = Holder {
+            pid: u32::MAX - 1,
+            instance: 3,
+        };
+        lock::try_lock(&cells[ROLL_LOCK], dead, |_| true).unwrap();
+        cells[HEADER].store(ROLLING, Relaxed);
+        assert_eq!(r.record(6, 2.0, &Here), Recorded::Window);
+        assert_eq!(r.window(6).unwrap().count, 1);
+        assert_eq!(lock::holder(&cells[ROLL_LOCK]), None);
+    }
+
+    #[test]
+    fn threads_rolling_the_same_slots_lose_no_request() {
+        let cells: Arc<Vec<AtomicU64>> = Arc::new(cells(3));
+        let r = Requests::new(&cells, dense(3)).unwrap();
+        for window in 0..3 {
+            r.record(window, 1.0, &Here);
+        }
+        // Four threads take windows 3, 4, 5 into the slots of 0, 1, 2: each
+        // slot is rolled once, whoever comes first.
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let cells = Arc::clone(&cells);
+                std::thread::spawn(move || {
+                    let r = Requests::new(&cells, dense(3)).unwrap();
+                    for i in 0..30_000u64 {
+                        assert_eq!(r.record(3 + i / 10_000, 2.0, &Here), Recorded::Window);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        for window in 3..6 {
+            let w = r.window(window).unwrap();
+            assert_eq!((w.count, w.sum, w.max), (40_000, 80_000.0, 2.0));
+        }
+        assert_eq!(r.window(0), None);
+        assert_eq!(r.total().count, 120_003);
+    }
+
+    #[test]
+    fn a_small_engine_keeps_no_histograms() {
+        let record = u64::from(dense(3).width()) + 10;
+        let small = Layout::for_arena(3, 8 * record - 1).unwrap();
+        assert!(!small.has_histogram());
+        assert!(Layout::for_arena(3, 8 * record).unwrap().has_histogram());
+        assert_eq!(small.width(), 14 + 3 * 4);
+        let cells: Vec<AtomicU64> = (0..small.width()).map(|_| AtomicU64::new(0)).collect();
+        let r = Requests::new(&cells, small).unwrap();
+        r.record(5, 3.0, &Here);
+        r.record(5, 9.0, &Here);
+        let w = r.window(5).unwrap();
+        assert_eq!((w.count, w.sum, w.max), (2, 12.0, 9.0));
+        assert!(!w.has_buckets());
+        assert_eq!(r.total().count, 2);
+    }
+
+    #[test]
+    fn the_registry_holds_at_most_max() {
+        let keys = AtomicU64::new(0);
+        assert!(register(&keys, 2));
+        assert!(register(&keys, 2));
+        assert!(!register(&keys, 2));
+        unregister(&keys);
+        assert!(register(&keys, 2));
+        assert_eq!(keys.load(Relaxed), 2);
+    }
+}
