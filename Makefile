@@ -218,8 +218,8 @@ openresty:
 	bash $(OPENRESTY_SRC)/build.sh $(OPENRESTY_BUILD)
 
 # The originals' own suites (Test::Nginx) on ours and on the originals, on
-# the stack in use; Kong's gates, greencheek's is reported only. See
-# spec/peer.sh for why and for what it prints.
+# the stack in use, with their own worker settings and with 4 workers;
+# both gate. See spec/peer.sh for why and for what it prints.
 PEER_SRC ?= $(ROOT)/../shared/peer
 peer: deps
 	@$(MAKE) --no-print-directory build

@@ -1,15 +1,18 @@
 -- The request counter's costs, run by bench/incr_bench.lua in every worker:
 -- record_request() against a straightforward per-request shared-dict
 -- implementation (what a plain Lua module such as greencheek's original
--- does), and the cost of a flush, of stats() and of prometheus() as keys
--- grow.
+-- does), and the cost of stats() and of prometheus() as keys grow, with the
+-- engine's bytes per key.
 
+local engine = require "resty.counter.engine"
 local request_counter = require "resty.greencheek.request.counter"
 local requests = require "resty.counter.requests"
 
 local _M = {}
 
 local N = 1000000
+-- The request counts whose stats() and prometheus() are timed.
+local GROWTH_KEYS = { 100, 1000, 5000 }
 local ROUNDS = 5
 local KEYS8 = { "/a", "/b", "/c", "/d", "/e", "/f", "/g", "/h" }
 
@@ -52,8 +55,7 @@ end
 -- rss(), count_aborts(); add_aborts(n) adds to the trace abort count.
 function _M.run(ctx, id, add_aborts)
     local dict = ngx.shared.bench_plain
-    assert(request_counter.configure("bench_requests",
-                                     { flush_interval = 3600 }))
+    assert(request_counter.configure("bench_requests"))
 
     local stop_counting = ctx.count_aborts()
     plain(N / 10, KEYS8, dict)
@@ -67,43 +69,23 @@ function _M.run(ctx, id, add_aborts)
         ns = ctx.timed(ours, N, KEYS8)
         best.ours = math.min(best.ours or math.huge, ns)
     end
-    -- (8 keys: the records stay small until this flush, the cold path)
     add_aborts(stop_counting())
-    assert(request_counter.flush("bench_requests"))
     ctx.report("record_request plain, 8 keys", best.plain)
     ctx.report("record_request ours, 8 keys", best.ours)
 
-    -- Growth: K keys with one request each in this worker, flushed, then
-    -- reported. Each worker uses its own dict so that sizes stay exact.
-    for _, keys in ipairs({ 100, 1000, 10000, 100000 }) do
-        local name = "bench_stats_" .. id
-        local shdict = ngx.shared[name]
-        shdict:flush_all()
-        shdict:flush_expired()
-        local r = assert(requests.new(name, { max_keys = keys,
-                                              flush_interval = 3600 }))
-        collectgarbage()
-        local rss_before = ctx.rss()
+    -- Growth: K keys with one request each, then reported. Each worker uses
+    -- its own dict (a 64m dict's engine holds about 6,500 request keys).
+    for _, keys in ipairs(GROWTH_KEYS) do
+        local name = "bench_stats_" .. id .. "_" .. keys
+        local r = assert(requests.new(name, { max_keys = keys }))
         for i = 1, keys do
             r:record("/path/" .. i, 0.012)
         end
-        ctx.report("worker bytes per pending record, " .. keys .. " keys",
-                   (ctx.rss() - rss_before) / keys)
-        local start = ctx.now()
-        assert(r:flush())
-        ctx.report("flush ms, " .. keys .. " new keys", (ctx.now() - start) * 1e3)
-
-        for i = 1, keys do
-            r:record("/path/" .. i, 0.012)
-        end
-        start = ctx.now()
-        assert(r:flush())
-        ctx.report("flush ms, " .. keys .. " known keys",
-                   (ctx.now() - start) * 1e3)
+        assert(r:self_metrics().refused == 0, "the engine was full")
 
         local stats_ms, prom_ms = math.huge, math.huge
         for _ = 1, ROUNDS do
-            start = ctx.now()
+            local start = ctx.now()
             local json = assert(r:stats())
             stats_ms = math.min(stats_ms, ctx.now() - start)
             assert(#json > keys * 100)
@@ -113,8 +95,9 @@ function _M.run(ctx, id, add_aborts)
         end
         ctx.report("stats ms, " .. keys .. " keys", stats_ms * 1e3)
         ctx.report("prometheus ms, " .. keys .. " keys", prom_ms * 1e3)
-        ctx.report("requests dict bytes per key, " .. keys .. " keys",
-                   (shdict:capacity() - shdict:free_space()) / keys)
+        local used = engine.stats(assert(engine.attach(name)))
+        ctx.report("engine bytes per key, " .. keys .. " keys",
+                   used.used_bytes / used.keys)
     end
 end
 

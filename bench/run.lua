@@ -130,19 +130,18 @@ say("| %-30s | %9.1fx | %9.1fx |", "plain / ours", one[plain] / one[ours],
 say("")
 say("## Request counter growth (1 worker): ms and bytes per key")
 say("")
-say("One request recorded per key; `flush new` registers the keys, `flush known`")
-say("merges into existing records; bytes per key as in the sync table.")
+say("One request recorded per key, in the shared engine (nothing to flush);")
+say("`stats()` and `prometheus()` walk the engine's records; bytes per key are")
+say("the engine's, three windows with their histograms.")
 say("")
-say("| %-6s | %9s | %11s | %9s | %9s | %12s | %12s |", "keys", "flush new",
-    "flush known", "stats()", "metrics()", "worker B/key", "dict B/key")
-say("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-for _, n in ipairs({ 100, 1000, 10000, 100000 }) do
+say("| %-6s | %9s | %9s | %12s |", "keys", "stats()", "metrics()",
+    "engine B/key")
+say("| ---: | ---: | ---: | ---: |")
+for _, n in ipairs({ 100, 1000, 5000 }) do
     local suffix = ", " .. n .. " keys"
-    say("| %-6d | %9.3f | %11.3f | %9.3f | %9.3f | %12.0f | %12.0f |", n,
-        one["flush ms, " .. n .. " new keys"], one["flush ms, " .. n .. " known keys"],
+    say("| %-6d | %9.3f | %9.3f | %12.0f |", n,
         one["stats ms" .. suffix], one["prometheus ms" .. suffix],
-        one["worker bytes per pending record" .. suffix],
-        one["requests dict bytes per key" .. suffix])
+        one["engine bytes per key" .. suffix])
 end
 
 io.stderr:write(string.format("HTTP with wrk: %d rounds of %d variants, %d s each...\n",

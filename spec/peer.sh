@@ -3,16 +3,16 @@
 # (PEER/run.sh, default ../shared/peer; read its README), on the stack that
 # spec/helpers/nginx.lua finds (Debian's nginx, or OPENRESTY_PREFIX's).
 #
-# What gates (exit 1) and what is only reported, and why:
+# Each suite runs twice: with its own worker setting, and with WORKERS=4.
+# What gates (exit 1), and why:
 #   kong        t/counter.t of Kong/lua-resty-counter: ours must pass as
-#               many assertions as the original does. It passes today on
-#               both stacks, so any loss is a regression.
-#   greencheek  t/sanity.t of lua-request-counter: reported, not gating.
-#               It checks that a request shows in single_stats right after
-#               it was served; ours keeps each worker's records and
-#               flushes them to the dict on a timer, so a read is not
-#               exact at once until the shared-memory engine lands.
-#               Expected to fail until then; its lines still show a change.
+#               many assertions as the original does.
+#   greencheek  t/sanity.t of lua-request-counter: ours must pass every
+#               assertion (it checks that a request shows in single_stats
+#               right after it was served, which the shared engine gives).
+#               Compared with the total, not with the original: the
+#               original itself fails some runs here (its requests end in
+#               500s), which says nothing of ours.
 # Exits 0 with a SKIPPED line when there is no PEER/run.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,43 +30,51 @@ read -r stack nginx builtin < <(luajit -e '
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-out=$work/peer.out
-if [ "$builtin" = builtin ]; then
-    # run.sh takes the binary in NGINX and leaves it in the environment
-    # Test::Nginx starts nginx with; nginx reads NGINX itself (sockets
-    # inherited in a binary upgrade) and then does not daemonize, and the
-    # suite hangs. The wrapper unsets it.
-    printf '#!/bin/sh\nunset NGINX\nexec %s "$@"\n' "$nginx" >"$work/nginx"
-    chmod +x "$work/nginx"
-    NGINX=$work/nginx LOAD_MODULES="" bash "$PEER/run.sh" 2>&1 | tee "$out"
-else
-    env -u NGINX bash "$PEER/run.sh" 2>&1 | tee "$out"
-fi
-status=${PIPESTATUS[0]}
-if [ "$status" = 2 ]; then
-    echo "peer ($stack): setup error"
-    exit 1
-fi
-
-# "kong t/counter.t on ours: 15/15 passed" -> 15/15
-passed() { sed -n "s|^$1 [^ ]* on $2: \([0-9]*/[0-9]*\) passed.*|\1|p" "$out"; }
 rc=0
-for suite in kong greencheek; do
-    orig=$(passed $suite orig)
-    ours=$(passed $suite ours)
-    if [ -z "$orig" ] || [ -z "$ours" ] || [ "${orig%/*}" = 0 ]; then
-        verdict="did not run"
-    elif [ "${ours%/*}" -lt "${orig%/*}" ]; then
-        verdict="fewer than the original"
+for workers in "" 4; do
+    out=$work/peer$workers.out
+    label="$stack${workers:+, WORKERS=$workers}"
+    if [ "$builtin" = builtin ]; then
+        # run.sh takes the binary in NGINX and leaves it in the environment
+        # Test::Nginx starts nginx with; nginx reads NGINX itself (sockets
+        # inherited in a binary upgrade) and then does not daemonize, and
+        # the suite hangs. The wrapper unsets it.
+        printf '#!/bin/sh\nunset NGINX\nexec %s "$@"\n' "$nginx" >"$work/nginx"
+        chmod +x "$work/nginx"
+        WORKERS=$workers NGINX=$work/nginx LOAD_MODULES="" bash "$PEER/run.sh" 2>&1 | tee "$out"
     else
-        verdict="not fewer than the original"
+        WORKERS=$workers env -u NGINX bash "$PEER/run.sh" 2>&1 | tee "$out"
     fi
-    role="reported only"
-    if [ $suite = kong ]; then
-        role=gating
-        [ "$verdict" = "not fewer than the original" ] || rc=1
+    status=${PIPESTATUS[0]}
+    if [ "$status" = 2 ]; then
+        echo "peer ($label): setup error"
+        rc=1
+        continue
     fi
-    echo "peer ($stack): $suite: ours ${ours:-?}, the original ${orig:-?}" \
-        "passed: $verdict ($role)"
+
+    # "kong t/counter.t on ours: 15/15 passed" -> 15/15
+    passed() { sed -n "s|^$1 [^ ]* on $2: \([0-9]*/[0-9]*\) passed.*|\1|p" "$out"; }
+    for suite in kong greencheek; do
+        orig=$(passed $suite orig)
+        ours=$(passed $suite ours)
+        if [ -z "$ours" ] || [ "${ours#*/}" = 0 ]; then
+            verdict="did not run"
+            rc=1
+        elif [ $suite = kong ]; then
+            if [ -n "$orig" ] && [ "${ours%/*}" -lt "${orig%/*}" ]; then
+                verdict="fewer than the original"
+                rc=1
+            else
+                verdict="not fewer than the original"
+            fi
+        elif [ "${ours%/*}" != "${ours#*/}" ]; then
+            verdict="not every assertion"
+            rc=1
+        else
+            verdict="every assertion"
+        fi
+        echo "peer ($label): $suite: ours ${ours:-?}, the original ${orig:-?}" \
+            "passed: $verdict"
+    done
 done
 exit $rc
