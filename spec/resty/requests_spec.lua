@@ -10,11 +10,8 @@ local request_counter = require "resty.greencheek.request.counter"
 local json = require "dkjson"
 local race = require "helpers.race"
 
--- Specs that send requests to this nginx need spec/nginx/unit.conf's
--- locations, which OpenResty's `resty` (the other runner) does not have.
-local it_http = package.loaded["spec.port"] and it or function(name)
-    pending(name .. " (needs the locations of spec/nginx/unit.conf)")
-end
+-- Specs that send requests to this nginx (see spec/helpers/it_http.lua).
+local it_http = require("helpers.it_http")(it, pending)
 
 -- A window start (a multiple of 60), so that tests can count in seconds.
 local T0 = 1537724100
