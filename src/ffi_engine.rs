@@ -255,14 +255,8 @@ pub unsafe extern "C" fn rc_engine_attach(
             Ok(api) => api,
             Err(e) => return code_of(e),
         };
-        let zone = zone as *const u8;
-        let zone_size = if zone.is_null() {
-            0
-        } else {
-            (zone.add(16) as *const usize).read()
-        };
-        let want = (zone_size as f64 * share) as usize;
-        match zone::find_or_create(zone, &api, want, [random_u64(), random_u64()]) {
+        let seed = [random_u64(), random_u64()];
+        match zone::find_or_create(zone as *const u8, &api, share, seed) {
             Ok(region) => {
                 *bytes = region.bytes as u64;
                 let created = region.created;

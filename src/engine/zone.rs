@@ -79,6 +79,8 @@ unsafe fn read_word(at: *const u8) -> u64 {
 /// A slab pool whose layout was checked.
 struct Pool {
     base: *mut u8,
+    /// The zone's size in bytes.
+    size: usize,
     pages: *const u8,
     page_count: usize,
     start: *mut u8,
@@ -141,6 +143,7 @@ impl Pool {
         }
         Ok(Pool {
             base,
+            size,
             pages: pages as *const u8,
             page_count,
             start: start as *mut u8,
@@ -198,9 +201,9 @@ impl Pool {
     }
 }
 
-/// Finds the engine's region in a shared dict's zone, or makes one of about
-/// `want_bytes` (fewer when the pool has not that much room in one piece,
-/// down to one page). `seed` keys a new table's hash.
+/// Finds the engine's region in a shared dict's zone, or makes one of
+/// `share` of the zone's size (fewer bytes when the pool has not that much
+/// room in one piece, down to one page). `seed` keys a new table's hash.
 ///
 /// # Errors
 ///
@@ -216,14 +219,27 @@ impl Pool {
 pub unsafe fn find_or_create(
     zone: *const u8,
     api: &SlabApi,
-    want_bytes: usize,
+    share: f64,
     seed: [u64; 2],
 ) -> Result<Region, Error> {
     let pool = Pool::new(zone, api.page_size)?;
+    let want_bytes = (pool.size as f64 * share) as usize;
+    find_or_create_in(&pool, api, want_bytes, seed)
+}
+
+/// # Safety
+///
+/// As [`find_or_create`].
+unsafe fn find_or_create_in(
+    pool: &Pool,
+    api: &SlabApi,
+    want_bytes: usize,
+    seed: [u64; 2],
+) -> Result<Region, Error> {
     (api.lock)(pool.mutex());
     let result = match pool.find() {
         Some(region) => Ok(region),
-        None => create(&pool, api, want_bytes, seed),
+        None => create(pool, api, want_bytes, seed),
     };
     (api.unlock)(pool.mutex());
     result
@@ -309,6 +325,12 @@ mod tests {
         std::ptr::null_mut()
     }
 
+    /// find_or_create with a size in bytes rather than a share.
+    unsafe fn attach(zone: *const u8, want_bytes: usize, seed: [u64; 2]) -> Result<Region, Error> {
+        let pool = Pool::new(zone, PAGE)?;
+        find_or_create_in(&pool, &API, want_bytes, seed)
+    }
+
     const API: SlabApi = SlabApi {
         lock,
         unlock,
@@ -348,7 +370,7 @@ mod tests {
     fn the_first_attach_makes_the_region_and_the_next_finds_it() {
         let (_memory, zone) = fake_zone(64);
         let zone = zone.as_ptr() as *const u8;
-        let first = unsafe { find_or_create(zone, &API, 100_000, [1, 2]) }.unwrap();
+        let first = unsafe { attach(zone, 100_000, [1, 2]) }.unwrap();
         assert!(first.created);
         assert_eq!(first.bytes, 98_304); // 24 whole pages
         first.table.get_or_insert(b"k", 2).unwrap();
@@ -363,7 +385,7 @@ mod tests {
             unlock(std::ptr::null_mut());
         }
 
-        let again = unsafe { find_or_create(zone, &API, 1 << 20, [3, 4]) }.unwrap();
+        let again = unsafe { attach(zone, 1 << 20, [3, 4]) }.unwrap();
         assert!(!again.created);
         assert_eq!(again.bytes, first.bytes);
         assert!(again.table.lookup(b"k").is_some());
@@ -371,21 +393,27 @@ mod tests {
     }
 
     #[test]
+    fn the_region_takes_its_share_of_the_zone() {
+        let (_memory, zone) = fake_zone(64);
+        let size = zone[2] as usize;
+        let zone = zone.as_ptr() as *const u8;
+        let region = unsafe { find_or_create(zone, &API, 0.25, [1, 2]) }.unwrap();
+        assert!(region.created);
+        assert_eq!(region.bytes, size / 4 / PAGE * PAGE);
+    }
+
+    #[test]
     fn a_full_pool_gives_a_smaller_region_or_none() {
         let (_memory, zone) = fake_zone(20);
         let zone = zone.as_ptr() as *const u8;
-        let region = unsafe { find_or_create(zone, &API, 1 << 30, [1, 2]) }.unwrap();
+        let region = unsafe { attach(zone, 1 << 30, [1, 2]) }.unwrap();
         assert_eq!(region.bytes, 16 * PAGE, "halved until it fits");
 
         let (_memory, zone) = fake_zone(1);
         let zone = zone.as_ptr() as *const u8;
-        let first = unsafe { find_or_create(zone, &API, 1 << 20, [1, 2]) }.unwrap();
+        let first = unsafe { attach(zone, 1 << 20, [1, 2]) }.unwrap();
         assert_eq!(first.bytes, PAGE, "down to one page");
-        assert!(
-            !unsafe { find_or_create(zone, &API, 1 << 20, [1, 2]) }
-                .unwrap()
-                .created
-        );
+        assert!(!unsafe { attach(zone, 1 << 20, [1, 2]) }.unwrap().created);
         // One page, taken by another allocation: none left for us.
         let (_memory, zone) = fake_zone(1);
         let zone_ptr = zone.as_ptr() as *const u8;
@@ -395,7 +423,7 @@ mod tests {
             alloc_locked(pool.base as *mut c_void, PAGE);
             unlock(std::ptr::null_mut());
         }
-        let err = unsafe { find_or_create(zone_ptr, &API, 1 << 20, [1, 2]) }.unwrap_err();
+        let err = unsafe { attach(zone_ptr, 1 << 20, [1, 2]) }.unwrap_err();
         assert_eq!(err, Error::NoRoom);
         assert_eq!(LOCKED.with(|l| l.get()), 0);
     }
@@ -406,12 +434,12 @@ mod tests {
         let zone_ptr = zone.as_ptr() as *const u8;
         // The mutex no longer points at the pool's lock word.
         memory[POOL_MUTEX / 8] += 8;
-        let err = unsafe { find_or_create(zone_ptr, &API, 1 << 16, [1, 2]) }.unwrap_err();
+        let err = unsafe { attach(zone_ptr, 1 << 16, [1, 2]) }.unwrap_err();
         assert!(matches!(err, Error::ZoneLayout(_)), "{:?}", err);
         memory[POOL_MUTEX / 8] -= 8;
         memory[POOL_STATS / 8] += 8;
-        let err = unsafe { find_or_create(zone_ptr, &API, 1 << 16, [1, 2]) }.unwrap_err();
+        let err = unsafe { attach(zone_ptr, 1 << 16, [1, 2]) }.unwrap_err();
         assert!(matches!(err, Error::ZoneLayout(_)), "{:?}", err);
-        assert!(unsafe { find_or_create(std::ptr::null(), &API, 1, [0, 0]) }.is_err());
+        assert!(unsafe { attach(std::ptr::null(), 1, [0, 0]) }.is_err());
     }
 }
