@@ -30,6 +30,10 @@ read -r stack nginx builtin < <(luajit -e '
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# The library is installed where nginx's workers (nobody, when the master
+# is root) can read it, whatever the checkout's mode.
+chmod 755 "$work"
+tree=$work/tree
 rc=0
 for workers in "" 4; do
     out=$work/peer$workers.out
@@ -41,9 +45,9 @@ for workers in "" 4; do
         # the suite hangs. The wrapper unsets it.
         printf '#!/bin/sh\nunset NGINX\nexec %s "$@"\n' "$nginx" >"$work/nginx"
         chmod +x "$work/nginx"
-        WORKERS=$workers NGINX=$work/nginx LOAD_MODULES="" bash "$PEER/run.sh" 2>&1 | tee "$out"
+        WORKERS=$workers NGINX=$work/nginx LOAD_MODULES="" bash "$PEER/run.sh" "$tree" 2>&1 | tee "$out"
     else
-        WORKERS=$workers env -u NGINX bash "$PEER/run.sh" 2>&1 | tee "$out"
+        WORKERS=$workers env -u NGINX bash "$PEER/run.sh" "$tree" 2>&1 | tee "$out"
     fi
     status=${PIPESTATUS[0]}
     if [ "$status" = 2 ]; then

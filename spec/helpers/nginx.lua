@@ -324,8 +324,11 @@ function _M.start(opts)
         env[#env + 1] = k .. "=" .. quote(expand(tostring(v), self.vars))
     end
 
-    local cmd = _M.ENV .. table.concat(env, " ") .. " " .. quote(_M.stack.nginx)
-                .. " -p " .. dir
+    -- nginx runs from its own directory: its workers (nobody, when the
+    -- master is root) inherit the working directory, and busted's runner
+    -- changes into "./", which fails in a checkout they cannot enter.
+    local cmd = "cd " .. quote(dir) .. " && " .. _M.ENV .. table.concat(env, " ")
+                .. " " .. quote(_M.stack.nginx) .. " -p " .. dir
                 .. " -c " .. dir .. "/nginx.conf"
                 .. " > " .. dir .. "/stdout.log 2>&1"
     if not sh(cmd) then
