@@ -367,65 +367,68 @@ mod tests {
     }
 
     #[test]
-    fn the_first_attach_makes_the_region_and_the_next_finds_it() {
+    fn the_first_attach_makes_the_region_and_the_next_finds_it() -> Result<(), Error> {
         let (_memory, zone) = fake_zone(64);
         let zone = zone.as_ptr() as *const u8;
-        let first = unsafe { attach(zone, 100_000, [1, 2]) }.unwrap();
+        let first = unsafe { attach(zone, 100_000, [1, 2]) }?;
         assert!(first.created);
         assert_eq!(first.bytes, 98_304); // 24 whole pages
-        first.table.get_or_insert(b"k", 2).unwrap();
+        first.table.get_or_insert(b"k", 2)?;
 
         // Another allocation after it: the walk skips what is not ours.
         unsafe {
             lock(std::ptr::null_mut());
-            let pool = Pool::new(zone, PAGE).unwrap();
+            let pool = Pool::new(zone, PAGE)?;
             let other = alloc_locked(pool.base as *mut c_void, 3 * PAGE) as *mut u64;
             // Bytes that look like a header in the middle of another run.
             *other.add(PAGE / 8) = super::super::table::MAGIC[0];
             unlock(std::ptr::null_mut());
         }
 
-        let again = unsafe { attach(zone, 1 << 20, [3, 4]) }.unwrap();
+        let again = unsafe { attach(zone, 1 << 20, [3, 4]) }?;
         assert!(!again.created);
         assert_eq!(again.bytes, first.bytes);
         assert!(again.table.lookup(b"k").is_some());
         assert_eq!(LOCKED.with(|l| l.get()), 0);
+        Ok(())
     }
 
     #[test]
-    fn the_region_takes_its_share_of_the_zone() {
+    fn the_region_takes_its_share_of_the_zone() -> Result<(), Error> {
         let (_memory, zone) = fake_zone(64);
         let size = zone[2] as usize;
         let zone = zone.as_ptr() as *const u8;
-        let region = unsafe { find_or_create(zone, &API, 0.25, [1, 2]) }.unwrap();
+        let region = unsafe { find_or_create(zone, &API, 0.25, [1, 2]) }?;
         assert!(region.created);
         assert_eq!(region.bytes, size / 4 / PAGE * PAGE);
+        Ok(())
     }
 
     #[test]
-    fn a_full_pool_gives_a_smaller_region_or_none() {
+    fn a_full_pool_gives_a_smaller_region_or_none() -> Result<(), Error> {
         let (_memory, zone) = fake_zone(20);
         let zone = zone.as_ptr() as *const u8;
-        let region = unsafe { attach(zone, 1 << 30, [1, 2]) }.unwrap();
+        let region = unsafe { attach(zone, 1 << 30, [1, 2]) }?;
         assert_eq!(region.bytes, 16 * PAGE, "halved until it fits");
 
         let (_memory, zone) = fake_zone(1);
         let zone = zone.as_ptr() as *const u8;
-        let first = unsafe { attach(zone, 1 << 20, [1, 2]) }.unwrap();
+        let first = unsafe { attach(zone, 1 << 20, [1, 2]) }?;
         assert_eq!(first.bytes, PAGE, "down to one page");
-        assert!(!unsafe { attach(zone, 1 << 20, [1, 2]) }.unwrap().created);
+        assert!(!unsafe { attach(zone, 1 << 20, [1, 2]) }?.created);
         // One page, taken by another allocation: none left for us.
         let (_memory, zone) = fake_zone(1);
         let zone_ptr = zone.as_ptr() as *const u8;
         unsafe {
             lock(std::ptr::null_mut());
-            let pool = Pool::new(zone_ptr, PAGE).unwrap();
+            let pool = Pool::new(zone_ptr, PAGE)?;
             alloc_locked(pool.base as *mut c_void, PAGE);
             unlock(std::ptr::null_mut());
         }
         let err = unsafe { attach(zone_ptr, 1 << 20, [1, 2]) }.unwrap_err();
         assert_eq!(err, Error::NoRoom);
         assert_eq!(LOCKED.with(|l| l.get()), 0);
+        Ok(())
     }
 
     #[test]
