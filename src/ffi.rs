@@ -341,9 +341,9 @@ mod tests {
     }
 
     #[test]
-    fn reports_render_through_the_c_abi() {
+    fn reports_render_through_the_c_abi() -> Result<(), Error> {
         unsafe {
-            let mut report = Report::new(60, 61.0, 2).unwrap();
+            let mut report = Report::new(60, 61.0, 2)?;
             let mut h = crate::histogram::Histogram::new();
             h.record(12.0);
             report.add(b"all", vec![h], Default::default());
@@ -363,6 +363,7 @@ mod tests {
             assert_eq!(rc_utf8_valid(key.as_ptr(), key.len()), 1);
             assert_eq!(rc_utf8_valid(ptr::null(), 0), 1);
         }
+        Ok(())
     }
 
     #[test]
