@@ -14,6 +14,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::os::raw::{c_char, c_void};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use crate::engine::counter::{self, Counter};
 use crate::engine::lock::{self, Holder, Taken};
@@ -25,7 +26,7 @@ use crate::ffi::guarded;
 use crate::stats::Report;
 
 /// The version of the declarations in engine.lua.
-pub const ENGINE_ABI_VERSION: i32 = 2;
+pub const ENGINE_ABI_VERSION: i32 = 3;
 
 pub const CODE_OUT_OF_EXACT_RANGE: i32 = -2;
 pub const CODE_INTERNAL: i32 = -4;
@@ -464,11 +465,19 @@ fn changed(record: Record<'static, AtomicU64>) -> Option<Changed> {
 /// counter whose value differs from what the dict holds (`*count` of them
 /// at `*out`, valid until [`rc_counter_sync_end`]).
 ///
+/// While another live worker holds the lock, waits up to `wait_ms` for it:
+/// that worker listed its changes when it began, so counts made since then
+/// (this worker's last ones, at exit) reach the dict only by a sync that
+/// begins after it ends. A timer's sync passes 0 (its next tick copies
+/// them); a sync asked for by hand, whose caller reads the dict next, waits.
+/// The wait blocks this worker, as a sync itself does: one sync of 10,000
+/// keys takes a few milliseconds.
+///
 /// # Errors
 ///
 /// 0, or 2 when the lock was taken over from a dead worker (its sync was
-/// cut short: this one does it all again), or 1 when another worker holds
-/// the lock (nothing listed: it is syncing now), or `CODE_BAD_ARGUMENT`.
+/// cut short: this one does it all again), or 1 when another worker still
+/// holds the lock after `wait_ms` (nothing listed), or `CODE_BAD_ARGUMENT`.
 ///
 /// # Safety
 ///
@@ -476,6 +485,7 @@ fn changed(record: Record<'static, AtomicU64>) -> Option<Changed> {
 #[no_mangle]
 pub unsafe extern "C" fn rc_counter_sync_begin(
     engine: *mut Engine,
+    wait_ms: u32,
     out: *mut *const Changed,
     count: *mut u32,
 ) -> i32 {
@@ -485,9 +495,9 @@ pub unsafe extern "C" fn rc_counter_sync_begin(
     };
     *count = 0;
     guarded(CODE_INTERNAL, || {
-        let taken = match lock::try_lock(engine.table.lock_word(MIRROR_LOCK), me(), alive) {
-            Ok(taken) => taken,
-            Err(_) => return 1,
+        let taken = match take_waiting(engine.table.lock_word(MIRROR_LOCK), wait_ms) {
+            Some(taken) => taken,
+            None => return 1,
         };
         let table = &engine.table;
         engine.changed.clear();
@@ -499,6 +509,21 @@ pub unsafe extern "C" fn rc_counter_sync_begin(
             Taken::FromDead(_) => 2,
         }
     })
+}
+
+/// Takes `lock`, waiting up to `wait_ms` while another live process holds
+/// it; `None` when it is still held then, or held by this process (a second
+/// light thread of it, which cannot finish while we wait).
+fn take_waiting(lock: &AtomicU64, wait_ms: u32) -> Option<Taken> {
+    let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms));
+    let me = me();
+    loop {
+        match lock::try_lock(lock, me, alive) {
+            Ok(taken) => return Some(taken),
+            Err(holder) if holder == me || Instant::now() >= deadline => return None,
+            Err(_) => std::thread::sleep(Duration::from_micros(100)),
+        }
+    }
 }
 
 /// Records that the dict now holds `value` for a listed counter.

@@ -50,6 +50,9 @@ local FOREIGN = engine.FOREIGN
 local NOT_A_NUMBER = "not a number"
 local OUT_OF_RANGE = "value out of exact integer range"
 local SOURCE = "resty.counter"
+-- How long a sync by hand waits for another worker's: a sync of 100,000
+-- keys takes some tens of milliseconds.
+local SYNC_WAIT_MS = 1000
 
 
 local _M = { _VERSION = "0.2.0" }
@@ -155,24 +158,20 @@ local changed_out = ffi_new("const rc_changed_t *[1]")
 local count_out = ffi_new("uint32_t[1]")
 
 
--- syntax: ok, err = c:sync()
---
--- context: any phase where shared dicts work (all of them)
---
--- Copies every key whose value changed since the last sync (by any worker)
--- into the dict. One sync runs at a time on a dict: when another worker's
--- is running, this returns true at once (that one copies what changed). A
--- value that cannot be copied (dict full, beyond 2^53) is copied by a later
--- sync; then `nil, err` says how many keys and why. Never yields.
-local function sync(self)
-    if type(self) ~= "table" then
-        dot_call("c", "sync", 2)
-    end
-
+-- Copies what changed into the dict. With `wait_ms` 0 (a timer's tick),
+-- returns true at once when another worker is syncing: its next tick
+-- copies what that sync began too early to see.
+local function sync_waiting(self, wait_ms)
     local ptr = self.engine.ptr
-    local rc = C.rc_counter_sync_begin(ptr, changed_out, count_out)
+    local rc = C.rc_counter_sync_begin(ptr, wait_ms, changed_out, count_out)
     if rc == 1 then
-        return true
+        if wait_ms == 0 then
+            return true
+        end
+        local err = fmt('dict "%s": another sync is running (waited %d ms '
+                        .. 'for it)', self.dict_name, wait_ms)
+        log_failure(SOURCE, err)
+        return nil, err
     end
     if rc < 0 then
         local err = "cannot start a sync: " .. engine.last_error()
@@ -213,13 +212,32 @@ local function sync(self)
 
     return true
 end
+
+
+-- syntax: ok, err = c:sync()
+--
+-- context: any phase where shared dicts work (all of them)
+--
+-- Copies every key whose value changed since the last sync (by any worker)
+-- into the dict: when it returns, the dict holds every count made before
+-- the call. One sync runs at a time on a dict: while another worker's runs,
+-- this one waits for it (up to 1 s, blocking, as the sync itself does),
+-- then copies what that one began too early to see. A value that cannot
+-- be copied (dict full, beyond 2^53) is copied by a later sync; then
+-- `nil, err` says how many keys and why. Never yields.
+local function sync(self)
+    if type(self) ~= "table" then
+        dot_call("c", "sync", 2)
+    end
+    return sync_waiting(self, SYNC_WAIT_MS)
+end
 _M.sync = sync
 
 
-local function sync_list(counters)
+local function sync_list(counters, wait_ms)
     local ok = true
     for i = 1, #counters do
-        if not counters[i]:sync() then
+        if not sync_waiting(counters[i], wait_ms) then
             ok = nil
         end
     end
@@ -228,10 +246,12 @@ end
 
 
 -- The timer callback of one dict's counters in this worker. On reload and
--- shutdown it runs once more with `premature` set: that sync runs too.
-local function tick(premature, syncer, generation) -- luacheck: ignore
+-- shutdown it runs once more with `premature` set: that last sync waits
+-- for another worker's, as a sync by hand does, so that what this worker
+-- counted last reaches the dict before it goes.
+local function tick(premature, syncer, generation)
     if generation == syncer.generation then
-        sync_list(syncer.timed)
+        sync_list(syncer.timed, premature and SYNC_WAIT_MS or 0)
     end
 end
 
@@ -512,7 +532,7 @@ end
 function _M.sync_all()
     local ok = true
     for _, syncer in pairs(syncers) do
-        if not sync_list(syncer.counters) then
+        if not sync_list(syncer.counters, SYNC_WAIT_MS) then
             ok = nil
         end
     end

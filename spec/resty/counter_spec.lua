@@ -209,6 +209,59 @@ describe("resty.counter", function()
             end
             assert.is_true(seen["0"] and seen["1"], "both workers counted")
         end)
+
+        it_http("waits for another worker's sync, then copies what it could not see", function()
+            -- This worker (0) begins a sync and holds it across a sleep, as
+            -- a long one would; meanwhile requests count and sync by hand.
+            -- Those in worker 1 wait (the first blocks worker 1 until the
+            -- lock is free, the others queue behind it), then find their
+            -- count in the dict.
+            local engine = require "resty.counter.engine"
+            local ffi = require "ffi"
+            local c = counter.new("counters")
+            local out = ffi.new("const rc_changed_t *[1]")
+            local count = ffi.new("uint32_t[1]")
+            local rc
+            for _ = 1, 100 do
+                rc = engine.lib.rc_counter_sync_begin(c.engine.ptr, 0, out, count)
+                if rc ~= 1 then
+                    break
+                end
+                ngx.sleep(0.01)
+            end
+            assert.equal(0, rc)
+            finally(function()
+                engine.lib.rc_counter_sync_end(c.engine.ptr)
+            end)
+            local prefix = key("wait")
+            local threads = {}
+            for i = 1, 16 do
+                threads[i] = ngx.thread.spawn(race.get,
+                                              "/counter/incr_sync?key=" .. prefix .. i)
+            end
+            ngx.sleep(0.3)
+            engine.lib.rc_counter_sync_end(c.engine.ptr)
+            local in_worker_1, waited = 0, 0
+            for i = 1, 16 do
+                local _, body = ngx.thread.wait(threads[i])
+                local worker, result, value, took = body:match(
+                    "worker (%d) sync (.-) dict (%S+) took (%S+)")
+                if worker == "1" then
+                    in_worker_1 = in_worker_1 + 1
+                    assert.equal("true", result, body)
+                    assert.equal("1", value, body)
+                    if tonumber(took) >= 0.1 then
+                        waited = waited + 1
+                    end
+                else
+                    -- The holder's own worker cannot wait for itself.
+                    assert.matches("another sync is running", result, 1, true)
+                end
+            end
+            assert.is_true(in_worker_1 > 0, "no request reached worker 1")
+            assert.is_true(waited > 0, "a sync in worker 1 waited")
+            assert.is_true(c:sync())
+        end)
     end)
 
     describe("bad input", function()

@@ -21,7 +21,7 @@ local tonumber = tonumber
 local tostring = tostring
 
 
-local ENGINE_ABI = 2
+local ENGINE_ABI = 3
 
 -- The share of a dict's zone the engine takes when the first worker
 -- attaches; the dict keeps the rest for its own keys.
@@ -61,8 +61,8 @@ int32_t rc_counter_add(const uint64_t *cells, int64_t step);
 int32_t rc_counter_add_fractional(const uint64_t *cells, double step);
 double rc_counter_value(const uint64_t *cells);
 int32_t rc_counter_import_base(const uint64_t *cells, double base);
-int32_t rc_counter_sync_begin(rc_engine_t *engine, const rc_changed_t **out,
-    uint32_t *count);
+int32_t rc_counter_sync_begin(rc_engine_t *engine, uint32_t wait_ms,
+    const rc_changed_t **out, uint32_t *count);
 void rc_counter_mirrored(const uint64_t *cells, double value);
 int32_t rc_counter_sync_end(rc_engine_t *engine);
 ]]
