@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::os::raw::{c_char, c_void};
+use std::os::raw::{c_char, c_long, c_void};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,8 @@ pub struct Engine {
     bytes: usize,
     key: Vec<u8>,
     changed: Vec<Changed>,
+    /// A sync's scratch: record offsets, sorted.
+    offsets: Vec<u32>,
 }
 
 impl Engine {
@@ -266,6 +268,7 @@ pub unsafe extern "C" fn rc_engine_attach(
                     bytes: region.bytes,
                     key: Vec::new(),
                     changed: Vec::new(),
+                    offsets: Vec::new(),
                 }));
                 i32::from(created)
             }
@@ -461,9 +464,82 @@ fn changed(record: Record<'static, AtomicU64>) -> Option<Changed> {
     })
 }
 
+/// `ngx_http_lua_ffi_shdict_store`, the function of the nginx lua module
+/// that lua-resty-core's `set` and `safe_set` call (the same signature in
+/// lua-nginx-module 0.10.23 and 0.10.29).
+pub type ShdictStore = unsafe extern "C" fn(
+    zone: *mut c_void,
+    op: i32,
+    key: *const u8,
+    key_len: usize,
+    value_type: i32,
+    str_value: *const u8,
+    str_value_len: usize,
+    num_value: f64,
+    exptime: c_long,
+    user_flags: i32,
+    errmsg: *mut *const c_char,
+    forcible: *mut i32,
+) -> i32;
+
+/// A sync's way into the dict: its zone and the store function, both from
+/// the Lua side (which has them from lua-resty-core).
+#[derive(Clone, Copy)]
+struct DictStore {
+    zone: *mut c_void,
+    store: ShdictStore,
+}
+
+/// `NGX_HTTP_LUA_SHDICT_SAFE_STORE`: never evict another key for room.
+const SHDICT_SAFE_STORE: i32 = 0x0004;
+/// `LUA_TNUMBER`, the store's value type for a double.
+const SHDICT_TNUMBER: i32 = 3;
+
+impl DictStore {
+    /// Writes a changed counter's value into the dict with `safe_set` and
+    /// marks it mirrored: true when done. Only plain changes (status 0);
+    /// the others, and a write the dict refuses (no memory), stay listed for
+    /// the Lua side, which imports bases and words the errors.
+    unsafe fn write(self, change: &Changed) -> bool {
+        if change.status != 0 {
+            return false;
+        }
+        let mut errmsg = std::ptr::null();
+        let mut forcible = 0;
+        let rc = (self.store)(
+            self.zone,
+            SHDICT_SAFE_STORE,
+            change.key,
+            change.key_len as usize,
+            SHDICT_TNUMBER,
+            std::ptr::null(),
+            0,
+            change.value,
+            0,
+            0,
+            &mut errmsg,
+            &mut forcible,
+        );
+        if rc != 0 {
+            return false;
+        }
+        // The dict holds the value before the mirror says so: a sync cut
+        // short between the two writes the same value again.
+        if let Some(counter) = counter_at(change.cells) {
+            counter.set_mirror(change.value);
+        }
+        true
+    }
+}
+
 /// Starts a sync of the dict mirror: takes the mirror lock and lists every
 /// counter whose value differs from what the dict holds (`*count` of them
 /// at `*out`, valid until [`rc_counter_sync_end`]).
+///
+/// Given `store` (and the dict's `zone`), writes the plain changes itself
+/// (the bulk of a sync: no Lua string, no call per key from Lua), counts
+/// them in `*written`, and lists only the rest; without it (null), lists
+/// them all.
 ///
 /// While another live worker holds the lock, waits up to `wait_ms` for it:
 /// that worker listed its changes when it began, so counts made since then
@@ -481,29 +557,59 @@ fn changed(record: Record<'static, AtomicU64>) -> Option<Changed> {
 ///
 /// # Safety
 ///
-/// `engine` is null or from [`rc_engine_attach`]; `out`, `count` writable.
+/// `engine` is null or from [`rc_engine_attach`]; `out`, `count`, `written`
+/// writable;
+/// `store` null, or nginx's store function with `zone` a shared dict's.
 #[no_mangle]
 pub unsafe extern "C" fn rc_counter_sync_begin(
     engine: *mut Engine,
     wait_ms: u32,
+    zone: *mut c_void,
+    store: Option<ShdictStore>,
     out: *mut *const Changed,
     count: *mut u32,
+    written: *mut u32,
 ) -> i32 {
-    let (engine, out, count) = match (engine.as_mut(), out.as_mut(), count.as_mut()) {
-        (Some(engine), Some(out), Some(count)) => (engine, out, count),
+    let (engine, out, count, written) = match (
+        engine.as_mut(),
+        out.as_mut(),
+        count.as_mut(),
+        written.as_mut(),
+    ) {
+        (Some(engine), Some(out), Some(count), Some(written)) => (engine, out, count, written),
         _ => return CODE_BAD_ARGUMENT,
     };
     *count = 0;
+    *written = 0;
     guarded(CODE_INTERNAL, || {
         let taken = match take_waiting(engine.table.lock_word(MIRROR_LOCK), wait_ms) {
             Some(taken) => taken,
             None => return 1,
         };
-        let table = &engine.table;
-        engine.changed.clear();
-        engine.changed.extend(table.records().filter_map(changed));
-        *out = engine.changed.as_ptr();
-        *count = engine.changed.len() as u32;
+        let Engine {
+            table,
+            offsets,
+            changed: listed,
+            ..
+        } = engine;
+        listed.clear();
+        let dict = store.map(|store| DictStore { zone, store });
+        let mut wrote = 0;
+        listed.extend(
+            table
+                .records_in_arena_order(offsets)
+                .filter_map(changed)
+                .filter(|change| match dict {
+                    Some(dict) if dict.write(change) => {
+                        wrote += 1;
+                        false
+                    }
+                    _ => true,
+                }),
+        );
+        *written = wrote;
+        *out = listed.as_ptr();
+        *count = listed.len() as u32;
         match taken {
             Taken::Free => 0,
             Taken::FromDead(_) => 2,

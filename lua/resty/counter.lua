@@ -33,6 +33,7 @@ local ffi_string = ffi.string
 local counter_add = C.rc_counter_add
 local counter_add_fractional = C.rc_counter_add_fractional
 local counter_value = C.rc_counter_value
+local SHDICT_STORE = engine.shdict_store
 local pairs = pairs
 local pcall = pcall
 local setmetatable = setmetatable
@@ -104,8 +105,11 @@ local function record(self, key, create)
 end
 
 
--- Copies every changed value into the dict: the body of a sync, between
--- taking the engine's mirror lock and letting it go.
+-- Copies into the dict the changed values the engine left to Lua (it
+-- writes plain ones itself): keys whose dict value from before the engine
+-- is still to be taken, and values it could not write (no memory, beyond
+-- 2^53), whose errors this words. The body of a sync, between taking the
+-- engine's mirror lock and letting it go.
 local function publish(self, changed, count)
     local dict = self.dict
     local metrics = self.metrics
@@ -156,14 +160,17 @@ end
 
 local changed_out = ffi_new("const rc_changed_t *[1]")
 local count_out = ffi_new("uint32_t[1]")
+local written_out = ffi_new("uint32_t[1]")
 
 
 -- Copies what changed into the dict. With `wait_ms` 0 (a timer's tick),
 -- returns true at once when another worker is syncing: its next tick
 -- copies what that sync began too early to see.
 local function sync_waiting(self, wait_ms)
-    local ptr = self.engine.ptr
-    local rc = C.rc_counter_sync_begin(ptr, wait_ms, changed_out, count_out)
+    local handle = self.engine
+    local ptr = handle.ptr
+    local rc = C.rc_counter_sync_begin(ptr, wait_ms, handle.zone, SHDICT_STORE,
+                                       changed_out, count_out, written_out)
     if rc == 1 then
         if wait_ms == 0 then
             return true
@@ -202,7 +209,8 @@ local function sync_waiting(self, wait_ms)
     if failed > 0 then
         metrics.failed = metrics.failed + failed
         local err = fmt('%d of %d keys not copied to dict "%s", kept for the '
-                        .. 'next sync (key "%s": %s)', failed, count,
+                        .. 'next sync (key "%s": %s)', failed,
+                        count + written_out[0],
                         self.dict_name, first_key, first_err)
         -- A key that fails every sync (its dict value is no number, the
         -- dict is full): one line per interval.

@@ -221,9 +221,11 @@ describe("resty.counter", function()
             local c = counter.new("counters")
             local out = ffi.new("const rc_changed_t *[1]")
             local count = ffi.new("uint32_t[1]")
+            local written = ffi.new("uint32_t[1]")
             local rc
             for _ = 1, 100 do
-                rc = engine.lib.rc_counter_sync_begin(c.engine.ptr, 0, out, count)
+                rc = engine.lib.rc_counter_sync_begin(c.engine.ptr, 0, nil,
+                                                      nil, out, count, written)
                 if rc ~= 1 then
                     break
                 end

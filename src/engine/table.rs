@@ -462,6 +462,26 @@ impl<'a, W: Word> Table<'a, W> {
         })
     }
 
+    /// Every published record, in the order they were made: one pass over
+    /// the index collects their offsets into `offsets`, then the records are
+    /// read in address order, which the hardware prefetches. In index
+    /// (hash) order, as [`Table::records`] gives them, each is a cache miss:
+    /// most of a sync's time on a large table.
+    pub fn records_in_arena_order<'s>(
+        &'s self,
+        offsets: &'s mut Vec<u32>,
+    ) -> impl Iterator<Item = Record<'a, W>> + 's {
+        offsets.clear();
+        offsets.extend((0..=self.mask).filter_map(|slot| {
+            let entry = self.slot_entry(slot);
+            (entry != 0).then_some(entry as u32)
+        }));
+        offsets.sort_unstable();
+        offsets
+            .iter()
+            .map(move |&offset| self.record_at(offset as usize))
+    }
+
     /// Lock word `i` (below [`LOCKS`]), each on its own cache line, zero
     /// when the region was made. See [`super::lock`].
     pub fn lock_word(&self, i: usize) -> &'a W {
@@ -579,6 +599,14 @@ mod tests {
         }
         assert!(table.lookup(b"absent").is_none());
         assert_eq!(table.records().count(), keys.len());
+
+        // The same records in the order they were made.
+        let mut offsets = Vec::new();
+        let in_order: Vec<usize> = table
+            .records_in_arena_order(&mut offsets)
+            .map(|record| record.cells()[0].load(Relaxed) as usize)
+            .collect();
+        assert_eq!(in_order, (0..keys.len()).collect::<Vec<_>>());
     }
 
     #[test]

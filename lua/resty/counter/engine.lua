@@ -61,8 +61,13 @@ int32_t rc_counter_add(const uint64_t *cells, int64_t step);
 int32_t rc_counter_add_fractional(const uint64_t *cells, double step);
 double rc_counter_value(const uint64_t *cells);
 int32_t rc_counter_import_base(const uint64_t *cells, double base);
+typedef int (*rc_shdict_store_t)(void *zone, int op, const unsigned char *key,
+    size_t key_len, int value_type, const unsigned char *str_value_buf,
+    size_t str_value_len, double num_value, long exptime, int user_flags,
+    char **errmsg, int *forcible);
 int32_t rc_counter_sync_begin(rc_engine_t *engine, uint32_t wait_ms,
-    const rc_changed_t **out, uint32_t *count);
+    void *zone, rc_shdict_store_t store, const rc_changed_t **out,
+    uint32_t *count, uint32_t *written);
 void rc_counter_mirrored(const uint64_t *cells, double value);
 int32_t rc_counter_sync_end(rc_engine_t *engine);
 ]]
@@ -77,6 +82,10 @@ end
 
 local _M = {
     lib = C,
+    -- lua-resty-core's store function (behind dict:set), for a sync to
+    -- write values into the dict from the engine itself.
+    shdict_store = ffi.cast("rc_shdict_store_t",
+                            ffi.C.ngx_http_lua_ffi_shdict_store),
     -- Codes from src/ffi_engine.rs.
     OUT_OF_EXACT_RANGE = -2,
     FULL = -20,
@@ -118,7 +127,8 @@ local handles = {}
 -- every later phase.
 --
 -- The handle of the dict's engine: { ptr = rc_engine_t *, dict = the dict,
--- name = its name, bytes = the engine's size }, the same table for every
+-- zone = its ngx_shm_zone_t *, name = its name, bytes = the engine's size },
+-- the same table for every
 -- caller in this worker. Fields named by kind hold what the modules of that
 -- kind keep per worker (their key-to-cells caches).
 function _M.attach(shdict_name)
@@ -142,6 +152,7 @@ function _M.attach(shdict_name)
     handle = {
         ptr = engine_out[0],
         dict = dict,
+        zone = zone,
         name = shdict_name,
         bytes = tonumber(bytes_out[0]),
         created = rc == 1,
