@@ -868,7 +868,7 @@ pub unsafe extern "C" fn rc_requests_report(
                 None => report.add(key, Vec::new(), Default::default()),
             }
         } else {
-            for record in engine.table.records() {
+            for record in engine.table.records_in_arena_order(&mut engine.offsets) {
                 let key = record.key_bytes();
                 if record.width() != width || !requests::is_request_key(key) {
                     continue;

@@ -291,19 +291,30 @@ impl<'a, W: Word> Requests<'a, W> {
         let count = slot[S_COUNT].load(Acquire);
         let sum = f64::from_bits(slot[S_SUM].load(Acquire));
         let max = f64::from_bits(slot[S_MAX].load(Acquire));
-        let buckets: Vec<u64> = slot[S_BUCKETS..].iter().map(|w| w.load(Acquire)).collect();
+        if !self.layout.histogram {
+            // Rolled while read: the window is gone.
+            if slot[S_STAMP].load(Relaxed) != want {
+                return None;
+            }
+            return Some(Histogram::without_buckets(count, sum, max));
+        }
+        // Read straight into the histogram's sparse list (most words are
+        // zero): no buffer to allocate per window.
+        let pairs = slot[S_BUCKETS..]
+            .iter()
+            .enumerate()
+            .map(|(i, word)| (i, word.load(Acquire)))
+            .filter(|&(_, word)| word != 0)
+            .flat_map(|(i, word)| {
+                let bucket = (2 * i) as u16;
+                [(bucket, word & 0xFFFF_FFFF), (bucket + 1, word >> 32)]
+            });
+        let histogram = Histogram::from_buckets(count, sum, max, pairs);
         // Rolled while read: the window is gone.
         if slot[S_STAMP].load(Relaxed) != want {
             return None;
         }
-        if !self.layout.histogram {
-            return Some(Histogram::without_buckets(count, sum, max));
-        }
-        let pairs = buckets.into_iter().enumerate().flat_map(|(i, word)| {
-            let bucket = (2 * i) as u16;
-            vec![(bucket, word & 0xFFFF_FFFF), (bucket + 1, word >> 32)]
-        });
-        Some(Histogram::from_buckets(count, sum, max, pairs))
+        Some(histogram)
     }
 
     /// Every request since the key was made.
