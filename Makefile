@@ -119,7 +119,10 @@ build: $(MODULE_SO)
 $(MODULE_SO): Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs)
 	$(CARGO) build --release
 	@mkdir -p target/lua
-	cp target/release/libresty_counter_core.so $@
+	@# A new file renamed into place: an nginx still running the old one
+	@# keeps its mapping (cp would rewrite the mapped file under it).
+	cp target/release/libresty_counter_core.so $@.new
+	mv -f $@.new $@
 
 check: build unit-test loom lint spec scenario chaos-short fuzz-short
 

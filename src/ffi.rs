@@ -346,7 +346,11 @@ mod tests {
             let mut report = Report::new(60, 61.0, 2)?;
             let mut h = crate::histogram::Histogram::new();
             h.record(12.0);
-            report.add(b"all", vec![h], Default::default());
+            report.add(
+                b"all",
+                vec![crate::histogram::Summary::of(&h)],
+                Default::default(),
+            );
             let report = Box::into_raw(Box::new(report));
             let mut len = 0;
             let json = rc_report_json(report, 1.0, 2.0, 0, &mut len);

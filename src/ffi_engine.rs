@@ -818,7 +818,7 @@ fn add_to_report(report: &mut Report, key: &[u8], record: &Requests<'_, AtomicU6
     let windows = (0..=report.previous())
         .map(|age| {
             now.checked_sub(age as u64)
-                .and_then(|window| record.window(window))
+                .and_then(|window| record.window_summary(window))
                 .unwrap_or_default()
         })
         .collect();

@@ -180,8 +180,7 @@ impl Histogram {
         if self.count == 0 {
             return 0.0;
         }
-        let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
-        let rank = ((q * self.count as f64).ceil() as u64).max(1);
+        let rank = rank(q, self.count);
         if rank >= self.count {
             return self.max;
         }
@@ -195,6 +194,114 @@ impl Histogram {
         }
         self.max
     }
+}
+
+/// The percentiles a report shows of each window: p50, p90, p99.
+pub const REPORTED_PERCENTILES: [f64; 3] = [0.50, 0.90, 0.99];
+
+/// What a report shows of one window: count, sum, maximum and the
+/// [`REPORTED_PERCENTILES`], computed once, while the window is read (a
+/// report of 10,000 keys then builds no histogram and walks no bucket list
+/// again when it renders).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    pub count: u64,
+    pub sum: f64,
+    pub max: f64,
+    /// None when the window was kept without buckets.
+    pub percentiles: Option<[f64; 3]>,
+}
+
+/// An empty window, as [`Summary::of`] an empty [`Histogram`]: percentiles
+/// 0 (a window the ring no longer holds reads so).
+impl Default for Summary {
+    fn default() -> Summary {
+        Summary {
+            count: 0,
+            sum: 0.0,
+            max: 0.0,
+            percentiles: Some([0.0; 3]),
+        }
+    }
+}
+
+impl Summary {
+    /// The summary of a histogram: its [`Histogram::percentile`]s.
+    pub fn of(histogram: &Histogram) -> Summary {
+        Summary {
+            count: histogram.count,
+            sum: histogram.sum,
+            max: histogram.max,
+            percentiles: histogram
+                .has_buckets()
+                .then(|| REPORTED_PERCENTILES.map(|q| histogram.percentile(q))),
+        }
+    }
+
+    /// The summary of [`Histogram::from_buckets`] with the same arguments,
+    /// in one pass that stops once the last percentile is found.
+    pub fn from_buckets(
+        count: u64,
+        sum: f64,
+        max: f64,
+        buckets: impl Iterator<Item = (u16, u64)>,
+    ) -> Summary {
+        let mut percentiles = [max; 3];
+        // The rank each percentile waits for; those at or past the count
+        // are the maximum, as in `Histogram::percentile`.
+        let ranks = REPORTED_PERCENTILES.map(|q| rank(q, count));
+        let mut pending = ranks.iter().filter(|&&r| r < count).count();
+        let mut seen = 0u64;
+        if count > 0 && pending > 0 {
+            for (bucket, n) in buckets.filter(|&(bucket, n)| n > 0 && bucket < BUCKETS) {
+                let before = seen;
+                seen = seen.saturating_add(n);
+                for (out, &r) in percentiles.iter_mut().zip(&ranks) {
+                    if r < count && before < r && seen >= r {
+                        *out = bucket_value(bucket).min(max);
+                        pending -= 1;
+                    }
+                }
+                if pending == 0 {
+                    break;
+                }
+            }
+        }
+        if count == 0 {
+            percentiles = [0.0; 3];
+        }
+        Summary {
+            count,
+            sum,
+            max,
+            percentiles: Some(percentiles),
+        }
+    }
+
+    /// A window kept without buckets: no percentiles.
+    pub fn without_buckets(count: u64, sum: f64, max: f64) -> Summary {
+        Summary {
+            count,
+            sum,
+            max,
+            percentiles: None,
+        }
+    }
+
+    /// The mean, 0 when there are no observations.
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+}
+
+/// The 1-based rank of percentile `q` among `count` observations.
+fn rank(q: f64, count: u64) -> u64 {
+    let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
+    ((q * count as f64).ceil() as u64).max(1)
 }
 
 #[cfg(test)]
@@ -285,5 +392,46 @@ mod tests {
         assert_eq!(h.count, 2);
         assert_eq!(h.sum, 0.0);
         assert_eq!(h.percentile(0.99), 0.0);
+    }
+
+    #[test]
+    fn a_summary_read_from_buckets_equals_the_histogram_s() {
+        let mut rng = Lcg(11);
+        for case in 0..2000 {
+            // Dense bucket counts as the engine keeps them: mostly zero, a
+            // few filled, sometimes past the last bucket or not adding up
+            // to the count (a foreign or torn record).
+            let filled = 1 + case % 12;
+            let mut dense = vec![0u64; BUCKETS as usize + 3];
+            for _ in 0..filled {
+                let bucket = (rng.next_f64() * dense.len() as f64) as usize % dense.len();
+                dense[bucket] += 1 + (rng.next_f64() * 50.0) as u64;
+            }
+            let sum_of: u64 = dense.iter().sum();
+            let count = match case % 4 {
+                0 => sum_of,
+                1 => sum_of / 2,
+                2 => sum_of + 7,
+                _ => (case % 3) as u64,
+            };
+            let max = rng.next_f64() * 3000.0;
+            let pairs = || {
+                dense
+                    .iter()
+                    .enumerate()
+                    .map(|(bucket, &n)| (bucket as u16, n))
+            };
+            let histogram = Histogram::from_buckets(count, 1.5, max, pairs());
+            assert_eq!(
+                Summary::from_buckets(count, 1.5, max, pairs()),
+                Summary::of(&histogram),
+                "case {}",
+                case
+            );
+        }
+        assert_eq!(Summary::default(), Summary::of(&Histogram::new()));
+        let bare = Histogram::without_buckets(3, 9.0, 4.0);
+        assert_eq!(Summary::of(&bare), Summary::without_buckets(3, 9.0, 4.0));
+        assert_eq!(Summary::of(&bare).mean(), 3.0);
     }
 }

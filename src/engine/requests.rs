@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use super::cell::{add_f64, load_f64};
 use super::lock::{self, Holder};
 use super::word::Word;
-use crate::histogram::{bucket_of, Histogram, BUCKETS, MAX_VALUE, PROMETHEUS_EDGES_MS};
+use crate::histogram::{bucket_of, Histogram, Summary, BUCKETS, MAX_VALUE, PROMETHEUS_EDGES_MS};
 
 /// The first byte of every request key in the table.
 pub const KIND: u8 = b'r';
@@ -281,6 +281,32 @@ impl<'a, W: Word> Requests<'a, W> {
     /// Window `window` as it is now, or None when its slot holds another
     /// window (or none yet). Without histograms, it has no percentiles.
     pub fn window(&self, window: u64) -> Option<Histogram> {
+        self.read_window(
+            window,
+            |count, sum, max, pairs| Histogram::from_buckets(count, sum, max, pairs),
+            Histogram::without_buckets,
+        )
+    }
+
+    /// What a report shows of window `window`, as [`Summary::of`] the
+    /// [`Requests::window`], read without building the histogram.
+    pub fn window_summary(&self, window: u64) -> Option<Summary> {
+        self.read_window(
+            window,
+            |count, sum, max, pairs| Summary::from_buckets(count, sum, max, pairs),
+            Summary::without_buckets,
+        )
+    }
+
+    /// Reads window `window` with `with_buckets` (count, sum, max and the
+    /// (bucket, count) pairs, ascending) or, kept without histograms,
+    /// `without_buckets`; None when its slot holds another window.
+    fn read_window<T>(
+        &self,
+        window: u64,
+        with_buckets: impl FnOnce(u64, f64, f64, &mut dyn Iterator<Item = (u16, u64)>) -> T,
+        without_buckets: impl FnOnce(u64, f64, f64) -> T,
+    ) -> Option<T> {
         let want = window.saturating_add(1).min(ROLLING - 1);
         let slot = self.slot(window);
         if slot[S_STAMP].load(Acquire) != want {
@@ -291,30 +317,26 @@ impl<'a, W: Word> Requests<'a, W> {
         let count = slot[S_COUNT].load(Acquire);
         let sum = f64::from_bits(slot[S_SUM].load(Acquire));
         let max = f64::from_bits(slot[S_MAX].load(Acquire));
-        if !self.layout.histogram {
-            // Rolled while read: the window is gone.
-            if slot[S_STAMP].load(Relaxed) != want {
-                return None;
-            }
-            return Some(Histogram::without_buckets(count, sum, max));
-        }
-        // Read straight into the histogram's sparse list (most words are
-        // zero): no buffer to allocate per window.
-        let pairs = slot[S_BUCKETS..]
-            .iter()
-            .enumerate()
-            .map(|(i, word)| (i, word.load(Acquire)))
-            .filter(|&(_, word)| word != 0)
-            .flat_map(|(i, word)| {
-                let bucket = (2 * i) as u16;
-                [(bucket, word & 0xFFFF_FFFF), (bucket + 1, word >> 32)]
-            });
-        let histogram = Histogram::from_buckets(count, sum, max, pairs);
+        let read = if self.layout.histogram {
+            // Straight from the words (most are zero): no buffer per window.
+            let mut pairs = slot[S_BUCKETS..]
+                .iter()
+                .enumerate()
+                .map(|(i, word)| (i, word.load(Acquire)))
+                .filter(|&(_, word)| word != 0)
+                .flat_map(|(i, word)| {
+                    let bucket = (2 * i) as u16;
+                    [(bucket, word & 0xFFFF_FFFF), (bucket + 1, word >> 32)]
+                });
+            with_buckets(count, sum, max, &mut pairs)
+        } else {
+            without_buckets(count, sum, max)
+        };
         // Rolled while read: the window is gone.
         if slot[S_STAMP].load(Relaxed) != want {
             return None;
         }
-        Some(histogram)
+        Some(read)
     }
 
     /// Every request since the key was made.
