@@ -42,6 +42,12 @@ pub const CODE_NO_ENGINE: i32 = -25;
 /// overflow key.
 pub const CODE_KEYS_FULL: i32 = -26;
 
+/// [`rc_requests_record`]: the request is in its window.
+pub const IN_WINDOW: i32 = 0;
+/// [`rc_requests_record`]: the request is in the total only (its window's
+/// slot holds a newer window).
+pub const TOTAL_ONLY: i32 = 1;
+
 /// The lock word (of [`crate::engine::table::LOCKS`]) of the counter's
 /// dict mirror.
 const MIRROR_LOCK: usize = 0;
@@ -684,8 +690,8 @@ pub unsafe extern "C" fn rc_requests_record(
     let cells = std::slice::from_raw_parts(cells, layout.width() as usize);
     match Requests::new(cells, layout) {
         Some(record) => match record.record(window, latency_ms, &Worker) {
-            Recorded::Window => 0,
-            Recorded::TotalOnly => 1,
+            Recorded::Window => IN_WINDOW,
+            Recorded::TotalOnly => TOTAL_ONLY,
         },
         None => CODE_BAD_ARGUMENT,
     }
