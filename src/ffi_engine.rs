@@ -1,6 +1,6 @@
 //! The C ABI of the shared engine ([`crate::engine`]), declared for LuaJIT in
-//! `lua/resty/counter/engine.lua`: change both together and bump
-//! [`ENGINE_ABI_VERSION`].
+//! `lua/resty/counter/abi.lua` (checked by `tests/lua_abi.rs`): change both
+//! together and bump [`ENGINE_ABI_VERSION`].
 //!
 //! Failures are negative codes (the `CODE_*` constants); the full text of
 //! the last one in this process is read back with [`rc_engine_error`]. The
@@ -25,7 +25,7 @@ use crate::engine::Error;
 use crate::ffi::guarded;
 use crate::stats::Report;
 
-/// The version of the declarations in engine.lua.
+/// The version of the declarations below, checked by the Lua side.
 pub const ENGINE_ABI_VERSION: i32 = 3;
 
 pub const CODE_OUT_OF_EXACT_RANGE: i32 = -2;

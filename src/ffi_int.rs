@@ -1,8 +1,8 @@
 //! The C ABI of the strict and lax counters and the rate limiter: exact
 //! int64 updates ([`crate::int64`]) and the sliding window
 //! ([`crate::window`]), called by LuaJIT through `ffi.cdef` (declarations in
-//! `lua/resty/counter/int.lua`; change both together and bump
-//! [`ABI_VERSION`]).
+//! `lua/resty/counter/abi.lua`, checked by `tests/lua_abi.rs`; change both
+//! together and bump [`ABI_VERSION`]).
 //!
 //! Like [`crate::ffi`], every function checks its pointers, catches any
 //! panic and reports failures as negative [`Error`] codes.
