@@ -29,6 +29,7 @@ build = {
     install = {
         lua = {
             ["resty.counter"] = "lua/resty/counter.lua",
+            ["resty.counter.abi"] = "lua/resty/counter/abi.lua",
             ["resty.counter.backoff"] = "lua/resty/counter/backoff.lua",
             ["resty.counter.check"] = "lua/resty/counter/check.lua",
             ["resty.counter.engine"] = "lua/resty/counter/engine.lua",

@@ -32,7 +32,8 @@ pub enum Error {
 }
 
 impl Error {
-    const ALL: [Error; 8] = [
+    /// Every error, for the tests that check each code.
+    pub const ALL: [Error; 8] = [
         Error::TooManyKeys,
         Error::OutOfExactRange,
         Error::BadSlot,

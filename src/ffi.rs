@@ -3,8 +3,8 @@
 //! Every function here is a thin wrapper over [`crate::pending`]: it checks
 //! its pointers, catches any panic (a panic unwinding into nginx would abort
 //! the worker) and reports failures as negative [`Error`] codes. The
-//! declarations Lua uses are in `lua/resty/counter/store.lua`; change both
-//! together and bump [`ABI_VERSION`].
+//! declarations Lua uses are in `lua/resty/counter/abi.lua` (checked by
+//! `tests/lua_abi.rs`); change both together and bump [`ABI_VERSION`].
 
 use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};

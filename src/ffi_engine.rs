@@ -1,6 +1,6 @@
 //! The C ABI of the shared engine ([`crate::engine`]), declared for LuaJIT in
-//! `lua/resty/counter/engine.lua`: change both together and bump
-//! [`ENGINE_ABI_VERSION`].
+//! `lua/resty/counter/abi.lua` (checked by `tests/lua_abi.rs`): change both
+//! together and bump [`ENGINE_ABI_VERSION`].
 //!
 //! Failures are negative codes (the `CODE_*` constants); the full text of
 //! the last one in this process is read back with [`rc_engine_error`]. The
@@ -25,7 +25,7 @@ use crate::engine::Error;
 use crate::ffi::guarded;
 use crate::stats::Report;
 
-/// The version of the declarations in engine.lua.
+/// The version of the declarations below, checked by the Lua side.
 pub const ENGINE_ABI_VERSION: i32 = 3;
 
 pub const CODE_OUT_OF_EXACT_RANGE: i32 = -2;
@@ -41,6 +41,12 @@ pub const CODE_NO_ENGINE: i32 = -25;
 /// A request key past `max_keys`: the Lua side records it under the
 /// overflow key.
 pub const CODE_KEYS_FULL: i32 = -26;
+
+/// [`rc_requests_record`]: the request is in its window.
+pub const IN_WINDOW: i32 = 0;
+/// [`rc_requests_record`]: the request is in the total only (its window's
+/// slot holds a newer window).
+pub const TOTAL_ONLY: i32 = 1;
 
 /// The lock word (of [`crate::engine::table::LOCKS`]) of the counter's
 /// dict mirror.
@@ -790,8 +796,8 @@ pub unsafe extern "C" fn rc_requests_record(
     let cells = std::slice::from_raw_parts(cells, layout.width() as usize);
     match Requests::new(cells, layout) {
         Some(record) => match record.record(window, latency_ms, &Worker) {
-            Recorded::Window => 0,
-            Recorded::TotalOnly => 1,
+            Recorded::Window => IN_WINDOW,
+            Recorded::TotalOnly => TOTAL_ONLY,
         },
         None => CODE_BAD_ARGUMENT,
     }

@@ -1,8 +1,8 @@
 //! The C ABI of the strict and lax counters and the rate limiter: exact
 //! int64 updates ([`crate::int64`]) and the sliding window
 //! ([`crate::window`]), called by LuaJIT through `ffi.cdef` (declarations in
-//! `lua/resty/counter/int.lua`; change both together and bump
-//! [`ABI_VERSION`]).
+//! `lua/resty/counter/abi.lua`, checked by `tests/lua_abi.rs`; change both
+//! together and bump [`ABI_VERSION`]).
 //!
 //! Like [`crate::ffi`], every function checks its pointers, catches any
 //! panic and reports failures as negative [`Error`] codes.
@@ -20,8 +20,8 @@ pub const ABI_VERSION: i32 = 1;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct IntResult {
-    pub new: i64,
-    pub old: i64,
+    pub new_value: i64,
+    pub old_value: i64,
     pub len: i32,
     pub text: [u8; MAX_TEXT_LEN],
 }
@@ -32,10 +32,10 @@ pub struct IntResult {
 ///
 /// # Errors
 ///
-/// Returns 1 when applied, 0 when the comparison failed (`new == old`), or
-/// a negative [`Error`] code: `NotInteger` (the stored text is not a
-/// base-10 int64), `Overflow` (nothing applied), `BadArgument` (an unknown
-/// code or a null `out`), `Internal` on a panic.
+/// Returns 1 when applied, 0 when the comparison failed (`new_value ==
+/// old_value`), or a negative [`Error`] code: `NotInteger` (the stored text
+/// is not a base-10 int64), `Overflow` (nothing applied), `BadArgument` (an
+/// unknown code or a null `out`), `Internal` on a panic.
 ///
 /// # Safety
 ///
@@ -107,8 +107,8 @@ pub unsafe extern "C" fn rc_int_apply_i64(
 fn write_outcome(old: i64, op: Op, cmp: Cmp, operand: i64, n: i64, out: &mut IntResult) -> i32 {
     match int64::apply(old, op, cmp, operand, n) {
         Ok(outcome) => {
-            out.new = outcome.new;
-            out.old = outcome.old;
+            out.new_value = outcome.new;
+            out.old_value = outcome.old;
             // At most MAX_TEXT_LEN (20).
             out.len = int64::format(outcome.new, &mut out.text) as i32;
             i32::from(outcome.applied)
@@ -192,8 +192,8 @@ mod tests {
 
     fn result() -> IntResult {
         IntResult {
-            new: 0,
-            old: 0,
+            new_value: 0,
+            old_value: 0,
             len: 0,
             text: [0; MAX_TEXT_LEN],
         }
@@ -205,19 +205,19 @@ mod tests {
         let stored = b"41";
         let rc = unsafe { rc_int_apply(stored.as_ptr(), 2, 0, 0, 0, 1, &mut out) };
         assert_eq!(rc, 1);
-        assert_eq!((out.old, out.new), (41, 42));
+        assert_eq!((out.old_value, out.new_value), (41, 42));
         assert_eq!(&out.text[..out.len as usize], b"42");
         // A missing key is 0; lt 0 fails.
         let rc = unsafe { rc_int_apply(ptr::null(), 0, 0, 3, 0, 5, &mut out) };
         assert_eq!(rc, 0);
-        assert_eq!((out.old, out.new), (0, 0));
+        assert_eq!((out.old_value, out.new_value), (0, 0));
         let max = i64::MAX.to_string();
         let rc = unsafe { rc_int_apply(max.as_ptr(), max.len(), 0, 0, 0, 1, &mut out) };
         assert_eq!(rc, Error::Overflow.code());
         let rc = unsafe { rc_int_apply(b"1.5".as_ptr(), 3, 2, 0, 0, 1, &mut out) };
         assert_eq!(rc, Error::NotInteger.code());
         let rc = unsafe { rc_int_apply_i64(41, 0, 3, 100, 1, &mut out) };
-        assert_eq!((rc, out.old, out.new), (1, 41, 42));
+        assert_eq!((rc, out.old_value, out.new_value), (1, 41, 42));
         let rc = unsafe { rc_int_apply_i64(i64::MAX, 0, 0, 0, 1, &mut out) };
         assert_eq!(rc, Error::Overflow.code());
         let rc = unsafe { rc_int_apply_i64(0, 5, 0, 0, 1, &mut out) };

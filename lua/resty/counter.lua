@@ -13,13 +13,14 @@
 -- the next one (any worker's) finishes it.
 
 
+local abi = require "resty.counter.abi"
 local check = require "resty.counter.check"
 local engine = require "resty.counter.engine"
 local log = require "resty.counter.log"
 local ffi = require "ffi"
 
 
-local C = engine.lib
+local C = abi.C
 local ngx = ngx
 local ngx_WARN = ngx.WARN
 local get_phase = ngx.get_phase
@@ -44,10 +45,12 @@ local fmt = string.format
 
 local MAX_SAFE = check.max_safe_integer
 local MAX_KEY_LEN = engine.max_key_len
-local COUNTER = engine.COUNTER
-local WIDTH = engine.COUNTER_WIDTH
-local NEEDS_BASE = engine.NEEDS_BASE
-local FOREIGN = engine.FOREIGN
+local COUNTER = abi.COUNTER_KIND
+local WIDTH = abi.COUNTER_WIDTH
+local NEEDS_BASE = abi.NEEDS_BASE
+local FOREIGN = abi.FOREIGN
+local FULL = abi.FULL
+local OUT_OF_EXACT_RANGE = abi.OUT_OF_EXACT_RANGE
 local NOT_A_NUMBER = "not a number"
 local OUT_OF_RANGE = "value out of exact integer range"
 local SOURCE = "resty.counter"
@@ -87,7 +90,7 @@ local function record(self, key, create)
     local cells, made, code = engine.record(self.engine, COUNTER, key, WIDTH,
                                             create)
     if not cells then
-        if code == engine.FULL then
+        if code == FULL then
             local metrics = self.metrics
             metrics.refused = metrics.refused + 1
             log_failure(SOURCE, fmt('dict "%s": %s: new keys are refused '
@@ -127,7 +130,7 @@ local function publish(self, changed, count)
             if value ~= value then
                 status = FOREIGN
             elseif value > MAX_SAFE or value < -MAX_SAFE then
-                status = engine.OUT_OF_EXACT_RANGE
+                status = OUT_OF_EXACT_RANGE
             else
                 status = 0
             end

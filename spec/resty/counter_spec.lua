@@ -216,7 +216,7 @@ describe("resty.counter", function()
             -- Those in worker 1 wait (the first blocks worker 1 until the
             -- lock is free, the others queue behind it), then find their
             -- count in the dict.
-            local engine = require "resty.counter.engine"
+            local C = require("resty.counter.abi").C
             local ffi = require "ffi"
             local c = counter.new("counters")
             local out = ffi.new("const rc_changed_t *[1]")
@@ -224,8 +224,8 @@ describe("resty.counter", function()
             local written = ffi.new("uint32_t[1]")
             local rc
             for _ = 1, 100 do
-                rc = engine.lib.rc_counter_sync_begin(c.engine.ptr, 0, nil,
-                                                      nil, out, count, written)
+                rc = C.rc_counter_sync_begin(c.engine.ptr, 0, nil, nil, out,
+                                             count, written)
                 if rc ~= 1 then
                     break
                 end
@@ -233,7 +233,7 @@ describe("resty.counter", function()
             end
             assert.equal(0, rc)
             finally(function()
-                engine.lib.rc_counter_sync_end(c.engine.ptr)
+                C.rc_counter_sync_end(c.engine.ptr)
             end)
             local prefix = key("wait")
             local threads = {}
@@ -242,7 +242,7 @@ describe("resty.counter", function()
                                               "/counter/incr_sync?key=" .. prefix .. i)
             end
             ngx.sleep(0.3)
-            engine.lib.rc_counter_sync_end(c.engine.ptr)
+            C.rc_counter_sync_end(c.engine.ptr)
             local in_worker_1, waited = 0, 0
             for i = 1, 16 do
                 local _, body = ngx.thread.wait(threads[i])

@@ -1,8 +1,8 @@
 -- Copyright (C) lua-resty-counter-rs authors. Apache License 2.0.
 --
 -- Exact int64 values with Redis semantics, and the sliding window, through
--- LuaJIT's FFI into the Rust core (src/int64.rs, src/window.rs; the C ABI
--- is src/ffi_int.rs: change both together and bump INT_ABI there and here).
+-- LuaJIT's FFI into the Rust core (src/int64.rs, src/window.rs; the C
+-- declarations and codes are in resty.counter.abi).
 -- Shared by resty.counter.strict, resty.counter.lax and resty.counter.limit.
 --
 -- A counter value lives in the shared dict as a number while it is within
@@ -13,58 +13,21 @@
 
 
 local ffi = require "ffi"
-local core = require "resty_counter_core"
+local abi = require "resty.counter.abi"
 local check = require "resty.counter.check"
 
 
+local C = abi.C
+local core = abi.core
 local ffi_new = ffi.new
 local ffi_string = ffi.string
 local ffi_istype = ffi.istype
 local ffi_cast = ffi.cast
-local error = error
 local tonumber = tonumber
 local tostring = tostring
 local type = type
 local floor = math.floor
 local fmt = string.format
-
-
-local INT_ABI = 1
-
-
-ffi.cdef[[
-typedef struct {
-    int64_t new_value;
-    int64_t old_value;
-    int32_t len;
-    char    text[20];
-} rc_int_result_t;
-
-int32_t rc_int_apply(const char *current, size_t len, int32_t op,
-    int32_t cmp, int64_t operand, int64_t n, rc_int_result_t *out);
-int32_t rc_int_apply_i64(int64_t current, int32_t op, int32_t cmp,
-    int64_t operand, int64_t n, rc_int_result_t *out);
-int32_t rc_int_parse(const char *text, size_t len, int64_t *out);
-int32_t rc_int_format(int64_t value, char *out);
-double rc_sliding_estimate(double prev, double current, double elapsed,
-    double window);
-double rc_sliding_wait(double prev, double current, double elapsed,
-    double window, double limit);
-]]
-
-
-if core.int_abi ~= INT_ABI then
-    error("resty_counter_core has int ABI " .. tostring(core.int_abi)
-          .. ", resty.counter.int expects " .. INT_ABI
-          .. ": the Lua files and the library come from different builds")
-end
-
-
-local lib_path = package.searchpath("resty_counter_core", package.cpath)
-if not lib_path then
-    error("resty_counter_core was loaded but is not on package.cpath")
-end
-local C = ffi.load(lib_path)
 
 
 local MAX_SAFE = 2 ^ 53 - 1
@@ -78,12 +41,15 @@ local _M = {
     C = C,
     max_safe_integer = MAX_SAFE,
 
-    OP_ADD = 0,
-    OP_SUB = 1,
-    OP_SET = 2,
+    OP_ADD = abi.OP_ADD,
+    OP_SUB = abi.OP_SUB,
+    OP_SET = abi.OP_SET,
 
     -- The comparators of inc_if/set_if, by name, as the core numbers them.
-    CMP = { always = 0, eq = 1, ne = 2, lt = 3, le = 4, gt = 5, ge = 6 },
+    CMP = {
+        always = abi.CMP_ALWAYS, eq = abi.CMP_EQ, ne = abi.CMP_NE,
+        lt = abi.CMP_LT, le = abi.CMP_LE, gt = abi.CMP_GT, ge = abi.CMP_GE,
+    },
 }
 
 

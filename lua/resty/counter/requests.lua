@@ -16,13 +16,13 @@
 
 local ffi = require "ffi"
 local base = require "resty.core.base"
+local abi = require "resty.counter.abi"
 local check = require "resty.counter.check"
 local engine = require "resty.counter.engine"
-local store = require "resty.counter.store"
 
 
-local C = store.lib
-local failure = store.failure
+local C = abi.C
+local failure = abi.failure
 local ngx = ngx
 local ngx_now = ngx.now
 local get_request = base.get_request
@@ -42,46 +42,19 @@ local tostring = tostring
 local type = type
 
 
-ffi.cdef[[
-typedef struct rc_report_s rc_report_t;
-
-int32_t rc_utf8_valid(const unsigned char *ptr, size_t len);
-
-int32_t rc_requests_layout(const rc_engine_t *engine, uint32_t ring);
-int32_t rc_requests_key(rc_engine_t *engine, const unsigned char *key,
-    size_t len, uint32_t ring, int32_t histogram, uint32_t max_keys,
-    int32_t capped, const uint64_t **cells);
-int32_t rc_requests_record(const uint64_t *cells, uint32_t ring,
-    int32_t histogram, uint64_t window, double latency_ms);
-uint64_t rc_requests_tracked(const rc_engine_t *engine);
-rc_report_t *rc_requests_report(rc_engine_t *engine, uint32_t ring,
-    int32_t histogram, uint32_t window, double now,
-    const unsigned char *key, size_t len, int32_t single);
-
-void rc_report_free(rc_report_t *report);
-void rc_report_key_info(rc_report_t *report, uint32_t tracked,
-    uint32_t max_keys, const unsigned char *overflow_key, size_t len);
-const unsigned char *rc_report_json(rc_report_t *report, double free_space,
-    double capacity, int32_t single, size_t *out_len);
-const unsigned char *rc_report_prometheus(rc_report_t *report,
-    const unsigned char *dict, size_t dict_len, size_t *out_len);
-]]
-
-
 local MAX_PREVIOUS = 64
 local HUGE = 1 / 0
 
--- Codes of src/ffi_engine.rs.
-local KEYS_FULL = -26
-local FULL = engine.FULL
-local WIDTH_MISMATCH = -23
-local TOTAL_ONLY = 1
+local KEYS_FULL = abi.KEYS_FULL
+local FULL = abi.FULL
+local WIDTH_MISMATCH = abi.WIDTH_MISMATCH
+local TOTAL_ONLY = abi.TOTAL_ONLY
 
 local cells_out = ffi_new("const uint64_t *[1]")
 local out_len = ffi_new("size_t[1]")
 
 
-local _M = { _VERSION = store._VERSION }
+local _M = { _VERSION = abi._VERSION }
 local mt = { __index = _M }
 
 
