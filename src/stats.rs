@@ -7,6 +7,8 @@
 
 use std::fmt::Write as _;
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
+
 use crate::engine::requests::Total;
 use crate::error::Error;
 use crate::histogram::{Summary, PROMETHEUS_EDGES_MS};
@@ -121,81 +123,20 @@ impl Report {
 
     /// The JSON of `stats` (every key) or, with `single`, of `single_stats`
     /// (the first key's windows directly under "stats", all zero when no
-    /// key was added). Written straight into one buffer, byte for byte as
-    /// serde_json writes the same values (its escaping, its number
-    /// formatters); `serde_json` would take twice as long.
+    /// key was added). Streamed by `serde_json`, with no tree built first.
     pub fn json(&mut self, free_space: f64, capacity: f64, single: bool) -> &str {
-        let mut out = Vec::with_capacity(256 + self.keys.len() * (420 + 130 * self.previous));
-        out.extend_from_slice(b"{\"shared_dict_info\":{\"free_space\":");
-        push_u64(&mut out, free_space.max(0.0) as u64);
-        out.extend_from_slice(b",\"capacity\":");
-        push_u64(&mut out, capacity.max(0.0) as u64);
-        out.extend_from_slice(b"},\"stats\":");
-        if single {
-            let empty = vec![Summary::default(); self.previous + 1];
-            let windows = self.keys.first().map_or(&empty[..], |k| &k.windows[..]);
-            self.push_windows(&mut out, windows);
-        } else {
-            out.push(b'{');
-            for (i, records) in self.keys.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                push_str(&mut out, &records.key);
-                out.push(b':');
-                self.push_windows(&mut out, &records.windows);
-            }
-            out.push(b'}');
-        }
-        if let Some(info) = &self.key_info {
-            out.extend_from_slice(b",\"key_info\":{\"tracked\":");
-            push_u64(&mut out, info.tracked);
-            out.extend_from_slice(b",\"max_keys\":");
-            push_u64(&mut out, info.max_keys);
-            out.extend_from_slice(b",\"overflow_key\":");
-            push_str(&mut out, &info.overflow_key);
-            out.push(b'}');
-        }
-        out.push(b'}');
-        // Keys are Strings and everything else is ASCII.
+        let mut out = Vec::with_capacity(256 + self.keys.len() * 512);
+        let view = ReportView {
+            report: self,
+            free_space,
+            capacity,
+            single,
+        };
+        // Writing to a Vec cannot fail, and every number is finite or null.
+        let _ = serde_json::to_writer(&mut out, &view);
+        // serde_json writes UTF-8 only.
         self.rendered = String::from_utf8(out).unwrap_or_default();
         &self.rendered
-    }
-
-    /// One key's windows: `{"current":{...},"prev1":{...},...}`.
-    fn push_windows(&self, out: &mut Vec<u8>, windows: &[Summary]) {
-        out.push(b'{');
-        for (age, window) in windows.iter().enumerate() {
-            if age > 0 {
-                out.push(b',');
-            }
-            out.push(b'"');
-            out.extend_from_slice(self.window_names[age].as_bytes());
-            out.extend_from_slice(b"\":{\"requests\":");
-            push_u64(out, window.count);
-            out.extend_from_slice(b",\"latency_ms\":");
-            push_f64(out, window.mean());
-            out.extend_from_slice(b",\"startofminute_epoch\":");
-            push_i64(out, self.window_start(age));
-            // null when the engine keeps no histograms (too small for them).
-            for (name, i) in [(&b",\"p50\":"[..], 0), (b",\"p90\":", 1), (b",\"p99\":", 2)] {
-                out.extend_from_slice(name);
-                match window.percentiles {
-                    Some(p) => push_f64(out, p[i]),
-                    None => out.extend_from_slice(b"null"),
-                }
-            }
-            out.extend_from_slice(b",\"max\":");
-            push_f64(out, window.max);
-            if age == 0 {
-                out.extend_from_slice(b",\"epoch\":");
-                push_i64(out, self.now.floor() as i64);
-                out.extend_from_slice(b",\"rate\":");
-                push_f64(out, self.rate(window, windows.get(1)));
-            }
-            out.push(b'}');
-        }
-        out.push(b'}');
     }
 
     /// The Prometheus text exposition format: requests as a counter and
@@ -260,28 +201,130 @@ impl Report {
     }
 }
 
-fn push_u64(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+struct ReportView<'a> {
+    report: &'a Report,
+    free_space: f64,
+    capacity: f64,
+    single: bool,
 }
 
-fn push_i64(out: &mut Vec<u8>, n: i64) {
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+struct DictInfo {
+    free_space: f64,
+    capacity: f64,
 }
 
-/// As serde_json writes a double: ryu's shortest form, null when not
-/// finite.
-fn push_f64(out: &mut Vec<u8>, x: f64) {
-    if x.is_finite() {
-        out.extend_from_slice(ryu::Buffer::new().format_finite(x).as_bytes());
-    } else {
-        out.extend_from_slice(b"null");
+struct AllKeys<'a>(&'a Report);
+
+struct KeyView<'a> {
+    report: &'a Report,
+    windows: &'a [Summary],
+}
+
+struct WindowView<'a> {
+    report: &'a Report,
+    windows: &'a [Summary],
+    age: usize,
+}
+
+impl Serialize for ReportView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let report = self.report;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry(
+            "shared_dict_info",
+            &DictInfo {
+                free_space: self.free_space,
+                capacity: self.capacity,
+            },
+        )?;
+        if self.single {
+            let empty = vec![Summary::default(); report.previous + 1];
+            let windows = report.keys.first().map_or(&empty[..], |k| &k.windows[..]);
+            map.serialize_entry("stats", &KeyView { report, windows })?;
+        } else {
+            map.serialize_entry("stats", &AllKeys(report))?;
+        }
+        if let Some(info) = &report.key_info {
+            map.serialize_entry("key_info", info)?;
+        }
+        map.end()
     }
 }
 
-/// A JSON string, quoted and escaped by serde_json itself.
-fn push_str(out: &mut Vec<u8>, s: &str) {
-    // Writing to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+impl Serialize for DictInfo {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Byte counts: integers, as the original shows them.
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry("free_space", &(self.free_space.max(0.0) as u64))?;
+        map.serialize_entry("capacity", &(self.capacity.max(0.0) as u64))?;
+        map.end()
+    }
+}
+
+impl Serialize for KeyInfo {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry("tracked", &self.tracked)?;
+        map.serialize_entry("max_keys", &self.max_keys)?;
+        map.serialize_entry("overflow_key", &self.overflow_key)?;
+        map.end()
+    }
+}
+
+impl Serialize for AllKeys<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let report = self.0;
+        let mut map = serializer.serialize_map(Some(report.keys.len()))?;
+        for records in &report.keys {
+            map.serialize_entry(
+                &records.key,
+                &KeyView {
+                    report,
+                    windows: &records.windows,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for KeyView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.windows.len()))?;
+        for age in 0..self.windows.len() {
+            map.serialize_entry(
+                &self.report.window_names[age],
+                &WindowView {
+                    report: self.report,
+                    windows: self.windows,
+                    age,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for WindowView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let report = self.report;
+        let h = &self.windows[self.age];
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("requests", &h.count)?;
+        map.serialize_entry("latency_ms", &h.mean())?;
+        map.serialize_entry("startofminute_epoch", &report.window_start(self.age))?;
+        // null when the engine keeps no histograms (too small for them).
+        let percentile = |i: usize| h.percentiles.map(|p| p[i]);
+        map.serialize_entry("p50", &percentile(0))?;
+        map.serialize_entry("p90", &percentile(1))?;
+        map.serialize_entry("p99", &percentile(2))?;
+        map.serialize_entry("max", &h.max)?;
+        if self.age == 0 {
+            map.serialize_entry("epoch", &(report.now.floor() as i64))?;
+            map.serialize_entry("rate", &report.rate(h, self.windows.get(1)))?;
+        }
+        map.end()
+    }
 }
 
 /// A label value as the exposition format wants it: backslash, double quote
