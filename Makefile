@@ -158,6 +158,14 @@ lint: ## cargo fmt, cargo clippy -D warnings, luacheck
 		$(CARGO) clippy -q --no-default-features --all-targets -- -D warnings; \
 	else echo "SKIPPED: cargo clippy (clippy not installed)"; fi
 	luacheck -q lua spec bench examples
+	@echo "$(CARGO) build --future-incompat-report (none but mlua 0.8.10's)"
+	@out=$$($(CARGO) build --release --future-incompat-report 2>&1) || { \
+		echo "$$out"; exit 1; }; \
+	crates=$$(echo "$$out" | sed -n \
+		's/^warning: the following packages contain code .*Rust: //p'); \
+	if [ -n "$$crates" ] && [ "$$crates" != "mlua v0.8.10" ]; then \
+		echo "$$out"; echo "future-incompatible code in: $$crates (only"\
+			"mlua 0.8.10's is known: see Cargo.toml)"; exit 1; fi
 
 # busted specs inside a real nginx worker (spec/resty/).
 spec: build ## busted specs inside a real nginx worker (spec/resty/)
