@@ -163,6 +163,24 @@ describe("resty.counter.limit on Redis", function()
         assert.same({ 0, 0, 0, 0, 0, 0, 1 }, seen)
     end)
 
+    it("judges near the limit on the exact estimate", function()
+        -- 2^-22 s into a window (the clock's last bit at T0): the previous
+        -- window's 1 event weighs 1 - 4e-9, so after 499,999 in this one
+        -- the estimate is 499,999.999999996, below half of 1e6; printed
+        -- with 14 digits it would be 500000.
+        local clock = { now = T0 + 60 + 2 ^ -22 }
+        local lim = limiter({ limit = 1000000, name = "ex",
+                              algorithm = "sliding",
+                              near_limit_ratio = 0.5 }, clock)
+        local index = (T0 + 60) / 60
+        assert(raw:command("set", "rc:{ex}:" .. (index - 1) .. ":k", "1"))
+        assert(raw:command("set", "rc:{ex}:" .. index .. ":k", "499998"))
+        assert.same({ 0, 500000 }, { lim:incoming("k", true) })
+        assert.equal(0, lim:self_metrics().near_limit)
+        lim:incoming("k", true)
+        assert.equal(1, lim:self_metrics().near_limit)
+    end)
+
     it("fails closed in shadow mode by letting through, told so", function()
         local clock = { now = T0 }
         local down = { port = 1, password = PASSWORD, connect_timeout = 0.05 }

@@ -42,7 +42,8 @@ local NO_COSOCKET = {
 -- KEYS: the current window's count, the previous one's. ARGV: limit,
 -- commit (1/0), sliding (1/0), elapsed and window (seconds), ttl (ms).
 -- Returns { 1 (allowed) or 0 (over the limit), used }, `used` as text
--- (Redis would cut a Lua number to an integer).
+-- with every digit (Redis would cut a Lua number to an integer, tostring
+-- to 14 digits), so the near-limit test is the dict's.
 local INCOMING = redis.script([[
 local limit, commit, sliding = tonumber(ARGV[1]), ARGV[2] == "1",
                                ARGV[3] == "1"
@@ -53,15 +54,16 @@ if sliding then
     local prev = tonumber(redis.call("GET", KEYS[2]) or "0")
     used = prev * ((window - elapsed) / window) + count
 end
+local text = string.format("%.17g", used)
 if used > limit then
-    return { 0, tostring(used) }
+    return { 0, text }
 end
 if commit then
     if redis.call("INCR", KEYS[1]) == 1 then
         redis.call("PEXPIRE", KEYS[1], ARGV[6])
     end
 end
-return { 1, tostring(used) }
+return { 1, text }
 ]])
 
 
