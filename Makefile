@@ -1,18 +1,9 @@
 # lua-resty-counter-rs
 #
-#   make run    install what is missing, build, serve the demo on 127.0.0.1
-#   make test   install what is missing, build, run every test
-#   make bench  benchmarks inside nginx workers, as ratios from one run,
-#               and instructions per request under valgrind's callgrind
-#   make chaos  faults under load (reloads, kills, floods, bad input), one
-#               table row per case; `make chaos-full` adds a 30-minute soak
-#   make loom   loom model tests of the shared engine's lock-free code
-#   make fuzz   cargo fuzz on every core function that takes outside input
-#               (FUZZ_SECONDS per target, default 60)
-#   make openresty  builds OpenResty's components from ../shared/openresty
-#               into target/openresty (OPENRESTY_PREFIX=$PWD/target/openresty)
-#   make peer   the original libraries' own test suites against ours
-#               (../shared/peer), on the stack in use
+# `make` (or `make help`) lists the targets, one line each, from the `##`
+# comments on their lines below. The main two: `make run` serves the demo
+# on 127.0.0.1, `make test` runs every test; each installs what it needs
+# first.
 #
 # The stack: Debian's nginx and lua module by default; an OpenResty when
 # OPENRESTY_PREFIX names its prefix (PREFIX/bin/resty, PREFIX/nginx/sbin/nginx)
@@ -23,7 +14,7 @@
 # so that a cargo installed by `deps` is the one the build finds.
 
 SHELL := /bin/bash
-.DEFAULT_GOAL := test
+.DEFAULT_GOAL := help
 
 ROOT := $(CURDIR)
 PORT ?= 8080
@@ -31,16 +22,21 @@ RUN_DIR ?= $(ROOT)/target/run
 LUAJIT ?= luajit
 BUSTED ?= /usr/bin/busted
 
-# Debian packages the project needs, by what they give: nginx with the lua
-# module (the OpenResty stand-in), LuaJIT and busted for the specs, luarocks
-# for the install test, luacheck, wrk and curl for the scenarios, Redis and
-# lua-resty-redis (Debian names it nginx.redis) for the Redis backends,
-# openssl for the certificates of the TLS specs, dnsmasq for a DNS server on
-# loopback (the specs of a Redis host given by name).
-DEB_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk \
-	lua-resty-core luajit2 lua-busted luarocks lua-check wrk curl \
-	ca-certificates gcc make procps redis-server lua-nginx-redis openssl \
-	dnsmasq-base
+# Debian packages the demo needs (`make run`): nginx with the lua module
+# (the OpenResty stand-in), LuaJIT for examples/serve.lua, curl for its
+# check that nginx answers, and what cargo's build uses (a C compiler for
+# the linker and build scripts, certificates for the crates registry).
+RUN_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk \
+	lua-resty-core luajit2 curl ca-certificates gcc make
+
+# And what the tests add (`make test`): busted for the specs, luarocks for
+# the install test, luacheck, wrk for the load of the scenarios and chaos
+# cases, procps, Redis and lua-resty-redis (Debian names it nginx.redis)
+# for the Redis backends, openssl for the certificates of the TLS specs,
+# dnsmasq for a DNS server on loopback (the specs of a Redis host given by
+# name).
+DEB_PACKAGES := $(RUN_PACKAGES) lua-busted luarocks lua-check wrk procps \
+	redis-server lua-nginx-redis openssl dnsmasq-base
 
 # rustup's cargo when there is one (it has clippy and rustfmt); otherwise
 # the one on PATH, which on a fresh Debian is the one `deps` installs.
@@ -60,27 +56,33 @@ endif
 
 MODULE_SO := target/lua/resty_counter_core.so
 
-.PHONY: run test bench chaos chaos-full fuzz deps bench-deps build serve check unit-test \
-	loom lint spec scenario chaos-short fuzz-short msrv-check clean openresty \
-	peer test-stack
+.PHONY: help run test bench chaos chaos-full fuzz deps run-deps bench-deps \
+	build serve check unit-test loom lint spec scenario chaos-short \
+	fuzz-short msrv-check clean openresty peer test-stack
 
-run: deps
+# Every target with a `##` comment on its line, in the order of this file.
+help: ## this list (what a bare `make` prints)
+	@echo "make TARGET, one of:"
+	@sed -n 's/^\([a-z-]*\):.*## \(.*\)$$/\1\t\2/p' $(firstword \
+		$(MAKEFILE_LIST)) | expand -t 14 | sed 's/^/  /'
+
+run: run-deps ## install what the demo needs, build, serve it on 127.0.0.1:8080
 	@$(MAKE) --no-print-directory serve
 
-test: deps
+test: deps ## install what the tests need, build, run every test (~7 min)
 	@$(MAKE) --no-print-directory check
 
-bench: bench-deps
+bench: bench-deps ## benchmarks in nginx workers; instructions per request
 	@$(MAKE) --no-print-directory build
 	$(LUAJIT) bench/run.lua
 	$(LUAJIT) bench/strict_run.lua
 	$(LUAJIT) bench/redis_run.lua
 	$(LUAJIT) bench/callgrind_run.lua
 
-chaos: deps
+chaos: deps ## faults under load (reloads, kills, floods, bad input)
 	@$(MAKE) --no-print-directory chaos-short
 
-chaos-full: deps
+chaos-full: deps ## the chaos cases plus a 30-minute soak
 	@$(MAKE) --no-print-directory build
 	$(LUAJIT) spec/chaos/run.lua full
 
@@ -105,8 +107,11 @@ define install_packages
 	fi
 endef
 
-deps:
+deps: ## install the Debian packages (and cargo) the tests need
 	$(call install_packages,$(DEB_PACKAGES))
+
+run-deps: ## install only what the demo needs (make run)
+	$(call install_packages,$(RUN_PACKAGES))
 
 # gnuplot draws bench/overhead.png; valgrind counts instructions per
 # request (bench/callgrind_run.lua), where greencheek's original request
@@ -114,7 +119,7 @@ deps:
 bench-deps:
 	$(call install_packages,$(DEB_PACKAGES) gnuplot-nox valgrind lua-cjson)
 
-build: $(MODULE_SO)
+build: $(MODULE_SO) ## build the Rust core (target/lua/resty_counter_core.so)
 
 $(MODULE_SO): Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs)
 	$(CARGO) build --release
@@ -127,17 +132,17 @@ $(MODULE_SO): Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs)
 check: build unit-test loom lint spec scenario chaos-short fuzz-short
 
 # What depends on the stack, for a second one (.ci/run: OpenResty's).
-test-stack: deps
+test-stack: deps ## build, specs, scenarios, chaos cases (for a second stack)
 	@$(MAKE) --no-print-directory build spec scenario chaos-short
 
-unit-test:
+unit-test: ## cargo test of the Rust core
 	$(CARGO) test --no-default-features
 
 # loom model tests of the shared engine (loom/, its own crate and lock
 # file): every interleaving of its lock-free paths. loom's lock file needs a
 # current toolchain (rustup's); Debian's cargo skips them and says so.
 LOOM_MIN_MINOR := 95
-loom:
+loom: ## loom model tests of the shared engine's lock-free code
 	@if [ -n "$(CARGO_MINOR)" ] && [ "$(CARGO_MINOR)" -ge $(LOOM_MIN_MINOR) ]; then \
 		echo "cd loom && $(CARGO) test --release --test engine --test requests"; \
 		cd loom && $(CARGO) test -q --release --test engine --test requests; \
@@ -145,7 +150,7 @@ loom:
 
 # clippy and rustfmt come with rustup's toolchain; Debian's cargo has
 # neither, so a machine without them skips those two and says so.
-lint:
+lint: ## cargo fmt, cargo clippy -D warnings, luacheck
 	@if $(CARGO) fmt --version >/dev/null 2>&1; then \
 		echo "$(CARGO) fmt --check"; $(CARGO) fmt --check; \
 	else echo "SKIPPED: cargo fmt (rustfmt not installed)"; fi
@@ -156,18 +161,26 @@ lint:
 		$(CARGO) clippy -q --no-default-features --all-targets -- -D warnings; \
 	else echo "SKIPPED: cargo clippy (clippy not installed)"; fi
 	luacheck -q lua spec bench examples
+	@echo "$(CARGO) build --future-incompat-report (none but mlua 0.8.10's)"
+	@out=$$($(CARGO) build --release --future-incompat-report 2>&1) || { \
+		echo "$$out"; exit 1; }; \
+	crates=$$(echo "$$out" | sed -n \
+		's/^warning: the following packages contain code .*Rust: //p'); \
+	if [ -n "$$crates" ] && [ "$$crates" != "mlua v0.8.10" ]; then \
+		echo "$$out"; echo "future-incompatible code in: $$crates (only"\
+			"mlua 0.8.10's is known: see Cargo.toml)"; exit 1; fi
 
 # busted specs inside a real nginx worker (spec/resty/).
-spec: build
+spec: build ## busted specs inside a real nginx worker (spec/resty/)
 	$(LUAJIT) spec/run-in-nginx.lua
 
 # Several workers, reloads, shutdown and the luarocks install, driven over
 # HTTP from the host (spec/scenario/).
-scenario: build
+scenario: build ## several workers, reloads, Redis nodes, over HTTP
 	COUNTER_ROOT=$(ROOT) $(LUAJIT) $(BUSTED) -o utfTerminal spec/scenario
 
 # The short chaos run (about a minute), also part of `make test`.
-chaos-short: build
+chaos-short: build ## the short chaos run (about a minute)
 	$(LUAJIT) spec/chaos/run.lua
 
 # cargo fuzz needs rustup's nightly toolchain; `make fuzz` installs the
@@ -177,7 +190,7 @@ FUZZ_TARGETS := request_record report_render pending_store \
 FUZZ_SECONDS ?= 60
 RUSTUP_CARGO := $(HOME)/.cargo/bin/cargo
 
-fuzz:
+fuzz: ## cargo fuzz on outside input (FUZZ_SECONDS a target, 60)
 	@$(RUSTUP_CARGO) +nightly --version >/dev/null 2>&1 || { \
 		echo "make fuzz needs rustup's nightly toolchain"; exit 1; }
 	@$(RUSTUP_CARGO) fuzz --version >/dev/null 2>&1 || \
@@ -191,21 +204,21 @@ fuzz:
 	done
 
 # In `make test`: 5 s a target when nightly and cargo-fuzz are there.
-fuzz-short:
+fuzz-short: ## 5 s a fuzz target, when nightly and cargo-fuzz are there
 	@if $(RUSTUP_CARGO) +nightly --version >/dev/null 2>&1 && \
 	    $(RUSTUP_CARGO) fuzz --version >/dev/null 2>&1; then \
 		$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=5; \
 	else echo "SKIPPED: fuzzing (needs rustup's nightly and cargo-fuzz; see make fuzz)"; fi
 
 # Builds with Debian 12's own rustc, the oldest toolchain we promise.
-msrv-check:
+msrv-check: ## build with Debian 12's rustc 1.63 (the oldest promised)
 	@test -x /usr/bin/rustc || { echo "no /usr/bin/rustc (apt-get install cargo)"; exit 1; }
 	RUSTC=/usr/bin/rustc CARGO_TARGET_DIR=target/msrv \
 	CARGO_UNSTABLE_SPARSE_REGISTRY=true \
 	__CARGO_TEST_CHANNEL_OVERRIDE_DO_NOT_USE_THIS=nightly \
 		/usr/bin/cargo build --release
 
-serve: build
+serve: build ## the demo, installing nothing first (PORT=8080)
 	$(LUAJIT) examples/serve.lua $(PORT) $(RUN_DIR)
 
 # OpenResty's components (nginx 1.29.2, lua-nginx-module 0.10.29, its LuaJIT,
@@ -215,7 +228,7 @@ serve: build
 # read this checkout (root master, mode-700 folder), build it elsewhere.
 OPENRESTY_SRC ?= $(ROOT)/../shared/openresty
 OPENRESTY_BUILD ?= $(ROOT)/target/openresty
-openresty:
+openresty: ## build OpenResty's components from ../shared/openresty
 	@test -f $(OPENRESTY_SRC)/build.sh || { \
 		echo "no $(OPENRESTY_SRC)/build.sh: set OPENRESTY_SRC"; exit 1; }
 	bash $(OPENRESTY_SRC)/build.sh $(OPENRESTY_BUILD)
@@ -224,10 +237,10 @@ openresty:
 # the stack in use, with their own worker settings and with 4 workers;
 # both gate. See spec/peer.sh for why and for what it prints.
 PEER_SRC ?= $(ROOT)/../shared/peer
-peer: deps
+peer: deps ## the original libraries' own test suites against ours
 	@$(MAKE) --no-print-directory build
 	bash spec/peer.sh $(PEER_SRC)
 
-clean:
+clean: ## remove what cargo built
 	$(CARGO) clean
 	rm -f resty_counter_core.so

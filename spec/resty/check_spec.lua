@@ -69,8 +69,8 @@ describe("bad input", function()
                          .. 'lock_ttl, name, prefix, redis, timeout)',
                 raised_at(function() strict.new("strict", { allowed_lag = 1 }) end))
             assert.equal('bad "opts" argument: unknown option "size" (known: '
-                         .. 'algorithm, clock, limit, name, on_redis_error, '
-                         .. 'prefix, redis, window)',
+                         .. 'algorithm, clock, limit, name, near_limit_ratio, '
+                         .. 'on_redis_error, prefix, redis, shadow, window)',
                 raised_at(function()
                     limit.new("limit", { limit = 1, window = 1, size = 2 }) end))
             assert.equal('bad "opts" argument: unknown option 1 (a number) '

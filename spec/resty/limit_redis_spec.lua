@@ -112,6 +112,91 @@ describe("resty.counter.limit on Redis", function()
         assert.equal(1, closed:self_metrics().failed_closed)
     end)
 
+    it("in shadow mode decides as enforced and never rejects", function()
+        local clock = { now = T0 + 5 }
+        local enforce = limiter({ limit = 3, name = "en" }, clock)
+        local shadow = limiter({ limit = 3, name = "sh", shadow = true },
+                               clock)
+        for i = 1, 5 do
+            local e = { enforce:incoming("k", true) }
+            local s = { shadow:incoming("k", true) }
+            if i <= 3 then
+                assert.same({ 0, 3 - i }, e)
+                assert.same(e, s)
+            else
+                assert.same({ nil, "rejected" }, e)
+                assert.same({ 0, 0, "rejected" }, s)
+            end
+        end
+        assert.same({ 0, 0, "rejected" }, { shadow:incoming("k", false) })
+        local index = T0 / 60
+        assert.equal("3", raw:command("get", "rc:{sh}:" .. index .. ":k"))
+        assert.equal(60 - 5, shadow:wait("k"))
+        local m = shadow:self_metrics()
+        assert.same({ 3, 0, 2 }, { m.allowed, m.rejected, m.shadow_rejected })
+        m = enforce:self_metrics()
+        assert.same({ 3, 2, 0 }, { m.allowed, m.rejected, m.shadow_rejected })
+    end)
+
+    it("counts events near the limit", function()
+        local clock = { now = T0 }
+        local lim = limiter({ limit = 10, name = "nl" }, clock)
+        for _ = 1, 12 do
+            lim:incoming("k", true)
+        end
+        local m = lim:self_metrics()
+        assert.same({ 10, 3, 2 }, { m.allowed, m.near_limit, m.rejected })
+
+        -- Sliding, 0.5 of the limit: 30 s into the next window the
+        -- previous 4 weigh 2, so the third event after is near (5).
+        local sliding = limiter({ limit = 10, name = "ns",
+                                  near_limit_ratio = 0.5,
+                                  algorithm = "sliding" }, clock)
+        local seen = {}
+        for i = 1, 7 do
+            if i == 5 then
+                clock.now = T0 + 60 + 30
+            end
+            sliding:incoming("k", true)
+            seen[i] = sliding:self_metrics().near_limit
+        end
+        assert.same({ 0, 0, 0, 0, 0, 0, 1 }, seen)
+    end)
+
+    it("judges near the limit on the exact estimate", function()
+        -- 2^-22 s into a window (the clock's last bit at T0): the previous
+        -- window's 1 event weighs 1 - 4e-9, so after 499,999 in this one
+        -- the estimate is 499,999.999999996, below half of 1e6; printed
+        -- with 14 digits it would be 500000.
+        local clock = { now = T0 + 60 + 2 ^ -22 }
+        local lim = limiter({ limit = 1000000, name = "ex",
+                              algorithm = "sliding",
+                              near_limit_ratio = 0.5 }, clock)
+        local index = (T0 + 60) / 60
+        assert(raw:command("set", "rc:{ex}:" .. (index - 1) .. ":k", "1"))
+        assert(raw:command("set", "rc:{ex}:" .. index .. ":k", "499998"))
+        assert.same({ 0, 500000 }, { lim:incoming("k", true) })
+        assert.equal(0, lim:self_metrics().near_limit)
+        lim:incoming("k", true)
+        assert.equal(1, lim:self_metrics().near_limit)
+    end)
+
+    it("fails closed in shadow mode by letting through, told so", function()
+        local clock = { now = T0 }
+        local down = { port = 1, password = PASSWORD, connect_timeout = 0.05 }
+        local lim = limiter({ limit = 1, name = "sc", redis = down,
+                              on_redis_error = "reject", shadow = true },
+                            clock)
+        local delay, remaining, rejected, err = lim:incoming("k", true)
+        assert.equal(0, delay)
+        assert.equal(0, remaining)
+        assert.equal("rejected", rejected)
+        assert.matches("redis connect to 127.0.0.1:1 failed", err, 1, true)
+        local m = lim:self_metrics()
+        assert.same({ 1, 0, 0 }, { m.failed_closed, m.rejected,
+                                   m.shadow_rejected })
+    end)
+
     it("raises on misuse", function()
         local ok, err = pcall(limit.new, nil, { limit = 1, window = 1,
                                                 redis = backend(),

@@ -51,6 +51,23 @@ describe("resty.counter.limit", function()
                   .. 'got "leaky" (a string)' },
                 { { limit = 1, window = 1, name = "a/b" }, 'bad "opts.name"' },
                 { { limit = 1, window = 1, clock = 5 }, 'bad "opts.clock"' },
+                { { limit = 1, window = 1, shadow = "yes" },
+                  'bad "opts.shadow" argument: boolean expected, got "yes" '
+                  .. '(a string)' },
+                { { limit = 1, window = 1, near_limit_ratio = 0 },
+                  'bad "opts.near_limit_ratio" argument: a number above 0 and '
+                  .. 'at most 1 expected, got 0 (a number)' },
+                { { limit = 1, window = 1, near_limit_ratio = 1.5 },
+                  'bad "opts.near_limit_ratio"' },
+                { { limit = 1, window = 1, near_limit_ratio = 0 / 0 },
+                  'bad "opts.near_limit_ratio"' },
+                { { limit = 1, window = 1, near_limit_ratio = "0.8" },
+                  'bad "opts.near_limit_ratio"' },
+                { { limit = 1, window = 1, shadwo = true },
+                  'bad "opts" argument: unknown option "shadwo" (did you mean '
+                  .. '"shadow"?)' },
+                { { limit = 1, window = 1, near_limit = 0.9 },
+                  'bad "opts" argument: unknown option "near_limit"' },
             }
             for _, case in ipairs(cases) do
                 assert.matches(case[2], raised(limit.new, "limit", case[1]), 1, true)
@@ -195,6 +212,145 @@ describe("resty.counter.limit", function()
             -- 10 * (1 - e) + 2 + 1 <= 10 from e = 0.3.
             local wait = lim:wait("a")
             assert.is_true(math.abs(wait - 0.1) < 1e-9, tostring(wait))
+        end)
+    end)
+
+    describe("shadow mode", function()
+        -- The same events through an enforcing limiter and a shadow one:
+        -- the same counts, the same decisions, but the shadow one lets
+        -- every event through.
+        local function same_decisions(algorithm, limit_n, window, steps)
+            local opts = { limit = limit_n, window = window, clock = clock,
+                           algorithm = algorithm }
+            opts.name = "enforce"
+            local enforce = assert(limit.new("limit", opts))
+            opts.name, opts.shadow = "shadow", true
+            local shadow = assert(limit.new("limit", opts))
+
+            local would = 0
+            for _, step in ipairs(steps) do
+                t = step.t
+                for _ = 1, step.events do
+                    local e = { enforce:incoming("k", true) }
+                    local s = { shadow:incoming("k", true) }
+                    if e[1] == nil then
+                        assert.same({ nil, "rejected" }, e)
+                        assert.same({ 0, 0, "rejected" }, s)
+                        would = would + 1
+                    else
+                        assert.same(e, s)
+                    end
+                end
+                local index = math.floor(t / window)
+                assert.equal(dict:get("enforce/" .. index .. "/k"),
+                             dict:get("shadow/" .. index .. "/k"))
+                assert.equal(enforce:wait("k"), shadow:wait("k"))
+            end
+
+            local e, s = enforce:self_metrics(), shadow:self_metrics()
+            assert.equal(would, e.rejected)
+            assert.equal(0, e.shadow_rejected)
+            assert.equal(0, s.rejected)
+            assert.equal(would, s.shadow_rejected)
+            assert.equal(e.allowed, s.allowed)
+            assert.equal(e.near_limit, s.near_limit)
+            return would, s
+        end
+
+        it("decides and counts as enforced, and never rejects", function()
+            local would, m = same_decisions("fixed", 3, 10, {
+                { t = 1000, events = 5 }, { t = 1009, events = 2 },
+                { t = 1010, events = 2 }, { t = 1015, events = 4 },
+            })
+            -- 1000-1009: 3 of 7; 1010-1019: 3 of 6.
+            assert.equal(7, would)
+            assert.equal(6, m.allowed)
+        end)
+
+        it("follows the sliding estimate as enforced", function()
+            local would = same_decisions("sliding", 10, 1, {
+                { t = 1000.2, events = 14 }, { t = 1001.5, events = 8 },
+                { t = 1001.75, events = 3 }, { t = 1002.1, events = 12 },
+                { t = 1004, events = 11 },
+            })
+            assert.is_true(would > 0)
+        end)
+
+        it("answers a dry run as it would a commit, counting nothing",
+           function()
+            local lim = assert(limit.new("limit", {
+                limit = 1, window = 10, clock = clock, shadow = true }))
+            assert.same({ 0, 0 }, { lim:incoming("a", true) })
+            assert.same({ 0, 0, "rejected" }, { lim:incoming("a", false) })
+            assert.equal(1, dict:get("limit/100/a"))
+            assert.same({ allowed = 1, near_limit = 1, rejected = 0,
+                          shadow_rejected = 0, failed_open = 0,
+                          failed_closed = 0 }, lim:self_metrics())
+        end)
+    end)
+
+    describe("near-limit counts", function()
+        local function near(opts, events)
+            opts.window, opts.clock = 10, clock
+            local lim = assert(limit.new("limit", opts))
+            for _ = 1, events do
+                lim:incoming("a", true)
+            end
+            return lim:self_metrics()
+        end
+
+        it("counts allowed events from 0.8 of the limit by default",
+           function()
+            -- 8, 9 and 10 of 10 are near; 11 and 12 are rejected.
+            local m = near({ limit = 10 }, 12)
+            assert.equal(10, m.allowed)
+            assert.equal(3, m.near_limit)
+            assert.equal(2, m.rejected)
+            dict:flush_all()
+            assert.equal(6, near({ limit = 10, near_limit_ratio = 0.5 },
+                                 12).near_limit)
+            dict:flush_all()
+            assert.equal(1, near({ limit = 10, near_limit_ratio = 1 },
+                                 12).near_limit)
+            dict:flush_all()
+            -- 0.28 * 25 is 7.0000000000000009 in doubles, 7 / 25 is 0.28:
+            -- the 7th event is near.
+            assert.equal(4, near({ limit = 25, near_limit_ratio = 0.28 },
+                                 10).near_limit)
+        end)
+
+        it("weighs the previous window in the sliding estimate", function()
+            local lim = assert(limit.new("limit", {
+                limit = 10, window = 1, clock = clock, algorithm = "sliding",
+                near_limit_ratio = 0.5 }))
+            for _ = 1, 4 do
+                lim:incoming("a", true)
+            end
+            assert.equal(0, lim:self_metrics().near_limit)
+            -- 0.5 s into the next window: 4 * 0.5 + 3 = 5 is near.
+            t = 1001.5
+            for _ = 1, 2 do
+                lim:incoming("a", true)
+            end
+            assert.equal(0, lim:self_metrics().near_limit)
+            lim:incoming("a", true)
+            assert.equal(1, lim:self_metrics().near_limit)
+        end)
+
+        it("counts neither dry runs nor uncommitted limits apart", function()
+            local lim = assert(limit.new("limit", { limit = 2, window = 10,
+                                                    clock = clock }))
+            lim:incoming("a", false)
+            lim:incoming("a", true)
+            lim:incoming("a", true)
+            lim:incoming("a", false)
+            local other = assert(limit.new("limit", {
+                limit = 2, window = 10, clock = clock, name = "other" }))
+            other:incoming("a", true)
+            assert.same({ 2, 1, 0 }, { lim:self_metrics().allowed,
+                                       lim:self_metrics().near_limit,
+                                       lim:self_metrics().rejected })
+            assert.equal(1, other:self_metrics().allowed)
         end)
     end)
 

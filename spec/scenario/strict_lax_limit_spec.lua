@@ -104,11 +104,12 @@ describe("strict, lax and limit with 2 workers", function()
         stop_clean(srv)
     end)
 
-    it("fixed window: never more than the limit per window", function()
-        srv = start_nginx()
-        local report = load.wait(load.start(srv, "/fixed", { seconds = 2,
-                                                             connections = 32 }))
-        local per_window, _, rejected, workers = limited(srv, "/fixed")
+    -- wrk's load on a fixed window of `uri` for 2 s: never more than the
+    -- limit per window, and the windows full. Returns the rejected count.
+    local function fixed_window_holds(uri)
+        local report = load.wait(load.start(srv, uri, { seconds = 2,
+                                                        connections = 32 }))
+        local per_window, _, rejected, workers = limited(srv, uri)
         local windows, full, most = 0, 0, 0
         for _, n in pairs(per_window) do
             windows = windows + 1
@@ -122,6 +123,27 @@ describe("strict, lax and limit with 2 workers", function()
         assert.equal(2, workers, "requests reached one worker only")
         assert.is_true(most <= LIMIT, "a window allowed " .. most)
         assert.is_true(full >= windows - 2, full .. " of " .. windows .. " windows full")
+        return rejected
+    end
+
+    it("fixed window: never more than the limit per window", function()
+        srv = start_nginx()
+        fixed_window_holds("/fixed")
+        stop_clean(srv)
+    end)
+
+    it("shadow mode: decides as the fixed window, rejects nothing", function()
+        srv = start_nginx()
+        local would = fixed_window_holds("/shadow")
+        local statuses = {}
+        for line in io.lines(srv.dir .. "/shadow.log") do
+            local status = line:match("^%d+ (%d+)$")
+            statuses[status] = (statuses[status] or 0) + 1
+        end
+        io.write(string.format("\nshadow: %d served, %d of them over the "
+                               .. "limit\n", statuses["200"] or 0, would))
+        statuses["200"] = nil
+        assert.same({}, statuses)
         stop_clean(srv)
     end)
 

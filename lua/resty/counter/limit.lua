@@ -23,6 +23,12 @@
 -- A rejected event's `incr` is undone at once. Meanwhile a concurrent call
 -- may see the count one higher and be rejected too: under contention at
 -- the limit, the limiter errs towards rejecting, never towards allowing.
+--
+-- Shadow mode (`opts.shadow`), to try a limit in production: the same
+-- counts and the same decisions, but an event over the limit is let
+-- through, the caller told with a third value ("rejected"). Its count is
+-- undone as in enforcing mode, so the counts, and every later decision,
+-- are exactly those the limit would make if enforced.
 
 
 local check = require "resty.counter.check"
@@ -52,8 +58,16 @@ local ALGORITHMS = { fixed = true, sliding = true }
 
 -- The options of limit.new.
 local OPTIONS = { limit = true, window = true, algorithm = true, name = true,
-                  clock = true, redis = true, prefix = true,
-                  on_redis_error = true }
+                  clock = true, shadow = true, near_limit_ratio = true,
+                  redis = true, prefix = true, on_redis_error = true }
+
+-- An allowed event is near the limit when the window's use after it is
+-- at least this part of the limit (by default).
+local NEAR_LIMIT_RATIO = 0.8
+
+local check_ratio = check.option(function(v)
+    return type(v) == "number" and v > 0 and v <= 1
+end, "a number above 0 and at most 1")
 
 
 -- syntax: lim, err = limit.new(shdict_name, opts)
@@ -63,7 +77,10 @@ local OPTIONS = { limit = true, window = true, algorithm = true, name = true,
 -- opts: limit (events per window, an integer >= 1), window (seconds, a
 -- positive number), algorithm ("fixed", the default, or "sliding"), name
 -- (namespace of the keys, default "limit"), clock (a function returning
--- seconds, default ngx.now; for tests). With redis (the options of
+-- seconds, default ngx.now; for tests), shadow (true: never reject, see
+-- `incoming`; default false), near_limit_ratio (an allowed event whose
+-- window is then at least this part of the limit is counted as near the
+-- limit; above 0 and at most 1, default 0.8). With redis (the options of
 -- resty.counter.redis.new), prefix (default "rc:") and on_redis_error
 -- ("allow", the default, or "reject"), the counts live in Redis
 -- (resty.counter.limit_redis) and `shdict_name` may be nil. An unknown
@@ -86,6 +103,10 @@ function _M.new(shdict_name, opts)
     end
     local name = check.name(opts.name, "opts.name", 2, "limit")
     local clock = check.func(opts.clock, "opts.clock", 2, ngx_now)
+    local shadow = check.flag(opts.shadow, "opts.shadow", 2, false) or false
+    local near_limit_ratio = check_ratio(opts.near_limit_ratio,
+                                         "opts.near_limit_ratio", 2,
+                                         NEAR_LIMIT_RATIO)
 
     local engine, dict
     if opts.redis ~= nil then
@@ -108,6 +129,13 @@ function _M.new(shdict_name, opts)
         -- The window index takes up to 16 bytes more of the dict's key.
         max_key_len = check.max_key_len - #name - 18,
         clock = clock,
+        shadow = shadow,
+        near_limit_ratio = near_limit_ratio,
+        -- what this worker answered to committed events (self_metrics)
+        allowed = 0,
+        near_limit = 0,
+        rejected = 0,
+        shadow_rejected = 0,
         -- A window's count must outlive the next window (the sliding
         -- estimate reads it there).
         ttl = 2 * window,
@@ -166,8 +194,40 @@ local function previous_count(self, index, key)
 end
 
 
+-- The answer to an event over the limit: rejected, or in shadow mode let
+-- through with "rejected" as a third value; `err` is a Redis error that
+-- made a limit that fails closed answer so. Counted when `counted`.
+local function over(self, counted, err)
+    if self.shadow then
+        if counted then
+            self.shadow_rejected = self.shadow_rejected + 1
+        end
+        return 0, 0, "rejected", err
+    end
+    if counted then
+        self.rejected = self.rejected + 1
+    end
+    return nil, "rejected", err
+end
+
+
+-- The answer to an allowed event, after which the window's use is
+-- `used`; counted (and near the limit or not) when `commit`.
+local function within(self, used, commit)
+    local limit = self.limit
+    if commit then
+        self.allowed = self.allowed + 1
+        if used / limit >= self.near_limit_ratio then
+            self.near_limit = self.near_limit + 1
+        end
+    end
+    return 0, floor(limit - used)
+end
+
+
 -- syntax: delay, remaining = lim:incoming(key, commit)
 -- syntax: nil, "rejected" = lim:incoming(key, commit)
+-- syntax: 0, 0, "rejected" = lim:incoming(key, commit)   (shadow mode)
 -- syntax: nil, err = lim:incoming(key, commit)
 --
 -- context: any phase (it never yields)
@@ -176,6 +236,8 @@ end
 -- with `commit` false, only tells whether it would be (a dry run).
 -- `delay` is always 0 (events are allowed or rejected, never delayed);
 -- `remaining` is how many more events the window allows after this one.
+-- In shadow mode an event over the limit gets `0, 0, "rejected"`: let
+-- through, but not counted, as when enforced (so never `uncommit` it).
 -- Other errors are the dict's ("no memory").
 function _M.incoming(self, key, commit)
     if type(self) ~= "table" then
@@ -187,10 +249,19 @@ function _M.incoming(self, key, commit)
     local index, elapsed, dkey = current(self, key)
     local engine = self.engine
     if engine then
-        local delay, remaining, err = limit_redis.incoming(engine, self,
-                                                           index, elapsed,
-                                                           key, commit)
-        return delay, remaining, err
+        local allowed, used = limit_redis.incoming(engine, self, index,
+                                                   elapsed, key, commit)
+        if allowed == nil then
+            -- `used` is the reason Redis did not answer.
+            if limit_redis.failed(engine) then
+                return 0, 0, used
+            end
+            return over(self, false, used)
+        end
+        if not allowed then
+            return over(self, commit)
+        end
+        return within(self, used, commit)
     end
     local prev = 0
     if self.sliding then
@@ -216,10 +287,10 @@ function _M.incoming(self, key, commit)
         if commit then
             dict:incr(dkey, -1)
         end
-        return nil, "rejected"
+        return over(self, commit)
     end
 
-    return 0, floor(limit - used)
+    return within(self, used, commit)
 end
 
 
@@ -305,14 +376,23 @@ end
 --
 -- context: any phase
 --
--- For a limiter on Redis, what this worker answered when Redis could not:
--- `failed_open` (events allowed) and `failed_closed` (events rejected).
+-- What this worker answered to committed events (dry runs are not
+-- counted): `allowed`, of them `near_limit` (the window then at least
+-- near_limit_ratio of the limit), `rejected` (over the limit) and, in
+-- shadow mode, `shadow_rejected` (over the limit, let through). For a
+-- limiter on Redis, what it answered when Redis could not: `failed_open`
+-- (events allowed) and `failed_closed` (events rejected, or in shadow
+-- mode let through with "rejected"), counted apart from the others.
 function _M.self_metrics(self)
     if type(self) ~= "table" then
         dot_call("lim", "self_metrics", 2)
     end
     local engine = self.engine
     return {
+        allowed = self.allowed,
+        near_limit = self.near_limit,
+        rejected = self.rejected,
+        shadow_rejected = self.shadow_rejected,
         failed_open = engine and engine.failed_open or 0,
         failed_closed = engine and engine.failed_closed or 0,
     }

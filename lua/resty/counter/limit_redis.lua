@@ -14,7 +14,8 @@
 -- When Redis cannot be reached within the client's timeouts the request is
 -- not held longer; `opts.on_redis_error` says what the limiter answers
 -- then: "allow" (fail open, the default) or "reject" (fail closed), each
--- outcome counted.
+-- outcome counted. resty.counter.limit makes the answers (shadow mode,
+-- near-limit counts) from what these return.
 
 
 local check = require "resty.counter.check"
@@ -40,8 +41,9 @@ local NO_COSOCKET = {
 
 -- KEYS: the current window's count, the previous one's. ARGV: limit,
 -- commit (1/0), sliding (1/0), elapsed and window (seconds), ttl (ms).
--- Returns { 1, remaining } or { 0, used }, numbers as text (Redis would
--- cut a Lua number to an integer).
+-- Returns { 1 (allowed) or 0 (over the limit), used }, `used` as text
+-- with every digit (Redis would cut a Lua number to an integer, tostring
+-- to 14 digits), so the near-limit test is the dict's.
 local INCOMING = redis.script([[
 local limit, commit, sliding = tonumber(ARGV[1]), ARGV[2] == "1",
                                ARGV[3] == "1"
@@ -52,15 +54,16 @@ if sliding then
     local prev = tonumber(redis.call("GET", KEYS[2]) or "0")
     used = prev * ((window - elapsed) / window) + count
 end
+local text = string.format("%.17g", used)
 if used > limit then
-    return { 0, tostring(used) }
+    return { 0, text }
 end
 if commit then
     if redis.call("INCR", KEYS[1]) == 1 then
         redis.call("PEXPIRE", KEYS[1], ARGV[6])
     end
 end
-return { 1, tostring(limit - used) }
+return { 1, text }
 ]])
 
 
@@ -110,24 +113,31 @@ local function count_key(engine, index, key)
 end
 
 
--- The answer when Redis could not: allowed (0, 0 remaining) or rejected,
--- with the reason as an extra value.
-local function on_failure(engine, err)
+-- syntax: fail_open = limit_redis.failed(engine)
+--
+-- Counts an event Redis could not decide; true when the limiter fails
+-- open (allows it), false when it fails closed.
+function _M.failed(engine)
     if engine.fail_open then
         engine.failed_open = engine.failed_open + 1
-        return 0, 0, err
+        return true
     end
     engine.failed_closed = engine.failed_closed + 1
-    return nil, "rejected", err
+    return false
 end
 
 
--- delay, remaining / nil, "rejected" / nil, "rejected", err (fail closed)
--- / 0, 0, err (fail open)
+-- syntax: allowed, used = limit_redis.incoming(engine, lim, index, elapsed,
+--                                              key, commit)
+-- syntax: nil, err = limit_redis.incoming(...)
+--
+-- Redis's decision (`allowed` true or false, counted there when allowed
+-- and `commit`) and the window's use after the event; nil and the reason
+-- when Redis could not decide.
 function _M.incoming(engine, lim, index, elapsed, key, commit)
     local ok, err = reachable()
     if not ok then
-        return on_failure(engine, err)
+        return nil, err
     end
 
     local res
@@ -140,12 +150,9 @@ function _M.incoming(engine, lim, index, elapsed, key, commit)
                                   fmt("%.17g", lim.window),
                                   fmt("%d", floor(lim.ttl * 1000)))
     if not res then
-        return on_failure(engine, err)
+        return nil, err
     end
-    if res[1] == 0 then
-        return nil, "rejected"
-    end
-    return 0, floor(tonumber(res[2]))
+    return res[1] == 1, tonumber(res[2])
 end
 
 
