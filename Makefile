@@ -37,7 +37,7 @@ BUSTED ?= /usr/bin/busted
 # lua-resty-redis (Debian names it nginx.redis) for the Redis backends,
 # openssl for the certificates of the TLS specs, dnsmasq for a DNS server on
 # loopback (the specs of a Redis host given by name).
-DEB_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk \
+DEB_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk prometheus \
 	lua-resty-core luajit2 lua-busted luarocks lua-check wrk curl \
 	ca-certificates gcc make procps redis-server lua-nginx-redis openssl \
 	dnsmasq-base

@@ -83,9 +83,12 @@ local tick
 
 
 -- A module's own figures: the field of its self_metrics(), the family it
--- is exported as, its type and its help.
-local function figure(field, family, type_, help)
-    return { field = field, family = family, type = type_, help = help }
+-- is exported as, its type and its help. A gauge is the sum of the
+-- workers' values, or with `max` their largest: for a figure every worker
+-- observes of the same node-wide thing.
+local function figure(field, family, type_, help, max)
+    return { field = field, family = family, type = type_, help = help,
+             max = max }
 end
 
 
@@ -101,8 +104,11 @@ local COUNTER_FIGURES = {
            "New keys refused because the shared engine was full."),
     figure("took_over", "resty_counts_takeovers_total", "counter",
            "Syncs of a worker that died during them, done again."),
+    -- Each sync copies every changed key of the node: each worker's last
+    -- one saw the same keys.
     figure("pending_keys", "resty_counts_pending_keys", "gauge",
-           "Keys the last sync left uncopied."),
+           "Keys the last sync left uncopied into the dict (the largest "
+           .. "of the workers' last syncs).", true),
 }
 
 local REQUESTS_FIGURES = {
@@ -759,7 +765,9 @@ local function render_keys(expo, entry, level)
     local obj, mapping = entry.obj, entry.mapping
     local f = family(expo, mapping.family, mapping.type, mapping.help)
     local dict_name = obj.dict_name
-    for _, key in ipairs(obj:get_keys(0)) do
+    local keys = obj:get_keys(0)
+    sort(keys)
+    for _, key in ipairs(keys) do
         local value = obj:get(key)
         if type(value) == "number" then
             local labels = key_labels(mapping, dict_name, key, level + 1)
@@ -835,8 +843,13 @@ local function render_figures(self, expo)
                 else
                     value = 0
                     for id = 0, workers - 1 do
-                        value = value + (dict:get(self.gauge_key .. id .. "|"
-                                                  .. series) or 0)
+                        local v = dict:get(self.gauge_key .. id .. "|"
+                                           .. series) or 0
+                        if not f.max then
+                            value = value + v
+                        elseif v > value then
+                            value = v
+                        end
                     end
                 end
                 sample(fam, f.family, entry.labels, value)
