@@ -36,11 +36,12 @@ BUSTED ?= /usr/bin/busted
 # for the install test, luacheck, wrk and curl for the scenarios, Redis and
 # lua-resty-redis (Debian names it nginx.redis) for the Redis backends,
 # openssl for the certificates of the TLS specs, dnsmasq for a DNS server on
-# loopback (the specs of a Redis host given by name).
-DEB_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk prometheus \
+# loopback (the specs of a Redis host given by name), Prometheus (with
+# promtool) to scrape the metrics endpoint in its scenario.
+DEB_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk \
 	lua-resty-core luajit2 lua-busted luarocks lua-check wrk curl \
 	ca-certificates gcc make procps redis-server lua-nginx-redis openssl \
-	dnsmasq-base
+	dnsmasq-base prometheus
 
 # rustup's cargo when there is one (it has clippy and rustfmt); otherwise
 # the one on PATH, which on a fresh Debian is the one `deps` installs.
