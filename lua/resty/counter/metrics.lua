@@ -446,6 +446,12 @@ local function key_mapping(opts, level)
             end
             seen[label] = true
         end
+        -- A copy: the caller's list may change later.
+        local names = {}
+        for i = 1, #labels do
+            names[i] = labels[i]
+        end
+        labels = names
         separator = check.text(separator, "opts.separator", level, ":")
     elseif type(labels) == "function" then
         if separator ~= nil then
