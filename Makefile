@@ -34,9 +34,10 @@ RUN_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk \
 # cases, procps, Redis and lua-resty-redis (Debian names it nginx.redis)
 # for the Redis backends, openssl for the certificates of the TLS specs,
 # dnsmasq for a DNS server on loopback (the specs of a Redis host given by
-# name).
+# name), Prometheus (with promtool) to scrape the metrics endpoint in its
+# scenario.
 DEB_PACKAGES := $(RUN_PACKAGES) lua-busted luarocks lua-check wrk procps \
-	redis-server lua-nginx-redis openssl dnsmasq-base
+	redis-server lua-nginx-redis openssl dnsmasq-base prometheus
 
 # rustup's cargo when there is one (it has clippy and rustfmt); otherwise
 # the one on PATH, which on a fresh Debian is the one `deps` installs.

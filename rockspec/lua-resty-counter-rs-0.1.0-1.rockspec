@@ -34,6 +34,7 @@ build = {
             ["resty.counter.check"] = "lua/resty/counter/check.lua",
             ["resty.counter.engine"] = "lua/resty/counter/engine.lua",
             ["resty.counter.log"] = "lua/resty/counter/log.lua",
+            ["resty.counter.metrics"] = "lua/resty/counter/metrics.lua",
             ["resty.counter.redis"] = "lua/resty/counter/redis.lua",
             ["resty.counter.requests"] = "lua/resty/counter/requests.lua",
             ["resty.counter.store"] = "lua/resty/counter/store.lua",

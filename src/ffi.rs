@@ -358,7 +358,9 @@ mod tests {
             assert!(json.contains("\"requests\":1"), "{}", json);
             let text = rc_report_prometheus(report, ptr::null(), 0, &mut len);
             let text = String::from_utf8_lossy(bytes(text, len));
-            assert!(text.contains("request_counter_rate{dict=\"\",key=\"all\",window=\"60\"} 1"));
+            assert!(
+                text.contains("resty_requests_window_rate{dict=\"\",key=\"all\",window=\"60\"} 1")
+            );
             rc_report_free(report);
 
             let bad = [0xffu8, 0xfe];

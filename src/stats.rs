@@ -157,42 +157,42 @@ impl Report {
             .map(|le| format!(",le=\"{}\"}} ", le / 1000.0))
             .collect();
 
-        out.push_str("# HELP request_counter_requests_total Requests recorded, by key.\n");
-        out.push_str("# TYPE request_counter_requests_total counter\n");
+        out.push_str("# HELP resty_requests_total Requests recorded, by key.\n");
+        out.push_str("# TYPE resty_requests_total counter\n");
         for (records, labels) in self.keys.iter().zip(&labels) {
-            out.push_str("request_counter_requests_total");
+            out.push_str("resty_requests_total");
             out.push_str(labels);
             let _ = writeln!(out, "}} {}", records.total.count);
         }
 
-        out.push_str("# HELP request_counter_latency_seconds Request latency, by key.\n");
-        out.push_str("# TYPE request_counter_latency_seconds histogram\n");
+        out.push_str("# HELP resty_request_latency_seconds Request latency, by key.\n");
+        out.push_str("# TYPE resty_request_latency_seconds histogram\n");
         for (records, labels) in self.keys.iter().zip(&labels) {
             let total = &records.total;
             for (below, edge) in total.at_or_below.iter().zip(&edges) {
-                out.push_str("request_counter_latency_seconds_bucket");
+                out.push_str("resty_request_latency_seconds_bucket");
                 out.push_str(labels);
                 out.push_str(edge);
                 let _ = writeln!(out, "{}", below);
             }
-            out.push_str("request_counter_latency_seconds_bucket");
+            out.push_str("resty_request_latency_seconds_bucket");
             out.push_str(labels);
             let _ = writeln!(out, ",le=\"+Inf\"}} {}", total.count);
-            out.push_str("request_counter_latency_seconds_sum");
+            out.push_str("resty_request_latency_seconds_sum");
             out.push_str(labels);
             let _ = writeln!(out, "}} {}", total.sum / 1000.0);
-            out.push_str("request_counter_latency_seconds_count");
+            out.push_str("resty_request_latency_seconds_count");
             out.push_str(labels);
             let _ = writeln!(out, "}} {}", total.count);
         }
 
         out.push_str(
-            "# HELP request_counter_rate Sliding-window estimate of requests per window, by key.\n",
+            "# HELP resty_requests_window_rate Sliding-window estimate of requests per window, by key.\n",
         );
-        out.push_str("# TYPE request_counter_rate gauge\n");
+        out.push_str("# TYPE resty_requests_window_rate gauge\n");
         for (records, labels) in self.keys.iter().zip(&labels) {
             let rate = self.rate(&records.windows[0], records.windows.get(1));
-            out.push_str("request_counter_rate");
+            out.push_str("resty_requests_window_rate");
             out.push_str(labels);
             let _ = writeln!(out, ",window=\"{}\"}} {}", self.window, rate);
         }
@@ -428,24 +428,24 @@ mod tests {
         let text = report.prometheus("d\"x").to_string();
         let labels = "dict=\"d\\\"x\",key=\"a\\\"b\\\\c\\nd|e</script>\u{1}é\"";
         assert!(
-            text.contains(&format!("request_counter_requests_total{{{}}} 3\n", labels)),
+            text.contains(&format!("resty_requests_total{{{}}} 3\n", labels)),
             "{}",
             text
         );
         assert!(text.contains(&format!(
-            "request_counter_latency_seconds_bucket{{{},le=\"0.005\"}} 1\n",
+            "resty_request_latency_seconds_bucket{{{},le=\"0.005\"}} 1\n",
             labels
         )));
         assert!(text.contains(&format!(
-            "request_counter_latency_seconds_bucket{{{},le=\"0.05\"}} 2\n",
+            "resty_request_latency_seconds_bucket{{{},le=\"0.05\"}} 2\n",
             labels
         )));
         assert!(text.contains(&format!(
-            "request_counter_latency_seconds_bucket{{{},le=\"+Inf\"}} 3\n",
+            "resty_request_latency_seconds_bucket{{{},le=\"+Inf\"}} 3\n",
             labels
         )));
         assert!(text.contains(&format!(
-            "request_counter_latency_seconds_sum{{{}}} 4.044\n",
+            "resty_request_latency_seconds_sum{{{}}} 4.044\n",
             labels
         )));
     }

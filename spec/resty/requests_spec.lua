@@ -432,7 +432,7 @@ describe("resty.counter.requests", function()
             local doc = stats(r)
             assert.equal(1, doc.stats.k.current.requests)
             local text = assert(r:prometheus())
-            assert.matches('request_counter_requests_total{dict="[^"]+",'
+            assert.matches('resty_requests_total{dict="[^"]+",'
                            .. 'key="k"} 2', text)
         end)
 
@@ -534,25 +534,25 @@ describe("resty.counter.requests", function()
                 r:record(key, s)
             end
             local samples, types = parse(assert(r:prometheus()))
-            assert.equal("counter", types.request_counter_requests_total)
-            assert.equal("histogram", types.request_counter_latency_seconds)
-            assert.equal("gauge", types.request_counter_rate)
+            assert.equal("counter", types.resty_requests_total)
+            assert.equal("histogram", types.resty_request_latency_seconds)
+            assert.equal("gauge", types.resty_requests_window_rate)
 
             local labels = 'dict="' .. dict_name .. '",key="a\\"b\\\\c\\nd"'
             local function sample(name, extra)
                 return samples[name .. "{" .. labels .. (extra or "") .. "}"]
             end
-            assert.equal(5, sample("request_counter_requests_total"))
-            local bucket = "request_counter_latency_seconds_bucket"
+            assert.equal(5, sample("resty_requests_total"))
+            local bucket = "resty_request_latency_seconds_bucket"
             assert.equal(2, sample(bucket, ',le="0.005"'))
             assert.equal(3, sample(bucket, ',le="0.025"'))
             assert.equal(4, sample(bucket, ',le="1"'))
             assert.equal(4, sample(bucket, ',le="10"'))
             assert.equal(5, sample(bucket, ',le="+Inf"'))
-            assert.equal(5, sample("request_counter_latency_seconds_count"))
-            assert.near(30.726, sample("request_counter_latency_seconds_sum"),
+            assert.equal(5, sample("resty_request_latency_seconds_count"))
+            assert.near(30.726, sample("resty_request_latency_seconds_sum"),
                         1e-6)
-            assert.equal(5, sample("request_counter_rate", ',window="60"'))
+            assert.equal(5, sample("resty_requests_window_rate", ',window="60"'))
         end)
     end)
 end)
@@ -614,7 +614,7 @@ describe("resty.greencheek.request.counter", function()
         assert.is_table(single.stats.prev2)
 
         local text = assert(request_counter.prometheus("greencheek"))
-        assert.matches('request_counter_requests_total{dict="greencheek",'
+        assert.matches('resty_requests_total{dict="greencheek",'
                        .. 'key="login"} 2', text, 1, true)
     end)
 

@@ -98,7 +98,7 @@ describe("resty.greencheek.request.counter under load", function()
         -- The same numbers in the Prometheus text.
         local status, text = srv:get("/metrics")
         assert.equal(200, status)
-        local all = text:match('request_counter_requests_total{dict="request_'
+        local all = text:match('resty_requests_total{dict="request_'
                                .. 'stats",key="all"} (%d+)')
         assert.equal(sent, tonumber(all))
         srv:stop()          -- QUIT: the exit paths log too

@@ -808,6 +808,47 @@ function _M.clear(self)
 end
 
 
+-- syntax: metrics = c:self_metrics()
+--
+-- context: any phase
+--
+-- This worker's figures for this counter: `waits` (calls that found a
+-- key's lock taken and waited for it: how contended the keys are; 0 on
+-- Redis, where there are no locks).
+function _M.self_metrics(self)
+    if type(self) ~= "table" then
+        dot_call("c", "self_metrics", 2)
+    end
+    return { waits = self.waits }
+end
+
+
+-- syntax: values = c:_values()
+--
+-- For resty.counter.metrics: every key of this counter in the dict and its
+-- value, { [key] = number or base-10 string }; nil on Redis (the values
+-- are not listed there). Lists the dict's keys, which locks the whole dict
+-- for the listing: a cold path.
+function _M._values(self)
+    if self.engine then
+        return nil
+    end
+    local dict = self.dict
+    local prefix = self.prefix
+    local plen = #prefix
+    local values = {}
+    for _, dkey in ipairs(dict:get_keys(0)) do
+        if sub(dkey, 1, plen) == prefix then
+            local value = dict:get(dkey)
+            if value ~= nil then
+                values[sub(dkey, plen + 1)] = value
+            end
+        end
+    end
+    return values
+end
+
+
 -- For resty.counter.lax, which takes the same batches.
 _M._check_updates = check_updates
 _M._check_list = check_list

@@ -1,0 +1,935 @@
+-- Copyright (C) lua-resty-counter-rs authors. Apache License 2.0.
+--
+-- One Prometheus endpoint for the whole library: the keys of resty.counter
+-- counters, the request counter's requests and latencies, the values of
+-- strict and lax counters, the limiters' settings, and every module's own
+-- figures (syncs, failures, refused keys, duplicates, dropped deltas,
+-- pending keys, fail-open/closed decisions), summed over all workers of
+-- the node.
+--
+-- A module's own figures are counted in each worker's Lua memory, where
+-- no other worker can read them. So every worker publishes its figures to
+-- a shared dict: each `interval` seconds (a timer), once more when it
+-- exits (the timer's premature tick; `publish_all()` in
+-- exit_worker_by_lua* for what comes after it), and right before it
+-- renders. A counter is published as the worker's increase since its last
+-- publication, added to the node's sum with `incr`: the sum never goes
+-- down when a worker is reloaded or replaced. A gauge (pending keys) is
+-- published as the worker's current value under its worker id, and the
+-- render sums the ids of the running workers. A scrape thus sees another
+-- worker's figures as they were at most `interval` seconds ago, and its
+-- own as they are; the counts themselves (keys, requests, values) live in
+-- shared memory and are read as they are.
+
+
+local abi = require "resty.counter.abi"
+local check = require "resty.counter.check"
+local counter = require "resty.counter"
+local lax = require "resty.counter.lax"
+local limit = require "resty.counter.limit"
+local log = require "resty.counter.log"
+local requests = require "resty.counter.requests"
+local strict = require "resty.counter.strict"
+local engine = require "resty.counter.engine"
+
+
+local C = abi.C
+local ngx = ngx
+local ngx_shared = ngx.shared
+local ngx_WARN = ngx.WARN
+local get_phase = ngx.get_phase
+local timer_every = ngx.timer.every
+local worker_id = ngx.worker.id
+local worker_count = ngx.worker.count
+local dot_call = check.dot_call
+local expected = check.expected
+local log_failure = log.failure
+local getmetatable = getmetatable
+local ipairs = ipairs
+local pairs = pairs
+local pcall = pcall
+local setmetatable = setmetatable
+local tonumber = tonumber
+local tostring = tostring
+local type = type
+local concat = table.concat
+local sort = table.sort
+local byte = string.byte
+local find = string.find
+local fmt = string.format
+local gmatch = string.gmatch
+local gsub = string.gsub
+local match = string.match
+local sub = string.sub
+
+
+local SOURCE = "resty.counter.metrics"
+local HUGE = 1 / 0
+local EXACT = 2 ^ 53
+
+-- The Content-Type of the text format.
+local CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+local _M = { _VERSION = "0.1.0", content_type = CONTENT_TYPE }
+local mt = { __index = _M }
+
+
+-- Every registry of this worker, for publish_all().
+local registries = {}
+
+-- The timer's callback (defined with publish, below).
+local tick
+
+
+-- A module's own figures: the field of its self_metrics(), the family it
+-- is exported as, its type and its help. A gauge is the sum of the
+-- workers' values, or with `max` their largest: for a figure every worker
+-- observes of the same node-wide thing.
+local function figure(field, family, type_, help, max)
+    return { field = field, family = family, type = type_, help = help,
+             max = max }
+end
+
+
+local COUNTER_FIGURES = {
+    figure("syncs", "resty_counts_syncs_total", "counter",
+           "Syncs of resty.counter's changed keys into the dict."),
+    figure("failed", "resty_counts_sync_failures_total", "counter",
+           "Keys a sync could not copy into the dict (copied by a later "
+           .. "one)."),
+    figure("out_of_range", "resty_counts_out_of_range_total", "counter",
+           "Keys a sync could not copy for a value beyond +-(2^53 - 1)."),
+    figure("refused", "resty_counts_refused_keys_total", "counter",
+           "New keys refused because the shared engine was full."),
+    figure("took_over", "resty_counts_takeovers_total", "counter",
+           "Syncs of a worker that died during them, done again."),
+    -- Each sync copies every changed key of the node: each worker's last
+    -- one saw the same keys.
+    figure("pending_keys", "resty_counts_pending_keys", "gauge",
+           "Keys the last sync left uncopied into the dict (the largest "
+           .. "of the workers' last syncs).", true),
+}
+
+local REQUESTS_FIGURES = {
+    figure("overflowed", "resty_requests_overflowed_total", "counter",
+           "Requests of keys past max_keys, recorded under the overflow "
+           .. "key."),
+    figure("refused", "resty_requests_refused_total", "counter",
+           "Requests of new keys the shared engine had no room for, "
+           .. "recorded under the overflow key."),
+    figure("total_only", "resty_requests_late_total", "counter",
+           "Requests whose window slot held a newer window: in the total "
+           .. "only."),
+    figure("cached", "resty_requests_cached_keys", "gauge",
+           "Keys whose record the workers know."),
+}
+
+local STRICT_FIGURES = {
+    figure("waits", "resty_strict_lock_waits_total", "counter",
+           "Calls of strict counters that found a key's lock taken and "
+           .. "waited."),
+}
+
+local LAX_FIGURES = {
+    figure("duplicates", "resty_lax_duplicates_total", "counter",
+           "Batches sent again after a timeout that Redis had applied "
+           .. "already (and did not apply twice)."),
+    figure("dropped", "resty_lax_dropped_total", "counter",
+           "Deltas given up: refused by Redis, or Redis unreachable with "
+           .. "more than max_pending keys pending."),
+    figure("pending_keys", "resty_lax_pending_keys", "gauge",
+           "Keys whose deltas wait for a flush."),
+    figure("waits", "resty_lax_lock_waits_total", "counter",
+           "Calls of lax counters that found a key's lock taken and "
+           .. "waited."),
+}
+
+local LIMIT_FIGURES = {
+    figure("failed_open", "resty_limit_failed_open_total", "counter",
+           "Events allowed because Redis could not answer "
+           .. "(on_redis_error = \"allow\")."),
+    figure("failed_closed", "resty_limit_failed_closed_total", "counter",
+           "Events rejected because Redis could not answer "
+           .. "(on_redis_error = \"reject\")."),
+}
+
+-- The engine's figures, node-wide already (read, not summed).
+local ENGINE_FIGURES = {
+    figure("keys", "resty_engine_keys", "gauge",
+           "Keys in the shared engine of the dict."),
+    figure("max_keys", "resty_engine_max_keys", "gauge",
+           "Keys the shared engine of the dict can hold."),
+    figure("refused", "resty_engine_refused_keys_total", "counter",
+           "New keys the shared engine refused because it was full."),
+    figure("bytes", "resty_engine_bytes", "gauge",
+           "Size of the shared engine in the dict's zone."),
+}
+
+local DEFAULT_KEYS_FAMILY = "resty_counts_total"
+local DEFAULT_KEYS_HELP = "Counts of resty.counter, by dict and key."
+
+-- The families of the request counter's own rendering.
+local REQUEST_FAMILIES = {
+    resty_requests_total = true, resty_request_latency_seconds = true,
+    resty_requests_window_rate = true,
+}
+
+-- Family names a user's metric may not take: the library's own.
+local RESERVED = { resty_strict_value = true, resty_lax_value = true,
+                   resty_limit_max_events = true,
+                   resty_limit_window_seconds = true }
+for name in pairs(REQUEST_FAMILIES) do
+    RESERVED[name] = true
+end
+for _, figures in ipairs({ COUNTER_FIGURES, REQUESTS_FIGURES, STRICT_FIGURES,
+                            LAX_FIGURES, LIMIT_FIGURES, ENGINE_FIGURES }) do
+    for _, f in ipairs(figures) do
+        RESERVED[f.family] = true
+    end
+end
+
+
+-- Text format ------------------------------------------------------------
+
+
+-- A value as the text format writes it: integers exactly, others in the
+-- fewest digits that read back the same; a base-10 string (a strict
+-- counter's value beyond 2^53) as it is.
+local function number_text(v)
+    if type(v) == "string" then
+        return v
+    end
+    if v ~= v then
+        return "NaN"
+    end
+    if v == HUGE then
+        return "+Inf"
+    end
+    if v == -HUGE then
+        return "-Inf"
+    end
+    if v % 1 == 0 and v > -EXACT and v < EXACT then
+        return fmt("%d", v)
+    end
+    local text = fmt("%.15g", v)
+    if tonumber(text) ~= v then
+        text = fmt("%.17g", v)
+    end
+    return text
+end
+_M._number_text = number_text
+
+
+local SPECIAL_VALUES = { NaN = 0 / 0, ["+Inf"] = HUGE, ["-Inf"] = -HUGE,
+                         inf = HUGE, ["-inf"] = -HUGE }
+
+local LABEL_ESCAPES = { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }
+local HELP_ESCAPES = { ["\\"] = "\\\\", ["\n"] = "\\n" }
+
+
+local function hex_byte(c)
+    return fmt("\\x%02x", byte(c))
+end
+
+
+-- A label value: a label value must be UTF-8, and a key may be any bytes;
+-- a key that is not UTF-8 shows its bytes from 0x80 on as \xNN.
+local function label_value(value)
+    if type(value) ~= "string" then
+        value = tostring(value)
+    end
+    if C.rc_utf8_valid(value, #value) == 0 then
+        value = gsub(value, "[\128-\255]", hex_byte)
+    end
+    return (gsub(value, '[\\"\n]', LABEL_ESCAPES))
+end
+_M._label_value = label_value
+
+
+-- `{a="x",b="y"}` from label names in order and a table of their values;
+-- a label whose value is nil or "" is left out (Prometheus treats the two
+-- alike). "" when there is none.
+local function labels_text(names, values)
+    local parts = {}
+    for i = 1, #names do
+        local name = names[i]
+        local value = values[name]
+        if value ~= nil and value ~= "" then
+            parts[#parts + 1] = name .. '="' .. label_value(value) .. '"'
+        end
+    end
+    if #parts == 0 then
+        return ""
+    end
+    return "{" .. concat(parts, ",") .. "}"
+end
+
+
+-- The families to write, in the order first met, each with its samples
+-- in the order first met; a sample met again (the same name and labels)
+-- is added to the first, so that no series is written twice.
+local function exposition()
+    return { families = {}, by_name = {} }
+end
+
+
+local function family(expo, name, type_, help)
+    local f = expo.by_name[name]
+    if not f then
+        f = { name = name, type = type_, help = help, index = {},
+              names = {}, labels = {}, values = {} }
+        expo.by_name[name] = f
+        expo.families[#expo.families + 1] = f
+    end
+    return f
+end
+
+
+local function sample(f, name, labels, value)
+    local id = name .. labels
+    local i = f.index[id]
+    if i then
+        f.values[i] = tonumber(f.values[i]) + tonumber(value)
+        return
+    end
+    i = #f.values + 1
+    f.index[id] = i
+    f.names[i] = name
+    f.labels[i] = labels
+    f.values[i] = value
+end
+
+
+local function exposition_text(expo)
+    local lines = {}
+    for _, f in ipairs(expo.families) do
+        local values = f.values
+        if #values > 0 then
+            lines[#lines + 1] = "# HELP " .. f.name .. " "
+                                .. gsub(f.help, "[\\\n]", HELP_ESCAPES)
+            lines[#lines + 1] = "# TYPE " .. f.name .. " " .. f.type
+            for i = 1, #values do
+                lines[#lines + 1] = f.names[i] .. f.labels[i] .. " "
+                                    .. number_text(values[i])
+            end
+        end
+    end
+    lines[#lines + 1] = ""
+    return concat(lines, "\n")
+end
+
+
+-- Adds a rendering in the text format (the request counter's) to `expo`:
+-- its families merge with those of the same name.
+local function merge_text(expo, text)
+    local helps, current = {}, nil
+    for line in gmatch(text, "[^\n]+") do
+        if byte(line, 1) == 35 then     -- "#"
+            local kind, name, rest = match(line, "^# (%u+) ([%w_:]+) ?(.*)$")
+            if kind == "HELP" then
+                helps[name] = gsub(rest, "\\(.)", { ["\\"] = "\\",
+                                                    n = "\n" })
+            elseif kind == "TYPE" then
+                current = family(expo, name, rest, helps[name] or name)
+            end
+        elseif current then
+            local name = match(line, "^[%w_:]+")
+            local value = match(line, " (%S+)$")
+            if name and value then
+                local labels = sub(line, #name + 1, #line - #value - 1)
+                local n = tonumber(value) or SPECIAL_VALUES[value]
+                if n then
+                    sample(current, name, labels, n)
+                end
+            end
+        end
+    end
+end
+_M._merge_text = merge_text
+
+
+-- Options ----------------------------------------------------------------
+
+
+local function is_metric_name(v)
+    return type(v) == "string" and find(v, "^[%a_:][%w_:]*$") ~= nil
+end
+
+
+local function is_label_name(v)
+    return type(v) == "string" and find(v, "^[%a_][%w_]*$") ~= nil
+           and sub(v, 1, 2) ~= "__"
+end
+
+
+local TYPES = { counter = true, gauge = true }
+
+local NEW_OPTIONS = { interval = true, name = true }
+local COUNTER_OPTIONS = { name = true, help = true, type = true,
+                          labels = true, separator = true }
+local VALUES_OPTIONS = { values = true }
+local NO_OPTIONS = {}
+
+
+-- The kind of object `obj` is, from its class.
+local CLASSES = {
+    [counter] = "counter", [requests] = "requests", [strict] = "strict",
+    [lax] = "lax", [limit] = "limit",
+}
+
+
+local function kind_of(obj)
+    if type(obj) ~= "table" then
+        return nil
+    end
+    local class = getmetatable(obj)
+    return class and CLASSES[class.__index]
+end
+
+
+-- How a resty.counter's keys become samples: the family, and the labels
+-- of each key.
+local function key_mapping(opts, level)
+    level = level + 1
+    local type_ = opts.type or "counter"
+    if not TYPES[type_] then
+        expected("opts.type", '"counter" or "gauge"', opts.type, level)
+    end
+
+    local name = opts.name
+    if name == nil then
+        if type_ ~= "counter" then
+            expected("opts.name", "a metric name (there is no default for "
+                     .. "a gauge)", name, level)
+        end
+        name = DEFAULT_KEYS_FAMILY
+    elseif not is_metric_name(name) then
+        expected("opts.name", "a metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)",
+                 name, level)
+    elseif RESERVED[name] then
+        expected("opts.name", "a name that is not one of the library's own "
+                 .. "metrics", name, level)
+    elseif type_ == "counter" and sub(name, -6) ~= "_total" then
+        expected("opts.name", 'a counter\'s name, ending in "_total"', name,
+                 level)
+    end
+    local help = check.text(opts.help, "opts.help", level,
+                            name == DEFAULT_KEYS_FAMILY and DEFAULT_KEYS_HELP
+                            or "Counts of resty.counter, by key.")
+
+    local labels = opts.labels
+    local separator = opts.separator
+    if labels == nil then
+        if separator ~= nil then
+            expected("opts.separator", "nil (it splits keys into "
+                     .. "opts.labels, which is not given)", separator, level)
+        end
+    elseif type(labels) == "table" then
+        if #labels == 0 then
+            expected("opts.labels", "a non-empty list of label names",
+                     labels, level)
+        end
+        local seen = {}
+        for i, label in pairs(labels) do
+            local at = "opts.labels[" .. tostring(i) .. "]"
+            if type(i) ~= "number" or i % 1 ~= 0 or i < 1 or i > #labels then
+                expected("opts.labels", "a list of label names", labels,
+                         level)
+            end
+            if not is_label_name(label) then
+                expected(at, "a label name ([a-zA-Z_][a-zA-Z0-9_]*, not "
+                         .. "starting with __)", label, level)
+            end
+            if seen[label] then
+                expected(at, "a label name not given twice", label, level)
+            end
+            seen[label] = true
+        end
+        -- A copy: the caller's list may change later.
+        local names = {}
+        for i = 1, #labels do
+            names[i] = labels[i]
+        end
+        labels = names
+        separator = check.text(separator, "opts.separator", level, ":")
+    elseif type(labels) == "function" then
+        if separator ~= nil then
+            expected("opts.separator", "nil (opts.labels is a function)",
+                     separator, level)
+        end
+    else
+        expected("opts.labels", "a list of label names or a function",
+                 labels, level)
+    end
+
+    return { family = name, type = type_, help = help, labels = labels,
+             separator = separator }
+end
+
+
+local DEFAULT_LABELS = { "dict", "key" }
+
+
+-- The labels of `key` as text, or nil to leave the key out. A labels
+-- function that returns no table of strings raises, blaming the caller of
+-- render() (`level`).
+local function key_labels(mapping, dict_name, key, level)
+    local labels = mapping.labels
+    if labels == nil then
+        return labels_text(DEFAULT_LABELS, { dict = dict_name, key = key })
+    end
+
+    if type(labels) == "function" then
+        local values = labels(key)
+        if values == nil then
+            return nil
+        end
+        if type(values) ~= "table" then
+            expected("opts.labels", "a function returning a table or nil "
+                     .. "(for key " .. check.describe(key) .. ")", values,
+                     level + 1)
+        end
+        local names = {}
+        for name, value in pairs(values) do
+            if not is_label_name(name) then
+                expected("opts.labels", "a function returning label names "
+                         .. "(for key " .. check.describe(key) .. ")", name,
+                         level + 1)
+            end
+            if type(value) ~= "string" and type(value) ~= "number" then
+                expected("opts.labels", "a function returning string values "
+                         .. "(for label " .. name .. ")", value, level + 1)
+            end
+            names[#names + 1] = name
+        end
+        sort(names)
+        return labels_text(names, values)
+    end
+
+    -- A list of names: the key's parts between separators, the last label
+    -- taking the rest of the key.
+    local separator = mapping.separator
+    local values, pos, n = {}, 1, #labels
+    for i = 1, n do
+        if i == n then
+            values[labels[i]] = sub(key, pos)
+            break
+        end
+        local from, to = find(key, separator, pos, true)
+        if not from then
+            values[labels[i]] = sub(key, pos)
+            break
+        end
+        values[labels[i]] = sub(key, pos, from - 1)
+        pos = to + 1
+    end
+    return labels_text(labels, values)
+end
+
+
+-- Registry ---------------------------------------------------------------
+
+
+-- syntax: m, err = metrics.new(shdict_name, opts?)
+--
+-- context: init_worker_by_lua* and later phases (it creates a timer)
+--
+-- A registry of the objects whose figures the endpoint renders. Its
+-- workers publish their figures to the dict `shdict_name` (a dict of its
+-- own: a few hundred bytes per figure and worker; 1m is plenty), every
+-- opts.interval seconds (default 1). opts.name (default "metrics", letters,
+-- digits, "_", "." or "-") names the registry in the dict, for a dict
+-- shared by two of them. Make it in init_worker_by_lua*, and add the same
+-- objects in the same order in every worker. An unknown option raises.
+function _M.new(shdict_name, opts)
+    check.string(shdict_name, "shdict_name", 2)
+    opts = check.table(opts, "opts", 2)
+    check.options(opts, NEW_OPTIONS, "opts", 2)
+    local interval = check.seconds(opts.interval, "opts.interval", 2, 1)
+    local name = check.name(opts.name, "opts.name", 2, "metrics")
+
+    local dict = ngx_shared[shdict_name]
+    if not dict then
+        return nil, 'shared dict "' .. shdict_name .. '" not found'
+    end
+    for _, other in ipairs(registries) do
+        if other.dict_name == shdict_name and other.name == name then
+            return nil, 'dict "' .. shdict_name .. '" already has a '
+                        .. 'registry named "' .. name .. '" in this worker'
+        end
+    end
+    if get_phase() == "init" then
+        return nil, "cannot create the publishing timer in init_by_lua*: "
+                    .. "create the registry in init_worker_by_lua*"
+    end
+
+    local self = setmetatable({
+        dict = dict,
+        dict_name = shdict_name,
+        name = name,
+        interval = interval,
+        counter_key = "c|" .. name .. "|",
+        gauge_key = "g|" .. name .. "|",
+        entries = {},           -- what was added, in order
+        added = {},             -- object -> true
+        published = {},         -- series -> the counter value published
+    }, mt)
+
+    local ok, err = timer_every(interval, tick, self)
+    if not ok then
+        return nil, "failed to create the publishing timer: " .. err
+    end
+    registries[#registries + 1] = self
+    return self
+end
+
+
+-- The labels of a module's own figures.
+local function store_labels(dict_name, name)
+    return labels_text({ "dict", "name" }, { dict = dict_name, name = name })
+end
+
+
+-- syntax: m:add(obj, opts?)
+--
+-- context: where `metrics.new` is called
+--
+-- Adds an object of this library to what the endpoint renders: a
+-- resty.counter counter, a request counter (resty.counter.requests, or
+-- the table resty.greencheek.request.counter's configure() returns), a
+-- strict or lax counter, or a limiter. For a resty.counter counter, opts:
+-- name (the metric, default "resty_counts_total"), type ("counter", the
+-- default, or "gauge"), help, and labels: by default {dict=, key=}; a list
+-- of label names splits each key at opts.separator (default ":"), the last
+-- label taking the rest; a function(key) returns a table of label names to
+-- values, or nil to leave the key out. For a strict or lax counter,
+-- opts.values (default true) renders its keys' values (on a dict; on
+-- Redis there are none to list). Raises on misuse, on an object added
+-- twice and on an unknown option.
+function _M.add(self, obj, opts)
+    if getmetatable(self) ~= mt then
+        dot_call("m", "add", 2)
+    end
+    local kind = kind_of(obj)
+    if not kind then
+        expected("obj", "a counter, request counter, strict or lax counter "
+                 .. "or limiter of resty.counter", obj, 2)
+    end
+    if self.added[obj] then
+        expected("obj", "an object not added before", obj, 2)
+    end
+    opts = check.table(opts, "opts", 2)
+
+    local entry = { kind = kind, obj = obj }
+    if kind == "counter" then
+        check.options(opts, COUNTER_OPTIONS, "opts", 2)
+        local mapping = key_mapping(opts, 2)
+        for _, other in ipairs(self.entries) do
+            local m = other.mapping
+            if m and m.family == mapping.family and m.type ~= mapping.type
+            then
+                expected("opts.type", '"' .. m.type .. '", as metric "'
+                         .. m.family .. '" has', opts.type, 2)
+            end
+        end
+        entry.mapping = mapping
+        entry.labels = labels_text({ "dict" }, { dict = obj.dict_name })
+        entry.figures = COUNTER_FIGURES
+    elseif kind == "requests" then
+        check.options(opts, NO_OPTIONS, "opts", 2)
+        entry.labels = labels_text({ "dict" }, { dict = obj.dict_name })
+        entry.figures = REQUESTS_FIGURES
+    elseif kind == "limit" then
+        check.options(opts, NO_OPTIONS, "opts", 2)
+        entry.labels = labels_text({ "limiter" },
+                                   { limiter = sub(obj.prefix, 1, -2) })
+        entry.figures = LIMIT_FIGURES
+    else
+        check.options(opts, VALUES_OPTIONS, "opts", 2)
+        entry.values = check.flag(opts.values, "opts.values", 2, true)
+        local shared = kind == "lax" and obj.shared or obj
+        entry.shared = shared
+        entry.labels = store_labels(obj.dict_name, shared.name)
+        entry.figures = kind == "lax" and LAX_FIGURES or STRICT_FIGURES
+    end
+
+    self.added[obj] = true
+    self.entries[#self.entries + 1] = entry
+end
+
+
+-- An object's own figures in this worker, as self_metrics() gives them
+-- (a lax counter's lock waits are its strict store's).
+local function figures_of(entry)
+    local values = entry.obj:self_metrics()
+    if entry.kind == "lax" then
+        values.waits = entry.shared.waits
+    end
+    return values
+end
+
+
+-- This worker's figures: { [series] = value } for counters and gauges,
+-- summed over the objects that share a series.
+local function collect(self)
+    local counters, gauges = {}, {}
+    for _, entry in ipairs(self.entries) do
+        local values = figures_of(entry)
+        for _, f in ipairs(entry.figures) do
+            local series = f.family .. entry.labels
+            local sums = f.type == "counter" and counters or gauges
+            sums[series] = (sums[series] or 0) + (values[f.field] or 0)
+        end
+    end
+    return counters, gauges
+end
+
+
+-- Publishes this worker's figures: the body of m:publish().
+local function publish(self)
+    local dict = self.dict
+    local published = self.published
+    local counters, gauges = collect(self)
+    local first_err
+    for series, value in pairs(counters) do
+        local last = published[series] or 0
+        if value ~= last then
+            local ok, err = dict:incr(self.counter_key .. series,
+                                      value - last, 0)
+            if ok then
+                published[series] = value
+            else
+                first_err = first_err or err
+            end
+        end
+    end
+
+    local prefix = self.gauge_key .. (worker_id() or 0) .. "|"
+    for series, value in pairs(gauges) do
+        local ok, err = dict:safe_set(prefix .. series, value)
+        if not ok then
+            first_err = first_err or err
+        end
+    end
+
+    if first_err then
+        local err = 'cannot publish to dict "' .. self.dict_name .. '": '
+                    .. first_err
+        log_failure(SOURCE, err)
+        return nil, err
+    end
+    return true
+end
+
+
+-- The timer's callback. On reload and shutdown it runs once more with
+-- `premature` set, and publishes then too: shared dicts work there.
+tick = function(premature, self) -- luacheck: ignore premature
+    publish(self)
+end
+
+
+-- syntax: ok, err = m:publish()
+--
+-- context: any phase where shared dicts work (all of them)
+--
+-- Publishes this worker's figures to the dict: the timer does it every
+-- interval, and render() before it reads. `nil, err` when the dict could
+-- not take them (logged; the next publication tries again).
+function _M.publish(self)
+    if getmetatable(self) ~= mt then
+        dot_call("m", "publish", 2)
+    end
+    return publish(self)
+end
+
+
+-- syntax: ok = metrics.publish_all()
+--
+-- context: any phase; meant for exit_worker_by_lua*
+--
+-- Publishes the figures of every registry of this worker: in
+-- exit_worker_by_lua_block, what the worker counted after its timer's last
+-- tick reaches the node's sums. Never raises; nil when one failed.
+function _M.publish_all()
+    local ok = true
+    for _, registry in ipairs(registries) do
+        local fine, published = pcall(publish, registry)
+        if not (fine and published) then
+            ok = nil
+        end
+    end
+    return ok
+end
+
+
+-- Rendering --------------------------------------------------------------
+
+
+local function render_keys(expo, entry, level)
+    local obj, mapping = entry.obj, entry.mapping
+    local f = family(expo, mapping.family, mapping.type, mapping.help)
+    local dict_name = obj.dict_name
+    local keys = obj:get_keys(0)
+    sort(keys)
+    for _, key in ipairs(keys) do
+        local value = obj:get(key)
+        if type(value) == "number" then
+            local labels = key_labels(mapping, dict_name, key, level + 1)
+            if labels then
+                sample(f, mapping.family, labels, value)
+            end
+        end
+    end
+end
+
+
+local VALUE_HELP = {
+    strict = "Values of strict counters, by dict, name and key.",
+    lax = "Values of lax counters in the dict (without the deltas workers "
+          .. "have not flushed yet), by dict, name and key.",
+}
+
+
+local function render_values(expo, entry)
+    local values = entry.shared:_values()
+    if not values then
+        return
+    end
+    local name = "resty_" .. entry.kind .. "_value"
+    local f = family(expo, name, "gauge", VALUE_HELP[entry.kind])
+    local keys = {}
+    for key in pairs(values) do
+        keys[#keys + 1] = key
+    end
+    sort(keys)
+    local store_name = entry.shared.name
+    for _, key in ipairs(keys) do
+        local value = values[key]
+        local t = type(value)
+        if t == "number" or t == "string" and find(value, "^%-?%d+$") then
+            sample(f, name, labels_text({ "dict", "key", "name" },
+                                        { dict = entry.obj.dict_name,
+                                          key = key, name = store_name }),
+                   value)
+        end
+    end
+end
+
+
+local function render_limit(expo, entry)
+    local lim = entry.obj
+    local labels = labels_text({ "algorithm", "limiter" },
+                               { algorithm = lim.algorithm,
+                                 limiter = sub(lim.prefix, 1, -2) })
+    sample(family(expo, "resty_limit_max_events", "gauge",
+                  "Events a limiter allows per window and key."),
+           "resty_limit_max_events", labels, lim.limit)
+    sample(family(expo, "resty_limit_window_seconds", "gauge",
+                  "The window of a limiter."),
+           "resty_limit_window_seconds", labels, lim.window)
+end
+
+
+-- The node's sums of the workers' own figures.
+local function render_figures(self, expo)
+    local dict = self.dict
+    local workers = worker_count()
+    local done = {}
+    for _, entry in ipairs(self.entries) do
+        for _, f in ipairs(entry.figures) do
+            local series = f.family .. entry.labels
+            local fam = family(expo, f.family, f.type, f.help)
+            if not done[series] then
+                done[series] = true
+                local value
+                if f.type == "counter" then
+                    value = dict:get(self.counter_key .. series) or 0
+                else
+                    value = 0
+                    for id = 0, workers - 1 do
+                        local v = dict:get(self.gauge_key .. id .. "|"
+                                           .. series) or 0
+                        if not f.max then
+                            value = value + v
+                        elseif v > value then
+                            value = v
+                        end
+                    end
+                end
+                sample(fam, f.family, entry.labels, value)
+            end
+        end
+    end
+end
+
+
+-- The shared engines' own figures, once per dict.
+local function render_engines(self, expo)
+    local done = {}
+    for _, entry in ipairs(self.entries) do
+        local kind = entry.kind
+        local dict_name = entry.obj.dict_name
+        if (kind == "counter" or kind == "requests") and not done[dict_name]
+        then
+            done[dict_name] = true
+            local handle = engine.attach(dict_name)
+            if handle then
+                local stats = engine.stats(handle)
+                local labels = labels_text({ "dict" }, { dict = dict_name })
+                for _, f in ipairs(ENGINE_FIGURES) do
+                    sample(family(expo, f.family, f.type, f.help), f.family,
+                           labels, stats[f.field])
+                end
+            end
+        end
+    end
+end
+
+
+-- syntax: text = m:render()
+--
+-- context: any phase; meant for content_by_lua*
+--
+-- Everything the registry's objects hold, in the Prometheus text format
+-- (version 0.0.4; serve it with Content-Type `metrics.content_type`):
+-- each family once, with its HELP and TYPE, no series twice (keys that
+-- map to the same labels are summed). Lists the keys of the counters'
+-- dicts (`get_keys(0)`, which locks each dict while it lists). A request
+-- counter that cannot render is left out and logged. A labels function
+-- that returns something else than a table of label names to strings
+-- raises.
+function _M.render(self)
+    if getmetatable(self) ~= mt then
+        dot_call("m", "render", 2)
+    end
+    publish(self)
+
+    local expo = exposition()
+    for _, entry in ipairs(self.entries) do
+        local kind = entry.kind
+        if kind == "counter" then
+            render_keys(expo, entry, 2)
+        elseif kind == "requests" then
+            local text, err = entry.obj:prometheus()
+            if text then
+                merge_text(expo, text)
+            else
+                log_failure(SOURCE, 'request counter of dict "'
+                            .. entry.obj.dict_name .. '" left out: '
+                            .. tostring(err), nil, ngx_WARN)
+            end
+        elseif kind == "limit" then
+            render_limit(expo, entry)
+        elseif entry.values then
+            render_values(expo, entry)
+        end
+    end
+    render_figures(self, expo)
+    render_engines(self, expo)
+    return exposition_text(expo)
+end
+
+
+return _M

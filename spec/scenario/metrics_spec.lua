@@ -1,0 +1,166 @@
+-- resty.counter.metrics scraped by a real Prometheus server: 2 workers
+-- under wrk load with a HUP reload in the middle; promtool passes the
+-- rendering, and Prometheus' HTTP API answers the access log's exact
+-- counts (per route, per request counter key, strict and lax values, and
+-- the keys refused by a full engine, a figure each worker counts on its
+-- own and the registry sums over the node).
+
+package.path = "spec/?.lua;" .. package.path
+local nginx = require "helpers.nginx"
+local load = require "helpers.load"
+local prometheus = require "helpers.prometheus"
+
+local CONF = assert(nginx.read_file("spec/scenario/metrics.conf"))
+
+
+-- { ["GET /a"] = n, ... }, and the requests to /new by outcome, from the
+-- access log.
+local function logged(srv)
+    local routes, outcomes = {}, { counted = 0, refused = 0 }
+    local f = io.open(srv.dir .. "/access.log")
+    if f then
+        for line in f:lines() do
+            local method, uri, status, outcome =
+                line:match("^(%u+) (%S+) (%d+) (%S+)$")
+            assert(status == "200", "not served: " .. line)
+            if outcome == "-" then
+                local route = method .. " " .. uri
+                routes[route] = (routes[route] or 0) + 1
+            else
+                outcomes[outcome] = outcomes[outcome] + 1
+            end
+        end
+        f:close()
+    end
+    return routes, outcomes
+end
+
+
+-- The samples of a rendering: { [series] = value }.
+local function samples(text)
+    local found = {}
+    for series, value in text:gmatch("\n([^#\n][^\n]-) (%S+)") do
+        found[series] = tonumber(value)
+    end
+    return found
+end
+
+
+describe("resty.counter.metrics scraped by Prometheus", function()
+    local srv, prom
+
+    after_each(function()
+        if prom then
+            prom:stop()
+            prom = nil
+        end
+        if srv then
+            srv:cleanup()
+            srv = nil
+        end
+    end)
+
+    it("answers the access log's counts through Prometheus' API", function()
+        srv = nginx.start({ workers = 2, http = CONF })
+        prom = prometheus.start(srv.dir, srv.port)
+
+        local runs = {
+            load.start(srv, "/a", { seconds = 3 }),
+            load.start(srv, "/b", { seconds = 3, threads = 1,
+                                    connections = 4 }),
+            load.start(srv, "/new", { seconds = 3, threads = 1,
+                                      connections = 4, keys = 400 }),
+        }
+        nginx.sleep(1.5)
+        srv:signal("HUP")
+        for _, run in ipairs(runs) do
+            load.wait(run)
+        end
+
+        -- The rendering settles on the access log's counts (the counters
+        -- sync every 0.1 s, the lax counter flushes every 20 ms, the
+        -- workers publish every 0.2 s).
+        local routes, outcomes = logged(srv)
+        local a, b = routes["GET /a"] or 0, routes["GET /b"] or 0
+        assert.is_true(a > 1000 and b > 100,
+                       "too little load: " .. a .. ", " .. b)
+        assert.is_true(outcomes.refused > 100 and outcomes.counted > 10,
+                       "no full engine: " .. outcomes.refused .. " refused, "
+                       .. outcomes.counted .. " counted")
+        local function settled(found)
+            return found['scenario_hits_total{method="GET",uri="/a"}'] == a
+               and found['scenario_hits_total{method="GET",uri="/b"}'] == b
+               and found['resty_counts_refused_keys_total{dict="tiny"}']
+                   == outcomes.refused
+               and found['resty_lax_value{dict="values",key="hits",'
+                         .. 'name="lax"}'] == a + b
+        end
+        local text, found
+        for _ = 1, 100 do
+            local status
+            status, text = srv:get("/metrics")
+            assert.equal(200, status)
+            found = samples(text)
+            if settled(found) then
+                break
+            end
+            nginx.sleep(0.1)
+        end
+        assert.is_true(settled(found), "the rendering did not settle:\n"
+                       .. text)
+
+        local ok, out = prometheus.check_metrics(srv.dir, text)
+        assert.is_true(ok, "promtool check metrics: " .. out)
+        assert.equal("", out)
+
+        -- A scrape made after the rendering settled.
+        local settled_at = os.time() + 1
+        local scraped
+        for _ = 1, 200 do
+            scraped = prom:value('timestamp(up{job="nginx"})')
+            if scraped and scraped > settled_at then
+                break
+            end
+            nginx.sleep(0.1)
+        end
+        assert.is_true(scraped and scraped > settled_at,
+                       "no scrape after the counts settled:\n" .. prom:log())
+        assert.equal(1, prom:value('up{job="nginx"}'))
+
+        assert.equal(a, prom:value('scenario_hits_total{method="GET",'
+                                   .. 'uri="/a"}'))
+        assert.equal(b, prom:value('scenario_hits_total{method="GET",'
+                                   .. 'uri="/b"}'))
+        assert.equal(a, prom:value('resty_requests_total{dict="request_stats"'
+                                   .. ',key="/a"}'))
+        assert.equal(a + b, prom:value('resty_requests_total{key="all"}'))
+        assert.equal(a + b, prom:value('resty_request_latency_seconds_count'
+                                       .. '{key="all"}'))
+        assert.equal(a + b, prom:value('resty_strict_value{key="hits"}'))
+        assert.equal(a + b, prom:value('resty_lax_value{key="hits"}'))
+        assert.equal(0, prom:value("sum(resty_lax_pending_keys)"))
+        assert.equal(outcomes.refused,
+                     prom:value('resty_counts_refused_keys_total'
+                                .. '{dict="tiny"}'))
+        -- The engine of dict tiny holds more keys than the dict: what the
+        -- syncs could not copy is pending, and not listed.
+        assert.equal(prom:value('resty_engine_keys{dict="tiny"}')
+                     - prom:value('count(resty_counts_total{dict="tiny"})'),
+                     prom:value('resty_counts_pending_keys{dict="tiny"}'))
+        assert.equal(outcomes.refused,
+                     prom:value('resty_engine_refused_keys_total'
+                                .. '{dict="tiny"}'))
+        assert.equal(100, prom:value('resty_limit_max_events'
+                                     .. '{limiter="scenario"}'))
+        assert.is_true(prom:value('resty_counts_syncs_total'
+                                  .. '{dict="counters"}') > 0)
+
+        srv:stop()          -- QUIT: the exit paths log too
+        assert.same({}, srv:unexpected_errors({
+            { 'dict "tiny": .*new keys are refused',
+              "/new counts more keys than the engine of dict tiny holds" },
+            { 'keys not copied to dict "tiny"',
+              "and than the dict itself holds" },
+        }))
+    end)
+end)
