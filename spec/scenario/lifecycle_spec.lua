@@ -138,6 +138,14 @@ local function total(per_uri)
 end
 
 
+-- Sends `signal` to `pid` and waits (15 s at most) until `done` says what
+-- it meant to happen has.
+local function signal_and_wait(pid, signal, what, done)
+    assert(nginx.sh("kill -" .. signal .. " " .. pid))
+    wait_for(what, 15, done)
+end
+
+
 -- Has a worker of `srv` take the dict's sync lock and keep it `seconds`
 -- (the location /hold); its pid once it holds it.
 local function hold(srv, seconds)
@@ -167,7 +175,7 @@ end
 
 describe("resty.counter through nginx's lifecycle", function()
     local servers = {}
-    local strays = {}
+    local masters = {}
 
     local function start(opts)
         opts.http = CONF
@@ -178,32 +186,39 @@ describe("resty.counter through nginx's lifecycle", function()
     end
 
     after_each(function()
-        for _, pid in ipairs(strays) do
-            nginx.sh("kill -QUIT " .. pid .. " 2>/dev/null")
+        -- A master of a binary upgrade that its test left running (the
+        -- pid file names one only); a pid is signalled only while its
+        -- command line still names the test's folder.
+        for pid, dir in pairs(masters) do
+            local cmdline = nginx.read_file("/proc/" .. pid .. "/cmdline")
+            if cmdline and cmdline:find(dir, 1, true) then
+                nginx.sh("kill -QUIT " .. pid)
+            end
         end
         for _, srv in ipairs(servers) do
             srv:cleanup()
         end
-        servers, strays = {}, {}
+        servers, masters = {}, {}
     end)
 
-    it("binary upgrade: old and new workers count apart, each exact;"
-       .. " the old counts end with the old master", function()
+    -- Starts nginx and `seconds` of load, a new connection for every
+    -- request (the kernel hands each to any worker listening, of either
+    -- master). After 1 s, USR2 to the master: it renames its pid file and
+    -- starts the same binary with the same arguments, handing the
+    -- listening sockets over in the environment (NGINX); the new master
+    -- maps new zones. Returns the server, the load, and both masters
+    -- (numbers) and their workers (strings), once the new master has its
+    -- 2 workers.
+    local function upgrade_under_load(seconds)
         local srv = start({})
+        local run = load.start(srv, "/fast", { seconds = seconds, keys = 10,
+                                               close = true })
+        nginx.sleep(1)
         local old_master = srv:pid()
         local old_workers = children(old_master)
         assert.equal(2, #old_workers)
-        -- A new connection for every request: the kernel hands each to
-        -- any worker listening, of either master.
-        local run = load.start(srv, "/fast", { seconds = 7, keys = 10,
-                                               close = true })
-        nginx.sleep(1)
-
-        -- USR2: the old master renames its pid file and starts the same
-        -- binary with the same arguments, handing the listening sockets
-        -- over in NGINX; the new master maps new zones.
         srv:signal("USR2")
-        strays[1] = old_master
+        masters[old_master] = srv.dir
         local new_master, new_workers
         wait_for("new master with 2 workers", 10, function()
             new_master = srv:pid()
@@ -211,7 +226,15 @@ describe("resty.counter through nginx's lifecycle", function()
                           and children(new_master)
             return new_workers and #new_workers == 2
         end)
+        masters[new_master] = srv.dir
         assert.is_truthy(nginx.read_file(srv.dir .. "/nginx.pid.oldbin"))
+        return srv, run, old_master, old_workers, new_master, new_workers
+    end
+
+    it("binary upgrade: old and new workers count apart, each exact;"
+       .. " the old counts end with the old master", function()
+        local srv, run, old_master, old_workers, new_master, new_workers =
+            upgrade_under_load(7)
         local _, old_before = served_by(served(srv), old_workers)
 
         -- Both instances serve for a while, then the old master stops.
@@ -221,8 +244,7 @@ describe("resty.counter through nginx's lifecycle", function()
         local _, new_during = served_by(by_pid, new_workers)
         assert.is_true(old_during > old_before, "old workers served on")
         assert.is_true(new_during > 0, "new workers served")
-        assert.is_true(nginx.sh("kill -QUIT " .. old_master))
-        wait_for("exit of the old master", 15, function()
+        signal_and_wait(old_master, "QUIT", "exit of the old master", function()
             return not alive(old_master)
         end)
         load.wait(run)
@@ -253,6 +275,56 @@ describe("resty.counter through nginx's lifecycle", function()
             end
         end
         assert.same(old, last)
+
+        srv:stop()
+        assert.same({}, srv:unexpected_errors())
+    end)
+
+    it("binary upgrade rolled back (USR2, WINCH, HUP of the old master,"
+       .. " QUIT of the new): the old engine kept its counts", function()
+        local srv, run, old_master, old_workers, new_master, new_workers =
+            upgrade_under_load(8)
+
+        -- WINCH: the old workers stop gracefully; the old master and its
+        -- zones stay, and only the new workers serve.
+        signal_and_wait(old_master, "WINCH", "exit of the old workers",
+                        function()
+            return not alive(old_workers[1]) and not alive(old_workers[2])
+        end)
+        nginx.sleep(1)
+
+        -- Back: HUP starts the old master's workers again, on the zones
+        -- it kept; QUIT stops the new master and its workers.
+        local relaunched
+        signal_and_wait(old_master, "HUP", "old master's workers again",
+                        function()
+            relaunched = {}
+            for _, pid in ipairs(children(old_master)) do
+                if pid ~= tostring(new_master) then
+                    relaunched[#relaunched + 1] = pid
+                end
+            end
+            return #relaunched == 2
+        end)
+        signal_and_wait(new_master, "QUIT", "exit of the new master",
+                        function()
+            return not alive(new_master) and srv:pid() == old_master
+        end)
+        load.wait(run)
+
+        -- The old engine holds every request of the old master's workers,
+        -- those before the upgrade and those after the rollback; the new
+        -- workers' requests were counted in the new master's zone, gone
+        -- with it.
+        local by_pid = served(srv)
+        local old = served_by(by_pid, { old_workers[1], old_workers[2],
+                                        relaunched[1], relaunched[2] })
+        local _, new_total = served_by(by_pid, new_workers)
+        local all = served_by(by_pid)
+        assert.is_true(new_total > 0, "new workers served")
+        local engine, master = values(srv, all)
+        assert.equal(tostring(old_master), master)
+        assert.same(old, engine)
 
         srv:stop()
         assert.same({}, srv:unexpected_errors())
