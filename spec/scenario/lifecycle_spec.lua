@@ -173,6 +173,57 @@ local function errors_but_kills(srv, allowed)
 end
 
 
+-- What exists of named shared memory on the host: /dev/shm's entries and
+-- the ids of System V segments.
+local function named_shared_memory()
+    return nginx.read("ls -A /dev/shm"),
+           nginx.read("ipcs -m | awk 'NR > 3 { print $2 }'")
+end
+
+
+-- A running nginx process maps no shared memory but nginx's anonymous
+-- zones (/dev/zero: gone with the last process that maps them), and holds
+-- open no file but its logs.
+local function assert_holds_nothing_named(srv, pid)
+    local maps = assert(nginx.read_file("/proc/" .. pid .. "/maps"))
+    local zones = 0
+    for perms, path in maps:gmatch("%S+ (%S+) %S+ %S+ %S+ *([^\n]*)") do
+        if perms:sub(4, 4) == "s" then
+            assert.equal("/dev/zero (deleted)", path, pid .. ": " .. path)
+            zones = zones + 1
+        end
+    end
+    assert.is_true(zones > 0, pid .. " maps no zone")
+    for target in nginx.read("ls -l /proc/" .. pid .. "/fd")
+                  :gmatch("-> (/[^\n]*)")
+    do
+        local log = target:find(srv.dir, 1, true) == 1
+                    or target:find("^/var/log/nginx/") or target == "/dev/null"
+        assert.is_truthy(log, pid .. " holds " .. target .. " open")
+    end
+end
+
+
+-- After a stop: no process names the server's folder, and the folder holds
+-- the config, the logs and what the test itself wrote (wrk's script, the
+-- exit dumps, the code the workers load when they cannot read the
+-- checkout), nothing else: not even the pid file.
+local function assert_nothing_left(srv)
+    for pid in nginx.read("ls /proc"):gmatch("%d+") do
+        local cmdline = nginx.read_file("/proc/" .. pid .. "/cmdline")
+        assert.is_falsy(cmdline and cmdline:find(srv.dir, 1, true),
+                        pid .. " names the server's folder")
+    end
+    for name in nginx.read("ls -A " .. srv.dir):gmatch("[^\n]+") do
+        local known = name == "nginx.conf" or name == "error.log"
+                      or name == "access.log" or name == "stdout.log"
+                      or name == "code" or name:find("^wrk%-")
+                      or name:find("^exit%.")
+        assert.is_truthy(known, "left behind: " .. name)
+    end
+end
+
+
 describe("resty.counter through nginx's lifecycle", function()
     local servers = {}
     local masters = {}
@@ -449,61 +500,30 @@ describe("resty.counter through nginx's lifecycle", function()
         end
     end)
 
-    it("a clean stop (QUIT) leaves no process, file or shared memory",
-       function()
-        local shm_before = nginx.read("ls -A /dev/shm")
-        local sysv_before = nginx.read("ipcs -m | awk 'NR > 3 { print $2 }'")
-        local srv = start({})
-        load.wait(load.start(srv, "/fast", { seconds = 2, keys = 10 }))
-
-        local master = srv:pid()
-        local pids = children(master)
-        pids[#pids + 1] = tostring(master)
-        local anonymous = 0
-        for _, pid in ipairs(pids) do
-            local maps = assert(nginx.read_file("/proc/" .. pid .. "/maps"))
-            for perms, path in maps:gmatch("%S+ (%S+) %S+ %S+ %S+ *([^\n]*)") do
-                -- A shared mapping: nginx's zones are anonymous ones
-                -- (/dev/zero), gone with the last process that maps them.
-                if perms:sub(4, 4) == "s" then
-                    assert.equal("/dev/zero (deleted)", path, pid .. ": " .. path)
-                    anonymous = anonymous + 1
-                end
+    for _, stop in ipairs({ "QUIT", "TERM" }) do
+        it("a stop (" .. stop .. ") leaves no process, file or shared"
+           .. " memory", function()
+            local shm_before, sysv_before = named_shared_memory()
+            local srv = start({})
+            load.wait(load.start(srv, "/fast", { seconds = 2, keys = 10 }))
+            local master = srv:pid()
+            local pids = children(master)
+            pids[#pids + 1] = tostring(master)
+            for _, pid in ipairs(pids) do
+                assert_holds_nothing_named(srv, pid)
             end
-            -- Every file a process holds open is one of its logs.
-            local fds = nginx.read("ls -l /proc/" .. pid .. "/fd")
-            for target in fds:gmatch("-> (/[^\n]*)") do
-                local log = target:find(srv.dir, 1, true) == 1
-                            or target:find("^/var/log/nginx/")
-                            or target == "/dev/null"
-                assert.is_truthy(log, pid .. " holds " .. target .. " open")
-            end
-        end
-        assert.is_true(anonymous > 0, "no shared zone found")
 
-        srv:stop()
-        assert.is_true(srv:wait_exit(15), "nginx did not exit")
-        for _, pid in ipairs(pids) do
-            assert.is_false(alive(pid), pid .. " still runs")
-        end
-        for pid in nginx.read("ls /proc"):gmatch("%d+") do
-            local cmdline = nginx.read_file("/proc/" .. pid .. "/cmdline")
-            assert.is_falsy(cmdline and cmdline:find(srv.dir, 1, true),
-                            pid .. " names the server's folder")
-        end
-        -- What is left in nginx's folder is the config, the logs and what
-        -- the test itself wrote (wrk's script, the exit dumps, the code the
-        -- workers load when they cannot read the checkout).
-        for name in nginx.read("ls -A " .. srv.dir):gmatch("[^\n]+") do
-            local known = name == "nginx.conf" or name == "error.log"
-                          or name == "access.log" or name == "stdout.log"
-                          or name == "code" or name:find("^wrk%-")
-                          or name:find("^exit%.")
-            assert.is_truthy(known, "left behind: " .. name)
-        end
-        assert.equal(shm_before, nginx.read("ls -A /dev/shm"))
-        assert.equal(sysv_before,
-                     nginx.read("ipcs -m | awk 'NR > 3 { print $2 }'"))
-        assert.same({}, srv:unexpected_errors())
-    end)
+            srv:signal(stop)
+            srv.last_pid = master
+            assert.is_true(srv:wait_exit(15), "nginx did not exit")
+            for _, pid in ipairs(pids) do
+                assert.is_false(alive(pid), pid .. " still runs")
+            end
+            assert_nothing_left(srv)
+            local shm_after, sysv_after = named_shared_memory()
+            assert.equal(shm_before, shm_after)
+            assert.equal(sysv_before, sysv_after)
+            assert.same({}, srv:unexpected_errors())
+        end)
+    end
 end)
