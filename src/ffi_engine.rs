@@ -202,14 +202,35 @@ fn me() -> Holder {
     Holder { pid, instance }
 }
 
-/// Whether a process exists (EPERM: it does, under another user).
+/// Whether a lock holder is still a process of this nginx: it exists
+/// (`kill(pid, 0)`; EPERM: it does, under another user, as across a reload
+/// that changes `user`) and, when /proc can tell, it is this worker's
+/// master or one of its children. A dead holder's pid that came round to
+/// another process (pid_max is 32768 on many hosts) is then not taken for
+/// the holder, whoever runs it and however long it lives.
 fn alive(pid: u32) -> bool {
     let pid = match i32::try_from(pid) {
         Ok(pid) if pid > 0 => pid,
         _ => return false,
     };
-    let exists = unsafe { libc::kill(pid, 0) } == 0;
-    exists || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists && same_master(pid) != Some(false)
+}
+
+/// Whether `pid` is this process's parent or a child of it (a worker of the
+/// same master, old or new across a reload); `None` when /proc cannot tell
+/// (mounted with `hidepid`, the process gone meanwhile).
+fn same_master(pid: i32) -> Option<bool> {
+    let master = unsafe { libc::getppid() };
+    if pid == master {
+        return Some(true);
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid)).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    let after_comm = stat.get(stat.rfind(')')? + 1..)?;
+    let parent: i32 = after_comm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(parent == master)
 }
 
 /// nginx's slab functions, from the nginx binary this process runs in.
@@ -892,4 +913,34 @@ pub unsafe extern "C" fn rc_requests_report(
         }
         Box::into_raw(Box::new(report))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn a_lock_holder_is_alive_while_a_process_of_this_master() {
+        let me = std::process::id();
+        let master = unsafe { libc::getppid() } as u32;
+        assert!(alive(me));
+        assert!(alive(master));
+        assert!(!alive(0));
+        assert!(!alive(u32::MAX));
+    }
+
+    #[test]
+    fn a_pid_come_round_to_another_process_is_no_holder() -> std::io::Result<()> {
+        // A child of this process stands for a process that got a dead
+        // worker's pid: it exists, but its parent is not our master.
+        let mut stranger = Command::new("sleep").arg("30").spawn()?;
+        let pid = stranger.id();
+        let seen = alive(pid);
+        stranger.kill()?;
+        stranger.wait()?;
+        assert!(!seen, "a live process of another parent taken for a holder");
+        assert!(!alive(pid), "a reaped process taken for a holder");
+        Ok(())
+    }
 }

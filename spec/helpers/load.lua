@@ -7,11 +7,16 @@ local _M = {}
 
 
 -- Starts wrk in the background for `seconds` against `path`; with `keys`,
--- each request adds ?k=<1..keys>. Returns a handle for wait().
+-- each request adds ?k=<1..keys>; with `close`, each request asks for its
+-- connection to be closed (a new connection each, so the kernel picks the
+-- worker each time). Returns a handle for wait().
 function _M.start(srv, path, opts)
     opts = opts or {}
     local script = srv.dir .. "/wrk-" .. path:gsub("%W", "") .. ".lua"
     local f = assert(io.open(script, "w"))
+    if opts.close then
+        f:write('wrk.headers["Connection"] = "close"\n')
+    end
     if opts.keys then
         f:write(string.format([[
 local n = 0
