@@ -24,7 +24,7 @@ local redis_server = require "helpers.redis"
 
 local quote = nginx.quote
 
--- Watchdogs, from measured runs on 2 busy cores (see README, Tests): the
+-- Watchdogs, from measured runs on 2 busy cores (see docs/tests.md): the
 -- whole of spec/resty takes 6-10 s of busted time on either stack, and its
 -- longest silence (one spec running) was 2-7 s; a worker that failed to
 -- load is caught from its error log within 0.1 s instead. Margins of 6x

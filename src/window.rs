@@ -223,7 +223,7 @@ pub fn accuracy(trace: &[f64], window: f64, limit: u64) -> Accuracy {
 }
 
 /// A small deterministic generator (xorshift64*), so that the trace and
-/// the figures in the README are the same on every machine.
+/// the figures in docs/limit.md are the same on every machine.
 struct Rng(u64);
 
 impl Rng {
@@ -327,7 +327,7 @@ mod tests {
         }
     }
 
-    /// The figures of the README's "Accuracy of the sliding window":
+    /// The figures of docs/limit.md's "Accuracy of the sliding window":
     /// `cargo test --no-default-features --lib window -- --nocapture`.
     #[test]
     fn the_sliding_estimate_is_close_to_an_exact_sliding_log() {
@@ -356,7 +356,7 @@ mod tests {
             100.0 * acc.same_history_false_deny_rate()
         );
         assert!(acc.events > 300_000, "{:?}", acc);
-        // The bounds the README states.
+        // The bounds docs/limit.md states.
         assert!(acc.false_allow_rate() < 0.08, "{:?}", acc);
         assert!(acc.false_deny_rate() < 0.08, "{:?}", acc);
         assert!(acc.same_history_false_allow_rate() < 0.16, "{:?}", acc);

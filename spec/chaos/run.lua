@@ -388,12 +388,12 @@ print("on " .. nginx.stack.name .. "'s nginx " .. (nginx.stack.version or "?")
 print(table.concat(out, "\n"))
 
 -- The full run is long and rare: its table is kept, with the machine and
--- versions, in bench/CHAOS.md for the README to cite.
+-- versions, in spec/chaos/RESULTS.md for the README to cite.
 if FULL then
     local function first_line(cmd)
         return (nginx.read(cmd .. " 2>&1"):match("[^\n]+") or "?")
     end
-    local f = assert(io.open("bench/CHAOS.md", "w"))
+    local f = assert(io.open("spec/chaos/RESULTS.md", "w"))
     f:write(table.concat({
         "# make chaos-full",
         "",

@@ -567,7 +567,7 @@ describe("resty.counter.strict", function()
             -- yield and in the log phase, which spins): shown, not
             -- required, since it depends on how the kernel schedules the
             -- two workers on a busy machine. With the locks disabled this
-            -- spec fails (README).
+            -- spec fails (docs/tests.md).
             io.write(string.format("\nrace: lock waits timer %s content %s log %s\n",
                 tostring(dict:get("tally:waits:timer")),
                 tostring(dict:get("tally:waits:content")),

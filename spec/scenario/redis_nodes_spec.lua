@@ -24,7 +24,7 @@ exit_worker_by_lua_block {
 }]]
 
 
--- A node on Redis at `port`, with the README's exit line unless
+-- A node on Redis at `port`, with docs/lax.md's exit line unless
 -- `exit_line` is false.
 local function node(port, exit_line)
     return nginx.start({ workers = 2, http = CONF,
@@ -235,7 +235,7 @@ describe("lax and limit on Redis across two nodes", function()
         -- Persistence, so that a restart keeps what Redis had applied.
         redis = redis_server.start({ conf = { "appendonly yes",
                                               "appendfsync always" } })
-        -- a with the README's exit line, b without
+        -- a with docs/lax.md's exit line, b without
         a, b = node(redis.port), node(redis.port, false)
     end)
 

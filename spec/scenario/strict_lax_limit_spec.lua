@@ -13,7 +13,7 @@ exit_worker_by_lua_block {
 }]]
 
 
--- The scenario's nginx, with the README's exit line unless `exit_line` is
+-- The scenario's nginx, with docs/lax.md's exit line unless `exit_line` is
 -- false.
 local function start_nginx(exit_line)
     return nginx.start({ workers = 2, http = CONF, log_level = "warn",
@@ -31,7 +31,7 @@ end
 
 
 local LIMIT, WINDOW = 100, 0.2
--- The README's bound for the sliding window: the most requests it allows
+-- docs/limit.md's bound for the sliding window: the most requests it allows
 -- in any WINDOW seconds. Each window's own count stays within the limit,
 -- and any WINDOW seconds overlap two windows, so 2x is the worst case (a
 -- burst at the end of one window, then a steady stream in the next); the
@@ -147,7 +147,7 @@ describe("strict, lax and limit with 2 workers", function()
         stop_clean(srv)
     end)
 
-    it("sliding window: within the README's bound in any window", function()
+    it("sliding window: within docs/limit.md's bound in any window", function()
         srv = start_nginx()
         local report = load.wait(load.start(srv, "/sliding", { seconds = 2,
                                                                connections = 32 }))

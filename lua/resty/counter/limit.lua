@@ -17,8 +17,8 @@
 -- sliding: the count of the previous window weighed by the part of it still
 -- inside the last `window` seconds, plus the current count (the estimate of
 -- src/window.rs, called through the FFI): an event is allowed when that is
--- at most `limit`. Its accuracy against an exact sliding log is in the
--- README.
+-- at most `limit`. Its accuracy against an exact sliding log is in
+-- docs/limit.md.
 --
 -- A rejected event's `incr` is undone at once. Meanwhile a concurrent call
 -- may see the count one higher and be rejected too: under contention at
