@@ -388,8 +388,32 @@ print("on " .. nginx.stack.name .. "'s nginx " .. (nginx.stack.version or "?")
 print(table.concat(out, "\n"))
 
 -- The full run is long and rare: its table is kept, with the machine and
--- versions, in spec/chaos/RESULTS.md for the README to cite.
+-- versions, in spec/chaos/RESULTS.md for the README to cite, each case's
+-- loss beside the one of the last full run before the shared engine
+-- (spec/chaos/RESULTS-before-engine.md, 2026-11-22), where it had one.
+local function lost_before_engine()
+    local lost = {}
+    local text = nginx.read_file("spec/chaos/RESULTS-before-engine.md") or ""
+    for case, value in text:gmatch("\n| ([^|]-) | [^|]* | [^|]* | ([^|]-) |") do
+        lost[case] = value
+    end
+    return lost
+end
+
+
 if FULL then
+    local before = lost_before_engine()
+    out = { "| case | sent | counted | lost | lost before the engine "
+            .. "| duplicated | verdict | detail |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |" }
+    for _, r in ipairs(rows) do
+        out[#out + 1] = "| " .. table.concat({ r[1], r[2], r[3], r[4],
+                                                before[r[1]] or "-", r[5],
+                                                r[6], r[7] }, " | ") .. " |"
+    end
+    out[#out + 1] = ""
+    out[#out + 1] = failed == 0 and "all cases passed"
+                    or (failed .. " case(s) FAILED")
     local function first_line(cmd)
         return (nginx.read(cmd .. " 2>&1"):match("[^\n]+") or "?")
     end
