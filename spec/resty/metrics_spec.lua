@@ -323,6 +323,42 @@ describe("resty.counter.metrics", function()
                                     .. '{limiter="metrics_lim"}'])
         end)
 
+        it("renders a limiter's decisions: allowed, near, rejected, shadow",
+           function()
+            local function clock()
+                return 6000.5
+            end
+            local enforcing = assert(limit.new("limit", {
+                limit = 10, window = 60, name = "metrics_decide",
+                clock = clock }))
+            local shadow = assert(limit.new("limit", {
+                limit = 10, window = 60, name = "metrics_shadow",
+                clock = clock, shadow = true, near_limit_ratio = 0.5 }))
+            local m = registry()
+            m:add(enforcing)
+            m:add(shadow)
+            for _ = 1, 13 do
+                enforcing:incoming("k", true)
+                shadow:incoming("k", true)
+            end
+            -- dry runs are not decisions
+            enforcing:incoming("k", false)
+            shadow:incoming("k", false)
+            local samples = parse(m:render())
+            local function decisions(name)
+                local labels = '{limiter="' .. name .. '"}'
+                return {
+                    samples["resty_limit_allowed_total" .. labels],
+                    samples["resty_limit_near_limit_total" .. labels],
+                    samples["resty_limit_rejected_total" .. labels],
+                    samples["resty_limit_shadow_rejected_total" .. labels],
+                }
+            end
+            -- near: a window at 8, 9, 10 of 10 (ratio 0.8); 5 to 10 (0.5)
+            assert.same({ 10, 3, 3, 0 }, decisions("metrics_decide"))
+            assert.same({ 10, 6, 0, 3 }, decisions("metrics_shadow"))
+        end)
+
         it("adds a worker's new figures to the node's sums, never less",
            function()
             local c = assert(counter.new("metrics_counts"))

@@ -1,9 +1,10 @@
 -- resty.counter.metrics scraped by a real Prometheus server: 2 workers
 -- under wrk load with a HUP reload in the middle; promtool passes the
 -- rendering, and Prometheus' HTTP API answers the access log's exact
--- counts (per route, per request counter key, strict and lax values, and
--- the keys refused by a full engine, a figure each worker counts on its
--- own and the registry sums over the node).
+-- counts (per route, per request counter key, strict and lax values, the
+-- keys refused by a full engine and the decisions of two limiters, one of
+-- them in shadow mode: figures each worker counts on its own and the
+-- registry sums over the node).
 
 package.path = "spec/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
@@ -27,7 +28,7 @@ local function logged(srv)
                 local route = method .. " " .. uri
                 routes[route] = (routes[route] or 0) + 1
             else
-                outcomes[outcome] = outcomes[outcome] + 1
+                outcomes[outcome] = (outcomes[outcome] or 0) + 1
             end
         end
         f:close()
@@ -70,6 +71,10 @@ describe("resty.counter.metrics scraped by Prometheus", function()
                                     connections = 4 }),
             load.start(srv, "/new", { seconds = 3, threads = 1,
                                       connections = 4, keys = 400 }),
+            load.start(srv, "/limited?l=scenario",
+                       { seconds = 3, threads = 1, connections = 2 }),
+            load.start(srv, "/limited?l=shadow",
+                       { seconds = 3, threads = 1, connections = 2 }),
         }
         nginx.sleep(1.5)
         srv:signal("HUP")
@@ -87,8 +92,40 @@ describe("resty.counter.metrics scraped by Prometheus", function()
         assert.is_true(outcomes.refused > 100 and outcomes.counted > 10,
                        "no full engine: " .. outcomes.refused .. " refused, "
                        .. outcomes.counted .. " counted")
+        -- The limiters' decisions, as the access log has them.
+        local function decided(name, outcome)
+            return outcomes[name .. ":" .. outcome] or 0
+        end
+        local decisions = {}
+        for _, name in ipairs({ "scenario", "shadow" }) do
+            local labels = '{limiter="' .. name .. '"}'
+            decisions["resty_limit_allowed_total" .. labels] =
+                decided(name, "allowed") + decided(name, "near")
+            decisions["resty_limit_near_limit_total" .. labels] =
+                decided(name, "near")
+            decisions["resty_limit_rejected_total" .. labels] =
+                decided(name, "rejected")
+            decisions["resty_limit_shadow_rejected_total" .. labels] =
+                decided(name, "shadow")
+        end
+        for _, outcome in ipairs({ "scenario:allowed", "scenario:near",
+                                   "scenario:rejected", "shadow:allowed",
+                                   "shadow:near", "shadow:shadow" }) do
+            assert.is_true((outcomes[outcome] or 0) > 0,
+                           "no " .. outcome .. " decision")
+        end
+        assert.equal(0, decided("shadow", "rejected"))
+        local function decisions_settled(found)
+            for series, n in pairs(decisions) do
+                if found[series] ~= n then
+                    return false
+                end
+            end
+            return true
+        end
         local function settled(found)
-            return found['scenario_hits_total{method="GET",uri="/a"}'] == a
+            return decisions_settled(found)
+               and found['scenario_hits_total{method="GET",uri="/a"}'] == a
                and found['scenario_hits_total{method="GET",uri="/b"}'] == b
                and found['resty_counts_refused_keys_total{dict="tiny"}']
                    == outcomes.refused
@@ -152,6 +189,9 @@ describe("resty.counter.metrics scraped by Prometheus", function()
                                 .. '{dict="tiny"}'))
         assert.equal(100, prom:value('resty_limit_max_events'
                                      .. '{limiter="scenario"}'))
+        for series, n in pairs(decisions) do
+            assert.equal(n, prom:value(series), series)
+        end
         assert.is_true(prom:value('resty_counts_syncs_total'
                                   .. '{dict="counters"}') > 0)
 

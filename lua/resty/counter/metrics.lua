@@ -146,6 +146,17 @@ local LAX_FIGURES = {
 }
 
 local LIMIT_FIGURES = {
+    figure("allowed", "resty_limit_allowed_total", "counter",
+           "Events a limiter allowed (committed events; dry runs are not "
+           .. "counted)."),
+    figure("near_limit", "resty_limit_near_limit_total", "counter",
+           "Allowed events after which the window was at least "
+           .. "near_limit_ratio of the limit (part of the allowed)."),
+    figure("rejected", "resty_limit_rejected_total", "counter",
+           "Events a limiter rejected for being over the limit."),
+    figure("shadow_rejected", "resty_limit_shadow_rejected_total",
+           "counter", "Events over the limit that a limiter in shadow mode "
+           .. "let through."),
     figure("failed_open", "resty_limit_failed_open_total", "counter",
            "Events allowed because Redis could not answer "
            .. "(on_redis_error = \"allow\")."),
