@@ -10,8 +10,10 @@ package.path = "spec/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
 local load = require "helpers.load"
 local prometheus = require "helpers.prometheus"
+local json = require "dkjson"
 
 local CONF = assert(nginx.read_file("spec/scenario/metrics.conf"))
+local DASHBOARD = "docs/grafana-dashboard.json"
 
 
 -- { ["GET /a"] = n, ... }, and the requests to /new by outcome, from the
@@ -64,6 +66,15 @@ describe("resty.counter.metrics scraped by Prometheus", function()
     it("answers the access log's counts through Prometheus' API", function()
         srv = nginx.start({ workers = 2, http = CONF })
         prom = prometheus.start(srv.dir, srv.port)
+        -- Its first scrape (Prometheus applies new targets up to 5 s after
+        -- it starts), so that it scrapes during the load.
+        for _ = 1, 300 do
+            if prom:value('up{job="nginx"}') == 1 then
+                break
+            end
+            nginx.sleep(0.1)
+        end
+        assert.equal(1, prom:value('up{job="nginx"}'), "no scrape in 30 s")
 
         local runs = {
             load.start(srv, "/a", { seconds = 3 }),
@@ -81,6 +92,7 @@ describe("resty.counter.metrics scraped by Prometheus", function()
         for _, run in ipairs(runs) do
             load.wait(run)
         end
+        local load_end = os.time()
 
         -- The rendering settles on the access log's counts (the counters
         -- sync every 0.1 s, the lax counter flushes every 20 ms, the
@@ -194,6 +206,35 @@ describe("resty.counter.metrics scraped by Prometheus", function()
         end
         assert.is_true(prom:value('resty_counts_syncs_total'
                                   .. '{dict="counters"}') > 0)
+
+        -- Every query of the Grafana dashboard, its variables fixed (all
+        -- instances, rates over 10 s), returns data: at the end of the
+        -- load, where the rates are not 0 and the percentiles are numbers.
+        local dashboard = assert(json.decode(assert(nginx.read_file(
+            DASHBOARD))), DASHBOARD .. " is not JSON")
+        local queries = 0
+        for _, panel in ipairs(dashboard.panels) do
+            if panel.type ~= "row" then
+                assert.is_true(#(panel.targets or {}) > 0,
+                               "no query in panel " .. panel.title)
+            end
+            for _, target in ipairs(panel.targets or {}) do
+                local promql = target.expr
+                    :gsub("%$__rate_interval", "10s")
+                    :gsub("%$instance", ".*")
+                assert.is_nil(promql:find("$", 1, true),
+                              "a variable left in " .. promql)
+                local result = prom:query(promql, load_end)
+                local numbers = 0
+                for _, r in ipairs(result) do
+                    numbers = numbers + (r.value and 1 or 0)
+                end
+                assert.is_true(numbers > 0, panel.title .. ": no data for "
+                               .. promql)
+                queries = queries + 1
+            end
+        end
+        assert.is_true(queries >= 20, queries .. " queries")
 
         srv:stop()          -- QUIT: the exit paths log too
         assert.same({}, srv:unexpected_errors({

@@ -112,9 +112,9 @@ local SCRIPT = [[
 
     // A cell of a number: two decimals unless an integer; the exact value
     // in data-value (and as a tooltip). A string (a value beyond 2^53) as
-    // it is.
+    // it is. `cls` marks a number above 0.
     function num(value, cls) {
-        var td = el("td", null, "num" + (cls ? " " + cls : ""));
+        var td = el("td", null, "num" + (cls && value > 0 ? " " + cls : ""));
         if (typeof value === "number") {
             td.textContent = Number.isInteger(value) ? String(value)
                                                      : value.toFixed(2);
