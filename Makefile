@@ -35,9 +35,9 @@ RUN_PACKAGES := nginx libnginx-mod-http-lua libnginx-mod-http-ndk \
 # for the Redis backends, openssl for the certificates of the TLS specs,
 # dnsmasq for a DNS server on loopback (the specs of a Redis host given by
 # name), Prometheus (with promtool) to scrape the metrics endpoint in its
-# scenario.
+# scenario, Chromium (headless) to load the status page in its scenario.
 DEB_PACKAGES := $(RUN_PACKAGES) lua-busted luarocks lua-check wrk procps \
-	redis-server lua-nginx-redis openssl dnsmasq-base prometheus
+	redis-server lua-nginx-redis openssl dnsmasq-base prometheus chromium
 
 # rustup's cargo when there is one (it has clippy and rustfmt); otherwise
 # the one on PATH, which on a fresh Debian is the one `deps` installs.

@@ -79,8 +79,11 @@ if failed or not up then
                      .. log)) .. "\nnginx stopped; its log: " .. error_log)
 end
 
-io.write("counting requests on http://127.0.0.1:", port, "/ ; counts: ",
-         "http://127.0.0.1:", port, "/counts, stats: /stats, /metrics\n",
+local base = "http://127.0.0.1:" .. port
+io.write("counting requests on ", base, "/\n",
+         "  status page: ", base, "/status (its JSON: /status.json)\n",
+         "  counts: ", base, "/counts, request stats: ", base, "/stats,",
+         " Prometheus: ", base, "/metrics\n",
          "nginx's warnings follow (", error_log, "); Ctrl-C stops\n")
 io.flush()
 -- Until Ctrl-C (or TERM, HUP). The shell stops nginx itself: this

@@ -37,6 +37,7 @@ build = {
             ["resty.counter.metrics"] = "lua/resty/counter/metrics.lua",
             ["resty.counter.redis"] = "lua/resty/counter/redis.lua",
             ["resty.counter.requests"] = "lua/resty/counter/requests.lua",
+            ["resty.counter.status"] = "lua/resty/counter/status.lua",
             ["resty.counter.store"] = "lua/resty/counter/store.lua",
             ["resty.greencheek.request.counter"] =
                 "lua/resty/greencheek/request/counter.lua",

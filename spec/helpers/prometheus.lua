@@ -58,14 +58,17 @@ scrape_configs:
 end
 
 
--- syntax: result = prom:query(promql)
+-- syntax: result = prom:query(promql, time?)
 --
--- The result of an instant query (/api/v1/query): a list of
--- { metric = {labels}, value = number }. Raises on an error.
-function server:query(promql)
+-- The result of an instant query (/api/v1/query), at `time` (Unix
+-- seconds; default now): a list of { metric = {labels}, value = number
+-- (nil for NaN) }. Raises on an error.
+function server:query(promql, time)
+    local at = time and (" --data-urlencode " .. quote("time=" .. time))
+               or ""
     local out = nginx.read("curl -s --max-time 10 http://127.0.0.1:"
                            .. self.port .. "/api/v1/query --data-urlencode "
-                           .. quote("query=" .. promql))
+                           .. quote("query=" .. promql) .. at)
     local doc = json.decode(out)
     assert(doc and doc.status == "success",
            "query " .. promql .. " failed: " .. out)

@@ -9,6 +9,7 @@ local strict = require "resty.counter.strict"
 local lax = require "resty.counter.lax"
 local limit = require "resty.counter.limit"
 local race = require "helpers.race"
+local json = require "dkjson"
 
 -- Specs that send requests to this nginx (see spec/helpers/it_http.lua).
 local it_http = require("helpers.it_http")(it, pending)
@@ -323,6 +324,42 @@ describe("resty.counter.metrics", function()
                                     .. '{limiter="metrics_lim"}'])
         end)
 
+        it("renders a limiter's decisions: allowed, near, rejected, shadow",
+           function()
+            local function clock()
+                return 6000.5
+            end
+            local enforcing = assert(limit.new("limit", {
+                limit = 10, window = 60, name = "metrics_decide",
+                clock = clock }))
+            local shadow = assert(limit.new("limit", {
+                limit = 10, window = 60, name = "metrics_shadow",
+                clock = clock, shadow = true, near_limit_ratio = 0.5 }))
+            local m = registry()
+            m:add(enforcing)
+            m:add(shadow)
+            for _ = 1, 13 do
+                enforcing:incoming("k", true)
+                shadow:incoming("k", true)
+            end
+            -- dry runs are not decisions
+            enforcing:incoming("k", false)
+            shadow:incoming("k", false)
+            local samples = parse(m:render())
+            local function decisions(name)
+                local labels = '{limiter="' .. name .. '"}'
+                return {
+                    samples["resty_limit_allowed_total" .. labels],
+                    samples["resty_limit_near_limit_total" .. labels],
+                    samples["resty_limit_rejected_total" .. labels],
+                    samples["resty_limit_shadow_rejected_total" .. labels],
+                }
+            end
+            -- near: a window at 8, 9, 10 of 10 (ratio 0.8); 5 to 10 (0.5)
+            assert.same({ 10, 3, 3, 0 }, decisions("metrics_decide"))
+            assert.same({ 10, 6, 0, 3 }, decisions("metrics_shadow"))
+        end)
+
         it("adds a worker's new figures to the node's sums, never less",
            function()
             local c = assert(counter.new("metrics_counts"))
@@ -396,5 +433,99 @@ describe("resty.counter.metrics", function()
         end
         assert.is_true(rendered_by["0"] and rendered_by["1"],
                        "both workers rendered the sum")
+    end)
+
+    describe("json()", function()
+        it("gives every object's figures as JSON, keys escaped", function()
+            local c = assert(counter.new("metrics_counts", 0.1))
+            local hostile = '<img src=x onerror=alert(1)>"\\\n\1&\226\128\168'
+            local bytes = "bin\255<"
+            assert(c:incr(hostile, 2))
+            assert(c:incr(bytes, 3))
+            assert(c:incr("big", 2 ^ 53 - 1))
+            assert(c:sync())
+            local s = assert(strict.new("strict", { name = "metrics_js" }))
+            assert(s:clear())
+            assert(s:set("huge", "9007199254740993"))
+            local lim = assert(limit.new("limit", {
+                limit = 2, window = 60, name = "metrics_json",
+                clock = function() return 6000.5 end }))
+            for _ = 1, 3 do
+                lim:incoming("k", true)
+            end
+            local r = assert(requests.new("metrics_requests_1"))
+            assert(r:record(hostile, 0.01))
+            local m = registry()
+            m:add(c)
+            m:add(s)
+            m:add(lim)
+            m:add(r)
+
+            local text = m:json()
+            -- no markup and no raw line end in the text, whatever the keys
+            assert.is_nil(text:find("[<>&]"))
+            assert.is_nil(text:find("\226\128\168", 1, true))
+            local doc = assert(json.decode(text))
+            assert.is_true(math.abs(doc.time - ngx.now()) < 5)
+            local keys = {}
+            for _, kv in ipairs(doc.counters[1].keys) do
+                keys[kv.key] = kv.value
+            end
+            assert.equal("metrics_counts", doc.counters[1].dict)
+            assert.equal("resty_counts_total", doc.counters[1].metric)
+            assert.equal(2, keys[hostile])
+            assert.equal(3, keys["bin\\xff<"])
+            assert.matches('"value":9007199254740991}', text, 1, true)
+            assert.same({ { key = "huge", value = "9007199254740993" } },
+                        doc.values[1].keys)
+            assert.same({ kind = "strict", dict = "strict",
+                          name = "metrics_js" },
+                        { kind = doc.values[1].kind, dict = doc.values[1].dict,
+                          name = doc.values[1].name })
+            local l = doc.limits[1]
+            assert.same({ "metrics_json", "fixed", 2, 60, false, 2, 1, 1, 0 },
+                        { l.limiter, l.algorithm, l.limit, l.window,
+                          l.shadow, l.allowed, l.near_limit, l.rejected,
+                          l.shadow_rejected })
+            assert.equal("metrics_requests_1", doc.requests[1].dict)
+            assert.equal(1, doc.requests[1].stats.stats[hostile].current
+                                                                .requests)
+            local figures = {}
+            for _, f in ipairs(doc.figures) do
+                figures[f.name .. json.encode(f.labels)] = f.value
+            end
+            assert.is_true(figures['resty_counts_syncs_total'
+                                   .. '{"dict":"metrics_counts"}'] >= 1)
+            assert.equal(1, figures['resty_limit_rejected_total'
+                                    .. '{"limiter":"metrics_json"}'])
+            assert.matches("m:json", raised(m.json), 1, true)
+        end)
+    end)
+
+    describe("status_page()", function()
+        it("is one page whose settings are escaped", function()
+            local m = registry()
+            local html = m:status_page({ json_url = '/s.json?a=1&b="x"',
+                                         refresh = 2.5,
+                                         title = "<b>node 1</b>" })
+            assert.matches('data-json-url="/s.json?a=1&amp;b=&quot;x&quot;" '
+                           .. 'data-refresh="2.5"', html, 1, true)
+            assert.matches("<title>&lt;b&gt;node 1&lt;/b&gt;</title>", html,
+                           1, true)
+            assert.is_nil(html:find("innerHTML", 1, true))
+            -- nothing to load: no src, no href, no url()
+            assert.is_nil(html:find("src=", 1, true))
+            assert.is_nil(html:find("href", 1, true))
+            assert.is_nil(html:find("url(", 1, true))
+            assert.matches('data-json-url="status.json" data-refresh="5"',
+                           m:status_page(), 1, true)
+            assert.matches('unknown option "refrsh"',
+                           raised(m.status_page, m, { refrsh = 1 }), 1, true)
+            assert.matches('bad "opts.refresh" argument',
+                           raised(m.status_page, m, { refresh = 0 }), 1, true)
+            assert.matches('bad "opts.json_url" argument',
+                           raised(m.status_page, m, { json_url = 1 }), 1,
+                           true)
+        end)
     end)
 end)

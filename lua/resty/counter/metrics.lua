@@ -31,12 +31,14 @@ local log = require "resty.counter.log"
 local requests = require "resty.counter.requests"
 local strict = require "resty.counter.strict"
 local engine = require "resty.counter.engine"
+local status = require "resty.counter.status"
 
 
 local C = abi.C
 local ngx = ngx
 local ngx_shared = ngx.shared
 local ngx_WARN = ngx.WARN
+local ngx_now = ngx.now
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
 local worker_id = ngx.worker.id
@@ -71,7 +73,9 @@ local EXACT = 2 ^ 53
 local CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-local _M = { _VERSION = "0.1.0", content_type = CONTENT_TYPE }
+local _M = { _VERSION = "0.1.0", content_type = CONTENT_TYPE,
+             json_content_type = "application/json",
+             status_content_type = "text/html; charset=utf-8" }
 local mt = { __index = _M }
 
 
@@ -146,6 +150,17 @@ local LAX_FIGURES = {
 }
 
 local LIMIT_FIGURES = {
+    figure("allowed", "resty_limit_allowed_total", "counter",
+           "Events a limiter allowed (committed events; dry runs are not "
+           .. "counted)."),
+    figure("near_limit", "resty_limit_near_limit_total", "counter",
+           "Allowed events after which the window was at least "
+           .. "near_limit_ratio of the limit (part of the allowed)."),
+    figure("rejected", "resty_limit_rejected_total", "counter",
+           "Events a limiter rejected for being over the limit."),
+    figure("shadow_rejected", "resty_limit_shadow_rejected_total",
+           "counter", "Events over the limit that a limiter in shadow mode "
+           .. "let through."),
     figure("failed_open", "resty_limit_failed_open_total", "counter",
            "Events allowed because Redis could not answer "
            .. "(on_redis_error = \"allow\")."),
@@ -233,16 +248,22 @@ local function hex_byte(c)
 end
 
 
--- A label value: a label value must be UTF-8, and a key may be any bytes;
--- a key that is not UTF-8 shows its bytes from 0x80 on as \xNN.
-local function label_value(value)
+-- A key as UTF-8 text: a label value and a JSON string must be UTF-8, and
+-- a key may be any bytes; a key that is not UTF-8 shows its bytes from
+-- 0x80 on as \xNN.
+local function utf8_text(value)
     if type(value) ~= "string" then
         value = tostring(value)
     end
     if C.rc_utf8_valid(value, #value) == 0 then
         value = gsub(value, "[\128-\255]", hex_byte)
     end
-    return (gsub(value, '[\\"\n]', LABEL_ESCAPES))
+    return value
+end
+
+
+local function label_value(value)
+    return (gsub(utf8_text(value), '[\\"\n]', LABEL_ESCAPES))
 end
 _M._label_value = label_value
 
@@ -347,6 +368,104 @@ local function merge_text(expo, text)
     end
 end
 _M._merge_text = merge_text
+
+
+-- JSON -------------------------------------------------------------------
+
+
+-- Marks a table as a JSON array (an empty one would be an object), and
+-- one whose [1] is JSON text to embed as it is (the request counter's own
+-- stats, which its encoder escaped).
+local ARRAY = {}
+local RAW = {}
+
+
+local function array(t)
+    return setmetatable(t or {}, ARRAY)
+end
+
+
+-- Control characters, quotes and backslashes as JSON needs them; <, > and
+-- & too, so that no JSON text holds markup (a browser that sniffs, JSON
+-- put in a <script>); U+2028 and U+2029, line ends to older JavaScript.
+local JSON_ESCAPES = {
+    ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f",
+    ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t",
+    ["\226\128\168"] = "\\u2028", ["\226\128\169"] = "\\u2029",
+}
+
+
+local function json_escape(c)
+    return JSON_ESCAPES[c] or fmt("\\u%04x", byte(c))
+end
+
+
+-- A JSON string: any bytes, as utf8_text() shows them.
+local function json_string(value)
+    value = gsub(utf8_text(value), '[%c"\\<>&]', json_escape)
+    return '"' .. gsub(value, "\226\128[\168\169]", json_escape) .. '"'
+end
+_M._json_string = json_string
+
+
+local json_value
+
+local function json_table(t, out)
+    local class = getmetatable(t)
+    if class == RAW then
+        out[#out + 1] = t[1]
+    elseif class == ARRAY or t[1] ~= nil then
+        out[#out + 1] = "["
+        for i = 1, #t do
+            if i > 1 then
+                out[#out + 1] = ","
+            end
+            json_value(t[i], out)
+        end
+        out[#out + 1] = "]"
+    else
+        local names = {}
+        for name in pairs(t) do
+            names[#names + 1] = tostring(name)
+        end
+        sort(names)
+        out[#out + 1] = "{"
+        for i, name in ipairs(names) do
+            out[#out + 1] = (i > 1 and "," or "") .. json_string(name) .. ":"
+            json_value(t[name], out)
+        end
+        out[#out + 1] = "}"
+    end
+end
+
+
+-- Appends the JSON of `v` to the list `out`: numbers as number_text()
+-- writes them (integers exactly), those JSON has no word for (NaN, the
+-- infinities) as null; a table as an array (ARRAY, or with a [1]), as
+-- raw JSON (RAW) or as an object with its names in order.
+json_value = function(v, out)
+    local t = type(v)
+    if t == "string" then
+        out[#out + 1] = json_string(v)
+    elseif t == "number" then
+        out[#out + 1] = (v ~= v or v == HUGE or v == -HUGE) and "null"
+                        or number_text(v)
+    elseif t == "boolean" then
+        out[#out + 1] = tostring(v)
+    elseif t == "table" then
+        json_table(v, out)
+    else
+        out[#out + 1] = "null"
+    end
+end
+
+
+local function json_text(v)
+    local out = {}
+    json_value(v, out)
+    return concat(out)
+end
+_M._json_text = json_text
 
 
 -- Options ----------------------------------------------------------------
@@ -585,9 +704,12 @@ function _M.new(shdict_name, opts)
 end
 
 
--- The labels of a module's own figures.
-local function store_labels(dict_name, name)
-    return labels_text({ "dict", "name" }, { dict = dict_name, name = name })
+-- Gives `entry` the labels of its own figures: names in order and their
+-- values, and as text.
+local function set_labels(entry, names, values)
+    entry.label_names = names
+    entry.label_values = values
+    entry.labels = labels_text(names, values)
 end
 
 
@@ -634,23 +756,23 @@ function _M.add(self, obj, opts)
             end
         end
         entry.mapping = mapping
-        entry.labels = labels_text({ "dict" }, { dict = obj.dict_name })
+        set_labels(entry, { "dict" }, { dict = obj.dict_name })
         entry.figures = COUNTER_FIGURES
     elseif kind == "requests" then
         check.options(opts, NO_OPTIONS, "opts", 2)
-        entry.labels = labels_text({ "dict" }, { dict = obj.dict_name })
+        set_labels(entry, { "dict" }, { dict = obj.dict_name })
         entry.figures = REQUESTS_FIGURES
     elseif kind == "limit" then
         check.options(opts, NO_OPTIONS, "opts", 2)
-        entry.labels = labels_text({ "limiter" },
-                                   { limiter = sub(obj.prefix, 1, -2) })
+        set_labels(entry, { "limiter" }, { limiter = sub(obj.prefix, 1, -2) })
         entry.figures = LIMIT_FIGURES
     else
         check.options(opts, VALUES_OPTIONS, "opts", 2)
         entry.values = check.flag(opts.values, "opts.values", 2, true)
         local shared = kind == "lax" and obj.shared or obj
         entry.shared = shared
-        entry.labels = store_labels(obj.dict_name, shared.name)
+        set_labels(entry, { "dict", "name" },
+                   { dict = obj.dict_name, name = shared.name })
         entry.figures = kind == "lax" and LAX_FIGURES or STRICT_FIGURES
     end
 
@@ -832,55 +954,57 @@ local function render_limit(expo, entry)
 end
 
 
--- The node's sums of the workers' own figures.
-local function render_figures(self, expo)
+-- The node's sum of figure `f` of `entry`: of the workers' published
+-- values.
+local function node_value(self, entry, f)
     local dict = self.dict
-    local workers = worker_count()
+    local series = f.family .. entry.labels
+    if f.type == "counter" then
+        return dict:get(self.counter_key .. series) or 0
+    end
+    local value = 0
+    for id = 0, worker_count() - 1 do
+        local v = dict:get(self.gauge_key .. id .. "|" .. series) or 0
+        if not f.max then
+            value = value + v
+        elseif v > value then
+            value = v
+        end
+    end
+    return value
+end
+
+
+-- Calls emit(f, names, values, value) for every own figure of the node,
+-- each series once: figure `f`, its labels (names in order, and values)
+-- and its value; first the workers' sums, then the shared engines'
+-- figures, once per dict.
+local function each_figure(self, emit)
     local done = {}
     for _, entry in ipairs(self.entries) do
         for _, f in ipairs(entry.figures) do
             local series = f.family .. entry.labels
-            local fam = family(expo, f.family, f.type, f.help)
             if not done[series] then
                 done[series] = true
-                local value
-                if f.type == "counter" then
-                    value = dict:get(self.counter_key .. series) or 0
-                else
-                    value = 0
-                    for id = 0, workers - 1 do
-                        local v = dict:get(self.gauge_key .. id .. "|"
-                                           .. series) or 0
-                        if not f.max then
-                            value = value + v
-                        elseif v > value then
-                            value = v
-                        end
-                    end
-                end
-                sample(fam, f.family, entry.labels, value)
+                emit(f, entry.label_names, entry.label_values,
+                     node_value(self, entry, f))
             end
         end
     end
-end
 
-
--- The shared engines' own figures, once per dict.
-local function render_engines(self, expo)
-    local done = {}
+    local engines = {}
     for _, entry in ipairs(self.entries) do
         local kind = entry.kind
         local dict_name = entry.obj.dict_name
-        if (kind == "counter" or kind == "requests") and not done[dict_name]
+        if (kind == "counter" or kind == "requests")
+           and not engines[dict_name]
         then
-            done[dict_name] = true
+            engines[dict_name] = true
             local handle = engine.attach(dict_name)
             if handle then
                 local stats = engine.stats(handle)
-                local labels = labels_text({ "dict" }, { dict = dict_name })
                 for _, f in ipairs(ENGINE_FIGURES) do
-                    sample(family(expo, f.family, f.type, f.help), f.family,
-                           labels, stats[f.field])
+                    emit(f, { "dict" }, { dict = dict_name }, stats[f.field])
                 end
             end
         end
@@ -926,9 +1050,159 @@ function _M.render(self)
             render_values(expo, entry)
         end
     end
-    render_figures(self, expo)
-    render_engines(self, expo)
+    each_figure(self, function(f, names, values, value)
+        sample(family(expo, f.family, f.type, f.help), f.family,
+               labels_text(names, values), value)
+    end)
     return exposition_text(expo)
+end
+
+
+-- A limiter's settings and the node's sums of its decisions.
+local function limit_json(self, entry)
+    local lim = entry.obj
+    local doc = {
+        limiter = entry.label_values.limiter, algorithm = lim.algorithm,
+        limit = lim.limit, window = lim.window, shadow = lim.shadow,
+        near_limit_ratio = lim.near_limit_ratio,
+        redis = lim.engine ~= nil,
+    }
+    for _, f in ipairs(LIMIT_FIGURES) do
+        doc[f.field] = node_value(self, entry, f)
+    end
+    return doc
+end
+
+
+-- A list of { key =, value = } in the order of the keys.
+local function key_values(keys, value_of)
+    sort(keys)
+    local list = array()
+    for _, key in ipairs(keys) do
+        local value = value_of(key)
+        if value ~= nil then
+            list[#list + 1] = { key = key, value = value }
+        end
+    end
+    return list
+end
+
+
+-- syntax: text = m:json()
+--
+-- context: any phase; meant for content_by_lua*
+--
+-- What render() renders, as one JSON object (serve it with Content-Type
+-- `metrics.json_content_type`); the status page reads it:
+--
+-- * time: ngx.now() when it was made;
+-- * counters: per resty.counter counter {dict, metric, keys}, keys a list
+--   of {key, value} in the order of the keys (every key, whatever the
+--   counter's labels option leaves out of render());
+-- * requests: per request counter {dict, stats}, stats being the request
+--   counter's own stats() (per key: its windows with requests, rate, p50,
+--   p90, p99, max), or {dict, error} when it could not give them;
+-- * values: per strict or lax counter with values {kind, dict, name,
+--   keys} (a value beyond 2^53 is a string of its digits);
+-- * limits: per limiter {limiter, algorithm, limit, window, shadow,
+--   near_limit_ratio, redis} and the node's sums of its decisions:
+--   allowed, near_limit, rejected, shadow_rejected, failed_open,
+--   failed_closed;
+-- * figures: every module's own figures as render() has them, a list of
+--   {name, type, help, labels, value}.
+--
+-- Keys are strings escaped as JSON needs, and <, > and & too; a key that
+-- is not UTF-8 shows its bytes from 0x80 on as \xNN, as in render().
+function _M.json(self)
+    if getmetatable(self) ~= mt then
+        dot_call("m", "json", 2)
+    end
+    publish(self)
+
+    local doc = { time = ngx_now(), counters = array(), requests = array(),
+                  values = array(), limits = array(), figures = array() }
+    for _, entry in ipairs(self.entries) do
+        local kind, obj = entry.kind, entry.obj
+        local dict_name = obj.dict_name
+        if kind == "counter" then
+            local list = doc.counters
+            list[#list + 1] = {
+                dict = dict_name, metric = entry.mapping.family,
+                keys = key_values(obj:get_keys(0), function(key)
+                    local value = obj:get(key)
+                    return type(value) == "number" and value or nil
+                end),
+            }
+        elseif kind == "requests" then
+            local list = doc.requests
+            local text, err = obj:stats()
+            if text then
+                -- JSON already: <, > and & (only ever inside its
+                -- strings) escaped as in the rest.
+                text = gsub(text, "[<>&]", json_escape)
+                text = gsub(text, "\226\128[\168\169]", json_escape)
+                list[#list + 1] = { dict = dict_name,
+                                    stats = setmetatable({ text }, RAW) }
+            else
+                list[#list + 1] = { dict = dict_name, error = tostring(err) }
+            end
+        elseif kind == "limit" then
+            doc.limits[#doc.limits + 1] = limit_json(self, entry)
+        elseif entry.values then
+            local values = entry.shared:_values()
+            if values then
+                local keys = {}
+                for key in pairs(values) do
+                    keys[#keys + 1] = key
+                end
+                doc.values[#doc.values + 1] = {
+                    kind = kind, dict = dict_name, name = entry.shared.name,
+                    keys = key_values(keys, function(key)
+                        return values[key]
+                    end),
+                }
+            end
+        end
+    end
+
+    local figures = doc.figures
+    each_figure(self, function(f, names, values, value)
+        local labels = {}
+        for _, name in ipairs(names) do
+            labels[name] = values[name]
+        end
+        figures[#figures + 1] = { name = f.family, type = f.type,
+                                  help = f.help, labels = labels,
+                                  value = value }
+    end)
+    return json_text(doc)
+end
+
+
+local PAGE_OPTIONS = { json_url = true, refresh = true, title = true }
+
+
+-- syntax: html = m:status_page(opts?)
+--
+-- context: any phase; meant for content_by_lua*
+--
+-- A self-contained HTML page (inline CSS and script, nothing else to
+-- load; serve it with Content-Type `metrics.status_content_type`) that
+-- shows what m:json() gives and reads it again every opts.refresh seconds
+-- (default 5) from opts.json_url (default "status.json", relative to the
+-- page: at /status, /status.json; on the page's own host). opts.title
+-- (default "resty.counter status") heads the page. The page writes keys as
+-- text only, never as markup. An unknown option raises.
+function _M.status_page(self, opts)
+    if getmetatable(self) ~= mt then
+        dot_call("m", "status_page", 2)
+    end
+    opts = check.table(opts, "opts", 2)
+    check.options(opts, PAGE_OPTIONS, "opts", 2)
+    return status.page(
+        check.text(opts.json_url, "opts.json_url", 2, "status.json"),
+        check.seconds(opts.refresh, "opts.refresh", 2, 5),
+        check.text(opts.title, "opts.title", 2, "resty.counter status"))
 end
 
 
