@@ -598,6 +598,68 @@ describe("resty.counter.requests", function()
             return samples, types
         end
 
+        it_http("never counts more at an edge than in all, while other "
+                .. "workers record", function()
+            local k = "consistent-" .. ngx.now()
+            local r = assert(requests.new("requests_http"))
+            local scrapes = 0
+
+            -- Every bucket of `k` at most the next one and at most the
+            -- count; +Inf the count.
+            local function check(text)
+                local samples = parse(text)
+                local labels = '{dict="requests_http",key="' .. k .. '"'
+                local count = samples["request_counter_latency_seconds_count"
+                                      .. labels .. "}"]
+                if not count then
+                    return
+                end
+                local last = 0
+                for _, le in ipairs({ "0.005", "0.01", "0.025", "0.05", "0.1",
+                                      "0.25", "0.5", "1", "2.5", "5", "10" }) do
+                    local below = samples["request_counter_latency_seconds_"
+                                          .. 'bucket' .. labels .. ',le="'
+                                          .. le .. '"}']
+                    assert.is_true(below >= last and below <= count,
+                                   le .. ": " .. below .. " of " .. count)
+                    last = below
+                end
+                assert.equal(count, samples["request_counter_latency_"
+                                            .. "seconds_bucket" .. labels
+                                            .. ',le="+Inf"}'])
+                scrapes = scrapes + 1
+            end
+
+            -- Two bursts of requests in flight at all times (worker 0,
+            -- where this spec runs, skips them), scraped meanwhile.
+            local running, recorded = 0, 0
+            local function burst()
+                running = running + 1
+                local body = race.get("/requests/burst?n=200000&key=" .. k)
+                running = running - 1
+                if body and body:find("recorded", 1, true) then
+                    recorded = recorded + 1
+                end
+            end
+            local deadline = ngx.now() + 5
+            while scrapes < 20000 and ngx.now() < deadline do
+                while running < 2 do
+                    ngx.thread.spawn(burst)
+                end
+                -- Many reads between sleeps (the light threads run then):
+                -- a torn read is a matter of nanoseconds.
+                for _ = 1, 100 do
+                    check(assert(r:prometheus()))
+                end
+                ngx.sleep(0.001)
+            end
+            while running > 0 do
+                ngx.sleep(0.01)
+            end
+            assert.is_true(recorded > 0, "worker 1 recorded")
+            assert.is_true(scrapes >= 20000, "scrapes: " .. scrapes)
+        end)
+
         it("renders counters, a histogram and a rate, labels escaped",
            function()
             local r, _, dict_name = engine()
