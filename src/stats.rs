@@ -830,6 +830,34 @@ mod tests {
     }
 
     #[test]
+    fn prometheus_text_per_key_is_as_the_readme_says() {
+        // (E + 5) lines labelled {dict="D",key="K"} (15 + |D| + |K| bytes
+        // each, escaped), 195 + 47 E bytes of names and punctuation, the
+        // `le` values and the numbers' digits (E + 3 counts, the sum, the
+        // window, the rate).
+        let edges = PROMETHEUS_EDGES_MS.len();
+        let le: usize = PROMETHEUS_EDGES_MS
+            .iter()
+            .map(|e| format!("{}", e / 1000.0).len())
+            .sum();
+        assert_eq!(le, 35);
+        let headers: usize = PROMETHEUS_SECTIONS.iter().map(|h| h.len()).sum();
+        for (dict, key) in [("d", "k"), ("bench_stats_0_100000", "/path/12345")] {
+            let mut report = Report::new(60, 90.0, 1).unwrap();
+            report.add(key.as_bytes(), vec![histogram(&[12.0])], total(&[12.0]));
+            let text = report.prometheus(dict).to_string();
+            // Counts 1 (or 0 below 12 ms), sum 0.012, window 60, rate 1.
+            let digits = (edges + 3) + "0.012".len() + "60".len() + "1".len();
+            let per_key =
+                (edges + 5) * (15 + dict.len() + key.len()) + 195 + 47 * edges + le + digits;
+            assert_eq!(text.len() - headers, per_key, "{}", text);
+        }
+        // The README's figures: 987 + 16 (|D| + |K|) bytes and the digits
+        // with the 11 default edges.
+        assert_eq!(16 * 15 + 195 + 47 * 11 + 35, 987);
+    }
+
+    #[test]
     fn bad_input_is_refused() {
         assert_eq!(Report::new(0, 1.0, 2).unwrap_err(), Error::BadArgument);
         assert_eq!(
