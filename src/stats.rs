@@ -288,7 +288,9 @@ impl Report {
 
     /// Renders up to `max_keys` more keys (at least one) of what
     /// [`Report::begin_json`] or [`Report::begin_prometheus`] began: true
-    /// when the text is whole.
+    /// when the text is whole. A step that stops short frees the keys
+    /// whose last section it wrote: a report rendered in steps renders
+    /// once.
     pub fn render(&mut self, max_keys: usize) -> bool {
         let mut out = std::mem::take(&mut self.rendered);
         let done = self.render_into(&mut out, max_keys.max(1));
