@@ -2,21 +2,11 @@
 -- the sync cost, each case started at once in all workers (a barrier in
 -- the shared dict), so that 2 workers contend as they would in production.
 
-local ffi = require "ffi"
 local counter = require "resty.counter"
-
-ffi.cdef[[
-typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
-int clock_gettime(int clk_id, bench_timespec *tp);
-]]
 
 local _M = {}
 
-local ts = ffi.new("bench_timespec")
-local function now()
-    ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
-    return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
+local now = require("clock").now
 
 local N = 10000000
 local N_DICT = 1000000

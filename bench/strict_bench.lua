@@ -3,23 +3,13 @@
 -- case started at once in all workers (a barrier in the shared dict) on
 -- the same key, so that 2 workers contend as they would on a hot key.
 
-local ffi = require "ffi"
 local strict = require "resty.counter.strict"
 local lax = require "resty.counter.lax"
 local limit = require "resty.counter.limit"
 
-ffi.cdef[[
-typedef struct { long tv_sec; long tv_nsec; } strict_bench_timespec;
-int clock_gettime(int clk_id, strict_bench_timespec *tp);
-]]
-
 local _M = {}
 
-local ts = ffi.new("strict_bench_timespec")
-local function now()
-    ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
-    return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
+local now = require("clock").now
 
 local ROUNDS = 5
 -- Calls per case and round: the dict-bound cases cost 30 ns to 1 us.

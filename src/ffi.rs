@@ -16,7 +16,7 @@ use crate::stats::{KeyInfo, Report};
 
 /// The version of the layout and signatures below. The Lua side refuses to
 /// run against a library whose version differs from the one it declares.
-pub const ABI_VERSION: i32 = 2;
+pub const ABI_VERSION: i32 = 3;
 
 thread_local! {
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
@@ -241,59 +241,102 @@ pub unsafe extern "C" fn rc_report_key_info(
     }
 }
 
-/// Renders the report as JSON (`single` non-zero: the first key only, as
-/// `single_stats` shows it) and points `*out_len` at its length. The text
-/// stays valid until the next render or the report's free; null on a
-/// caught panic or a null argument.
+/// Begins rendering the report as JSON (`single` non-zero: the first key
+/// only, as `single_stats` shows it, whole at once); [`rc_report_render`]
+/// goes on. 0, or `CODE_BAD_ARGUMENT` for a null report.
+///
+/// # Safety
+///
+/// `report` is null or live.
+#[no_mangle]
+pub unsafe extern "C" fn rc_report_begin_json(
+    report: *mut Report,
+    free_space: f64,
+    capacity: f64,
+    single: i32,
+) -> i32 {
+    match report.as_mut() {
+        Some(report) => guarded(Error::Internal.code(), || {
+            report.begin_json(free_space, capacity, single != 0);
+            0
+        }),
+        None => Error::BadArgument.code(),
+    }
+}
+
+/// Begins rendering the report in the Prometheus text format, labelled
+/// with the dict's name; as [`rc_report_begin_json`] otherwise.
+///
+/// # Safety
+///
+/// `report` is null or live; `dict` is null or `dict_len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rc_report_begin_prometheus(
+    report: *mut Report,
+    dict: *const u8,
+    dict_len: usize,
+) -> i32 {
+    let dict = String::from_utf8_lossy(bytes(dict, dict_len)).into_owned();
+    match report.as_mut() {
+        Some(report) => guarded(Error::Internal.code(), || {
+            report.begin_prometheus(&dict);
+            0
+        }),
+        None => Error::BadArgument.code(),
+    }
+}
+
+/// Renders up to `max_keys` more keys (0: all) of the text begun: 1 when
+/// it is whole, 0 when keys are left, `CODE_INTERNAL` on a caught panic,
+/// `CODE_BAD_ARGUMENT` for a null report.
+///
+/// # Safety
+///
+/// `report` is null or live.
+#[no_mangle]
+pub unsafe extern "C" fn rc_report_render(report: *mut Report, max_keys: u32) -> i32 {
+    match report.as_mut() {
+        Some(report) => guarded(Error::Internal.code(), || {
+            let max = if max_keys == 0 {
+                usize::MAX
+            } else {
+                max_keys as usize
+            };
+            i32::from(report.render(max))
+        }),
+        None => Error::BadArgument.code(),
+    }
+}
+
+/// The text rendered so far, its length in `*out_len`: valid until the
+/// next begin or render, or the report's free. Null for a null argument.
 ///
 /// # Safety
 ///
 /// `report` is null or live; `out_len` is null or writable.
 #[no_mangle]
-pub unsafe extern "C" fn rc_report_json(
-    report: *mut Report,
-    free_space: f64,
-    capacity: f64,
-    single: i32,
-    out_len: *mut usize,
-) -> *const u8 {
-    let (report, out_len) = match (report.as_mut(), out_len.as_mut()) {
-        (Some(report), Some(out_len)) => (report, out_len),
-        _ => return std::ptr::null(),
-    };
-    *out_len = 0;
-    guarded(std::ptr::null(), || {
-        let text = report.json(free_space, capacity, single != 0);
-        *out_len = text.len();
-        text.as_ptr()
-    })
+pub unsafe extern "C" fn rc_report_text(report: *const Report, out_len: *mut usize) -> *const u8 {
+    match (report.as_ref(), out_len.as_mut()) {
+        (Some(report), Some(out_len)) => {
+            let text = report.text();
+            *out_len = text.len();
+            text.as_ptr()
+        }
+        _ => std::ptr::null(),
+    }
 }
 
-/// Renders the report in the Prometheus text format, labelled with the
-/// dict's name; as [`rc_report_json`] otherwise.
+/// Forgets the text rendered so far (see [`rc_report_text`]): the next
+/// steps' text follows. Null is ignored.
 ///
 /// # Safety
 ///
-/// `report` is null or live; `dict` is null or `dict_len` readable bytes;
-/// `out_len` is null or writable.
+/// `report` is null or live.
 #[no_mangle]
-pub unsafe extern "C" fn rc_report_prometheus(
-    report: *mut Report,
-    dict: *const u8,
-    dict_len: usize,
-    out_len: *mut usize,
-) -> *const u8 {
-    let (report, out_len) = match (report.as_mut(), out_len.as_mut()) {
-        (Some(report), Some(out_len)) => (report, out_len),
-        _ => return std::ptr::null(),
-    };
-    *out_len = 0;
-    let dict = String::from_utf8_lossy(bytes(dict, dict_len)).into_owned();
-    guarded(std::ptr::null(), || {
-        let text = report.prometheus(&dict);
-        *out_len = text.len();
-        text.as_ptr()
-    })
+pub unsafe extern "C" fn rc_report_clear_text(report: *mut Report) {
+    if let Some(report) = report.as_mut() {
+        report.clear_text();
+    }
 }
 
 #[cfg(test)]
@@ -353,15 +396,27 @@ mod tests {
             );
             let report = Box::into_raw(Box::new(report));
             let mut len = 0;
-            let json = rc_report_json(report, 1.0, 2.0, 0, &mut len);
+            assert_eq!(rc_report_begin_json(report, 1.0, 2.0, 0), 0);
+            assert_eq!(rc_report_render(report, 0), 1);
+            let json = rc_report_text(report, &mut len);
             let json = String::from_utf8_lossy(bytes(json, len));
             assert!(json.contains("\"requests\":1"), "{}", json);
-            let text = rc_report_prometheus(report, ptr::null(), 0, &mut len);
+            assert_eq!(rc_report_begin_prometheus(report, ptr::null(), 0), 0);
+            // One key a step: three sections, then the end.
+            assert_eq!(rc_report_render(report, 1), 0);
+            assert_eq!(rc_report_render(report, 1), 0);
+            assert_eq!(rc_report_render(report, 1), 1);
+            let text = rc_report_text(report, &mut len);
             let text = String::from_utf8_lossy(bytes(text, len));
             assert!(
                 text.contains("resty_requests_window_rate{dict=\"\",key=\"all\",window=\"60\"} 1")
             );
             rc_report_free(report);
+            assert_eq!(
+                rc_report_render(ptr::null_mut(), 0),
+                Error::BadArgument.code()
+            );
+            assert!(rc_report_text(ptr::null(), &mut len).is_null());
 
             let bad = [0xffu8, 0xfe];
             let key = b"all";

@@ -23,10 +23,10 @@ use crate::engine::table::{Record, Table};
 use crate::engine::zone::{self, SlabApi};
 use crate::engine::Error;
 use crate::ffi::guarded;
-use crate::stats::Report;
+use crate::stats::{Report, Walk};
 
 /// The version of the declarations below, checked by the Lua side.
-pub const ENGINE_ABI_VERSION: i32 = 3;
+pub const ENGINE_ABI_VERSION: i32 = 4;
 
 pub const CODE_OUT_OF_EXACT_RANGE: i32 = -2;
 pub const CODE_INTERNAL: i32 = -4;
@@ -854,11 +854,13 @@ fn add_to_report(report: &mut Report, key: &[u8], record: &Requests<'_, AtomicU6
 
 /// A report of every request key recorded at least once (or of `key`
 /// alone when `single` is non-zero; empty when it has no record) at `now`
-/// over windows of
-/// `window` seconds, for a ring of `ring` windows (`previous` + 1) with
-/// histograms or not, as [`rc_requests_layout`] says. Null
-/// for bad arguments. Rendered with [`crate::ffi::rc_report_json`] and
-/// the like, freed with [`crate::ffi::rc_report_free`].
+/// over windows of `window` seconds, for a ring of `ring` windows
+/// (`previous` + 1) with histograms or not, as [`rc_requests_layout`]
+/// says. Null for bad arguments. Every key's report takes the records
+/// published now, read by [`rc_requests_report_walk`] (a few at a time if
+/// need be); `key`'s is read at once. Rendered with
+/// [`crate::ffi::rc_report_begin_json`] and the like, freed with
+/// [`crate::ffi::rc_report_free`].
 ///
 /// # Safety
 ///
@@ -885,7 +887,6 @@ pub unsafe extern "C" fn rc_requests_report(
             Err(_) => return std::ptr::null_mut(),
         };
         let current = (now / f64::from(window)).floor() as u64;
-        let width = layout.width();
         if single != 0 {
             let key = key_bytes(key, len);
             engine.set_key(requests::KIND, key);
@@ -895,23 +896,87 @@ pub unsafe extern "C" fn rc_requests_report(
                 None => report.add(key, Vec::new(), Default::default()),
             }
         } else {
-            for record in engine.table.records_in_arena_order(&mut engine.offsets) {
-                let key = record.key_bytes();
-                if record.width() != width || !requests::is_request_key(key) {
-                    continue;
-                }
-                // A key made and never recorded (the overflow key, made
-                // in advance) is not shown.
-                match Requests::new(record.cells(), layout) {
-                    Some(cells) if cells.total().count > 0 => {
-                        add_to_report(&mut report, &key[1..], &cells, current)
-                    }
-                    _ => {}
-                }
-            }
-            report.sort_keys();
+            let address = engine as *const Engine as usize;
+            let slots = engine.table.index_slots();
+            report.walk = Some(Walk::new(address, layout, current, slots));
         }
         Box::into_raw(Box::new(report))
+    })
+}
+
+/// Index slots a walk's step scans per record it may read: a slot costs
+/// some 1/100 of a record.
+const SLOTS_PER_RECORD: usize = 256;
+
+/// Reads up to `max_records` more of the records (0: all) into a report
+/// of every key from [`rc_requests_report`] on this engine (the first
+/// steps scan the index for them): 1 when all are read (at once for a
+/// report of one key), 0 when some are left,
+/// `CODE_BAD_ARGUMENT` (null, or another engine's report), `CODE_INTERNAL`
+/// on a caught panic. Each key is read whole in one call: its windows and
+/// total are one snapshot.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `report` is null or
+/// live.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_report_walk(
+    engine: *const Engine,
+    report: *mut Report,
+    max_records: u32,
+) -> i32 {
+    let (engine, report) = match (engine.as_ref(), report.as_mut()) {
+        (Some(engine), Some(report)) => (engine, report),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let mut walk = match report.walk.take() {
+        Some(walk) if walk.engine == engine as *const Engine as usize => walk,
+        Some(walk) => {
+            report.walk = Some(walk);
+            return CODE_BAD_ARGUMENT;
+        }
+        None => return 1,
+    };
+    guarded(CODE_INTERNAL, || {
+        let max = if max_records == 0 {
+            usize::MAX
+        } else {
+            max_records as usize
+        };
+        if !walk.scanned() {
+            // A step of the index scan: some 0.1 ms a step of 1,000.
+            let table = &engine.table;
+            walk.scan(max.saturating_mul(SLOTS_PER_RECORD), |slots, offsets| {
+                table.offsets_in_slots(slots, offsets)
+            });
+            if !walk.scanned() {
+                report.walk = Some(walk);
+                return 0;
+            }
+        }
+        let width = walk.layout.width();
+        for offset in walk.take(max) {
+            let record = engine.table.record_in_arena(offset);
+            let key = record.key_bytes();
+            if record.width() != width || !requests::is_request_key(key) {
+                continue;
+            }
+            // A key made and never recorded (the overflow key, made in
+            // advance) is not shown.
+            match Requests::new(record.cells(), walk.layout) {
+                Some(cells) if cells.total().count > 0 => {
+                    add_to_report(report, &key[1..], &cells, walk.current)
+                }
+                _ => {}
+            }
+        }
+        if walk.done() {
+            1
+        } else {
+            report.walk = Some(walk);
+            0
+        }
     })
 }
 

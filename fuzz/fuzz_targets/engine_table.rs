@@ -24,12 +24,19 @@ fuzz_target!(|data: &[u8]| {
 
     let mut rest = &data[2..];
     while rest.len() >= 3 {
-        let (op, len, width) = (rest[0], usize::from(rest[1] % 40), u32::from(rest[2] % 4) + 1);
+        let (op, len, width) = (
+            rest[0],
+            usize::from(rest[1] % 40),
+            u32::from(rest[2] % 4) + 1,
+        );
         rest = &rest[3..];
         let key = rest[..len.min(rest.len())].to_vec();
         rest = &rest[key.len()..];
         if op % 3 == 0 {
-            assert_eq!(table.lookup(&key).map(|r| r.width()), model.get(&key).map(|m| m.0));
+            assert_eq!(
+                table.lookup(&key).map(|r| r.width()),
+                model.get(&key).map(|m| m.0)
+            );
             continue;
         }
         match (table.get_or_insert(&key, width), model.get(&key).copied()) {

@@ -33,13 +33,28 @@ fuzz_target!(|data: &[u8]| {
         assert!(rc_requests_record(ptr::null(), ring, histogram, window, latency) < 0);
         assert!(rc_requests_record(cells.as_ptr(), 0, histogram, window, latency) < 0);
         assert!(rc_requests_record(cells.as_ptr(), 200, histogram, window, latency) < 0);
-        assert!(rc_requests_report(ptr::null_mut(), ring, histogram, 60, 1.0, data.as_ptr(), data.len(), 1).is_null());
+        assert!(rc_requests_report(
+            ptr::null_mut(),
+            ring,
+            histogram,
+            60,
+            1.0,
+            data.as_ptr(),
+            data.len(),
+            1
+        )
+        .is_null());
         rc_report_free(ptr::null_mut());
 
         let pending = rc_store_new();
         let mut slots = ptr::null_mut();
         rc_store_alloc(pending, &mut slots);
-        rc_store_add(pending, u32::from(data[0] % 3), i64::from(data[1]) << 56, f64::from(data[2]));
+        rc_store_add(
+            pending,
+            u32::from(data[0] % 3),
+            i64::from(data[1]) << 56,
+            f64::from(data[2]),
+        );
         let mut count = 0u32;
         rc_store_drain(pending, &mut count);
         rc_store_free(pending);
@@ -48,7 +63,15 @@ fuzz_target!(|data: &[u8]| {
         let mut result = std::mem::zeroed::<IntResult>();
         let op = i32::from(data[0]) - 2;
         let cmp = i32::from(data[1]) - 2;
-        rc_int_apply(data.as_ptr(), data.len(), op, cmp, i64::from(data[2]), i64::from(data[3]) << 60, &mut result);
+        rc_int_apply(
+            data.as_ptr(),
+            data.len(),
+            op,
+            cmp,
+            i64::from(data[2]),
+            i64::from(data[3]) << 60,
+            &mut result,
+        );
         rc_int_apply(ptr::null(), 0, op, cmp, 0, 1, ptr::null_mut());
         rc_int_apply_i64(i64::MAX, op, cmp, 0, i64::from(data[3]), &mut result);
         let mut parsed = 0i64;

@@ -45,7 +45,9 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 let drained = store.drain();
                 for delta in drained {
-                    let expected = model[delta.slot as usize].take().expect("drained a free slot");
+                    let expected = model[delta.slot as usize]
+                        .take()
+                        .expect("drained a free slot");
                     assert_eq!(i128::from(delta.integer), expected);
                     let exact = expected.abs() <= i128::from(MAX_SAFE_INTEGER);
                     assert_eq!(delta.status == DeltaStatus::Ok as i32, exact);

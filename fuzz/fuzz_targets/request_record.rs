@@ -14,7 +14,10 @@ struct Alone;
 
 impl Roller for Alone {
     fn me(&self) -> Holder {
-        Holder { pid: 1, instance: 1 }
+        Holder {
+            pid: 1,
+            instance: 1,
+        }
     }
     fn alive(&self, _: u32) -> bool {
         true

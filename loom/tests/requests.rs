@@ -137,3 +137,31 @@ fn a_reader_sees_the_old_window_whole_or_not_at_all() {
         }
     });
 }
+
+#[test]
+fn a_total_never_has_more_below_an_edge_than_its_count() {
+    model(|| {
+        let cells = record();
+        // One more request, at or below the first edge (5 ms) as the first.
+        let w = {
+            let cells = Arc::clone(&cells);
+            thread::spawn(move || {
+                let r = Requests::new(&cells, layout()).unwrap();
+                r.record(0, 3.0, &Worker { pid: 1, dead: 0 })
+            })
+        };
+        let r = Requests::new(&cells, layout()).unwrap();
+        let total = r.total();
+        let last = *total.at_or_below.last().unwrap();
+        assert!(
+            last <= total.count,
+            "{} at or below the last edge, count {}",
+            last,
+            total.count
+        );
+        assert!(total.at_or_below[0] <= total.count);
+        w.join().unwrap();
+        assert_eq!(r.total().count, 2);
+        assert_eq!(r.total().at_or_below[0], 2);
+    });
+}

@@ -9,7 +9,8 @@ local _M = {}
 -- Starts wrk in the background for `seconds` against `path`; with `keys`,
 -- each request adds ?k=<1..keys>; with `close`, each request asks for its
 -- connection to be closed (a new connection each, so the kernel picks the
--- worker each time). Returns a handle for wait().
+-- worker each time); with `latency`, wrk reports its latency distribution.
+-- Returns a handle for wait().
 function _M.start(srv, path, opts)
     opts = opts or {}
     local script = srv.dir .. "/wrk-" .. path:gsub("%W", "") .. ".lua"
@@ -31,8 +32,9 @@ end
     local out = script .. ".out"
     local pid_file = script .. ".pid"
     nginx.sh(string.format(
-        "wrk -t%d -c%d -d%ds --timeout 5s -s %s %s > %s 2>&1 & echo $! > %s",
-        opts.threads or 2, opts.connections or 16, opts.seconds or 3, script,
+        "wrk -t%d -c%d -d%ds --timeout 5s%s -s %s %s > %s 2>&1 & echo $! > %s",
+        opts.threads or 2, opts.connections or 16, opts.seconds or 3,
+        opts.latency and " --latency" or "", script,
         srv:url(path), out, pid_file))
     return { out = out, pid = tonumber(nginx.read_file(pid_file)),
              seconds = opts.seconds or 3 }

@@ -508,6 +508,78 @@ describe("resty.counter.requests", function()
         end)
     end)
 
+    describe("a scrape of many keys", function()
+        -- More keys than one step reads or renders (500).
+        local KEYS = 2500
+        local r
+
+        setup(function()
+            fresh("requests_steps")
+            r = assert(requests.new("requests_steps", {
+                previous = 0, max_keys = KEYS,
+                clock = function() return T0 end,
+            }))
+            for i = 1, KEYS do
+                assert(r:record("/k/" .. i, i / 1e4))
+            end
+        end)
+
+        it("lets the worker run other timers between its steps", function()
+            for _, method in ipairs({ "stats", "prometheus" }) do
+                -- A zero-delay timer runs once the event loop turns, which
+                -- a scrape in one blocking walk never lets it do.
+                local ran = false
+                assert(ngx.timer.at(0, function() ran = true end))
+                local text = assert(r[method](r))
+                assert.is_true(ran, method)
+                assert.is_true(#text > KEYS * 100)
+            end
+        end)
+
+        it("hands write() the same text a step at a time", function()
+            for _, method in ipairs({ "stats", "prometheus" }) do
+                local whole = assert(r[method](r))
+                local pieces = {}
+                assert.is_true(r[method](r, function(piece)
+                    pieces[#pieces + 1] = piece
+                    return true
+                end))
+                -- A piece per 500 keys or more.
+                assert.is_true(#pieces >= 5, method .. ": " .. #pieces)
+                assert.equal(whole, table.concat(pieces))
+            end
+            local decoded = json.decode((r:stats()))
+            local keys = 0
+            for key, windows in pairs(decoded.stats) do
+                keys = keys + 1
+                local i = tonumber(key:match("^/k/(%d+)$"))
+                assert.equal(1, windows.current.requests)
+                assert.near(i / 10, windows.current.max, 1e-9)
+            end
+            assert.equal(KEYS, keys)
+        end)
+
+        it("stops when write() fails, with write's error", function()
+            for _, method in ipairs({ "stats", "prometheus" }) do
+                local calls = 0
+                local ok, err = r[method](r, function()
+                    calls = calls + 1
+                    return nil, "client gone"
+                end)
+                assert.is_nil(ok)
+                assert.equal("client gone", err)
+                assert.equal(1, calls)
+            end
+        end)
+
+        it("raises for a write that is not a function", function()
+            assert.matches('bad "write" argument: function expected, got 1 '
+                           .. '%(a number%)', raised(r.stats, r, 1))
+            assert.matches('bad "write" argument: function expected, got '
+                           .. '"x" %(a string%)', raised(r.prometheus, r, "x"))
+        end)
+    end)
+
     describe("prometheus()", function()
         -- Parses the text format back: { [name{labels}] = value }, and the
         -- TYPE of each family.
@@ -525,6 +597,69 @@ describe("resty.counter.requests", function()
             end
             return samples, types
         end
+
+        it_http("never counts more at an edge than in all, while other "
+                .. "workers record", function()
+            local k = "consistent-" .. ngx.now()
+            local r = assert(requests.new("requests_http"))
+            local scrapes = 0
+
+            -- Every bucket of `k` at most the next one and at most the
+            -- count; +Inf the count.
+            local function check(text)
+                local samples = parse(text)
+                local labels = '{dict="requests_http",key="' .. k .. '"'
+                local count = samples["resty_request_latency_seconds_count"
+                                      .. labels .. "}"]
+                if not count then
+                    return
+                end
+                local last = 0
+                for _, le in ipairs({ "0.005", "0.01", "0.025", "0.05", "0.1",
+                                      "0.25", "0.5", "1", "2.5", "5", "10" }) do
+                    local below = samples["resty_request_latency_seconds_"
+                                          .. 'bucket' .. labels .. ',le="'
+                                          .. le .. '"}']
+                    assert.is_true(below >= last and below <= count,
+                                   le .. ": " .. below .. " of " .. count)
+                    last = below
+                end
+                assert.equal(count, samples["resty_request_latency_"
+                                            .. "seconds_bucket" .. labels
+                                            .. ',le="+Inf"}'])
+                scrapes = scrapes + 1
+            end
+
+            -- Two bursts of requests in flight at all times (worker 0,
+            -- where this spec runs, skips them), scraped meanwhile.
+            local running, recorded = 0, 0
+            local function burst()
+                running = running + 1
+                local body = race.get("/requests/burst?n=200000&key=" .. k)
+                running = running - 1
+                if body and body:find("recorded", 1, true) then
+                    recorded = recorded + 1
+                end
+            end
+            local deadline = ngx.now() + 5
+            while scrapes < 20000 and ngx.now() < deadline do
+                while running < 2 do
+                    ngx.thread.spawn(burst)
+                end
+                -- Many reads between sleeps (the light threads run then):
+                -- a torn read is a matter of nanoseconds.
+                for _ = 1, 100 do
+                    check(assert(r:prometheus()))
+                end
+                ngx.sleep(0.001)
+            end
+            while running > 0 do
+                ngx.sleep(0.01)
+            end
+            assert.is_true(recorded > 0, "worker 1 recorded")
+            -- 20,000 unless the machine is slow: some thousands at least.
+            assert.is_true(scrapes >= 2000, "scrapes: " .. scrapes)
+        end)
 
         it("renders counters, a histogram and a rate, labels escaped",
            function()

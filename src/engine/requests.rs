@@ -214,10 +214,12 @@ impl<'a, W: Word> Requests<'a, W> {
         } else {
             0.0
         };
+        // The count before the edge's (Release): a total that sees the
+        // edge's add sees the count's (see total()).
         self.cells[T_COUNT].fetch_add(1, Relaxed);
         add_f64(&self.cells[T_SUM], value);
         if let Some(edge) = PROMETHEUS_EDGES_MS.iter().position(|&le| value <= le) {
-            self.cells[T_EDGES + edge].fetch_add(1, Relaxed);
+            self.cells[T_EDGES + edge].fetch_add(1, Release);
         }
 
         // Stamps are window + 1 (0 is an empty slot); past u64::MAX - 1
@@ -339,19 +341,26 @@ impl<'a, W: Word> Requests<'a, W> {
         Some(read)
     }
 
-    /// Every request since the key was made.
+    /// Every request since the key was made: a consistent snapshot for
+    /// Prometheus, whose histogram must never count more requests at or
+    /// below an edge than in all (`+Inf`, the count). record() adds to the
+    /// count first and to its edge after (Release); this reads the edges
+    /// first (Acquire) and the count after, so every request seen at an
+    /// edge is in the count read. The sum, read last, may hold requests
+    /// under way that the count does not. Each value is one 64-bit load:
+    /// none is torn.
     pub fn total(&self) -> Total {
-        let mut total = Total {
-            count: self.cells[T_COUNT].load(Relaxed),
-            sum: load_f64(&self.cells[T_SUM]),
-            at_or_below: [0; EDGES],
-        };
+        let mut at_or_below = [0; EDGES];
         let mut below = 0u64;
-        for (edge, out) in total.at_or_below.iter_mut().enumerate() {
-            below = below.saturating_add(self.cells[T_EDGES + edge].load(Relaxed));
+        for (edge, out) in at_or_below.iter_mut().enumerate() {
+            below = below.saturating_add(self.cells[T_EDGES + edge].load(Acquire));
             *out = below;
         }
-        total
+        Total {
+            count: self.cells[T_COUNT].load(Relaxed),
+            sum: load_f64(&self.cells[T_SUM]),
+            at_or_below,
+        }
     }
 }
 
@@ -519,6 +528,49 @@ mod tests {
         }
         assert_eq!(r.window(0), None);
         assert_eq!(r.total().count, 120_003);
+    }
+
+    #[test]
+    fn a_total_read_while_written_never_has_more_below_an_edge_than_its_count() {
+        let cells: Arc<Vec<AtomicU64>> = Arc::new(cells(1));
+        let stop = Arc::new(AtomicU64::new(0));
+        let writers: Vec<_> = (0..2)
+            .map(|t| {
+                let (cells, stop) = (Arc::clone(&cells), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    let r = Requests::new(&cells, dense(1)).unwrap();
+                    let mut i = 0u64;
+                    while stop.load(Relaxed) == 0 {
+                        // Every edge, and past the last one.
+                        r.record(0, ((i * 7 + t) % 12_000) as f64, &Here);
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        let r = Requests::new(&cells, dense(1)).unwrap();
+        let mut seen = 0u64;
+        for _ in 0..300_000 {
+            let total = r.total();
+            let below = total.at_or_below;
+            assert!(
+                below.windows(2).all(|w| w[0] <= w[1]),
+                "not cumulative: {:?}",
+                below
+            );
+            assert!(
+                below[EDGES - 1] <= total.count,
+                "{} at or below the last edge, count {}",
+                below[EDGES - 1],
+                total.count
+            );
+            seen = total.count;
+        }
+        stop.store(1, Relaxed);
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        assert!(seen > 0, "the writers ran");
     }
 
     #[test]

@@ -471,15 +471,40 @@ impl<'a, W: Word> Table<'a, W> {
         &'s self,
         offsets: &'s mut Vec<u32>,
     ) -> impl Iterator<Item = Record<'a, W>> + 's {
-        offsets.clear();
-        offsets.extend((0..=self.mask).filter_map(|slot| {
-            let entry = self.slot_entry(slot);
-            (entry != 0).then_some(entry as u32)
-        }));
-        offsets.sort_unstable();
+        self.offsets_in_arena_order(offsets);
         offsets
             .iter()
             .map(move |&offset| self.record_at(offset as usize))
+    }
+
+    /// The offsets of every record published now, in the order they were
+    /// made, into `offsets`: for a walk in several steps, each reading
+    /// some with [`Table::record_in_arena`] (records are never removed).
+    pub fn offsets_in_arena_order(&self, offsets: &mut Vec<u32>) {
+        offsets.clear();
+        self.offsets_in_slots(0..self.index_slots(), offsets);
+        offsets.sort_unstable();
+    }
+
+    /// How many slots the index has: its size, not its records'.
+    pub fn index_slots(&self) -> usize {
+        self.mask + 1
+    }
+
+    /// Appends the offsets of the records published in index slots
+    /// `slots` (within [`Table::index_slots`]) to `offsets`, in index
+    /// order: a scan of a large index in several steps.
+    pub fn offsets_in_slots(&self, slots: std::ops::Range<usize>, offsets: &mut Vec<u32>) {
+        offsets.extend(slots.filter_map(|slot| {
+            let entry = self.slot_entry(slot);
+            (entry != 0).then_some(entry as u32)
+        }));
+    }
+
+    /// The record at `offset`, one that [`Table::offsets_in_arena_order`]
+    /// gave for this table (anything else reads garbage or panics).
+    pub fn record_in_arena(&self, offset: u32) -> Record<'a, W> {
+        self.record_at(offset as usize)
     }
 
     /// Lock word `i` (below [`LOCKS`]), each on its own cache line, zero

@@ -25,9 +25,9 @@ local tostring = tostring
 
 -- The versions of the declarations below, by the Rust file that exports
 -- them (its ABI_VERSION or ENGINE_ABI_VERSION).
-local FFI_ABI = 2
+local FFI_ABI = 3
 local INT_ABI = 1
-local ENGINE_ABI = 3
+local ENGINE_ABI = 4
 
 
 ffi.cdef[[
@@ -61,10 +61,14 @@ int32_t rc_utf8_valid(const unsigned char *ptr, size_t len);
 void rc_report_free(rc_report_t *report);
 void rc_report_key_info(rc_report_t *report, uint32_t tracked,
     uint32_t max_keys, const unsigned char *overflow_key, size_t len);
-const unsigned char *rc_report_json(rc_report_t *report, double free_space,
-    double capacity, int32_t single, size_t *out_len);
-const unsigned char *rc_report_prometheus(rc_report_t *report,
-    const unsigned char *dict, size_t dict_len, size_t *out_len);
+int32_t rc_report_begin_json(rc_report_t *report, double free_space,
+    double capacity, int32_t single);
+int32_t rc_report_begin_prometheus(rc_report_t *report,
+    const unsigned char *dict, size_t dict_len);
+int32_t rc_report_render(rc_report_t *report, uint32_t max_keys);
+const unsigned char *rc_report_text(const rc_report_t *report,
+    size_t *out_len);
+void rc_report_clear_text(rc_report_t *report);
 
 /* src/ffi_int.rs: exact int64 values and the sliding window. */
 typedef struct {
@@ -138,6 +142,8 @@ uint64_t rc_requests_tracked(const rc_engine_t *engine);
 rc_report_t *rc_requests_report(rc_engine_t *engine, uint32_t ring,
     int32_t histogram, uint32_t window, double now,
     const unsigned char *key, size_t len, int32_t single);
+int32_t rc_requests_report_walk(const rc_engine_t *engine,
+    rc_report_t *report, uint32_t max_records);
 ]]
 
 

@@ -35,6 +35,12 @@ local MAX_QUOTED = 40
 local _M = {
     max_safe_integer = MAX_SAFE,
     max_key_len = MAX_KEY_LEN,
+    -- Phases where ngx.sleep works.
+    yieldable = {
+        rewrite = true, access = true, content = true, timer = true,
+        ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
+        preread = true,
+    },
 }
 
 

@@ -25,10 +25,13 @@ local C = abi.C
 local failure = abi.failure
 local ngx = ngx
 local ngx_now = ngx.now
+local ngx_sleep = ngx.sleep
+local get_phase = ngx.get_phase
 local get_request = base.get_request
 local req_start_time = ngx.req.start_time
 local check_key = check.key
 local check_latency = check.latency
+local check_func = check.func
 local dot_call = check.dot_call
 local attach = engine.attach
 local last_error = engine.last_error
@@ -49,6 +52,15 @@ local KEYS_FULL = abi.KEYS_FULL
 local FULL = abi.FULL
 local WIDTH_MISMATCH = abi.WIDTH_MISMATCH
 local TOTAL_ONLY = abi.TOTAL_ONLY
+
+-- Records read, then keys rendered, per step of a scrape in a phase that
+-- can yield, and the pause between steps, when the worker serves other
+-- requests. Not ngx.sleep(0): without OpenResty's delayed-events patch
+-- (Debian's nginx has none) it warns and becomes a timer that expires in
+-- the same pass of the event loop, which then serves nothing meanwhile.
+local SCRAPE_STEP = 500
+local SCRAPE_PAUSE = 0.001
+local YIELDABLE = check.yieldable
 
 local cells_out = ffi_new("const uint64_t *[1]")
 local out_len = ffi_new("size_t[1]")
@@ -357,6 +369,26 @@ function _M.flush(self)
 end
 
 
+-- Calls `step()` until it says 1 (done), pausing between calls: the worker
+-- serves others meanwhile. Nil and the error (its own, or its code's) for
+-- a failure.
+local function in_steps(step)
+    while true do
+        local rc, err = step()
+        if rc == 1 then
+            return true
+        end
+        if rc ~= 0 then
+            return nil, err or failure(rc)
+        end
+        ngx_sleep(SCRAPE_PAUSE)
+    end
+end
+
+
+-- A report of every key (or of `only_key`), read a step at a time where
+-- the phase can yield (see the README's "What a scrape costs"); with the
+-- step size for its rendering.
 local function report(self, only_key)
     local now = self.clock and self.clock() or ngx_now()
     local ptr
@@ -372,81 +404,147 @@ local function report(self, only_key)
     end
     ptr = ffi_gc(ptr, C.rc_report_free)
 
+    local n = YIELDABLE[get_phase()] and SCRAPE_STEP or 0
+    if not only_key then
+        local engine_ptr = self.engine
+        local ok, err = in_steps(function()
+            return C.rc_requests_report_walk(engine_ptr, ptr, n)
+        end)
+        if not ok then
+            return nil, err
+        end
+    end
+
     local overflow_key = self.overflow_key
     C.rc_report_key_info(ptr, tonumber(C.rc_requests_tracked(self.engine)),
                          self.max_keys, overflow_key, #overflow_key)
-    return ptr
+    return ptr, n
+end
+
+
+-- The text begun on `ptr` (begin's return code `rc`), rendered `n` keys a
+-- step; the report is freed at once (its text may be 100 MB).
+-- Hands the text rendered so far to `write`, then forgets it; what write
+-- returned.
+local function hand_on(ptr, write)
+    local text = C.rc_report_text(ptr, out_len)
+    local len = out_len[0]
+    if text == nil or len == 0 then
+        return true
+    end
+    local piece = ffi_string(text, len)
+    C.rc_report_clear_text(ptr)
+    local ok, err = write(piece)
+    return ok, err
+end
+
+
+-- The text begun on `ptr` (begin's return code `rc`), rendered `n` keys a
+-- step: returned whole or, with `write`, handed to it a step at a time
+-- (then true). The report is freed at once (its text may be 100 MB).
+local function render(ptr, n, rc, write)
+    local ok, err
+    if rc == 0 then
+        ok, err = in_steps(function()
+            local done = C.rc_report_render(ptr, n)
+            if write and done >= 0 then
+                local written, write_err = hand_on(ptr, write)
+                if not written then
+                    return -1, write_err or "write failed"
+                end
+            end
+            return done
+        end)
+    else
+        err = failure(rc)
+    end
+    local text = ok
+    if ok and not write then
+        text = C.rc_report_text(ptr, out_len)
+        text = text ~= nil and ffi_string(text, out_len[0])
+    end
+    C.rc_report_free(ffi_gc(ptr, nil))
+    if not text then
+        return nil, err or failure(-4)
+    end
+    return text
+end
+
+
+local function json(self, only_key, write)
+    local ptr, n = report(self, only_key)
+    if not ptr then
+        return nil, n
+    end
+    local rc = C.rc_report_begin_json(ptr, self.dict:free_space(),
+                                      self.dict:capacity(),
+                                      only_key and 1 or 0)
+    -- Not a tail call: the level counts this frame.
+    local text, err = render(ptr, n, rc, write)
+    return text, err
 end
 
 
 -- syntax: json, err = r:stats()
+-- syntax: ok, err = r:stats(write)
 --
--- context: any phase
+-- context: any phase; in steps with 1 ms pauses between them in the phases
+-- that can yield (rewrite, access, content, timer...)
 --
 -- Every registered key's windows as JSON, in greencheek's shape plus
--- p50/p90/p99/max. One dict read per record: no scan of the dict.
-function _M.stats(self)
+-- p50/p90/p99/max, keys in byte order. Read straight from the engine, no
+-- dict scan; each key's figures are one snapshot; a key made while the
+-- report is read may or may not be in it.
+--
+-- With `write` (a function, such as ngx.print), the text is not returned
+-- but handed to write(piece) a step at a time, in order (the pieces make
+-- the same text); a write returning nil or false stops the scrape, which
+-- returns nil and write's second value. The worker then never holds more
+-- than one step's text (see the README's "What a scrape costs").
+function _M.stats(self, write)
     if type(self) ~= "table" then
         dot_call("r", "stats", 2)
     end
-    local ptr, err = report(self)
-    if not ptr then
-        return nil, err
-    end
-
-    local text = C.rc_report_json(ptr, self.dict:free_space(),
-                                  self.dict:capacity(), 0, out_len)
-    if text == nil then
-        return nil, failure(-4)
-    end
-    return ffi_string(text, out_len[0])
+    write = check_func(write, "write", 2, false)
+    local text, err = json(self, nil, write)
+    return text, err
 end
 
 
 -- syntax: json, err = r:single_stats(key)
 --
--- context: any phase
+-- context: any phase (one key: it never yields)
 function _M.single_stats(self, key)
     if type(self) ~= "table" then
         dot_call("r", "single_stats", 2)
     end
     check_request_key(key, 2)
-    local ptr, err = report(self, key)
-    if not ptr then
-        return nil, err
-    end
-
-    local text = C.rc_report_json(ptr, self.dict:free_space(),
-                                  self.dict:capacity(), 1, out_len)
-    if text == nil then
-        return nil, failure(-4)
-    end
-    return ffi_string(text, out_len[0])
+    local text, err = json(self, key)
+    return text, err
 end
 
 
 -- syntax: text, err = r:prometheus()
+-- syntax: ok, err = r:prometheus(write)
 --
--- context: any phase
+-- context: any phase; in steps as stats() is
 --
 -- The Prometheus text exposition format: requests per key as a counter,
 -- latency as a histogram (both since the key was first recorded), the
--- sliding-window rate as a gauge.
-function _M.prometheus(self)
+-- sliding-window rate as a gauge. `write` as for stats().
+function _M.prometheus(self, write)
     if type(self) ~= "table" then
         dot_call("r", "prometheus", 2)
     end
-    local ptr, err = report(self)
+    write = check_func(write, "write", 2, false)
+    local ptr, n = report(self)
     if not ptr then
-        return nil, err
+        return nil, n
     end
-
     local name = self.dict_name
-    local text = C.rc_report_prometheus(ptr, name, #name, out_len)
-    if text == nil then
-        return nil, failure(-4)
-    end
-    return ffi_string(text, out_len[0])
+    local rc = C.rc_report_begin_prometheus(ptr, name, #name)
+    local text, err = render(ptr, n, rc, write)
+    return text, err
 end
 
 

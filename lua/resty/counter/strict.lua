@@ -63,11 +63,7 @@ local FLAG_TTL = 1
 local SPINS = 64
 
 -- Phases where ngx.sleep works.
-local YIELDABLE = {
-    rewrite = true, access = true, content = true, timer = true,
-    ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
-    preread = true,
-}
+local YIELDABLE = check.yieldable
 
 
 local _M = { _VERSION = "0.1.0" }
