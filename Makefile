@@ -196,12 +196,16 @@ fuzz: ## cargo fuzz on outside input (FUZZ_SECONDS a target, 60)
 		echo "make fuzz needs rustup's nightly toolchain"; exit 1; }
 	@$(RUSTUP_CARGO) fuzz --version >/dev/null 2>&1 || \
 		$(RUSTUP_CARGO) install cargo-fuzz --locked
-	@set -e; for t in $(FUZZ_TARGETS); do \
+	@# The run's output in a file: its last lines shown when it fails (a
+	@# target that does not compile included), its summary when it passes.
+	@set -e; out=$$(mktemp); trap 'rm -f "$$out"' EXIT; \
+	for t in $(FUZZ_TARGETS); do \
 		echo "cargo fuzz run $$t ($(FUZZ_SECONDS) s)"; \
-		$(RUSTUP_CARGO) +nightly fuzz run $$t -- \
-			-max_total_time=$(FUZZ_SECONDS) 2>&1 | \
-			grep -E "^Done|panicked|ERROR|SUMMARY" || true; \
-		test "$${PIPESTATUS[0]}" = 0; \
+		if ! $(RUSTUP_CARGO) +nightly fuzz run $$t -- \
+			-max_total_time=$(FUZZ_SECONDS) > "$$out" 2>&1; then \
+			tail -n 40 "$$out"; echo "cargo fuzz run $$t failed"; exit 1; \
+		fi; \
+		grep -E "^Done|panicked|ERROR|SUMMARY" "$$out" || true; \
 	done
 
 # In `make test`: 5 s a target when nightly and cargo-fuzz are there.
