@@ -18,7 +18,7 @@
 //! A key's value is integer + fractional + base, the same in every worker
 //! the moment any worker adds to it.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use super::cell::load_f64;
 use super::word::Word;
@@ -208,6 +208,58 @@ impl<'a, W: Word> Counter<'a, W> {
     }
 }
 
+/// The progress of the syncs that copy counters into the dict: one word,
+/// the count of syncs begun (high half) and the number of the last one
+/// that finished with nothing left over (low half), both wrapping. Only
+/// the mirror lock's holder begins and finishes a sync.
+///
+/// It lets a sync that must not leave its caller's counts behind (by
+/// hand, at exit) end without walking every record again when the lock is
+/// held: a sync begun after the caller's [`ticket`](SyncProgress::ticket)
+/// lists every count the caller made before it, so once one such has
+/// finished, the dict holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncProgress<'a, W: Word> {
+    word: &'a W,
+}
+
+impl<'a, W: Word> SyncProgress<'a, W> {
+    pub fn new(word: &'a W) -> SyncProgress<'a, W> {
+        SyncProgress { word }
+    }
+
+    /// Taken by a sync before it tries the lock: the number of syncs begun
+    /// so far. A read-modify-write, so that a sync that begins later (and
+    /// so reads this write, Acquire) sees every count made before it.
+    pub fn ticket(&self) -> u32 {
+        (self.word.fetch_add(0, AcqRel) >> 32) as u32
+    }
+
+    /// The lock's holder begins a sync, before it lists what changed: its
+    /// number.
+    pub fn begin(&self) -> u32 {
+        ((self.word.fetch_add(1 << 32, AcqRel) >> 32) as u32).wrapping_add(1)
+    }
+
+    /// The lock's holder has copied everything sync `number` listed.
+    pub fn finish(&self, number: u32) {
+        let mut current = self.word.load(Relaxed);
+        loop {
+            let new = (current >> 32 << 32) | u64::from(number);
+            match self.word.compare_exchange(current, new, Release, Relaxed) {
+                Ok(_) => return,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Whether a sync begun after `ticket` was taken has finished.
+    pub fn covers(&self, ticket: u32) -> bool {
+        let finished = self.word.load(Acquire) as u32;
+        finished.wrapping_sub(ticket) as i32 > 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +363,39 @@ mod tests {
         assert_eq!(counter.mirror(), Some(0.0));
         counter.set_mirror(-7.25);
         assert_eq!(counter.mirror(), Some(-7.25));
+    }
+
+    #[test]
+    fn a_ticket_is_covered_by_a_sync_begun_after_it_once_it_finishes() {
+        let word = AtomicU64::new(0);
+        let progress = SyncProgress::new(&word);
+        let first = progress.begin();
+        let ticket = progress.ticket();
+        assert!(!progress.covers(ticket));
+        progress.finish(first);
+        assert!(!progress.covers(ticket), "begun before the ticket");
+        let second = progress.begin();
+        assert_eq!(second, first + 1);
+        assert!(!progress.covers(ticket), "not finished yet");
+        progress.finish(second);
+        assert!(progress.covers(ticket));
+        assert!(!progress.covers(progress.ticket()));
+    }
+
+    #[test]
+    fn sync_numbers_wrap() {
+        let word = AtomicU64::new((u64::from(u32::MAX) << 32) | u64::from(u32::MAX));
+        let progress = SyncProgress::new(&word);
+        let ticket = progress.ticket();
+        assert_eq!(ticket, u32::MAX);
+        let number = progress.begin();
+        assert_eq!(number, 0);
+        assert!(!progress.covers(ticket));
+        progress.finish(number);
+        assert!(progress.covers(ticket));
+        // A sync that died after it began (never finished) covers nothing.
+        let ticket = progress.ticket();
+        progress.begin();
+        assert!(!progress.covers(ticket));
     }
 }
