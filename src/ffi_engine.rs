@@ -117,8 +117,12 @@ pub struct Engine {
     bytes: usize,
     key: Vec<u8>,
     changed: Vec<Changed>,
-    /// A sync's scratch: record offsets, sorted.
+    /// A sync's scratch: record offsets, as the index holds them;
     offsets: Vec<u32>,
+    /// ... then sorted (and then changes in the dict's order), with room
+    /// for [`radix_sort`].
+    order: Vec<u64>,
+    scratch: Vec<u64>,
 }
 
 impl Engine {
@@ -300,6 +304,8 @@ pub unsafe extern "C" fn rc_engine_attach(
                     key: Vec::new(),
                     changed: Vec::new(),
                     offsets: Vec::new(),
+                    order: Vec::new(),
+                    scratch: Vec::new(),
                 }));
                 i32::from(created)
             }
@@ -626,24 +632,51 @@ pub unsafe extern "C" fn rc_counter_sync_begin(
         let Engine {
             table,
             offsets,
+            order,
+            scratch,
             changed: listed,
             ..
         } = engine;
         listed.clear();
         let dict = store.map(|store| DictStore { zone, store });
-        let mut wrote = 0;
+        offsets.clear();
+        table.offsets_in_slots(0..table.index_slots(), offsets);
+        order.clear();
+        order.extend(offsets.iter().map(|&offset| u64::from(offset)));
+        let max = offsets.iter().max().copied().unwrap_or(0);
+        radix_sort(order, scratch, 0..32 - max.leading_zeros());
         listed.extend(
-            table
-                .records_in_arena_order(offsets)
-                .filter_map(changed)
-                .filter(|change| match dict {
-                    Some(dict) if dict.write(change) => {
-                        wrote += 1;
-                        false
-                    }
-                    _ => true,
-                }),
+            order
+                .iter()
+                .filter_map(|&offset| changed(table.record_in_arena(offset as u32))),
         );
+        let mut wrote = 0;
+        if let Some(dict) = dict {
+            // Plain changes in the order of the dict's tree: each store's
+            // lookup walks from the last one's neighbour, its path mostly
+            // still in the cache (100,000 keys, one worker, runs side by side
+            // on a busy machine: 54 and 57 ms against 82).
+            order.clear();
+            order.extend(
+                listed
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, change)| change.status == 0)
+                    .map(|(i, change)| {
+                        let key = std::slice::from_raw_parts(change.key, change.key_len as usize);
+                        (u64::from(counter::dict_hash(key)) << 32) | i as u64
+                    }),
+            );
+            radix_sort(order, scratch, 32..64);
+            for &place in order.iter() {
+                let change = &mut listed[place as u32 as usize];
+                if dict.write(change) {
+                    change.status = WRITTEN;
+                    wrote += 1;
+                }
+            }
+            listed.retain(|change| change.status != WRITTEN);
+        }
         if listed.is_empty() {
             progress.finish(number);
         }
@@ -655,6 +688,41 @@ pub unsafe extern "C" fn rc_counter_sync_begin(
             Taken::FromDead(_) => 2,
         }
     })
+}
+
+/// A [`Changed::status`] of this side's own: written into the dict.
+const WRITTEN: i32 = i32::MIN;
+
+/// Sorts `values` by their bits `bits` (within 0..64), least significant
+/// digit first, 11 bits a digit: a stable radix sort, with `scratch` as
+/// room. A few passes over the values instead of the comparisons of a
+/// sort of 10,000 record offsets (100 us).
+fn radix_sort(values: &mut Vec<u64>, scratch: &mut Vec<u64>, bits: std::ops::Range<u32>) {
+    const DIGIT: u32 = 11;
+    let mut shift = bits.start;
+    while shift < bits.end {
+        let mask = (1u64 << DIGIT.min(bits.end - shift)) - 1;
+        let digit = |value: u64| ((value >> shift) & mask) as usize;
+        let mut starts = [0usize; 1 << DIGIT];
+        for &value in values.iter() {
+            starts[digit(value)] += 1;
+        }
+        let mut sum = 0;
+        for start in starts.iter_mut() {
+            let count = *start;
+            *start = sum;
+            sum += count;
+        }
+        scratch.clear();
+        scratch.resize(values.len(), 0);
+        for &value in values.iter() {
+            let place = &mut starts[digit(value)];
+            scratch[*place] = value;
+            *place += 1;
+        }
+        std::mem::swap(values, scratch);
+        shift += DIGIT;
+    }
 }
 
 /// Takes `lock`, waiting up to `wait_ms` while another live process holds
@@ -1043,6 +1111,8 @@ mod tests {
             key: Vec::new(),
             changed: Vec::new(),
             offsets: Vec::new(),
+            order: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -1120,6 +1190,33 @@ mod tests {
         let (rc, count, _) = sync_by_hand(&mut engine, 300);
         assert_eq!((rc, count), (0, 1));
         assert!(unsafe { rc_counter_sync_end(&mut engine) } == 1);
+    }
+
+    #[test]
+    fn a_radix_sort_orders_by_the_bits_asked_and_keeps_ties_in_order() {
+        let mut state = 0x1234_5678_9ABC_DEF0u64;
+        let mut values: Vec<u64> = (0..10_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            })
+            .collect();
+        let mut expected = values.clone();
+        let mut scratch = Vec::new();
+        radix_sort(&mut values, &mut scratch, 0..64);
+        expected.sort_unstable();
+        assert_eq!(values, expected);
+        // By the high half only: ties keep the order they came in.
+        let mut pairs: Vec<u64> = (0..5000u64).map(|i| ((i % 7) << 32) | i).collect();
+        radix_sort(&mut pairs, &mut scratch, 32..64);
+        let mut stable: Vec<u64> = (0..5000u64).map(|i| ((i % 7) << 32) | i).collect();
+        stable.sort_by_key(|pair| pair >> 32);
+        assert_eq!(pairs, stable);
+        let mut none: Vec<u64> = Vec::new();
+        radix_sort(&mut none, &mut scratch, 0..22);
+        assert!(none.is_empty());
     }
 
     #[test]

@@ -41,6 +41,35 @@ const FRACTIONAL: usize = 1;
 const BASE: usize = 2;
 const MIRROR: usize = 3;
 
+/// CRC-32 (IEEE, reflected: zlib's) of each byte value, for [`dict_hash`].
+const CRC32_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// The hash nginx's shared dict files `key` under (`ngx_crc32_short`, the
+/// CRC-32 of zlib): its red-black tree is ordered by it.
+pub fn dict_hash(key: &[u8]) -> u32 {
+    !key.iter().fold(!0u32, |crc, &byte| {
+        CRC32_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8)
+    })
+}
+
 /// A counter record's cells.
 #[derive(Debug, Clone, Copy)]
 pub struct Counter<'a, W: Word> {
@@ -363,6 +392,16 @@ mod tests {
         assert_eq!(counter.mirror(), Some(0.0));
         counter.set_mirror(-7.25);
         assert_eq!(counter.mirror(), Some(-7.25));
+    }
+
+    #[test]
+    fn the_dict_hash_is_zlibs_crc32() {
+        assert_eq!(dict_hash(b""), 0);
+        assert_eq!(dict_hash(b"123456789"), 0xCBF4_3926);
+        assert_eq!(
+            dict_hash(b"The quick brown fox jumps over the lazy dog"),
+            0x414F_A339
+        );
     }
 
     #[test]
