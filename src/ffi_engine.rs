@@ -584,7 +584,9 @@ impl DictStore {
 /// begins after it ends. A timer's sync passes 0 (its next tick copies
 /// them); a sync asked for by hand, whose caller reads the dict next, waits.
 /// The wait blocks this worker, as a sync itself does: one sync of 10,000
-/// keys takes a few milliseconds.
+/// keys takes a few milliseconds. It ends early, with 0 and nothing listed
+/// or written, once a sync that began after this call (so listed all it
+/// must) has finished with nothing left for Lua ([`SyncProgress`]).
 ///
 /// # Errors
 ///
