@@ -8,6 +8,34 @@ local nginx = require "helpers.nginx"
 local _M = {}
 
 
+-- syntax: conf = harness.conf(dicts, call)
+--
+-- The http{} text of a benchmark run from a timer in each worker: the
+-- `lua_shared_dict` lines `dicts`, then `call` (Lua code that may use
+-- ${dir} and ${workers}), and a server for the start-up check.
+function _M.conf(dicts, call)
+    return dicts .. [[
+
+init_worker_by_lua_block {
+    local ok, err = ngx.timer.at(0, function()
+        ]] .. call .. [[
+
+    end)
+    if not ok then
+        ngx.log(ngx.ERR, "cannot start the benchmark: ", err)
+    end
+}
+
+server {
+    listen 127.0.0.1:${port};
+    location = / {
+        return 200 "up\n";
+    }
+}
+]]
+end
+
+
 -- syntax: means = harness.run(conf, workers, max_seconds?)
 --
 -- Raises with the error log when a worker does not finish, or when the

@@ -91,26 +91,7 @@ say("JIT trace aborts in the library's code during these loops: %d (1 worker), "
     .. "%d (2 workers)", one["trace aborts"] or -1, two["trace aborts"] or -1)
 
 say("")
-say("## resty.counter sync: N dirty keys, delta 5 each, keys already in the dict")
-say("")
-say("Best of 5, ms; `plain flush`: dict:incr of the same deltas from a Lua table.")
-say("`worker B/key`: the worker's RSS growth per pending key, coarse (memory freed by")
-say("earlier cases is reused first): the 100,000-key row is the telling one.")
-say("`dict B/key`: dict pages in use per key.")
-say("")
-say("| %-10s | %9s | %8s | %11s | %9s | %11s | %12s | %12s |", "dirty keys",
-    "1 worker", "ns/key", "plain flush", "2 workers", "plain flush",
-    "worker B/key", "dict B/key")
-say("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-for _, n in ipairs({ 100, 1000, 10000, 100000 }) do
-    local suffix = ", " .. n .. " keys"
-    say("| %-10d | %9.3f | %8.1f | %11.3f | %9.3f | %11.3f | %12.0f | %12.0f |", n,
-        one["sync ms" .. suffix], one["sync ms" .. suffix] * 1e6 / n,
-        one["plain flush ms" .. suffix], two["sync ms" .. suffix],
-        two["plain flush ms" .. suffix],
-        one["worker bytes per pending key" .. suffix],
-        one["dict bytes per key" .. suffix])
-end
+require("sync_run").table(one, two, say)
 
 say("")
 say("## Request counter: ns per record_request() (8 keys), best of 5")

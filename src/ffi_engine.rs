@@ -16,7 +16,7 @@ use std::os::raw::{c_char, c_long, c_void};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use crate::engine::counter::{self, Counter};
+use crate::engine::counter::{self, Counter, SyncProgress};
 use crate::engine::lock::{self, Holder, Taken};
 use crate::engine::requests::{self, Layout, Recorded, Requests, Roller};
 use crate::engine::table::{Record, Table};
@@ -51,6 +51,10 @@ pub const TOTAL_ONLY: i32 = 1;
 /// The lock word (of [`crate::engine::table::LOCKS`]) of the counter's
 /// dict mirror.
 const MIRROR_LOCK: usize = 0;
+
+/// The lock word that holds no lock but the mirror syncs' progress
+/// ([`counter::SyncProgress`]), written by the mirror lock's holder.
+const MIRROR_PROGRESS: usize = 1;
 
 thread_local! {
     static LAST_ERROR: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -113,8 +117,12 @@ pub struct Engine {
     bytes: usize,
     key: Vec<u8>,
     changed: Vec<Changed>,
-    /// A sync's scratch: record offsets, sorted.
+    /// A sync's scratch: record offsets, as the index holds them;
     offsets: Vec<u32>,
+    /// ... then sorted (and then changes in the dict's order), with room
+    /// for [`radix_sort`].
+    order: Vec<u64>,
+    scratch: Vec<u64>,
 }
 
 impl Engine {
@@ -296,6 +304,8 @@ pub unsafe extern "C" fn rc_engine_attach(
                     key: Vec::new(),
                     changed: Vec::new(),
                     offsets: Vec::new(),
+                    order: Vec::new(),
+                    scratch: Vec::new(),
                 }));
                 i32::from(created)
             }
@@ -574,7 +584,9 @@ impl DictStore {
 /// begins after it ends. A timer's sync passes 0 (its next tick copies
 /// them); a sync asked for by hand, whose caller reads the dict next, waits.
 /// The wait blocks this worker, as a sync itself does: one sync of 10,000
-/// keys takes a few milliseconds.
+/// keys takes a few milliseconds. It ends early, with 0 and nothing listed
+/// or written, once a sync that began after this call (so listed all it
+/// must) has finished with nothing left for Lua ([`SyncProgress`]).
 ///
 /// # Errors
 ///
@@ -609,31 +621,67 @@ pub unsafe extern "C" fn rc_counter_sync_begin(
     *count = 0;
     *written = 0;
     guarded(CODE_INTERNAL, || {
-        let taken = match take_waiting(engine.table.lock_word(MIRROR_LOCK), wait_ms) {
-            Some(taken) => taken,
-            None => return 1,
+        let progress = SyncProgress::new(engine.table.lock_word(MIRROR_PROGRESS));
+        let ticket = progress.ticket();
+        let lock = engine.table.lock_word(MIRROR_LOCK);
+        let taken = match take_unless(lock, wait_ms, || progress.covers(ticket)) {
+            Wait::Taken(taken) => taken,
+            // A sync begun after this call has copied everything.
+            Wait::Done => return 0,
+            Wait::Held => return 1,
         };
+        let number = progress.begin();
         let Engine {
             table,
             offsets,
+            order,
+            scratch,
             changed: listed,
             ..
         } = engine;
         listed.clear();
         let dict = store.map(|store| DictStore { zone, store });
-        let mut wrote = 0;
+        offsets.clear();
+        table.offsets_in_slots(0..table.index_slots(), offsets);
+        order.clear();
+        order.extend(offsets.iter().map(|&offset| u64::from(offset)));
+        let max = offsets.iter().max().copied().unwrap_or(0);
+        radix_sort(order, scratch, 0..32 - max.leading_zeros());
         listed.extend(
-            table
-                .records_in_arena_order(offsets)
-                .filter_map(changed)
-                .filter(|change| match dict {
-                    Some(dict) if dict.write(change) => {
-                        wrote += 1;
-                        false
-                    }
-                    _ => true,
-                }),
+            order
+                .iter()
+                .filter_map(|&offset| changed(table.record_in_arena(offset as u32))),
         );
+        let mut wrote = 0;
+        if let Some(dict) = dict {
+            // Plain changes in the order of the dict's tree: each store's
+            // lookup walks from the last one's neighbour, its path mostly
+            // still in the cache (100,000 keys, one worker, runs side by side
+            // on a busy machine: 54 and 57 ms against 82).
+            order.clear();
+            order.extend(
+                listed
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, change)| change.status == 0)
+                    .map(|(i, change)| {
+                        let key = std::slice::from_raw_parts(change.key, change.key_len as usize);
+                        (u64::from(counter::dict_hash(key)) << 32) | i as u64
+                    }),
+            );
+            radix_sort(order, scratch, 32..64);
+            for &place in order.iter() {
+                let change = &mut listed[place as u32 as usize];
+                if dict.write(change) {
+                    change.status = WRITTEN;
+                    wrote += 1;
+                }
+            }
+            listed.retain(|change| change.status != WRITTEN);
+        }
+        if listed.is_empty() {
+            progress.finish(number);
+        }
         *written = wrote;
         *out = listed.as_ptr();
         *count = listed.len() as u32;
@@ -644,16 +692,77 @@ pub unsafe extern "C" fn rc_counter_sync_begin(
     })
 }
 
+/// A [`Changed::status`] of this side's own: written into the dict.
+const WRITTEN: i32 = i32::MIN;
+
+/// Sorts `values` by their bits `bits` (within 0..64), least significant
+/// digit first, 11 bits a digit: a stable radix sort, with `scratch` as
+/// room. A few passes over the values instead of the comparisons of a
+/// sort of 10,000 record offsets (100 us).
+fn radix_sort(values: &mut Vec<u64>, scratch: &mut Vec<u64>, bits: std::ops::Range<u32>) {
+    const DIGIT: u32 = 11;
+    let mut shift = bits.start;
+    while shift < bits.end {
+        let mask = (1u64 << DIGIT.min(bits.end - shift)) - 1;
+        let digit = |value: u64| ((value >> shift) & mask) as usize;
+        let mut starts = [0usize; 1 << DIGIT];
+        for &value in values.iter() {
+            starts[digit(value)] += 1;
+        }
+        let mut sum = 0;
+        for start in starts.iter_mut() {
+            let count = *start;
+            *start = sum;
+            sum += count;
+        }
+        scratch.clear();
+        scratch.resize(values.len(), 0);
+        for &value in values.iter() {
+            let place = &mut starts[digit(value)];
+            scratch[*place] = value;
+            *place += 1;
+        }
+        std::mem::swap(values, scratch);
+        shift += DIGIT;
+    }
+}
+
 /// Takes `lock`, waiting up to `wait_ms` while another live process holds
 /// it; `None` when it is still held then, or held by this process (a second
-/// light thread of it, which cannot finish while we wait).
+/// light thread of it, which cannot finish while we wait). For the locks
+/// other than the mirror's (the lax journal's), which nothing else stands
+/// in for.
+#[allow(dead_code)]
 fn take_waiting(lock: &AtomicU64, wait_ms: u32) -> Option<Taken> {
-    let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms));
+    match take_unless(lock, wait_ms, || false) {
+        Wait::Taken(taken) => Some(taken),
+        Wait::Done | Wait::Held => None,
+    }
+}
+
+/// How [`take_unless`] ended.
+enum Wait {
+    Taken(Taken),
+    /// What the lock was wanted for was done meanwhile.
+    Done,
+    /// Still held after the wait, or held by this process.
+    Held,
+}
+
+/// As [`take_waiting`], but gives up the wait as soon as `done` is true
+/// (checked each time the lock is found held). The first millisecond of a
+/// wait yields rather than sleeps: a sleep lasts some 150 us, as long as a
+/// sync of 1,000 keys.
+fn take_unless(lock: &AtomicU64, wait_ms: u32, done: impl Fn() -> bool) -> Wait {
+    let start = Instant::now();
+    let deadline = start + Duration::from_millis(u64::from(wait_ms));
     let me = me();
     loop {
         match lock::try_lock(lock, me, alive) {
-            Ok(taken) => return Some(taken),
-            Err(holder) if holder == me || Instant::now() >= deadline => return None,
+            Ok(taken) => return Wait::Taken(taken),
+            Err(_) if done() => return Wait::Done,
+            Err(holder) if holder == me || Instant::now() >= deadline => return Wait::Held,
+            Err(_) if start.elapsed() < Duration::from_millis(1) => std::thread::yield_now(),
             Err(_) => std::thread::sleep(Duration::from_micros(100)),
         }
     }
@@ -984,6 +1093,133 @@ pub unsafe extern "C" fn rc_requests_report_walk(
 mod tests {
     use super::*;
     use std::process::Command;
+
+    /// An engine over a region of its own, with one counter key counted.
+    fn engine_with_a_count() -> Engine {
+        let words: &'static [AtomicU64] = Box::leak(
+            (0..4096)
+                .map(|_| AtomicU64::new(0))
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+        let table = Table::init(words, [1, 2], 0).unwrap();
+        let (record, _) = table.get_or_insert(b"ck", counter::WIDTH).unwrap();
+        let counter = Counter::new(record.cells());
+        counter.import_base(0.0);
+        counter.add(5).unwrap();
+        Engine {
+            table,
+            bytes: 4096 * 8,
+            key: Vec::new(),
+            changed: Vec::new(),
+            offsets: Vec::new(),
+            order: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Starts a sync by hand (no dict: it lists what changed) that waits up
+    /// to `wait_ms`: its code, how many it listed, how long it took.
+    fn sync_by_hand(engine: &mut Engine, wait_ms: u32) -> (i32, u32, Duration) {
+        let (mut out, mut count, mut written) = (std::ptr::null(), 0, 0);
+        let start = Instant::now();
+        let rc = unsafe {
+            rc_counter_sync_begin(
+                engine,
+                wait_ms,
+                std::ptr::null_mut(),
+                None,
+                &mut out,
+                &mut count,
+                &mut written,
+            )
+        };
+        (rc, count, start.elapsed())
+    }
+
+    /// Another worker of this nginx (its pid: our parent's, alive).
+    fn other_worker() -> Holder {
+        Holder {
+            pid: unsafe { libc::getppid() } as u32,
+            instance: 7,
+        }
+    }
+
+    /// [`engine_with_a_count`] with the mirror lock held by
+    /// [`other_worker`]: the engine, the lock, the syncs' progress.
+    fn engine_syncing_elsewhere() -> (Engine, &'static AtomicU64, SyncProgress<'static, AtomicU64>)
+    {
+        let engine = engine_with_a_count();
+        let lock = engine.table.lock_word(MIRROR_LOCK);
+        let progress = SyncProgress::new(engine.table.lock_word(MIRROR_PROGRESS));
+        lock::try_lock(lock, other_worker(), |_| true).unwrap();
+        (engine, lock, progress)
+    }
+
+    #[test]
+    fn a_sync_by_hand_ends_its_wait_when_a_sync_begun_after_it_finished() {
+        let (mut engine, lock, progress) = engine_syncing_elsewhere();
+        // The other worker's next sync begins after ours has its ticket,
+        // and finishes while still holding the lock (as a sync does, just
+        // before it lets go).
+        let other = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let number = progress.begin();
+            progress.finish(number);
+        });
+        let (rc, count, took) = sync_by_hand(&mut engine, 5_000);
+        other.join().unwrap();
+        assert_eq!((rc, count), (0, 0), "done by the other worker's sync");
+        assert!(took < Duration::from_secs(2), "waited {:?}", took);
+        assert_eq!(lock::holder(lock), Some(other_worker()), "lock not taken");
+    }
+
+    #[test]
+    fn a_sync_by_hand_waits_for_the_lock_while_no_later_sync_finished() {
+        let (mut engine, lock, progress) = engine_syncing_elsewhere();
+        // Begun before ours: it may have passed our keys before we counted.
+        let number = progress.begin();
+        let other = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            progress.finish(number);
+        });
+        let (rc, count, took) = sync_by_hand(&mut engine, 300);
+        other.join().unwrap();
+        assert_eq!((rc, count), (1, 0), "still held after the wait");
+        assert!(took >= Duration::from_millis(300));
+        // Once let go, ours takes the lock and lists the key itself.
+        assert!(lock::unlock(lock, other_worker()));
+        let (rc, count, _) = sync_by_hand(&mut engine, 300);
+        assert_eq!((rc, count), (0, 1));
+        assert!(unsafe { rc_counter_sync_end(&mut engine) } == 1);
+    }
+
+    #[test]
+    fn a_radix_sort_orders_by_the_bits_asked_and_keeps_ties_in_order() {
+        let mut state = 0x1234_5678_9ABC_DEF0u64;
+        let mut values: Vec<u64> = (0..10_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            })
+            .collect();
+        let mut expected = values.clone();
+        let mut scratch = Vec::new();
+        radix_sort(&mut values, &mut scratch, 0..64);
+        expected.sort_unstable();
+        assert_eq!(values, expected);
+        // By the high half only: ties keep the order they came in.
+        let mut pairs: Vec<u64> = (0..5000u64).map(|i| ((i % 7) << 32) | i).collect();
+        radix_sort(&mut pairs, &mut scratch, 32..64);
+        let mut stable: Vec<u64> = (0..5000u64).map(|i| ((i % 7) << 32) | i).collect();
+        stable.sort_by_key(|pair| pair >> 32);
+        assert_eq!(pairs, stable);
+        let mut none: Vec<u64> = Vec::new();
+        radix_sort(&mut none, &mut scratch, 0..22);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn a_lock_holder_is_alive_while_a_process_of_this_master() {

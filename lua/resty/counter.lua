@@ -233,7 +233,8 @@ end
 -- into the dict: when it returns, the dict holds every count made before
 -- the call. One sync runs at a time on a dict: while another worker's runs,
 -- this one waits for it (up to 1 s, blocking, as the sync itself does),
--- then copies what that one began too early to see. A value that cannot
+-- then copies what that one began too early to see (unless a sync begun
+-- after this call has already copied everything). A value that cannot
 -- be copied (dict full, beyond 2^53) is copied by a later sync; then
 -- `nil, err` says how many keys and why. Never yields.
 local function sync(self)

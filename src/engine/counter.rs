@@ -18,7 +18,7 @@
 //! A key's value is integer + fractional + base, the same in every worker
 //! the moment any worker adds to it.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use super::cell::load_f64;
 use super::word::Word;
@@ -40,6 +40,35 @@ const INTEGER: usize = 0;
 const FRACTIONAL: usize = 1;
 const BASE: usize = 2;
 const MIRROR: usize = 3;
+
+/// CRC-32 (IEEE, reflected: zlib's) of each byte value, for [`dict_hash`].
+const CRC32_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// The hash nginx's shared dict files `key` under (`ngx_crc32_short`, the
+/// CRC-32 of zlib): its red-black tree is ordered by it.
+pub fn dict_hash(key: &[u8]) -> u32 {
+    !key.iter().fold(!0u32, |crc, &byte| {
+        CRC32_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8)
+    })
+}
 
 /// A counter record's cells.
 #[derive(Debug, Clone, Copy)]
@@ -208,6 +237,58 @@ impl<'a, W: Word> Counter<'a, W> {
     }
 }
 
+/// The progress of the syncs that copy counters into the dict: one word,
+/// the count of syncs begun (high half) and the number of the last one
+/// that finished with nothing left over (low half), both wrapping. Only
+/// the mirror lock's holder begins and finishes a sync.
+///
+/// It lets a sync that must not leave its caller's counts behind (by
+/// hand, at exit) end without walking every record again when the lock is
+/// held: a sync begun after the caller's [`ticket`](SyncProgress::ticket)
+/// lists every count the caller made before it, so once one such has
+/// finished, the dict holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncProgress<'a, W: Word> {
+    word: &'a W,
+}
+
+impl<'a, W: Word> SyncProgress<'a, W> {
+    pub fn new(word: &'a W) -> SyncProgress<'a, W> {
+        SyncProgress { word }
+    }
+
+    /// Taken by a sync before it tries the lock: the number of syncs begun
+    /// so far. A read-modify-write, so that a sync that begins later (and
+    /// so reads this write, Acquire) sees every count made before it.
+    pub fn ticket(&self) -> u32 {
+        (self.word.fetch_add(0, AcqRel) >> 32) as u32
+    }
+
+    /// The lock's holder begins a sync, before it lists what changed: its
+    /// number.
+    pub fn begin(&self) -> u32 {
+        ((self.word.fetch_add(1 << 32, AcqRel) >> 32) as u32).wrapping_add(1)
+    }
+
+    /// The lock's holder has copied everything sync `number` listed.
+    pub fn finish(&self, number: u32) {
+        let mut current = self.word.load(Relaxed);
+        loop {
+            let new = (current >> 32 << 32) | u64::from(number);
+            match self.word.compare_exchange(current, new, Release, Relaxed) {
+                Ok(_) => return,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Whether a sync begun after `ticket` was taken has finished.
+    pub fn covers(&self, ticket: u32) -> bool {
+        let finished = self.word.load(Acquire) as u32;
+        finished.wrapping_sub(ticket) as i32 > 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +392,49 @@ mod tests {
         assert_eq!(counter.mirror(), Some(0.0));
         counter.set_mirror(-7.25);
         assert_eq!(counter.mirror(), Some(-7.25));
+    }
+
+    #[test]
+    fn the_dict_hash_is_zlibs_crc32() {
+        assert_eq!(dict_hash(b""), 0);
+        assert_eq!(dict_hash(b"123456789"), 0xCBF4_3926);
+        assert_eq!(
+            dict_hash(b"The quick brown fox jumps over the lazy dog"),
+            0x414F_A339
+        );
+    }
+
+    #[test]
+    fn a_ticket_is_covered_by_a_sync_begun_after_it_once_it_finishes() {
+        let word = AtomicU64::new(0);
+        let progress = SyncProgress::new(&word);
+        let first = progress.begin();
+        let ticket = progress.ticket();
+        assert!(!progress.covers(ticket));
+        progress.finish(first);
+        assert!(!progress.covers(ticket), "begun before the ticket");
+        let second = progress.begin();
+        assert_eq!(second, first + 1);
+        assert!(!progress.covers(ticket), "not finished yet");
+        progress.finish(second);
+        assert!(progress.covers(ticket));
+        assert!(!progress.covers(progress.ticket()));
+    }
+
+    #[test]
+    fn sync_numbers_wrap() {
+        let word = AtomicU64::new((u64::from(u32::MAX) << 32) | u64::from(u32::MAX));
+        let progress = SyncProgress::new(&word);
+        let ticket = progress.ticket();
+        assert_eq!(ticket, u32::MAX);
+        let number = progress.begin();
+        assert_eq!(number, 0);
+        assert!(!progress.covers(ticket));
+        progress.finish(number);
+        assert!(progress.covers(ticket));
+        // A sync that died after it began (never finished) covers nothing.
+        let ticket = progress.ticket();
+        progress.begin();
+        assert!(!progress.covers(ticket));
     }
 }
