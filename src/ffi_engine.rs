@@ -67,7 +67,9 @@ fn remember(text: &str) {
 fn code_of(error: Error) -> i32 {
     remember(&error.to_string());
     match error {
-        Error::Full => CODE_FULL,
+        // A new key that waited too long for the table lock is refused as
+        // one with no room is: the request counter's overflow key.
+        Error::Full | Error::Busy => CODE_FULL,
         Error::KeyTooLong => CODE_KEY_TOO_LONG,
         Error::BadWidth => CODE_BAD_WIDTH,
         Error::WidthMismatch { .. } => CODE_WIDTH_MISMATCH,
