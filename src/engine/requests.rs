@@ -292,6 +292,16 @@ impl<'a, W: Word> Requests<'a, W> {
 
     /// What a report shows of window `window`, as [`Summary::of`] the
     /// [`Requests::window`], read without building the histogram.
+    /// The newest window any request was recorded in (by its slots'
+    /// stamps), if any: when the key was last written, for idle expiry.
+    pub fn last_window(&self) -> Option<u64> {
+        (0..self.layout.ring)
+            .map(|i| self.cells[HEADER + i * self.layout.slot_words() + S_STAMP].load(Acquire))
+            .filter(|&stamp| stamp != 0 && stamp != ROLLING)
+            .max()
+            .map(|stamp| stamp - 1)
+    }
+
     pub fn window_summary(&self, window: u64) -> Option<Summary> {
         self.read_window(
             window,
