@@ -52,9 +52,10 @@ pub struct EngineMemory {
 /// index for the records published (in steps too: its size is the dict's,
 /// not the keys'), then the records, in the order they were made, read
 /// [`Walk::take`] at a time by the engine's walk
-/// ([`crate::ffi_engine::rc_requests_report_walk`]). Records are never
-/// removed, so the offsets stay valid; a key made during the scan may or
-/// may not be in the report.
+/// ([`crate::ffi_engine::rc_requests_report_walk`]). A record removed
+/// meanwhile stays readable (its space is reused no sooner than 10 s
+/// later, for a record of the same size), so the offsets stay valid; a key
+/// made or removed during the scan may or may not be in the report.
 #[derive(Debug)]
 pub struct Walk {
     /// The engine walked (its address), checked at every step.
