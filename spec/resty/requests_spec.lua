@@ -489,11 +489,14 @@ describe("resty.counter.requests", function()
 
         it("refuses a bad idle_timeout", function()
             for _, bad in ipairs({ -1, 1 / 0, "60", true }) do
-                local err = raised(requests.new, "requests_1",
-                                   { idle_timeout = bad })
-                assert.matches('bad "opts.idle_timeout"', err, 1, true)
-                assert.matches("0 (never) or a positive finite number",
-                               err, 1, true)
+                for _, new in ipairs({ requests.new,
+                                       request_counter.configure }) do
+                    local err = raised(new, "requests_1",
+                                       { idle_timeout = bad })
+                    assert.matches('bad "opts.idle_timeout"', err, 1, true)
+                    assert.matches("0 (never) or a positive finite number",
+                                   err, 1, true)
+                end
             end
         end)
 
