@@ -432,6 +432,21 @@ mod tests {
     }
 
     #[test]
+    fn the_last_window_is_the_newest_stamped() {
+        let cells = cells(3);
+        let r = Requests::new(&cells, dense(3)).unwrap();
+        assert_eq!(r.last_window(), None);
+        r.record(7, 1.0, &Here);
+        assert_eq!(r.last_window(), Some(7));
+        r.record(9, 1.0, &Here);
+        // A request of an older window leaves the newest as it is.
+        r.record(8, 1.0, &Here);
+        assert_eq!(r.last_window(), Some(9));
+        r.record(13, 1.0, &Here);
+        assert_eq!(r.last_window(), Some(13));
+    }
+
+    #[test]
     fn a_window_holds_its_requests_and_the_total_all() {
         let cells = cells(3);
         let r = Requests::new(&cells, dense(3)).unwrap();

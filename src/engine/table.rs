@@ -124,7 +124,8 @@ pub struct Stats {
     pub arena_used: u64,
     /// Arena words in all.
     pub arena_total: u64,
-    /// Arena words of records that lost an insert race.
+    /// Arena words of records that lost an insert race (none since new
+    /// keys take the table lock; kept for the figures' users).
     pub wasted: u64,
     /// Index slots holding a tombstone (a removed record's).
     pub tombstones: u64,
