@@ -12,7 +12,7 @@ use std::sync::Once;
 
 use crate::error::Error;
 use crate::pending::{Delta, PendingStore, Slot};
-use crate::stats::{KeyInfo, Report};
+use crate::stats::{EngineMemory, KeyInfo, Report};
 
 /// The version of the layout and signatures below. The Lua side refuses to
 /// run against a library whose version differs from the one it declares.
@@ -236,8 +236,23 @@ pub unsafe extern "C" fn rc_report_key_info(
                 tracked: u64::from(tracked),
                 max_keys: u64::from(max_keys),
                 overflow_key,
+                engine: None,
             })
         });
+    }
+}
+
+/// Adds the engine's memory (bytes in records, free ones included, and its
+/// size) to the key info set by [`rc_report_key_info`]: in the JSON's
+/// `key_info`, and as gauges at the end of the Prometheus text.
+///
+/// # Safety
+///
+/// `report` is null or live.
+#[no_mangle]
+pub unsafe extern "C" fn rc_report_engine_memory(report: *mut Report, used_bytes: u64, bytes: u64) {
+    if let Some(info) = report.as_mut().and_then(|report| report.key_info_mut()) {
+        info.engine = Some(EngineMemory { used_bytes, bytes });
     }
 }
 

@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 use crate::engine::counter::{self, Counter, SyncProgress};
 use crate::engine::lock::{self, Holder, Taken};
 use crate::engine::requests::{self, Layout, Recorded, Requests, Roller};
-use crate::engine::table::{Record, Table};
+use crate::engine::table::{self, Record, Table};
 use crate::engine::zone::{self, SlabApi};
 use crate::engine::Error;
 use crate::ffi::guarded;
 use crate::stats::{Report, Walk};
 
 /// The version of the declarations below, checked by the Lua side.
-pub const ENGINE_ABI_VERSION: i32 = 4;
+pub const ENGINE_ABI_VERSION: i32 = 5;
 
 pub const CODE_OUT_OF_EXACT_RANGE: i32 = -2;
 pub const CODE_INTERNAL: i32 = -4;
@@ -71,7 +71,9 @@ fn remember(text: &str) {
 fn code_of(error: Error) -> i32 {
     remember(&error.to_string());
     match error {
-        Error::Full => CODE_FULL,
+        // A new key that waited too long for the table lock is refused as
+        // one with no room is: the request counter's overflow key.
+        Error::Full | Error::Busy => CODE_FULL,
         Error::KeyTooLong => CODE_KEY_TOO_LONG,
         Error::BadWidth => CODE_BAD_WIDTH,
         Error::WidthMismatch { .. } => CODE_WIDTH_MISMATCH,
@@ -299,7 +301,9 @@ pub unsafe extern "C" fn rc_engine_attach(
                 *bytes = region.bytes as u64;
                 let created = region.created;
                 *engine = Box::into_raw(Box::new(Engine {
-                    table: region.table,
+                    // New keys and removals take the table lock as this
+                    // process, and take it over from a dead worker.
+                    table: region.table.with_owner(table::Process { me, alive }),
                     bytes: region.bytes,
                     key: Vec::new(),
                     changed: Vec::new(),
@@ -364,6 +368,23 @@ pub unsafe extern "C" fn rc_engine_record(
     })
 }
 
+/// The engine's epoch ([`Table::epoch`]): its low 32 bits, which the Lua
+/// side reads before each write through the cells it keeps (a change: a
+/// record was removed; it looks its keys up again). Null for null.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_engine_epoch(engine: *const Engine) -> *const u32 {
+    match engine.as_ref() {
+        // The low half of a little-endian word (table.rs refuses big-endian
+        // machines).
+        Some(engine) => engine.table.epoch_word() as *const AtomicU64 as *const u32,
+        None => std::ptr::null(),
+    }
+}
+
 /// The engine's figures, for self-metrics.
 #[repr(C)]
 pub struct EngineStats {
@@ -373,6 +394,13 @@ pub struct EngineStats {
     pub refused: u64,
     pub arena_used: u64,
     pub arena_total: u64,
+    /// Records removed, made in a removed record's space, waiting for
+    /// reuse (and their bytes); bytes of removed records never reused.
+    pub removed: u64,
+    pub reused: u64,
+    pub free: u64,
+    pub free_bytes: u64,
+    pub leaked_bytes: u64,
 }
 
 /// Fills `out` with the engine's figures; 0, or `CODE_BAD_ARGUMENT`.
@@ -394,6 +422,11 @@ pub unsafe extern "C" fn rc_engine_stats(engine: *const Engine, out: *mut Engine
         refused: stats.refused,
         arena_used: stats.arena_used * 8,
         arena_total: stats.arena_total * 8,
+        removed: stats.removed,
+        reused: stats.reused,
+        free: stats.free,
+        free_bytes: stats.free_words * 8,
+        leaked_bytes: stats.leaked * 8,
     };
     0
 }
@@ -948,6 +981,96 @@ pub unsafe extern "C" fn rc_requests_tracked(engine: *const Engine) -> u64 {
             .map_or(0, |record| record.cells()[0].load(Relaxed)),
         None => 0,
     }
+}
+
+/// Removes the request keys (other than "all" and the overflow key
+/// `overflow_key`) of records of this layout with no request in the last
+/// `idle` seconds at `now` (windows of `window` seconds: a key's last
+/// request is taken to be at the end of its newest window), at most `max`
+/// of them (0: no limit), each giving back its place among `max_keys`.
+/// Each is checked again under the table lock, so that a key written
+/// meanwhile stays.
+///
+/// # Errors
+///
+/// The number removed, or `CODE_BAD_ARGUMENT`, `CODE_INTERNAL`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `overflow_key` points to
+/// `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_expire(
+    engine: *mut Engine,
+    ring: u32,
+    histogram: i32,
+    window: u32,
+    now: f64,
+    idle: f64,
+    overflow_key: *const u8,
+    len: usize,
+    max: u32,
+) -> i32 {
+    let (engine, layout) = match (engine.as_mut(), Layout::new(ring as usize, histogram != 0)) {
+        (Some(engine), Some(layout))
+            if window > 0
+                && now.is_finite()
+                && idle >= 0.0
+                && (!overflow_key.is_null() || len == 0) =>
+        {
+            (engine, layout)
+        }
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    guarded(CODE_INTERNAL, || {
+        let window = f64::from(window);
+        // Windows that ended `idle` seconds ago or before.
+        let idle_before = (now - idle) / window;
+        let is_idle = |record: &Record<'static, AtomicU64>| {
+            Requests::new(record.cells(), layout)
+                .and_then(|cells| cells.last_window())
+                .map_or(false, |last| ((last + 1) as f64) <= idle_before)
+        };
+        let overflow = key_bytes(overflow_key, len);
+        let Engine {
+            table,
+            offsets,
+            key,
+            ..
+        } = engine;
+        let mut idle_keys = Vec::new();
+        for record in table.records_in_arena_order(offsets) {
+            let name = record.key_bytes();
+            if record.width() == layout.width()
+                && requests::is_request_key(name)
+                && &name[1..] != b"all"
+                && &name[1..] != overflow
+                && is_idle(&record)
+            {
+                idle_keys.push(name.to_vec());
+                if max != 0 && idle_keys.len() >= max as usize {
+                    break;
+                }
+            }
+        }
+        let owner = table::Process { me, alive };
+        let mut removed = 0;
+        for name in idle_keys {
+            key.clear();
+            key.extend_from_slice(&name);
+            match table.remove_if(key, &owner, |record| is_idle(record)) {
+                Ok(true) => {
+                    removed += 1;
+                    if let Some(keys) = table.lookup(requests::KEYS_KEY) {
+                        requests::unregister(&keys.cells()[0]);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => return code_of(e),
+            }
+        }
+        removed
+    })
 }
 
 fn add_to_report(report: &mut Report, key: &[u8], record: &Requests<'_, AtomicU64>, now: u64) {

@@ -37,15 +37,25 @@ pub struct KeyInfo {
     pub tracked: u64,
     pub max_keys: u64,
     pub overflow_key: String,
+    /// The engine's bytes in records (free ones included) and its size.
+    pub engine: Option<EngineMemory>,
+}
+
+/// The engine's memory, shown with the key info.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineMemory {
+    pub used_bytes: u64,
+    pub bytes: u64,
 }
 
 /// A walk of the engine's records in several steps: first a scan of the
 /// index for the records published (in steps too: its size is the dict's,
 /// not the keys'), then the records, in the order they were made, read
 /// [`Walk::take`] at a time by the engine's walk
-/// ([`crate::ffi_engine::rc_requests_report_walk`]). Records are never
-/// removed, so the offsets stay valid; a key made during the scan may or
-/// may not be in the report.
+/// ([`crate::ffi_engine::rc_requests_report_walk`]). A record removed
+/// meanwhile stays readable (its space is reused no sooner than 10 s
+/// later, for a record of the same size), so the offsets stay valid; a key
+/// made or removed during the scan may or may not be in the report.
 #[derive(Debug)]
 pub struct Walk {
     /// The engine walked (its address), checked at every step.
@@ -197,6 +207,11 @@ impl Report {
 
     pub fn set_key_info(&mut self, info: KeyInfo) {
         self.key_info = Some(info);
+    }
+
+    /// The key info, once set.
+    pub fn key_info_mut(&mut self) -> Option<&mut KeyInfo> {
+        self.key_info.as_mut()
     }
 
     /// The sliding-window estimate of requests per window:
@@ -377,9 +392,11 @@ impl Report {
                     out.push(b'}');
                     self.json_end(out);
                 }
-                Format::Prometheus { .. } => {
+                Format::Prometheus { dict, .. } => {
                     if let Some(header) = PROMETHEUS_SECTIONS.get(section) {
                         out.extend_from_slice(header.as_bytes());
+                    } else {
+                        self.prometheus_gauges(out, dict);
                     }
                 }
             }
@@ -393,6 +410,42 @@ impl Report {
             }
         }
         true
+    }
+
+    /// After the keys: how many are tracked and the engine's memory, when
+    /// the key info was set.
+    fn prometheus_gauges(&self, out: &mut Vec<u8>, dict: &str) {
+        let info = match &self.key_info {
+            Some(info) => info,
+            None => return,
+        };
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{dict=\"{dict}\"}} {value}\n",
+                name = name,
+                help = help,
+                dict = dict,
+                value = value
+            );
+        };
+        gauge(
+            "resty_requests_tracked_keys",
+            "Request keys tracked, of max_keys.",
+            info.tracked,
+        );
+        if let Some(engine) = &info.engine {
+            gauge(
+                "resty_requests_engine_used_bytes",
+                "Bytes of the dict's shared engine in records, free ones included.",
+                engine.used_bytes,
+            );
+            gauge(
+                "resty_requests_engine_bytes",
+                "Size of the dict's shared engine.",
+                engine.bytes,
+            );
+        }
     }
 
     /// One key's lines of Prometheus section `section`.
@@ -515,10 +568,14 @@ impl Serialize for DictInfo {
 
 impl Serialize for KeyInfo {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(3))?;
+        let mut map = serializer.serialize_map(Some(5))?;
         map.serialize_entry("tracked", &self.tracked)?;
         map.serialize_entry("max_keys", &self.max_keys)?;
         map.serialize_entry("overflow_key", &self.overflow_key)?;
+        if let Some(engine) = &self.engine {
+            map.serialize_entry("engine_used_bytes", &engine.used_bytes)?;
+            map.serialize_entry("engine_bytes", &engine.bytes)?;
+        }
         map.end()
     }
 }
@@ -754,6 +811,10 @@ mod tests {
                 tracked: keys as u64,
                 max_keys: 1000,
                 overflow_key: "_over\"flow".to_string(),
+                engine: Some(EngineMemory {
+                    used_bytes: 4096,
+                    bytes: 8192,
+                }),
             });
         }
         report

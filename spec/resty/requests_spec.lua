@@ -147,8 +147,14 @@ describe("resty.counter.requests", function()
 
             assert.equal(3, doc.stats.all.current.requests)
             assert.near(14, doc.stats.all.current.latency_ms, 1e-9)
+            local key_info = doc.key_info
+            assert.is_true(key_info.engine_used_bytes > 0)
+            assert.is_true(key_info.engine_used_bytes
+                           < key_info.engine_bytes)
+            assert.equal(r.handle.bytes, key_info.engine_bytes)
+            key_info.engine_used_bytes, key_info.engine_bytes = nil, nil
             assert.same({ tracked = 1, max_keys = 1000,
-                          overflow_key = "_overflow" }, doc.key_info)
+                          overflow_key = "_overflow" }, key_info)
         end)
 
         it("rolls windows over and applies the rate formula", function()
@@ -386,6 +392,145 @@ describe("resty.counter.requests", function()
             local doc = stats(r)
             assert.equal(995, doc.stats._overflow.current.requests)
             assert.equal(5, doc.key_info.tracked)
+        end)
+    end)
+
+    describe("idle keys", function()
+        -- The keys of a report, sorted.
+        local function keys_of(doc)
+            local names = {}
+            for name in pairs(doc.stats) do
+                names[#names + 1] = name
+            end
+            table.sort(names)
+            return names
+        end
+
+
+        -- Series of the Prometheus text whose line has `pattern`.
+        local function lines_with(text, pattern)
+            local found = {}
+            for line in text:gmatch("[^\n]+") do
+                if line:find(pattern, 1, true) then
+                    found[#found + 1] = line
+                end
+            end
+            return found
+        end
+
+
+        it("are removed after idle_timeout, and a new key takes the place",
+           function()
+            local r, clock, name = engine({ max_keys = 2,
+                                            idle_timeout = 120 })
+            clock.now = T0 + 5
+            for _ = 1, 3 do
+                r:record_with_all("a", 0.010)
+            end
+            r:record("b", 0.010)
+            r:record("c", 0.010)    -- past max_keys: the overflow key
+            clock.now = T0 + 100
+            r:record("b", 0.010)
+
+            -- a's last request was in the window ending at T0 + 60: idle
+            -- from T0 + 180; b's window ends at T0 + 120.
+            clock.now = T0 + 179
+            assert.same({ "_overflow", "a", "all", "b" }, keys_of(stats(r)))
+            clock.now = T0 + 185
+            local doc = stats(r)
+            assert.same({ "_overflow", "all", "b" }, keys_of(doc))
+            assert.equal(1, doc.key_info.tracked)
+            local text = assert(r:prometheus())
+            assert.same({}, lines_with(text, 'key="a"'))
+            assert.same({ 'resty_requests_tracked_keys{dict="' .. name
+                          .. '"} 1' },
+                        lines_with(text, "resty_requests_tracked_keys{"))
+            assert.equal(1, #lines_with(text,
+                                        "resty_requests_engine_used_bytes{"))
+
+            -- The place a held is free: c gets a key of its own.
+            r:record("c", 0.010)
+            doc = stats(r)
+            assert.same({ "_overflow", "all", "b", "c" }, keys_of(doc))
+            assert.equal(1, doc.stats.c.current.requests)
+            assert.equal(2, doc.key_info.tracked)
+        end)
+
+        it("count from 0 when recorded again after their removal",
+           function()
+            local r, clock = engine({ idle_timeout = 60 })
+            clock.now = T0 + 5
+            for _ = 1, 5 do
+                r:record("again", 0.010)
+            end
+            clock.now = T0 + 125
+            assert.is_nil(stats(r).stats.again)
+            -- This worker kept the removed record's cells: the epoch tells
+            -- it to look the key up again.
+            r:record("again", 0.010)
+            local doc = stats(r)
+            assert.equal(1, doc.stats.again.current.requests)
+            assert.equal(0, doc.stats.again.prev2.requests)
+            local text = assert(r:prometheus())
+            assert.same({ 'resty_requests_total{dict="' .. r.dict_name
+                          .. '",key="again"} 1' },
+                        lines_with(text, 'resty_requests_total{dict="'
+                                         .. r.dict_name .. '",key="again"}'))
+        end)
+
+        it("stay without idle_timeout (the default)", function()
+            local r, clock = engine()
+            clock.now = T0 + 5
+            r:record("kept", 0.010)
+            clock.now = T0 + 86400 * 365
+            assert.equal(1, stats(r).key_info.tracked)
+            assert.truthy(assert(r:prometheus()):find('key="kept"', 1, true))
+        end)
+
+        it("refuses a bad idle_timeout", function()
+            for _, bad in ipairs({ -1, 1 / 0, "60", true }) do
+                for _, new in ipairs({ requests.new,
+                                       request_counter.configure }) do
+                    local err = raised(new, "requests_1",
+                                       { idle_timeout = bad })
+                    assert.matches('bad "opts.idle_timeout"', err, 1, true)
+                    assert.matches("0 (never) or a positive finite number",
+                                   err, 1, true)
+                end
+            end
+        end)
+
+        it_http("are removed while the other worker keeps their cells",
+                function()
+            -- Worker 1 records a key and keeps its cells; this worker's
+            -- scrape removes it; worker 1 records it again: it counts from
+            -- 0 in a record of its own, never in the removed one.
+            local function record_in_worker_1(now)
+                for _ = 1, 200 do
+                    local body = assert(race.get("/requests/idle?key=k&now="
+                                                 .. now))
+                    -- The response whole: headers, then the body.
+                    if body:find("\r\n\r\nrecorded\n", 1, true) then
+                        return
+                    end
+                end
+                error("worker 1 never took a request")
+            end
+
+            local clock = { now = T0 + 5 }
+            local r = assert(requests.new("requests_idle", {
+                idle_timeout = 60, clock = function() return clock.now end,
+            }))
+            record_in_worker_1(T0 + 5)
+            record_in_worker_1(T0 + 6)
+            assert.equal(2, stats(r).stats.k.current.requests)
+            clock.now = T0 + 125
+            assert.is_nil(stats(r).stats.k)
+            record_in_worker_1(T0 + 125)
+            local doc = stats(r)
+            assert.equal(1, doc.stats.k.current.requests)
+            assert.equal(0, doc.stats.k.prev2.requests)
+            assert.equal(1, doc.key_info.tracked)
         end)
     end)
 

@@ -31,6 +31,9 @@ pub enum Error {
     ZoneLayout(&'static str),
     /// The zone has no room for even the smallest region.
     NoRoom,
+    /// Another live worker held the table lock (new keys and removals
+    /// take it) for longer than a new key waits.
+    Busy,
 }
 
 impl fmt::Display for Error {
@@ -59,6 +62,7 @@ impl fmt::Display for Error {
                 write!(f, "unsupported nginx shared memory layout: {}", what)
             }
             Error::NoRoom => f.write_str("the shared dict has no room left for the engine"),
+            Error::Busy => f.write_str("the shared engine's table lock is held by a live worker"),
         }
     }
 }

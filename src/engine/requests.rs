@@ -292,6 +292,16 @@ impl<'a, W: Word> Requests<'a, W> {
 
     /// What a report shows of window `window`, as [`Summary::of`] the
     /// [`Requests::window`], read without building the histogram.
+    /// The newest window any request was recorded in (by its slots'
+    /// stamps), if any: when the key was last written, for idle expiry.
+    pub fn last_window(&self) -> Option<u64> {
+        (0..self.layout.ring)
+            .map(|i| self.cells[HEADER + i * self.layout.slot_words() + S_STAMP].load(Acquire))
+            .filter(|&stamp| stamp != 0 && stamp != ROLLING)
+            .max()
+            .map(|stamp| stamp - 1)
+    }
+
     pub fn window_summary(&self, window: u64) -> Option<Summary> {
         self.read_window(
             window,
@@ -419,6 +429,21 @@ mod tests {
         (0..dense(ring).width())
             .map(|_| AtomicU64::new(0))
             .collect()
+    }
+
+    #[test]
+    fn the_last_window_is_the_newest_stamped() {
+        let cells = cells(3);
+        let r = Requests::new(&cells, dense(3)).unwrap();
+        assert_eq!(r.last_window(), None);
+        r.record(7, 1.0, &Here);
+        assert_eq!(r.last_window(), Some(7));
+        r.record(9, 1.0, &Here);
+        // A request of an older window leaves the newest as it is.
+        r.record(8, 1.0, &Here);
+        assert_eq!(r.last_window(), Some(9));
+        r.record(13, 1.0, &Here);
+        assert_eq!(r.last_window(), Some(13));
     }
 
     #[test]

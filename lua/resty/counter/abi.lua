@@ -27,7 +27,7 @@ local tostring = tostring
 -- them (its ABI_VERSION or ENGINE_ABI_VERSION).
 local FFI_ABI = 3
 local INT_ABI = 1
-local ENGINE_ABI = 4
+local ENGINE_ABI = 5
 
 
 ffi.cdef[[
@@ -61,6 +61,8 @@ int32_t rc_utf8_valid(const unsigned char *ptr, size_t len);
 void rc_report_free(rc_report_t *report);
 void rc_report_key_info(rc_report_t *report, uint32_t tracked,
     uint32_t max_keys, const unsigned char *overflow_key, size_t len);
+void rc_report_engine_memory(rc_report_t *report, uint64_t used_bytes,
+    uint64_t bytes);
 int32_t rc_report_begin_json(rc_report_t *report, double free_space,
     double capacity, int32_t single);
 int32_t rc_report_begin_prometheus(rc_report_t *report,
@@ -107,6 +109,11 @@ typedef struct {
     uint64_t refused;
     uint64_t arena_used;
     uint64_t arena_total;
+    uint64_t removed;
+    uint64_t reused;
+    uint64_t free;
+    uint64_t free_bytes;
+    uint64_t leaked_bytes;
 } rc_engine_stats_t;
 
 int32_t rc_engine_abi(void);
@@ -117,6 +124,7 @@ int32_t rc_engine_record(rc_engine_t *engine, uint8_t kind,
     const unsigned char *key, size_t len, uint32_t width, int32_t create,
     const uint64_t **cells);
 int32_t rc_engine_stats(const rc_engine_t *engine, rc_engine_stats_t *out);
+const uint32_t *rc_engine_epoch(const rc_engine_t *engine);
 
 int32_t rc_counter_add(const uint64_t *cells, int64_t step);
 int32_t rc_counter_add_fractional(const uint64_t *cells, double step);
@@ -139,6 +147,9 @@ int32_t rc_requests_key(rc_engine_t *engine, const unsigned char *key,
 int32_t rc_requests_record(const uint64_t *cells, uint32_t ring,
     int32_t histogram, uint64_t window, double latency_ms);
 uint64_t rc_requests_tracked(const rc_engine_t *engine);
+int32_t rc_requests_expire(rc_engine_t *engine, uint32_t ring,
+    int32_t histogram, uint32_t window, double now, double idle,
+    const unsigned char *overflow_key, size_t len, uint32_t max);
 rc_report_t *rc_requests_report(rc_engine_t *engine, uint32_t ring,
     int32_t histogram, uint32_t window, double now,
     const unsigned char *key, size_t len, int32_t single);

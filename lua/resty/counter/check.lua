@@ -257,6 +257,15 @@ _M.seconds = option(function(v)
 end, "a positive finite number of seconds")
 
 
+-- syntax: s = check.idle_seconds(value, name, level, default?)
+--
+-- 0 (never) or a positive finite number of seconds: how long something
+-- unused is kept.
+_M.idle_seconds = option(function(v)
+    return type(v) == "number" and v >= 0 and v < 1 / 0
+end, "0 (never) or a positive finite number of seconds")
+
+
 -- syntax: s = check.text(value, name, level, default?)
 --
 -- A non-empty string.

@@ -118,7 +118,10 @@ end
 -- syntax: stats = engine.stats(handle)
 --
 -- The engine's size and use: bytes, keys, max_keys, refused (keys refused
--- because it was full, since it was made), used_bytes, arena_bytes.
+-- because it was full, since it was made), used_bytes, arena_bytes;
+-- removed (records removed), reused (records made in a removed one's
+-- space), free and free_bytes (removed records waiting for reuse),
+-- leaked_bytes (removed records no free list took).
 function _M.stats(handle)
     C.rc_engine_stats(handle.ptr, stats_out)
     return {
@@ -128,6 +131,11 @@ function _M.stats(handle)
         refused = tonumber(stats_out.refused),
         used_bytes = tonumber(stats_out.arena_used),
         arena_bytes = tonumber(stats_out.arena_total),
+        removed = tonumber(stats_out.removed),
+        reused = tonumber(stats_out.reused),
+        free = tonumber(stats_out.free),
+        free_bytes = tonumber(stats_out.free_bytes),
+        leaked_bytes = tonumber(stats_out.leaked_bytes),
     }
 end
 

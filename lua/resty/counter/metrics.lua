@@ -179,6 +179,14 @@ local ENGINE_FIGURES = {
            "New keys the shared engine refused because it was full."),
     figure("bytes", "resty_engine_bytes", "gauge",
            "Size of the shared engine in the dict's zone."),
+    figure("used_bytes", "resty_engine_used_bytes", "gauge",
+           "Bytes of the shared engine's records, free ones included."),
+    figure("free_bytes", "resty_engine_free_bytes", "gauge",
+           "Bytes of removed records waiting to be reused."),
+    figure("arena_bytes", "resty_engine_arena_bytes", "gauge",
+           "Bytes the shared engine has for records."),
+    figure("removed", "resty_engine_removed_keys_total", "counter",
+           "Keys removed from the shared engine (idle ones)."),
 }
 
 local DEFAULT_KEYS_FAMILY = "resty_counts_total"
@@ -187,7 +195,9 @@ local DEFAULT_KEYS_HELP = "Counts of resty.counter, by dict and key."
 -- The families of the request counter's own rendering.
 local REQUEST_FAMILIES = {
     resty_requests_total = true, resty_request_latency_seconds = true,
-    resty_requests_window_rate = true,
+    resty_requests_window_rate = true, resty_requests_tracked_keys = true,
+    resty_requests_engine_used_bytes = true,
+    resty_requests_engine_bytes = true,
 }
 
 -- Family names a user's metric may not take: the library's own.

@@ -11,7 +11,9 @@
 -- a ring of `previous` + 1 window slots (reused as windows roll on) and a
 -- total since the key was first recorded (for Prometheus' counters). At
 -- most `max_keys` keys are made: requests for keys beyond are recorded
--- under `overflow_key`. There is nothing to flush.
+-- under `overflow_key`. With `idle_timeout`, a key with no request for that
+-- long is removed (by scrapes, and by a new key that finds max_keys full),
+-- and counts from 0 if it comes back. There is nothing to flush.
 
 
 local ffi = require "ffi"
@@ -34,6 +36,7 @@ local check_latency = check.latency
 local check_func = check.func
 local dot_call = check.dot_call
 local attach = engine.attach
+local engine_stats = engine.stats
 local last_error = engine.last_error
 local ffi_gc = ffi.gc
 local ffi_new = ffi.new
@@ -46,6 +49,10 @@ local type = type
 
 
 local MAX_PREVIOUS = 64
+
+-- At most one expiry a second per worker from new keys that find max_keys
+-- full (a flood of them must not walk the engine per request).
+local EXPIRE_EVERY = 1
 local HUGE = 1 / 0
 
 local KEYS_FULL = abi.KEYS_FULL
@@ -77,6 +84,7 @@ local bad = check.bad
 local OPTIONS = {
     window = true, previous = true, max_keys = true, overflow_key = true,
     flush_interval = true, lock_timeout = true, clock = true,
+    idle_timeout = true,
 }
 
 
@@ -136,6 +144,25 @@ end
 _M.latency_ms = latency_ms
 
 
+local function now_of(self)
+    local now = self.clock and self.clock() or ngx_now()
+    return now
+end
+
+
+-- Removes the keys idle for idle_timeout (if set) at `now`: how many.
+local function expire(self, now)
+    if self.idle_timeout == 0 or type(now) ~= "number" then
+        return 0
+    end
+    local overflow_key = self.overflow_key
+    local n = C.rc_requests_expire(self.engine, self.ring, self.histogram,
+                                   self.window, now, self.idle_timeout,
+                                   overflow_key, #overflow_key, 0)
+    return n
+end
+
+
 -- The cells of `key`'s record in the engine, made at its first request.
 -- A key past max_keys (or for which the engine has no room) is recorded
 -- under the overflow key; only keys with a record of their own are cached,
@@ -153,6 +180,19 @@ local function key_cells(self, key, level)
     local rc = C.rc_requests_key(self.engine, key, #key, self.ring,
                                  self.histogram, self.max_keys,
                                  capped and 1 or 0, cells_out)
+    if rc == KEYS_FULL and capped and self.idle_timeout > 0 then
+        -- Idle keys may have kept the places: expire them, once a second
+        -- at most, and try again.
+        local now = now_of(self)
+        if type(now) == "number" and now >= self.next_expire then
+            self.next_expire = now + EXPIRE_EVERY
+            if expire(self, now) > 0 then
+                rc = C.rc_requests_key(self.engine, key, #key, self.ring,
+                                       self.histogram, self.max_keys, 1,
+                                       cells_out)
+            end
+        end
+    end
     if rc >= 0 then
         local cells = cells_out[0]
         self.cells[key] = cells
@@ -211,6 +251,8 @@ local function construct(shdict_name, opts, level)
     local lock_timeout = option(opts, "lock_timeout", 1, positive_finite,
                                 "a positive finite number of seconds", level)
     local clock = option(opts, "clock", nil, is_function, "function", level)
+    local idle_timeout = check.idle_seconds(opts.idle_timeout,
+                                            "opts.idle_timeout", level, 0)
 
     local handle, err = attach(shdict_name)
     if not handle then
@@ -222,6 +264,7 @@ local function construct(shdict_name, opts, level)
     local self = setmetatable({
         dict = handle.dict,
         dict_name = shdict_name,
+        handle = handle,
         engine = handle.ptr,
         window = window,
         previous = previous,
@@ -234,8 +277,14 @@ local function construct(shdict_name, opts, level)
         flush_interval = flush_interval,
         lock_timeout = lock_timeout,
         clock = clock,
+        idle_timeout = idle_timeout,
+        next_expire = 0,    -- when a full max_keys may expire keys again
         cells = {},         -- key -> its record's cells (registered keys)
         cached = 0,         -- keys in `cells`
+        -- The engine's epoch (bumped by each removal of a record) when
+        -- `cells` was last known good, and where to read it.
+        epoch = C.rc_engine_epoch(handle.ptr),
+        seen_epoch = C.rc_engine_epoch(handle.ptr)[0],
         metrics = { overflowed = 0, refused = 0, total_only = 0 },
     }, mt)
     return self
@@ -249,7 +298,9 @@ _M._new = construct
 --
 -- opts: window (seconds, integer, default 60), previous (windows kept
 -- before the current one, default 2), max_keys (default 1000),
--- overflow_key (default "_overflow"), flush_interval and lock_timeout
+-- overflow_key (default "_overflow"), idle_timeout (seconds without a
+-- request after which a key is removed, its place among max_keys given
+-- back; 0, the default: never), flush_interval and lock_timeout
 -- (checked, and unused: there is nothing to flush), clock (a function
 -- returning epoch seconds, for tests; default the request's start time,
 -- and ngx.now() for `now`). An unknown option raises.
@@ -317,6 +368,15 @@ function _M.record_from(self, key, latency, with_all, level)
     end
     local ms = latency_ms(latency, level + 1)
     local w = window_of(self, level + 1)
+    local epoch = self.epoch[0]
+    if epoch ~= self.seen_epoch then
+        -- A record was removed: any kept cells may be its. Read before the
+        -- look-ups that follow (x86 keeps loads in order), so a removal
+        -- after it is seen at the next request.
+        self.seen_epoch = epoch
+        self.cells = {}
+        self.cached = 0
+    end
     local ok, err = record_in(self, key, w, ms, level + 1)
     if ok and with_all then
         ok, err = record_in(self, "all", w, ms, level + 1)
@@ -390,9 +450,10 @@ end
 -- the phase can yield (see the README's "What a scrape costs"); with the
 -- step size for its rendering.
 local function report(self, only_key)
-    local now = self.clock and self.clock() or ngx_now()
+    local now = now_of(self)
     local ptr
     if type(now) == "number" then
+        expire(self, now)
         ptr = C.rc_requests_report(self.engine, self.ring, self.histogram,
                                    self.window, now, only_key or "",
                                    only_key and #only_key or 0,
@@ -418,6 +479,8 @@ local function report(self, only_key)
     local overflow_key = self.overflow_key
     C.rc_report_key_info(ptr, tonumber(C.rc_requests_tracked(self.engine)),
                          self.max_keys, overflow_key, #overflow_key)
+    local memory = engine_stats(self.handle)
+    C.rc_report_engine_memory(ptr, memory.used_bytes, memory.bytes)
     return ptr, n
 end
 

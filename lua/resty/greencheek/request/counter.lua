@@ -46,8 +46,8 @@ end
 -- context: init_worker_by_lua* (before any request is recorded)
 --
 -- Sets a dict's options (see resty.counter.requests.new: window, previous,
--- max_keys, overflow_key, clock; flush_interval and lock_timeout are
--- accepted and unused) and returns
+-- max_keys, overflow_key, idle_timeout, clock; flush_interval and
+-- lock_timeout are accepted and unused) and returns
 -- its engine. Configuring a dict this worker already uses is an error; an
 -- unknown option raises.
 function _M.configure(dict_name, opts)
