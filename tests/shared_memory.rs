@@ -159,6 +159,12 @@ fn child(
             done[key].store(0, Relaxed);
         }
     }
+    // Done, but not gone before the parent's kills are over: a process to
+    // be killed that finished first (its parent descheduled on a busy
+    // machine) would end the test with nothing to check.
+    while start.load(Relaxed) <= PROCESSES as u64 {
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
     unsafe { libc::_exit(0) }
 }
 
@@ -206,7 +212,7 @@ fn processes_killed_mid_write_lose_nothing_done_and_corrupt_nothing() {
             {
                 let mut status = 0;
                 if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-                    panic!("process {} ended before its kill: {}", process, status);
+                    panic!("process {} failed before its kill: {}", process, status);
                 }
                 std::thread::sleep(Duration::from_micros(50));
             }
@@ -220,6 +226,7 @@ fn processes_killed_mid_write_lose_nothing_done_and_corrupt_nothing() {
             killed.insert(process);
         }
     }
+    start.fetch_add(1, Relaxed);
     for (process, &pid) in pids.iter().enumerate() {
         if killed.contains(&process) {
             continue;
