@@ -59,14 +59,20 @@ local LOOPS = {
             dict:safe_set("value", v + i % 2, 0, 0)
         end
     end,
+    -- A failed call (nil, err) would be cheap: each must succeed.
     ["strict inc"] = function(n, c)
         for _ = 1, n do
-            c:inc("k", 1)
+            if not c:inc("k", 1) then
+                error("strict inc failed")
+            end
         end
     end,
     ["strict inc_if"] = function(n, c)
         for _ = 1, n do
-            c:inc_if("k", "lt", 1000000000000, 1)
+            local new, old = c:inc_if("k", "lt", 1000000000000, 1)
+            if not new or new == old then
+                error("strict inc_if failed")
+            end
         end
     end,
     ["lax inc"] = function(n, c)
