@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 use crate::engine::counter::{self, Counter, SyncProgress};
 use crate::engine::lock::{self, Holder, Taken};
 use crate::engine::requests::{self, Layout, Recorded, Requests, Roller};
+use crate::engine::strict::{self, AtomicPair, Batches, Change, Current, Refused};
 use crate::engine::table::{self, Record, Table};
 use crate::engine::zone::{self, SlabApi};
 use crate::engine::Error;
 use crate::ffi::guarded;
+use crate::int64::{self, Cmp, Op, Outcome};
 use crate::stats::{Report, Walk};
 
 /// The version of the declarations below, checked by the Lua side.
@@ -1212,6 +1214,499 @@ pub unsafe extern "C" fn rc_requests_report_walk(
     })
 }
 
+// Strict counters (src/engine/strict.rs): a record's value and state in one
+// 16-byte pair changed by a double-width compare-and-swap; batches and
+// snapshots under the batch lock, through the journal.
+
+/// A strict update met a record a batch holds, or a batch met the batch
+/// lock held: call [`rc_strict_help`] (or wait), then again.
+pub const CODE_BUSY: i32 = -40;
+/// This CPU has no double-width compare-and-swap.
+pub const CODE_NO_DWCAS: i32 = -41;
+
+/// The kind byte of a strict record, and its width in cells.
+pub const STRICT_KIND: i32 = 115;
+pub const STRICT_WIDTH: i32 = 3;
+const _: () = assert!(STRICT_KIND == strict::KIND as i32 && STRICT_WIDTH == strict::WIDTH as i32);
+
+/// The batch control record's key and the journals' (by capacity's log2).
+const STRICT_CONTROL_KEY: &[u8] = b"s\0batch";
+const STRICT_JOURNAL_KEY: &[u8] = b"s\0journal";
+/// The smallest journal, in entries.
+const STRICT_MIN_JOURNAL: usize = 8;
+
+/// The result of a strict update: the values after and before.
+#[repr(C)]
+pub struct StrictResult {
+    pub new_value: i64,
+    pub old_value: i64,
+}
+
+/// Milliseconds since the epoch, read once per call and only when needed
+/// (a key that expires, an update with a ttl).
+struct Clock(std::cell::Cell<u64>);
+
+impl Clock {
+    fn new() -> Clock {
+        Clock(std::cell::Cell::new(0))
+    }
+
+    fn ms(&self) -> u64 {
+        if self.0.get() == 0 {
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_millis() as u64);
+            self.0.set(since.max(1));
+        }
+        self.0.get()
+    }
+}
+
+/// # Safety
+///
+/// `cells` is null or a strict record's cells from [`rc_engine_record`].
+unsafe fn strict_pair<'a>(cells: *const AtomicU64) -> Option<&'a AtomicPair> {
+    if cells.is_null() {
+        None
+    } else {
+        Some(AtomicPair::of_cells(cells))
+    }
+}
+
+/// One update's decision: `op n` when `value <cmp> operand` (Redis' rules:
+/// an absent key is 0), the expiry as [`strict::expiry_after`] says.
+fn strict_decide(
+    state: &Current,
+    op: Op,
+    cmp: Cmp,
+    operand: i64,
+    n: i64,
+    ttl_ms: u64,
+    now: impl Fn() -> u64,
+) -> Result<(Change, Outcome), crate::error::Error> {
+    let outcome = int64::apply(state.value, op, cmp, operand, n)?;
+    if !outcome.applied {
+        return Ok((Change::Keep, outcome));
+    }
+    let expiry_ms = strict::expiry_after(state, op == Op::Set, ttl_ms, now);
+    Ok((
+        Change::Write {
+            value: outcome.new,
+            expiry_ms,
+        },
+        outcome,
+    ))
+}
+
+/// Whether strict counters work on this CPU: 0, or `CODE_NO_DWCAS` (with
+/// the reason in [`rc_engine_error`]).
+#[no_mangle]
+pub extern "C" fn rc_strict_supported() -> i32 {
+    if strict::supported() {
+        0
+    } else {
+        remember("strict counters in the shared engine need a 16-byte compare-and-swap (x86_64)");
+        CODE_NO_DWCAS
+    }
+}
+
+/// One update of a strict key, lock-free: `op n` (0 add, 1 sub, 2 set)
+/// when the value `cmp` `operand` (0 always, ...); a key made (or set) by
+/// it expires after `ttl_ms` (0: never). The request path: no panic guard
+/// (no indexing, no allocation, checked arithmetic).
+///
+/// # Errors
+///
+/// 1 applied, 0 the comparison failed (`new == old`), `CODE_OVERFLOW`
+/// (nothing changed), `CODE_BUSY` (a batch holds the key: see
+/// [`rc_strict_help`]), `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `cells` is null or a strict record's cells from [`rc_engine_record`];
+/// `out` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_update(
+    cells: *const AtomicU64,
+    op: i32,
+    cmp: i32,
+    operand: i64,
+    n: i64,
+    ttl_ms: i64,
+    out: *mut StrictResult,
+) -> i32 {
+    let (pair, out, op, cmp) = match (
+        strict_pair(cells),
+        out.as_mut(),
+        Op::from_code(op),
+        Cmp::from_code(cmp),
+    ) {
+        (Some(pair), Some(out), Some(op), Some(cmp)) if ttl_ms >= 0 => (pair, out, op, cmp),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let clock = Clock::new();
+    let now = || clock.ms();
+    let mut outcome = None;
+    let done = strict::update(pair, now, |state| {
+        let (change, result) = strict_decide(state, op, cmp, operand, n, ttl_ms as u64, now)?;
+        outcome = Some(result);
+        Ok::<_, crate::error::Error>(change)
+    });
+    match (done, outcome) {
+        (Ok(_), Some(outcome)) => {
+            out.new_value = outcome.new;
+            out.old_value = outcome.old;
+            i32::from(outcome.applied)
+        }
+        (Err(Refused::Busy), _) => CODE_BUSY,
+        (Err(Refused::Op(_)), _) => CODE_OVERFLOW,
+        (Ok(_), None) => CODE_INTERNAL,
+    }
+}
+
+/// A strict key's value now: 1 present (`*value` set), 0 absent,
+/// `CODE_BUSY`, `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// As [`rc_strict_update`]; `value` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_get(cells: *const AtomicU64, value: *mut i64) -> i32 {
+    let (pair, value) = match (strict_pair(cells), value.as_mut()) {
+        (Some(pair), Some(value)) => (pair, value),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let clock = Clock::new();
+    match strict::get(pair, || clock.ms()) {
+        Ok(state) => {
+            *value = state.value;
+            i32::from(state.live)
+        }
+        Err(_) => CODE_BUSY,
+    }
+}
+
+/// Removes a strict key: 1 it was present (its value in `*old`), 0 it was
+/// not, `CODE_BUSY`, `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// As [`rc_strict_get`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_del(cells: *const AtomicU64, old: *mut i64) -> i32 {
+    let (pair, old) = match (strict_pair(cells), old.as_mut()) {
+        (Some(pair), Some(old)) => (pair, old),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let clock = Clock::new();
+    match strict::update(
+        pair,
+        || clock.ms(),
+        |state| {
+            Ok::<_, ()>(if state.live {
+                Change::Remove
+            } else {
+                Change::Keep
+            })
+        },
+    ) {
+        Ok(state) => {
+            *old = state.value;
+            i32::from(state.live)
+        }
+        Err(_) => CODE_BUSY,
+    }
+}
+
+/// 1 when nobody has written the strict record yet (the dict's value from
+/// an older version of the library may be imported), else 0.
+///
+/// # Safety
+///
+/// As [`rc_strict_update`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_untouched(cells: *const AtomicU64) -> i32 {
+    strict_pair(cells).map_or(0, |pair| i32::from(strict::untouched(pair)))
+}
+
+/// Gives an untouched strict record its first state: `value` expiring at
+/// `expiry_ms` (0 never) when `present`, else absent. 1 for the call that
+/// did, 0 when the record was touched (or a batch holds it).
+///
+/// # Safety
+///
+/// As [`rc_strict_update`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_import(
+    cells: *const AtomicU64,
+    present: i32,
+    value: i64,
+    expiry_ms: i64,
+) -> i32 {
+    strict_pair(cells).map_or(0, |pair| {
+        let first = (present != 0).then_some((value, expiry_ms.max(0) as u64));
+        i32::from(strict::import(pair, first))
+    })
+}
+
+/// The batch lock's control record, made at the first use.
+fn strict_batches<'a>(
+    engine: &'a Engine,
+    alive_fn: &'a dyn Fn(u32) -> bool,
+) -> Result<Batches<'a, AtomicU64>, Error> {
+    let (record, _) = engine
+        .table
+        .get_or_insert(STRICT_CONTROL_KEY, strict::CONTROL_WIDTH)?;
+    Ok(Batches {
+        control: record.cells(),
+        me: me(),
+        alive: alive_fn,
+    })
+}
+
+/// What a strict update that met `CODE_BUSY` calls: when the batch that
+/// holds its key died, finishes it. 1 when the caller may try again at
+/// once, 0 while a live batch runs (wait a little), or a negative code.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_help(engine: *mut Engine) -> i32 {
+    let engine = match engine.as_ref() {
+        Some(engine) => engine,
+        None => return CODE_BAD_ARGUMENT,
+    };
+    guarded(CODE_INTERNAL, || match strict_batches(engine, &alive) {
+        Ok(batches) => i32::from(batches.help::<AtomicPair>()),
+        Err(e) => code_of(e),
+    })
+}
+
+/// A batch of strict updates over `records` distinct records (`cells`),
+/// all or none, in input order: update `i` is `op ns[i]` on record
+/// `record_of[i]` when its value `cmps[i]` `operands[i]`, a key it makes
+/// (or sets) expiring after `ttls_ms[i]` (0 never). Writes each update's
+/// new and old value into `news` and `olds`. With `updates` 0, a snapshot:
+/// each record's value (0 when absent) into `news`.
+///
+/// # Errors
+///
+/// 0 done; `CODE_OVERFLOW` with the failing update in `*failed` (nothing
+/// changed); `CODE_BUSY` (another batch runs: wait, then again);
+/// `CODE_FULL` (no room for the journal); `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `engine` is from [`rc_engine_attach`]; `cells` holds `records` strict
+/// records' cells of that engine; `record_of`, `cmps`, `operands`, `ns`,
+/// `ttls_ms`, `olds` hold `updates` elements (null when 0); `news` holds
+/// `max(updates, records)`; `failed` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_batch(
+    engine: *mut Engine,
+    records: u32,
+    cells: *const *const AtomicU64,
+    updates: u32,
+    op: i32,
+    record_of: *const u32,
+    cmps: *const i32,
+    operands: *const i64,
+    ns: *const i64,
+    ttls_ms: *const i64,
+    news: *mut i64,
+    olds: *mut i64,
+    failed: *mut u32,
+) -> i32 {
+    let (engine, failed, op) = match (engine.as_ref(), failed.as_mut(), Op::from_code(op)) {
+        (Some(engine), Some(failed), Some(op)) if !cells.is_null() && !news.is_null() => {
+            (engine, failed, op)
+        }
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let (records, updates) = (records as usize, updates as usize);
+    if updates > 0
+        && (record_of.is_null()
+            || cmps.is_null()
+            || operands.is_null()
+            || ns.is_null()
+            || ttls_ms.is_null()
+            || olds.is_null())
+    {
+        return CODE_BAD_ARGUMENT;
+    }
+    guarded(CODE_INTERNAL, || {
+        let cells = std::slice::from_raw_parts(cells, records);
+        if cells.iter().any(|c| c.is_null()) {
+            return CODE_BAD_ARGUMENT;
+        }
+        let pairs: Vec<&AtomicPair> = cells.iter().map(|&c| AtomicPair::of_cells(c)).collect();
+        let batches = match strict_batches(engine, &alive) {
+            Ok(batches) => batches,
+            Err(e) => return code_of(e),
+        };
+        let capacity = records.max(STRICT_MIN_JOURNAL).next_power_of_two();
+        let mut key = STRICT_JOURNAL_KEY.to_vec();
+        key.push(capacity.trailing_zeros() as u8);
+        let journal = match engine
+            .table
+            .get_or_insert(&key, (capacity * strict::ENTRY_WORDS) as u32)
+        {
+            Ok((record, _)) => record.cells(),
+            Err(e) => return code_of(e),
+        };
+        let clock = Clock::new();
+        let now = || clock.ms();
+        let news = std::slice::from_raw_parts_mut(news, updates.max(records));
+        let (mut states, mut changes) = (Vec::new(), Vec::new());
+        let ran = if updates == 0 {
+            batches.run(
+                &pairs,
+                journal,
+                now,
+                |_, _| Ok::<_, usize>(()),
+                &mut states,
+                &mut changes,
+            )
+        } else {
+            let record_of = std::slice::from_raw_parts(record_of, updates);
+            let cmps = std::slice::from_raw_parts(cmps, updates);
+            let operands = std::slice::from_raw_parts(operands, updates);
+            let ns = std::slice::from_raw_parts(ns, updates);
+            let ttls_ms = std::slice::from_raw_parts(ttls_ms, updates);
+            let olds = std::slice::from_raw_parts_mut(olds, updates);
+            if record_of.iter().any(|&r| r as usize >= records)
+                || cmps.iter().any(|&c| Cmp::from_code(c).is_none())
+                || ttls_ms.iter().any(|&t| t < 0)
+            {
+                return CODE_BAD_ARGUMENT;
+            }
+            batches.run(
+                &pairs,
+                journal,
+                now,
+                |states, changes| {
+                    let mut working = states.to_vec();
+                    for i in 0..updates {
+                        let r = record_of[i] as usize;
+                        let cmp = Cmp::from_code(cmps[i]).unwrap_or(Cmp::Always);
+                        let (change, outcome) = strict_decide(
+                            &working[r],
+                            op,
+                            cmp,
+                            operands[i],
+                            ns[i],
+                            ttls_ms[i] as u64,
+                            now,
+                        )
+                        .map_err(|_| i)?;
+                        if let Change::Write { value, expiry_ms } = change {
+                            working[r] = Current {
+                                value,
+                                live: true,
+                                expiry_ms,
+                            };
+                            changes[r] = change;
+                        }
+                        news[i] = outcome.new;
+                        olds[i] = outcome.old;
+                    }
+                    Ok(())
+                },
+                &mut states,
+                &mut changes,
+            )
+        };
+        match ran {
+            Ok(()) => {
+                if updates == 0 {
+                    for (value, state) in news.iter_mut().zip(&states) {
+                        *value = state.value;
+                    }
+                }
+                0
+            }
+            Err(Refused::Busy) => CODE_BUSY,
+            Err(Refused::Op(i)) => {
+                *failed = i as u32;
+                CODE_OVERFLOW
+            }
+        }
+    })
+}
+
+/// The next strict key at or after index slot `*cursor` whose key (after
+/// the kind byte) starts with `prefix`, and present: its key (in the
+/// region: valid for the worker's life) and value; `*cursor` moves past
+/// it. 1 found, 0 none left, `CODE_BAD_ARGUMENT`. A record a batch holds
+/// is skipped (a listing is no snapshot).
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `prefix` points to `len`
+/// bytes; the out-pointers are writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_next(
+    engine: *mut Engine,
+    prefix: *const u8,
+    len: usize,
+    cursor: *mut u32,
+    key: *mut *const u8,
+    key_len: *mut usize,
+    value: *mut i64,
+    cells: *mut *const AtomicU64,
+) -> i32 {
+    let (engine, cursor, key, key_len, value, cells) = match (
+        engine.as_mut(),
+        cursor.as_mut(),
+        key.as_mut(),
+        key_len.as_mut(),
+        value.as_mut(),
+        cells.as_mut(),
+    ) {
+        (Some(e), Some(c), Some(k), Some(l), Some(v), Some(r)) if !prefix.is_null() || len == 0 => {
+            (e, c, k, l, v, r)
+        }
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    guarded(CODE_INTERNAL, || {
+        let prefix = key_bytes(prefix, len);
+        let clock = Clock::new();
+        let slots = engine.table.index_slots();
+        while (*cursor as usize) < slots {
+            let slot = *cursor as usize;
+            *cursor += 1;
+            engine.offsets.clear();
+            engine
+                .table
+                .offsets_in_slots(slot..slot + 1, &mut engine.offsets);
+            let offset = match engine.offsets.first() {
+                Some(&offset) => offset,
+                None => continue,
+            };
+            let record = engine.table.record_in_arena(offset);
+            let bytes = record.key_bytes();
+            if bytes.first() != Some(&strict::KIND)
+                || record.width() != strict::WIDTH
+                || !bytes[1..].starts_with(prefix)
+            {
+                continue;
+            }
+            let pair = AtomicPair::of_cells(record.cells().as_ptr());
+            if let Ok(state) = strict::get(pair, || clock.ms()) {
+                if state.live {
+                    *key = bytes[1..].as_ptr();
+                    *key_len = bytes.len() - 1;
+                    *value = state.value;
+                    *cells = record.cells().as_ptr();
+                    return 1;
+                }
+            }
+        }
+        0
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1342,6 +1837,57 @@ mod tests {
         let mut none: Vec<u64> = Vec::new();
         radix_sort(&mut none, &mut scratch, 0..22);
         assert!(none.is_empty());
+    }
+
+    fn engine_on(words: usize) -> *mut Engine {
+        let region: &'static [AtomicU64] =
+            Box::leak((0..words).map(|_| AtomicU64::new(0)).collect());
+        Box::into_raw(Box::new(Engine {
+            table: Table::init(region, [1, 2], 3).unwrap(),
+            bytes: words * 8,
+            key: Vec::new(),
+            changed: Vec::new(),
+            offsets: Vec::new(),
+            order: Vec::new(),
+            scratch: Vec::new(),
+        }))
+    }
+
+    unsafe fn cells_of(engine: *mut Engine, key: &[u8], width: u32) -> *const AtomicU64 {
+        let mut cells = std::ptr::null();
+        assert!(rc_engine_record(engine, b's', key.as_ptr(), key.len(), width, 1, &mut cells) >= 0);
+        cells
+    }
+
+    /// What spec/resty/strict_spec.lua's `hold` leaves: a batch of a
+    /// dead process that froze one record; the next update finishes it.
+    #[test]
+    fn a_strict_update_finishes_a_dead_batch() {
+        unsafe {
+            let engine = engine_on(1 << 14);
+            let record = cells_of(engine, b"counter/k", 3);
+            let mut out = StrictResult {
+                new_value: 0,
+                old_value: 0,
+            };
+            assert_eq!(rc_strict_update(record, 2, 0, 0, 7, 0, &mut out), 1);
+            let control = cells_of(engine, b"\0batch", 4);
+            let journal = cells_of(engine, b"\0journal\x03", 24);
+            let pair = AtomicPair::of_cells(record) as *const AtomicPair as u64;
+            let control = std::slice::from_raw_parts(control, 4);
+            let journal = std::slice::from_raw_parts(journal, 24);
+            control[0].store((2 << 32) | 4_194_305, Relaxed);
+            journal[0].store(pair, Relaxed);
+            control[2].store(1, Relaxed);
+            control[3].store(journal.as_ptr() as u64, Relaxed);
+            control[1].store(1, Relaxed);
+            let meta = &*((pair + 8) as *const AtomicU64);
+            meta.fetch_add(strict::FROZEN, Relaxed);
+            assert_eq!(rc_strict_update(record, 0, 0, 0, 1, 0, &mut out), CODE_BUSY);
+            assert_eq!(rc_strict_help(engine), 1);
+            assert_eq!(rc_strict_update(record, 0, 0, 0, 1, 0, &mut out), 1);
+            assert_eq!(out.new_value, 8);
+        }
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub mod histogram;
 pub mod lock;
 #[path = "../../src/engine/requests.rs"]
 pub mod requests;
+#[path = "../../src/engine/strict.rs"]
+pub mod strict;
 #[path = "../../src/engine/table.rs"]
 pub mod table;
 #[path = "../../src/engine/word.rs"]

@@ -2,6 +2,8 @@
 
 local strict = require "resty.counter.strict"
 local race = require "helpers.race"
+local held = require "helpers.strict_held"
+local hold, master_pid = held.hold, held.master_pid
 
 -- Specs that send requests to this nginx (see spec/helpers/it_http.lua).
 local it_http = require("helpers.it_http")(it, pending)
@@ -20,6 +22,15 @@ local function fresh(name)
 end
 
 
+-- Strict values live in the dict's engine, which flush_all does not
+-- touch: each spec starts with the counters it uses cleared.
+local function cleared(dict_name, ...)
+    for _, name in ipairs({ "counter", "other", ... }) do
+        assert(strict.new(dict_name, { name = name }):clear())
+    end
+end
+
+
 local function raised(fn, ...)
     local ok, err = pcall(fn, ...)
     assert(not ok, "expected an error")
@@ -32,6 +43,7 @@ describe("resty.counter.strict", function()
 
     before_each(function()
         dict = fresh("strict")
+        cleared("strict", "race")
         c = assert(strict.new("strict"))
     end)
 
@@ -76,21 +88,26 @@ describe("resty.counter.strict", function()
             assert.equal(0, c:del("a"))
         end)
 
-        it("store numbers under <name>/<key>, base-10 strings past 2^53", function()
+        it("keep values in the engine, apart by name, not in the dict", function()
             c:inc("a", 12)
-            assert.equal(12, dict:get("counter/a"))
+            assert.is_nil(dict:get("counter/a"))
             local other = strict.new("strict", { name = "other" })
             other:inc("a", 3)
-            assert.equal(3, dict:get("other/a"))
+            assert.equal(3, other:get("a"))
             assert.equal(12, c:get("a"))
             c:set("big", MAX_SAFE)
-            assert.equal(MAX_SAFE, dict:get("counter/big"))
-            c:inc("big")
-            assert.equal("9007199254740992", dict:get("counter/big"))
-            c:dec("big")
-            assert.equal(MAX_SAFE, dict:get("counter/big"))
+            assert.is_true(c:inc("big") == 9007199254740992LL)
+            assert.equal(MAX_SAFE, c:dec("big"))
             c:set("s", "12")
             assert.equal(13, c:inc("s"))
+            assert.same({ "big", "s" }, (function()
+                local keys = {}
+                for k in pairs(c:_values()) do
+                    if k ~= "a" then keys[#keys + 1] = k end
+                end
+                table.sort(keys)
+                return keys
+            end)())
         end)
 
         it("accept integers as numbers, int64 cdata and decimal strings", function()
@@ -107,10 +124,11 @@ describe("resty.counter.strict", function()
             end
             assert.matches('bad "key" argument: empty string',
                            raised(c.get, c, ""), 1, true)
-            -- The dict's 65535 bytes, less the prefix "counter/".
-            local longest = ("k"):rep(65535 - 8)
+            -- The engine's 65535 bytes, less the kind byte and the prefix
+            -- "counter/" (the dict's took one byte more).
+            local longest = ("k"):rep(65535 - 9)
             assert.equal(1, c:inc(longest))
-            assert.matches('bad "key" argument: 65528 bytes, longer than 65527',
+            assert.matches('bad "key" argument: 65527 bytes, longer than 65526',
                            raised(c.inc, c, longest .. "k"), 1, true)
             for _, m in ipairs({ "inc", "dec", "get", "set", "del" }) do
                 assert.matches('bad "key"', raised(c[m], c, nil, 1), 1, true)
@@ -165,9 +183,8 @@ describe("resty.counter.strict", function()
             assert.equal("cdata", type(v))
             assert.is_true(v == MAX)
             assert.is_true(c:get("a") == MAX)
-            assert.equal("9223372036854775807", dict:get("counter/a"))
             assert.is_true(c:set("b", MIN) == MIN)
-            assert.equal("-9223372036854775808", dict:get("counter/b"))
+            assert.is_true(c:get("b") == MIN)
             assert.is_true(c:dec("a") == MAX - 1)
             assert.is_true(c:inc("a") == MAX)
         end)
@@ -190,7 +207,6 @@ describe("resty.counter.strict", function()
             assert.is_nil(v)
             assert.equal("increment or decrement would overflow", err)
             assert.is_true(c:get("b") == MIN)
-            assert.equal("-9223372036854775808", dict:get("counter/b"))
 
             -- dec by min: -(min) does not exist, but -1 - min does.
             v, err = c:dec("c", MIN)
@@ -207,50 +223,36 @@ describe("resty.counter.strict", function()
             assert.equal("cdata", type(v))
             assert.is_true(v == 9007199254740992LL)
             assert.is_true(c:inc("a") == 9007199254740993LL)
-            assert.equal("9007199254740993", dict:get("counter/a"))
+            assert.is_true(c:get("a") == 9007199254740993LL)
         end)
     end)
 
-    describe("values that are not integers", function()
-        it("are errors, and stay as they were", function()
-            for _, raw in ipairs({ "abc", "1.5", " 1", "", 1.5, true }) do
-                dict:set("counter/x", raw)
-                local v, err = c:inc("x")
-                assert.is_nil(v)
-                assert.equal("value is not an integer", err)
-                v, err = c:get("x")
-                assert.is_nil(v)
-                assert.equal("value is not an integer", err)
-                v, err = c:inc_if("x", "always", nil, 1)
-                assert.is_nil(v)
-                assert.equal("value is not an integer", err)
-                v, err = c:del("x")
-                assert.is_nil(v)
-                assert.equal("value is not an integer", err)
-                v, err = c:set_if("x", "eq", 0, 1)
-                assert.is_nil(v)
-                assert.equal("value is not an integer", err)
-                assert.equal(raw, dict:get("counter/x"))
+    describe("values an older version left in the dict", function()
+        it("move into the engine the first time a key is touched", function()
+            dict:set("counter/x", 41)
+            dict:set("counter/y", "9223372036854775806")
+            dict:set("counter/z", 5, 0.2)
+            assert.equal(42, c:inc("x"))
+            assert.is_nil(dict:get("counter/x"), "moved, not copied")
+            assert.is_true(c:inc("y") == MAX)
+            assert.equal(5, c:get("z"))
+            assert.same({ 42, 5 }, c:get_all({ "x", "z" }))
+            ngx.sleep(0.3)
+            assert.equal(0, c:get("z"), "with the time it had left")
+            -- Once moved, the dict is not read again.
+            dict:set("counter/x", 100)
+            assert.equal(42, c:get("x"))
+        end)
+
+        it("are not taken when they are no integer, and left as they were", function()
+            for i, raw in ipairs({ "abc", "1.5", " 1", "", 1.5, true }) do
+                dict:set("counter/x" .. i, raw)
+                assert.equal(1, c:inc("x" .. i))
+                assert.equal(raw, dict:get("counter/x" .. i))
             end
         end)
-
-        it("are overwritten by a plain set, as Redis SET does", function()
-            dict:set("counter/x", "abc")
-            assert.equal(5, c:set("x", 5))
-            assert.equal(5, c:get("x"))
-            dict:set("counter/y", 1.5)
-            assert.same({ 7 }, c:set_all({ { "y", 7 } }))
-            assert.equal(7, c:get("y"))
-        end)
-
-        it("except integer numbers a plain dict:set left", function()
-            dict:set("counter/x", 41)
-            assert.equal(42, c:inc("x"))
-            assert.equal(42, dict:get("counter/x"))
-            dict:set("counter/y", "41")
-            assert.equal(42, c:inc("y"), "and base-10 strings below 2^53")
-        end)
     end)
+
 
     describe("inc_if and set_if", function()
         it("apply when the comparison holds and return new, old", function()
@@ -358,11 +360,11 @@ describe("resty.counter.strict", function()
             assert.equal(2, i)
             assert.equal(1, c:get("a"))
             assert.equal(0, c:get("c"))
-            dict:set("counter/x", "nope")
-            news, err, i = c:get_all({ "a", "x" })
+            news, err, i = c:inc_all_if({ { "c", "eq", 0, 1 }, { "b", "always", nil, 1 } })
             assert.is_nil(news)
-            assert.equal("value is not an integer", err)
+            assert.equal("increment or decrement would overflow", err)
             assert.equal(2, i)
+            assert.same({ 1, 0 }, c:get_all({ "a", "c" }))
         end)
 
         it("raise on bad batches before touching anything", function()
@@ -406,54 +408,56 @@ describe("resty.counter.strict", function()
     describe("ttl", function()
         it("is set by the call that creates the key, and kept by later ones", function()
             assert.equal(1, c:inc("w", 1, 0.3))
-            local ttl1 = dict:ttl("counter/w")
-            assert.is_true(ttl1 > 0 and ttl1 <= 0.3)
             ngx.sleep(0.1)
             assert.equal(3, c:inc("w", 2))
             assert.equal(4, c:inc("w", 1, 10), "a ttl on an existing key changes nothing")
             local new = c:inc_if("w", "lt", 100, 1)
             assert.equal(5, new)
             c:inc_all({ { "w", 1 } })
-            -- Kept from the first call (0.3 s, 0.1 s ago), not renewed (10 s);
-            -- a few ms of slack for the timer's and the dict's clocks.
-            local ttl2 = dict:ttl("counter/w")
-            assert.is_true(ttl2 > 0 and ttl2 <= 0.25, tostring(ttl2))
+            -- Kept from the first call (0.3 s, 0.1 s ago), not renewed
+            -- (10 s): gone 0.3 s later.
+            assert.equal(6, c:get("w"))
             ngx.sleep(0.3)
             assert.equal(0, c:get("w"))
-            assert.is_nil(dict:get("counter/w"))
+            assert.equal(1, c:inc("w"), "an expired key starts again from 0")
         end)
 
         it("is absent unless asked for; set replaces it", function()
             c:inc("a")
-            assert.equal(0, dict:ttl("counter/a"))
-            c:set("a", 5, 0.2)
-            assert.is_true(dict:ttl("counter/a") > 0)
-            c:set("a", 6)
-            assert.equal(0, dict:ttl("counter/a"))
-            c:set_all({ { "b", 1, 0.2 } })
-            assert.is_true(dict:ttl("counter/b") > 0)
+            c:set("b", 5, 0.2)
+            c:set("c", 5, 0.2)
+            c:set("c", 6)
+            c:set_all({ { "d", 1, 0.2 } })
+            c:inc_all({ { "e", 1, 0.2 } })
+            c:set("e", 2)
+            ngx.sleep(0.3)
+            assert.same({ 1, 0, 6, 0, 2 }, c:get_all({ "a", "b", "c", "d", "e" }))
         end)
     end)
 
-    describe("locks", function()
-        it("time out with nil, \"timeout\" when a key stays locked", function()
+    describe("batches of other workers", function()
+        it("make updates of their keys wait, and time out with nil, \"timeout\"", function()
             local quick = strict.new("strict", { timeout = 0.05 })
-            dict:add("counter!k", true, 5)
+            -- The master's pid: a live process of this nginx.
+            local release = hold("strict", "k", master_pid())
             local v, err = quick:inc("k")
             assert.is_nil(v)
             assert.equal("timeout", err)
-            local news
-            news, err = quick:inc_all({ { "j", 1 }, { "k", 1 } })
-            assert.is_nil(news)
+            v, err = quick:get("k")
+            assert.is_nil(v)
             assert.equal("timeout", err)
-            assert.is_nil(dict:get("counter!j"), "the lock taken first is released")
-            assert.equal(0, quick:get("j"))
-            dict:delete("counter!k")
+            local news
+            news, err = quick:inc_all({ { "j", 1 } })
+            assert.is_nil(news)
+            assert.equal("timeout", err, "one batch at a time")
+            assert.equal(1, quick:inc("j"), "other keys are free")
+            release()
             assert.equal(1, quick:inc("k"))
+            assert.same({ 2, 1 }, quick:inc_all({ { "j", 1 }, { "k", 0 } }))
         end)
 
         it_http("time out in the log phase too, spinning for the timeout only", function()
-            dict:add("counter!held", true, 5)
+            local release = hold("strict", "held", master_pid())
             local body = race.get("/strict/log_timeout")
             assert.matches("200 OK", body)
             for _ = 1, 100 do
@@ -462,34 +466,27 @@ describe("resty.counter.strict", function()
                 end
                 ngx.sleep(0.01)
             end
+            release()
             assert.equal("timeout", dict:get("log_timeout:err"))
             local took = dict:get("log_timeout:took")
             assert.is_true(took >= 0.049 and took < 0.5, tostring(took))
-            dict:delete("counter!held")
         end)
 
-        it("expire, so that a dead holder blocks a key for lock_ttl at most", function()
-            dict:add("counter!k", true, 0.05)
-            local patient = strict.new("strict", { timeout = 1 })
-            assert.equal(1, patient:inc("k"))
-        end)
-
-        it("leave nothing behind", function()
-            c:inc("a")
-            c:inc_all({ { "a", 1 }, { "b", 1 } })
-            c:get_all({ "a", "b" })
-            c:del("a")
-            c:clear()
-            for _, key in ipairs(dict:get_keys(0)) do
-                assert.is_nil(key:find("!", 1, true), key)
-            end
+        it("are finished (rolled back) when their worker died", function()
+            c:set("k", 7)
+            -- A pid past pid_max: no such process.
+            hold("strict", "k", 4194305)
+            assert.equal(8, c:inc("k"))
+            assert.equal(9, c:inc("k"))
+            assert.same({ 10 }, c:inc_all({ { "k", 1 } }))
         end)
     end)
 
-    describe("a full dict", function()
-        it("returns nil, \"no memory\" and evicts nothing", function()
-            local small = fresh("small")
-            local s = strict.new("small")
+    describe("a full engine", function()
+        it("refuses new keys with nil, err and evicts nothing", function()
+            fresh("strict_small")
+            local s = assert(strict.new("strict_small"))
+            assert(s:clear())
             local n, err = 0, nil
             for i = 1, 10000 do
                 local v
@@ -499,12 +496,13 @@ describe("resty.counter.strict", function()
                 end
                 n = i
             end
-            assert.equal("no memory", err)
+            assert.equal("no room for a new key in the shared engine", err)
             assert.is_true(n > 10)
             for i = 1, n do
                 assert.equal(1, s:get("key" .. i))
             end
-            small:flush_all()
+            assert.equal(0, s:get("key" .. (n + 1)), "a read makes no record")
+            assert(s:clear())
         end)
     end)
 

@@ -9,6 +9,8 @@
 //! - [`cell`]: counting in a cell (`i64` exact, `f64`).
 //! - [`counter`]: `resty.counter`'s records.
 //! - [`requests`]: the request counter's records (windows in a ring).
+//! - [`strict`]: strict counters' records (a value and its state changed by
+//!   one double-width compare-and-swap; batches through a journal).
 //! - [`lock`]: a try-lock that a dead holder cannot keep.
 //! - [`zone`]: finding or making the region in an nginx zone.
 
@@ -17,6 +19,7 @@ pub mod counter;
 mod error;
 pub mod lock;
 pub mod requests;
+pub mod strict;
 pub mod table;
 pub mod word;
 pub mod zone;

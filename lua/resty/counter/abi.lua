@@ -155,6 +155,29 @@ rc_report_t *rc_requests_report(rc_engine_t *engine, uint32_t ring,
     const unsigned char *key, size_t len, int32_t single);
 int32_t rc_requests_report_walk(const rc_engine_t *engine,
     rc_report_t *report, uint32_t max_records);
+
+typedef struct {
+    int64_t new_value;
+    int64_t old_value;
+} rc_strict_result_t;
+
+int32_t rc_strict_supported(void);
+int32_t rc_strict_update(const uint64_t *cells, int32_t op, int32_t cmp,
+    int64_t operand, int64_t n, int64_t ttl_ms, rc_strict_result_t *out);
+int32_t rc_strict_get(const uint64_t *cells, int64_t *value);
+int32_t rc_strict_del(const uint64_t *cells, int64_t *old);
+int32_t rc_strict_untouched(const uint64_t *cells);
+int32_t rc_strict_import(const uint64_t *cells, int32_t present,
+    int64_t value, int64_t expiry_ms);
+int32_t rc_strict_help(rc_engine_t *engine);
+int32_t rc_strict_batch(rc_engine_t *engine, uint32_t records,
+    const uint64_t * const *cells, uint32_t updates, int32_t op,
+    const uint32_t *record_of, const int32_t *cmps, const int64_t *operands,
+    const int64_t *ns, const int64_t *ttls_ms, int64_t *news, int64_t *olds,
+    uint32_t *failed);
+int32_t rc_strict_next(rc_engine_t *engine, const unsigned char *prefix,
+    size_t len, uint32_t *cursor, const unsigned char **key, size_t *key_len,
+    int64_t *value, const uint64_t **cells);
 ]]
 
 
@@ -207,6 +230,10 @@ local codes = {
     NOT_FOUND = -24,
     NO_ENGINE = -25,
     KEYS_FULL = -26,
+    -- A strict update met a key a batch holds (or a batch met another):
+    -- rc_strict_help, then again; no 16-byte compare-and-swap here.
+    BUSY = -40,
+    NO_DWCAS = -41,
     -- rc_changed_t.status (src/ffi_engine.rs): import the dict's old value
     -- first; the same for a key whose dict value was no number.
     NEEDS_BASE = 1,
@@ -234,6 +261,9 @@ local codes = {
     -- of its key in the engine, and its width in cells.
     COUNTER_KIND = 99, -- ("c"):byte()
     COUNTER_WIDTH = 4,
+    -- A strict record (src/engine/strict.rs): its kind and width.
+    STRICT_KIND = 115, -- ("s"):byte()
+    STRICT_WIDTH = 3,
 }
 
 

@@ -716,7 +716,9 @@ end
 --
 -- context: any phase
 --
--- Adds `n` (default 1) to this worker's pending delta for `key` and
+-- On one node (a dict): adds `n` (default 1) to the shared value in the
+-- engine at once and returns it, as strict's inc (nothing pending). On
+-- Redis: adds `n` to this worker's pending delta for `key` and
 -- returns the worker's view: the shared value as last read by this worker
 -- (at its last flush or get of the key) plus its pending delta. The shared
 -- value gets the delta at the next flush, exactly; an overflow shows then
@@ -735,6 +737,11 @@ function _M.inc(self, key, n, ttl)
     end
     if ttl ~= nil then
         strict._check_ttl(ttl, 2)
+    end
+    if not self.redis then
+        -- One node: straight into the shared engine, one compare-and-swap
+        -- (docs/lax.md): nothing pending, exact at once.
+        return inc_now(self, key, OP_ADD, n, ttl)
     end
 
     local seen, err = base(self, key)

@@ -3,28 +3,31 @@
 -- Strict counters: every call is atomic and immediately consistent across
 -- all workers of the node, with Redis' int64 semantics.
 --
--- Values live in a shared dict under "<name>/<key>", as numbers within
--- +-(2^53 - 1) and base-10 strings beyond (exact int64, see
--- resty.counter.int). A shared dict has no compare-and-set, so every
--- update runs under a per-key lock: a lock key "<name>!<key>" made with
--- `safe_add` (atomic: one worker wins), with an expiry (`lock_ttl`) so that
--- a worker that dies holding it cannot block the key for longer. The
--- section under the lock is two dict calls and one FFI call into the Rust
--- core: it never yields and never raises, so a lock is held for well under
--- a microsecond. A caller that finds the key locked
--- retries, spinning, then sleeping 1 ms where the phase can yield; in
--- phases that cannot (log, header_filter, ...) it keeps spinning. Either
--- way it gives up after `timeout` seconds with `nil, "timeout"`. A batch
--- takes the locks of all its keys, all or none (it never waits holding a
--- lock, so batches cannot deadlock), in sorted order.
+-- Values live in the shared engine of the dict's zone (docs/engine.md,
+-- "Strict records"): one record per key, whose value and state (present,
+-- expiry) sit in one 16-byte pair that an update changes by one
+-- double-width compare-and-swap, through one FFI call: no lock, no dict
+-- call. Batches (inc_all, set_all, ...) and get_all take the engine's batch
+-- lock, freeze their records, decide all or nothing and write through a
+-- journal, in one FFI call that never yields; a worker killed halfway
+-- leaves a journal the next batch (or an update that meets a frozen
+-- record) finishes. An update that meets a record a batch holds waits for
+-- it: spinning, then sleeping 1 ms where the phase can yield; in phases
+-- that cannot (log, header_filter, ...) it keeps spinning. Either way it
+-- gives up after `timeout` seconds with `nil, "timeout"`.
 --
--- Reads of one key (`get`) need no lock: a dict read is atomic, and a
--- value is always written whole by one `safe_set`.
+-- The dict itself holds no strict value (code that reads the dict directly
+-- does not see them: read them with c:get / c:get_all). Values an older
+-- version of this library left in the dict under "<name>/<key>" are moved
+-- into the engine the first time a worker touches the key.
 
 
 local check = require "resty.counter.check"
 local int = require "resty.counter.int"
 local strict_redis = require "resty.counter.strict_redis"
+local engine = require "resty.counter.engine"
+local abi = require "resty.counter.abi"
+local ffi = require "ffi"
 local new_tab = require "table.new"
 
 
@@ -38,29 +41,44 @@ local check_key = check.key
 local dot_call = check.dot_call
 local int_integer = int.integer
 local int_cmp = int.cmp
-local int_apply = int.apply
 local int_decode = int.decode
 local lua_value = int.lua_value
+local int_text = int.text
+local engine_attach = engine.attach
+local engine_record = engine.record
+local ffi_new = ffi.new
+local ffi_string = ffi.string
+local C = abi.C
+local floor = math.floor
+local tonumber = tonumber
 local ipairs = ipairs
-local pairs = pairs
 local setmetatable = setmetatable
 local type = type
-local sort = table.sort
 local sub = string.sub
 local fmt = string.format
 
+
+local BUSY = abi.BUSY
+local OVERFLOW = abi.OVERFLOW
+local NOT_FOUND = abi.NOT_FOUND
+local STRICT_KIND = abi.STRICT_KIND
+local STRICT_WIDTH = abi.STRICT_WIDTH
+local OVERFLOW_MSG = "increment or decrement would overflow"
 
 local OP_ADD = int.OP_ADD
 local OP_SUB = int.OP_SUB
 local OP_SET = int.OP_SET
 local CMP_ALWAYS = int.CMP.always
 
--- The dict flag of a value that has an expiry, so that an update knows
--- when it must read the time left and keep it.
-local FLAG_TTL = 1
-
+-- The dict flag of a value that has an expiry (Redis backend's batches
+-- share check_updates; the engine keeps expiries itself).
 -- Tries before a waiting caller starts sleeping (where it can).
 local SPINS = 64
+
+
+local result = ffi_new("rc_strict_result_t")
+local value_out = ffi_new("int64_t[1]")
+local failed_out = ffi_new("uint32_t[1]")
 
 -- Phases where ngx.sleep works.
 local YIELDABLE = check.yieldable
@@ -113,21 +131,30 @@ local function construct(shdict_name, opts, known, level)
     if not dict then
         return nil, 'shared dict "' .. shdict_name .. '" not found'
     end
+    if C.rc_strict_supported() < 0 then
+        return nil, engine.last_error()
+    end
+    local handle, err = engine_attach(shdict_name)
+    if not handle then
+        return nil, err
+    end
 
     return setmetatable({
         dict = dict,
         dict_name = shdict_name,
+        handle = handle,
         name = name,
         prefix = name .. "/",
-        lock_prefix = name .. "!",
-        max_key_len = check.max_key_len - #name - 1,
+        max_key_len = engine.max_key_len - #name - 1,
         timeout = timeout,
         lock_ttl = lock_ttl,
-        -- Calls of this object (in this worker) that found a lock taken
-        -- and had to wait: how contended the keys are.
+        -- Calls of this object (in this worker) that found a key held by a
+        -- batch (or a batch that found another running) and had to wait:
+        -- how contended the keys are.
         waits = 0,
-        named = {},
-        named_count = 0,
+        -- key -> the cells of its record: this worker's cache.
+        cells = {},
+        cells_count = 0,
     }, mt)
 end
 
@@ -137,8 +164,9 @@ end
 -- context: any phase
 --
 -- opts: name (namespace of the keys, default "counter": [%w_.-]+, at most
--- 64 bytes), timeout (the longest wait for a lock, default 0.1 s),
--- lock_ttl (how long a dead worker's lock can block a key, default 1 s).
+-- 64 bytes), timeout (the longest wait for a batch that holds a key,
+-- default 0.1 s), lock_ttl (accepted and unused on the engine: a dead
+-- worker's batch is finished by the next worker that meets it).
 -- With redis (the options of resty.counter.redis.new) the values live in
 -- Redis instead, under `<prefix>{<name>}:<key>` (prefix default "rc:"),
 -- each call one atomic script (resty.counter.strict_redis); the dict is
@@ -150,153 +178,129 @@ function _M.new(shdict_name, opts)
 end
 
 
--- Waits for the lock `lkey` after a first try found it taken.
-local function wait_lock(self, lkey)
+-- Waits while `try(...)` answers BUSY (a batch holds the key, or another
+-- batch runs): finishes a dead batch's work when there is one
+-- (rc_strict_help), spins, then sleeps 1 ms where the phase can yield.
+-- Returns what `try` last returned, or BUSY after `timeout`.
+local function wait_busy(self, try, a, b, c, d, e, f)
     self.waits = self.waits + 1
-    local dict, lock_ttl = self.dict, self.lock_ttl
+    local ptr = self.handle.ptr
     local can_yield = YIELDABLE[get_phase()]
     update_time()
     local deadline = ngx_now() + self.timeout
     local tries = 0
     while true do
         tries = tries + 1
-        if can_yield and tries > SPINS then
+        if C.rc_strict_help(ptr) == 0 and can_yield and tries > SPINS then
             ngx_sleep(0.001)
         end
-
-        local ok, err = dict:safe_add(lkey, true, lock_ttl)
-        if ok then
-            return true
+        local rc = try(a, b, c, d, e, f)
+        if rc ~= BUSY then
+            return rc
         end
-        if err ~= "exists" then
-            return nil, err
-        end
-
         update_time()
         if ngx_now() >= deadline then
-            return nil, "timeout"
+            return BUSY
         end
     end
 end
 
 
-local function lock(self, lkey)
-    local ok, err = self.dict:safe_add(lkey, true, self.lock_ttl)
-    if ok then
-        return true
+local function ttl_ms(ttl)
+    if not ttl then
+        return 0
     end
-    if err ~= "exists" then
-        return nil, err
-    end
-    return wait_lock(self, lkey)
+    -- At least 1 ms (0 would mean "never").
+    local ms = floor(ttl * 1000 + 0.5)
+    return ms > 0 and ms or 1
 end
 
 
--- Takes every lock of `lkeys` (sorted, distinct), all or none.
-local function lock_all(self, lkeys)
-    local dict, lock_ttl = self.dict, self.lock_ttl
-    local n = #lkeys
-    local can_yield, deadline
-    local tries = 0
-    while true do
-        local taken = 0
-        local err
-        for i = 1, n do
-            local ok
-            ok, err = dict:safe_add(lkeys[i], true, lock_ttl)
-            if not ok then
-                break
-            end
-            taken = i
-        end
-        if taken == n then
-            return true
-        end
-
-        for i = 1, taken do
-            dict:delete(lkeys[i])
-        end
-        if err ~= "exists" then
-            return nil, err
-        end
-
-        if not deadline then
-            self.waits = self.waits + 1
-            can_yield = YIELDABLE[get_phase()]
+-- Moves what an older version of this library left in the dict for the
+-- key into its record, once per record (the first worker to touch it).
+local function import(self, cells, dkey, raw)
+    local dict = self.dict
+    if raw == nil then
+        raw = dict:get(dkey)
+    end
+    local value = raw ~= nil and int_decode(raw)
+    local rc
+    if value then
+        local left = dict:ttl(dkey) or 0
+        local expiry = 0
+        if left > 0 then
             update_time()
-            deadline = ngx_now() + self.timeout
+            expiry = floor((ngx_now() + left) * 1000)
         end
-        tries = tries + 1
-        if can_yield and tries > SPINS then
-            ngx_sleep(0.001)
-        end
-        update_time()
-        if ngx_now() >= deadline then
-            return nil, "timeout"
-        end
+        rc = C.rc_strict_import(cells, 1, value, expiry)
+    else
+        rc = C.rc_strict_import(cells, 0, 0, 0)
+    end
+    -- Moved: the dict's copy goes. A value that is no integer is not
+    -- this library's (nor imported): it stays.
+    if rc == 1 and value then
+        dict:delete(dkey)
     end
 end
 
 
-local function unlock_all(dict, lkeys)
-    for i = 1, #lkeys do
-        dict:delete(lkeys[i])
+-- The dict keys of the records this worker keeps (then the cache starts
+-- afresh: records stay in the engine).
+local MAX_CELLS = 10000
+
+-- The cells of `key`'s record; nil, nil when the key has none and
+-- `create` is false (nor a value from an older version in the dict);
+-- nil, err when the engine refuses it (full).
+local function cells_of(self, key, create)
+    local cells = self.cells[key]
+    if cells then
+        return cells
     end
-end
 
-
--- The expiry a write gives a key. A key created by the write (or set by
--- `set`) gets `ttl`, or none; a key updated by an increment keeps the time
--- it had left.
-local function expiry(dict, dkey, existed, flags, op, ttl)
-    if not existed or op == OP_SET then
-        if ttl then
-            return ttl, FLAG_TTL
+    local dkey = self.prefix .. key
+    local err, code
+    cells, err, code = engine_record(self.handle, STRICT_KIND, dkey,
+                                     STRICT_WIDTH, false)
+    local raw
+    if not cells then
+        if code ~= NOT_FOUND then
+            return nil, err
         end
-        return 0, 0
+        raw = self.dict:get(dkey)
+        if raw == nil and not create then
+            return nil
+        end
+        cells, err = engine_record(self.handle, STRICT_KIND, dkey,
+                                   STRICT_WIDTH, true)
+        if not cells then
+            return nil, err
+        end
+    end
+    if C.rc_strict_untouched(cells) == 1 then
+        import(self, cells, dkey, raw)
     end
 
-    if flags ~= FLAG_TTL then
-        return 0, 0
+    if self.cells_count >= MAX_CELLS then
+        self.cells = {}
+        self.cells_count = 0
     end
-
-    local left = dict:ttl(dkey)
-    if not left or left <= 0 then
-        -- Less than a millisecond left (0 would mean "never").
-        left = 0.001
-    end
-    return left, FLAG_TTL
+    self.cells[key] = cells
+    self.cells_count = self.cells_count + 1
+    return cells
 end
 
 
--- The dict keys of `key`: its value's and its lock's. Making the two
--- strings costs more than a dict call, so they are kept per key, up to
--- MAX_NAMED keys (then the table starts afresh).
-local MAX_NAMED = 10000
-
-local function names(self, key)
-    local named = self.named[key]
-    if named then
-        return named[1], named[2]
-    end
-
-    local dkey, lkey = self.prefix .. key, self.lock_prefix .. key
-    if self.named_count >= MAX_NAMED then
-        self.named = {}
-        self.named_count = 0
-    end
-    self.named[key] = { dkey, lkey }
-    self.named_count = self.named_count + 1
-    return dkey, lkey
+local function try_update(cells, op, cmp, operand, n, ms)
+    return C.rc_strict_update(cells, op, cmp, operand, n, ms, result)
 end
 
 
--- One update of one key, under its lock. Returns new, old (as Lua users
--- get them) or nil, err.
+-- One update of one key: one compare-and-swap in the engine. Returns new,
+-- old (as Lua users get them) or nil, err.
 local function update(self, key, op, cmp, operand, n, ttl)
-    local engine = self.engine
-    if engine then
-        local news, olds = strict_redis.update_all(engine, op, 1, { key },
+    local redis = self.engine
+    if redis then
+        local news, olds = strict_redis.update_all(redis, op, 1, { key },
                                                    { cmp }, { operand },
                                                    { n }, { ttl or false })
         if not news then
@@ -305,34 +309,26 @@ local function update(self, key, op, cmp, operand, n, ttl)
         return news[1], olds[1]
     end
 
-    local dict = self.dict
-    local dkey, lkey = names(self, key)
-    local ok, err = lock(self, lkey)
-    if not ok then
+    local cells, err = cells_of(self, key, true)
+    if not cells then
         return nil, err
     end
-
-    local raw, flags = dict:get(dkey)
-    local applied, new, old, value = int_apply(raw, op, cmp, operand, n)
-    if applied == nil and op == OP_SET and cmp == CMP_ALWAYS then
-        -- A plain set overwrites whatever the key held, as Redis SET.
-        applied, new, old, value = int_apply(nil, op, cmp, operand, n)
+    local ms = ttl_ms(ttl)
+    operand = operand or 0
+    local rc = C.rc_strict_update(cells, op, cmp, operand, n, ms, result)
+    if rc == BUSY then
+        rc = wait_busy(self, try_update, cells, op, cmp, operand, n, ms)
     end
-    if applied then
-        local exptime, new_flags = expiry(dict, dkey, raw ~= nil, flags, op,
-                                          ttl)
-        ok, err = dict:safe_set(dkey, value, exptime, new_flags)
-        if not ok then
-            applied, new = nil, err
+    if rc < 0 then
+        if rc == OVERFLOW then
+            return nil, OVERFLOW_MSG
         end
+        if rc == BUSY then
+            return nil, "timeout"
+        end
+        return nil, abi.failure(rc)
     end
-
-    dict:delete(lkey)
-
-    if applied == nil then
-        return nil, new
-    end
-    return lua_value(new), lua_value(old)
+    return lua_value(result.new_value), lua_value(result.old_value)
 end
 
 
@@ -389,11 +385,48 @@ function _M.dec(self, key, n, ttl)
 end
 
 
+local function try_get(cells)
+    return C.rc_strict_get(cells, value_out)
+end
+
+
+local function try_del(cells)
+    return C.rc_strict_del(cells, value_out)
+end
+
+
+-- A read (`try_get`) or delete (`try_del`) of one key: its value (before
+-- a delete), 0 when absent; nil, err.
+local function read(self, key, try)
+    local cells, err = cells_of(self, key, false)
+    if not cells then
+        if err then
+            return nil, err
+        end
+        return 0
+    end
+    local rc = try(cells)
+    if rc == BUSY then
+        rc = wait_busy(self, try, cells)
+    end
+    if rc == BUSY then
+        return nil, "timeout"
+    end
+    if rc < 0 then
+        return nil, abi.failure(rc)
+    end
+    if rc == 0 then
+        return 0
+    end
+    return lua_value(value_out[0])
+end
+
+
 -- syntax: value, err = c:get(key)
 --
 -- context: any phase
 --
--- The value of `key`, 0 when missing. No lock: one atomic dict read.
+-- The value of `key`, 0 when missing. No lock: one atomic read.
 function _M.get(self, key)
     if type(self) ~= "table" then
         dot_call("c", "get", 2)
@@ -402,7 +435,7 @@ function _M.get(self, key)
     if self.engine then
         return strict_redis.get(self.engine, key)
     end
-    return int_decode(self.dict:get((names(self, key))))
+    return read(self, key, try_get)
 end
 
 
@@ -433,9 +466,7 @@ end
 --
 -- context: any phase
 --
--- Removes `key` and returns the value it had (0 when missing). A key
--- holding a non-integer is left as it is: `nil, "value is not an
--- integer"`.
+-- Removes `key` and returns the value it had (0 when missing).
 function _M.del(self, key)
     if type(self) ~= "table" then
         dot_call("c", "del", 2)
@@ -445,21 +476,7 @@ function _M.del(self, key)
         return strict_redis.del(self.engine, key)
     end
 
-    local dict = self.dict
-    local dkey, lkey = names(self, key)
-    local ok, err = lock(self, lkey)
-    if not ok then
-        return nil, err
-    end
-
-    local old
-    old, err = int_decode(dict:get(dkey))
-    if old then
-        dict:delete(dkey)
-    end
-
-    dict:delete(lkey)
-    return old, err
+    return read(self, key, try_del)
 end
 
 
@@ -521,20 +538,80 @@ function _M.set_if(self, key, cmp, operand, n, ttl)
 end
 
 
--- The distinct lock keys of a batch, sorted.
-local function batch_locks(self, keys, count)
-    local seen = new_tab(0, count)
-    local lkeys = new_tab(count, 0)
-    local lock_prefix = self.lock_prefix
+-- The distinct records of a batch's keys: how many, their cells, and
+-- per entry the index (from 0) of its record; nil, err, i when the i-th
+-- key has no room in the engine.
+local function batch_records(self, keys, count)
+    local index = new_tab(0, count)
+    local cells = ffi_new("const uint64_t *[?]", count)
+    local record_of = ffi_new("uint32_t[?]", count)
+    local records = 0
     for i = 1, count do
         local key = keys[i]
-        if not seen[key] then
-            seen[key] = true
-            lkeys[#lkeys + 1] = lock_prefix .. key
+        local r = index[key]
+        if not r then
+            local key_cells, err = cells_of(self, key, true)
+            if not key_cells then
+                return nil, err, i
+            end
+            r = records
+            cells[r] = key_cells
+            index[key] = r
+            records = records + 1
         end
+        record_of[i - 1] = r
     end
-    sort(lkeys)
-    return lkeys
+    return records, cells, record_of
+end
+
+
+local function try_batch(b)
+    return C.rc_strict_batch(b.ptr, b.records, b.cells, b.updates, b.op,
+                             b.record_of, b.cmps, b.operands, b.ns, b.ttls,
+                             b.news, b.olds, failed_out)
+end
+
+
+-- The arguments of rc_strict_batch for `count` keys and `updates` updates
+-- (0: a snapshot); nil, err, i when the i-th key has no room.
+local function new_batch(self, keys, count, updates, op)
+    local records, cells, record_of = batch_records(self, keys, count)
+    if not records then
+        return nil, cells, record_of
+    end
+    local b = {
+        ptr = self.handle.ptr, records = records, cells = cells,
+        updates = updates, op = op, record_of = record_of,
+        news = ffi_new("int64_t[?]", records > count and records or count),
+    }
+    if updates > 0 then
+        b.cmps = ffi_new("int32_t[?]", count)
+        b.operands = ffi_new("int64_t[?]", count)
+        b.ns = ffi_new("int64_t[?]", count)
+        b.ttls = ffi_new("int64_t[?]", count)
+        b.olds = ffi_new("int64_t[?]", count)
+    end
+    return b
+end
+
+
+-- Runs a batch (`b`, the arguments of rc_strict_batch), waiting while
+-- another runs. Returns true or nil, err, i.
+local function run_batch(self, b)
+    local rc = try_batch(b)
+    if rc == BUSY then
+        rc = wait_busy(self, try_batch, b)
+    end
+    if rc >= 0 then
+        return true
+    end
+    if rc == OVERFLOW then
+        return nil, OVERFLOW_MSG, tonumber(failed_out[0]) + 1
+    end
+    if rc == BUSY then
+        return nil, "timeout"
+    end
+    return nil, engine.last_error()
 end
 
 
@@ -593,70 +670,30 @@ local function update_all(self, op, count, keys, cmps, operands, ns, ttls)
                                        operands, ns, ttls)
     end
 
-    local dict = self.dict
-    local lkeys = batch_locks(self, keys, count)
-    local ok, err = lock_all(self, lkeys)
+    if count == 0 then
+        return {}, {}
+    end
+    local b, err, i = new_batch(self, keys, count, count, op)
+    if not b then
+        return nil, err, i
+    end
+    for j = 1, count do
+        b.cmps[j - 1] = cmps[j]
+        b.operands[j - 1] = operands[j]
+        b.ns[j - 1] = ns[j]
+        b.ttls[j - 1] = ttl_ms(ttls[j] or nil)
+    end
+    local ok
+    ok, err, i = run_batch(self, b)
     if not ok then
-        return nil, err
+        return nil, err, i
     end
 
-    local prefix = self.prefix
-    -- Per dict key: its value now, whether it was read, its flags then,
-    -- whether the batch changed it and the expiry the batch gave it.
-    local values, read, flags_of, dirty, exptimes = {}, {}, {}, {}, {}
     local news, olds = new_tab(count, 0), new_tab(count, 0)
-    for i = 1, count do
-        local dkey = prefix .. keys[i]
-        local raw
-        if not read[dkey] then
-            local flags
-            raw, flags = dict:get(dkey)
-            read[dkey] = true
-            values[dkey] = raw
-            flags_of[dkey] = flags or 0
-        else
-            raw = values[dkey]
-        end
-
-        local applied, new, old, value = int_apply(raw, op, cmps[i],
-                                                  operands[i], ns[i])
-        if applied == nil and op == OP_SET and cmps[i] == CMP_ALWAYS then
-            applied, new, old, value = int_apply(nil, op, CMP_ALWAYS, 0,
-                                                 ns[i])
-        end
-        if applied == nil then
-            unlock_all(dict, lkeys)
-            return nil, new, i
-        end
-
-        if applied then
-            local ttl = ttls[i] or nil
-            if raw == nil or op == OP_SET then
-                exptimes[dkey] = ttl and { ttl, FLAG_TTL } or { 0, 0 }
-            end
-            values[dkey] = value
-            dirty[dkey] = true
-        end
-        news[i], olds[i] = lua_value(new), lua_value(old)
+    for j = 1, count do
+        news[j] = lua_value(b.news[j - 1])
+        olds[j] = lua_value(b.olds[j - 1])
     end
-
-    for dkey in pairs(dirty) do
-        local value = values[dkey]
-        local e = exptimes[dkey]
-        local exptime, flags
-        if e then
-            exptime, flags = e[1], e[2]
-        else
-            exptime, flags = expiry(dict, dkey, true, flags_of[dkey], OP_ADD)
-        end
-        ok, err = dict:safe_set(dkey, value, exptime, flags)
-        if not ok then
-            unlock_all(dict, lkeys)
-            return nil, err
-        end
-    end
-
-    unlock_all(dict, lkeys)
     return news, olds
 end
 
@@ -665,9 +702,10 @@ end
 --
 -- context: any phase
 --
--- The values of `keys` (an array), in the same order, read together under
--- their locks (a consistent snapshot). `nil, err, i` when the i-th key
--- holds a non-integer or a lock timed out.
+-- The values of `keys` (an array), in the same order, read together (a
+-- consistent snapshot: the batch lock, the records frozen for the read).
+-- `nil, "timeout"` when batches kept the lock for `timeout`; `nil, err, i`
+-- when the engine has no room for the i-th key's record.
 function _M.get_all(self, keys)
     check.self(self, mt, "c", "get_all", 2)
     local count = check_list(keys, "keys", 2)
@@ -678,28 +716,22 @@ function _M.get_all(self, keys)
         return strict_redis.get_all(self.engine, keys, count)
     end
 
-    local dict = self.dict
-    local lkeys = batch_locks(self, keys, count)
-    local ok, err = lock_all(self, lkeys)
+    if count == 0 then
+        return {}
+    end
+    local b, err, i = new_batch(self, keys, count, 0, OP_ADD)
+    if not b then
+        return nil, err, i
+    end
+    local ok
+    ok, err = run_batch(self, b)
     if not ok then
         return nil, err
     end
 
-    local raws = new_tab(count, 0)
-    local prefix = self.prefix
-    for i = 1, count do
-        raws[i] = dict:get(prefix .. keys[i]) or false
-    end
-    unlock_all(dict, lkeys)
-
     local values = new_tab(count, 0)
-    for i = 1, count do
-        local value
-        value, err = int_decode(raws[i] or nil)
-        if not value then
-            return nil, err, i
-        end
-        values[i] = value
+    for j = 1, count do
+        values[j] = lua_value(b.news[b.record_of[j - 1]])
     end
     return values
 end
@@ -764,14 +796,41 @@ function _M.set_all_if(self, updates)
 end
 
 
+local key_out = ffi_new("const unsigned char *[1]")
+local key_len_out = ffi_new("size_t[1]")
+local cells_out = ffi_new("const uint64_t *[1]")
+local cursor = ffi_new("uint32_t[1]")
+
+
+-- for key, cells, value in each_key(self): every present key of this
+-- counter in the engine (a walk of its index, no snapshot).
+local function each_key(self)
+    local prefix = self.prefix
+    local ptr = self.handle.ptr
+    local plen = #prefix
+    cursor[0] = 0
+    return function()
+        local rc = C.rc_strict_next(ptr, prefix, plen, cursor, key_out,
+                                    key_len_out, value_out, cells_out)
+        if rc ~= 1 then
+            return nil
+        end
+        local key = ffi_string(key_out[0] + plen,
+                               tonumber(key_len_out[0]) - plen)
+        return key, cells_out[0], lua_value(value_out[0])
+    end
+end
+
+
 -- syntax: ok, err = c:clear()
 --
 -- context: any phase
 --
--- Removes every key of this counter (its `name`) from the dict and nothing
--- else, each under its lock. Lists the dict's keys, which locks the whole
--- dict for the listing: a cold path. A key another worker creates while
--- clear runs may survive it.
+-- Removes every key of this counter (its `name`) and nothing else, one
+-- by one: a walk of the engine's index and a listing of the dict's keys
+-- (left by an older version), which locks the whole dict for the
+-- listing: a cold path. A key another worker creates while clear runs may
+-- survive it.
 function _M.clear(self)
     if type(self) ~= "table" then
         dot_call("c", "clear", 2)
@@ -780,20 +839,24 @@ function _M.clear(self)
         return strict_redis.clear(self.engine)
     end
 
+    -- Keys an older version left in the dict, not moved yet.
     local dict = self.dict
     local prefix = self.prefix
     local plen = #prefix
-    local first_err
     for _, dkey in ipairs(dict:get_keys(0)) do
         if sub(dkey, 1, plen) == prefix then
-            local lkey = self.lock_prefix .. sub(dkey, plen + 1)
-            local ok, err = lock(self, lkey)
-            if ok then
-                dict:delete(dkey)
-                dict:delete(lkey)
-            else
-                first_err = first_err or err
-            end
+            dict:delete(dkey)
+        end
+    end
+
+    local first_err
+    for _, cells in each_key(self) do
+        local rc = try_del(cells)
+        if rc == BUSY then
+            rc = wait_busy(self, try_del, cells)
+        end
+        if rc == BUSY then
+            first_err = first_err or "timeout"
         end
     end
 
@@ -821,25 +884,20 @@ end
 
 -- syntax: values = c:_values()
 --
--- For resty.counter.metrics: every key of this counter in the dict and its
--- value, { [key] = number or base-10 string }; nil on Redis (the values
--- are not listed there). Lists the dict's keys, which locks the whole dict
--- for the listing: a cold path.
+-- For resty.counter.metrics: every present key of this counter in the
+-- engine and its value, { [key] = number or base-10 string }; nil on
+-- Redis (the values are not listed there). Walks the engine's index: a
+-- cold path.
 function _M._values(self)
     if self.engine then
         return nil
     end
-    local dict = self.dict
-    local prefix = self.prefix
-    local plen = #prefix
     local values = {}
-    for _, dkey in ipairs(dict:get_keys(0)) do
-        if sub(dkey, 1, plen) == prefix then
-            local value = dict:get(dkey)
-            if value ~= nil then
-                values[sub(dkey, plen + 1)] = value
-            end
+    for key, _, value in each_key(self) do
+        if type(value) ~= "number" then
+            value = int_text(value)
         end
+        values[key] = value
     end
     return values
 end
