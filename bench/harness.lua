@@ -8,6 +8,34 @@ local nginx = require "helpers.nginx"
 local _M = {}
 
 
+-- syntax: conf = harness.timer_conf(http, code)
+--
+-- A benchmark config: the `http` lines (shared dicts), then `code` run in
+-- a timer of each worker, and a server answering "up" on / (nginx.start
+-- waits for it). ${dir}, ${port} and ${workers} are filled by nginx.start.
+function _M.timer_conf(http, code)
+    return http .. [[
+
+init_worker_by_lua_block {
+    local ok, err = ngx.timer.at(0, function()
+        ]] .. code .. [[
+
+    end)
+    if not ok then
+        ngx.log(ngx.ERR, "cannot start the benchmark: ", err)
+    end
+}
+
+server {
+    listen 127.0.0.1:${port};
+    location = / {
+        return 200 "up\n";
+    }
+}
+]]
+end
+
+
 -- syntax: means = harness.run(conf, workers, max_seconds?)
 --
 -- Raises with the error log when a worker does not finish, or when the

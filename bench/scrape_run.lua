@@ -7,26 +7,10 @@
 package.path = "spec/?.lua;bench/?.lua;" .. package.path
 local harness = require "harness"
 
-local CONF = [[
+local CONF = harness.timer_conf([[
 lua_shared_dict bench_stats_0_10000 110m;
 lua_shared_dict bench_stats_0_100000 1100m;
-
-init_worker_by_lua_block {
-    local ok, err = ngx.timer.at(0, function()
-        require("scrape_bench").run("${dir}")
-    end)
-    if not ok then
-        ngx.log(ngx.ERR, "cannot start the benchmark: ", err)
-    end
-}
-
-server {
-    listen 127.0.0.1:${port};
-    location = / {
-        return 200 "up\n";
-    }
-}
-]]
+]], [[require("scrape_bench").run("${dir}")]])
 
 local results = harness.run(CONF, 1, 300)
 local cases = {}
