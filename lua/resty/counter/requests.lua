@@ -48,9 +48,19 @@ local type = type
 local MAX_PREVIOUS = 64
 local HUGE = 1 / 0
 
+-- The Prometheus latency buckets' upper edges by default, seconds: the
+-- client libraries' defaults. At most MAX_EDGES (histogram::MAX_EDGES in
+-- src/histogram.rs): each is a line per key in the text and a word per key
+-- in the engine.
+local DEFAULT_BUCKETS = {
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+}
+local MAX_EDGES = 32
+
 local KEYS_FULL = abi.KEYS_FULL
 local FULL = abi.FULL
 local WIDTH_MISMATCH = abi.WIDTH_MISMATCH
+local EDGES_MISMATCH = abi.EDGES_MISMATCH
 local TOTAL_ONLY = abi.TOTAL_ONLY
 
 -- Records read, then keys rendered, per step of a scrape in a phase that
@@ -77,6 +87,7 @@ local bad = check.bad
 local OPTIONS = {
     window = true, previous = true, max_keys = true, overflow_key = true,
     flush_interval = true, lock_timeout = true, clock = true,
+    buckets = true,
 }
 
 
@@ -151,7 +162,7 @@ local function key_cells(self, key, level)
         key_cells(self, self.overflow_key, level + 1)
     end
     local rc = C.rc_requests_key(self.engine, key, #key, self.ring,
-                                 self.histogram, self.max_keys,
+                                 self.histogram, self.edges, self.max_keys,
                                  capped and 1 or 0, cells_out)
     if rc >= 0 then
         local cells = cells_out[0]
@@ -211,10 +222,31 @@ local function construct(shdict_name, opts, level)
     local lock_timeout = option(opts, "lock_timeout", 1, positive_finite,
                                 "a positive finite number of seconds", level)
     local clock = option(opts, "clock", nil, is_function, "function", level)
+    local buckets = check.edges(opts.buckets, "opts.buckets", MAX_EDGES,
+                                level, DEFAULT_BUCKETS)
+    local edges = #buckets
 
     local handle, err = attach(shdict_name)
     if not handle then
         return nil, err
+    end
+
+    -- Every request counter of a dict counts at the same edges: the first
+    -- one's are the engine's.
+    local edges_s = ffi_new("double[?]", edges)
+    local edges_ms = ffi_new("double[?]", edges)
+    for i = 1, edges do
+        edges_s[i - 1] = buckets[i]
+        -- As latency_ms makes a latency's: one on an edge counts in it.
+        edges_ms[i - 1] = buckets[i] * 1000
+    end
+    local rc = C.rc_requests_edges(handle.ptr, edges_s, edges)
+    if rc == EDGES_MISMATCH then
+        return nil, 'the dict "' .. shdict_name .. '" has request counters '
+                    .. 'with other buckets: every request counter of a dict '
+                    .. 'must have the same "buckets"'
+    elseif rc ~= 0 then
+        return nil, "cannot set the buckets: " .. failure(rc)
     end
 
     -- flush_interval and lock_timeout are checked and kept for configs
@@ -228,7 +260,11 @@ local function construct(shdict_name, opts, level)
         ring = previous + 1,
         -- 1: records with histograms; 0: the engine is too small for
         -- them (no percentiles). The same in every worker.
-        histogram = C.rc_requests_layout(handle.ptr, previous + 1),
+        histogram = C.rc_requests_layout(handle.ptr, previous + 1, edges),
+        -- The Prometheus edges: seconds, milliseconds, how many.
+        edges_s = edges_s,
+        edges_ms = edges_ms,
+        edges = edges,
         max_keys = max_keys,
         overflow_key = overflow_key,
         flush_interval = flush_interval,
@@ -249,7 +285,11 @@ _M._new = construct
 --
 -- opts: window (seconds, integer, default 60), previous (windows kept
 -- before the current one, default 2), max_keys (default 1000),
--- overflow_key (default "_overflow"), flush_interval and lock_timeout
+-- overflow_key (default "_overflow"), buckets (the upper edges of the
+-- Prometheus latency buckets, seconds: a list of 1 to 32 increasing
+-- numbers, default { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+-- 10 }; every request counter of a dict must have the same, or new()
+-- returns nil and an error), flush_interval and lock_timeout
 -- (checked, and unused: there is nothing to flush), clock (a function
 -- returning epoch seconds, for tests; default the request's start time,
 -- and ngx.now() for `now`). An unknown option raises.
@@ -293,7 +333,8 @@ local function record_in(self, key, w, ms, level)
         end
     end
 
-    local rc = C.rc_requests_record(cells, self.ring, self.histogram, w, ms)
+    local rc = C.rc_requests_record(cells, self.ring, self.histogram,
+                                    self.edges_ms, self.edges, w, ms)
     if rc ~= 0 then
         if rc ~= TOTAL_ONLY then
             return nil, failure(rc)
@@ -394,7 +435,8 @@ local function report(self, only_key)
     local ptr
     if type(now) == "number" then
         ptr = C.rc_requests_report(self.engine, self.ring, self.histogram,
-                                   self.window, now, only_key or "",
+                                   self.edges_s, self.edges, self.window,
+                                   now, only_key or "",
                                    only_key and #only_key or 0,
                                    only_key and 1 or 0)
     end
