@@ -422,14 +422,24 @@ impl Report {
         out.extend_from_slice(b",\"startofminute_epoch\":");
         let _ = f.write_i64(out, self.window_start(age));
         // null when the engine keeps no histograms (too small for them).
+        // A percentile equal to the one before (a key of few distinct
+        // latencies) is the same text again.
+        let mut before: Option<(f64, Range<usize>)> = None;
         for (i, name) in [&b",\"p50\":"[..], b",\"p90\":", b",\"p99\":"]
             .iter()
             .enumerate()
         {
             out.extend_from_slice(name);
-            match h.percentiles {
-                Some(p) => json_f64(out, p[i]),
-                None => out.extend_from_slice(b"null"),
+            match (h.percentiles, &before) {
+                (Some(p), Some((v, text))) if v.to_bits() == p[i].to_bits() => {
+                    out.extend_from_within(text.clone())
+                }
+                (Some(p), _) => {
+                    let start = out.len();
+                    json_f64(out, p[i]);
+                    before = Some((p[i], start..out.len()));
+                }
+                (None, _) => out.extend_from_slice(b"null"),
             }
         }
         out.extend_from_slice(b",\"max\":");
@@ -681,11 +691,29 @@ fn is_empty(h: &Summary) -> bool {
 /// A number as serde_json writes an f64: ryu's shortest form, null when
 /// not finite.
 fn json_f64(out: &mut Vec<u8>, value: f64) {
-    if value.is_finite() {
+    if let Some(whole) = small_whole(value) {
+        // What ryu writes of a whole number below 1e15: its digits, ".0".
+        out.extend_from_slice(itoa::Buffer::new().format(whole).as_bytes());
+        out.extend_from_slice(b".0");
+    } else if value.is_finite() {
         let _ = CompactFormatter.write_f64(out, value);
     } else {
         out.extend_from_slice(b"null");
     }
+}
+
+/// A whole number of magnitude below 1e15, not -0.0 (which both
+/// formatters write with its sign): as an integer, the fast way to its
+/// text (counts, rates and sums of whole milliseconds often are).
+fn small_whole(value: f64) -> Option<i64> {
+    let whole =
+        value.abs() < 1e15 && value.trunc() == value && value.to_bits() != (-0.0f64).to_bits();
+    whole.then(|| value as i64)
+}
+
+fn push_i64(out: &mut Vec<u8>, value: i64) {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    out.push(b'\n');
 }
 
 fn push_u64(out: &mut Vec<u8>, value: u64) {
@@ -701,6 +729,10 @@ fn push_u64(out: &mut Vec<u8>, value: u64) {
 /// formatting writes those (and the exponents ryu chooses, and what is
 /// not finite).
 fn push_display_f64(out: &mut Vec<u8>, value: f64) {
+    if let Some(whole) = small_whole(value) {
+        push_i64(out, whole);
+        return;
+    }
     let mut buffer = ryu::Buffer::new();
     let text = if value.is_finite() {
         buffer.format_finite(value)
@@ -1233,6 +1265,14 @@ mod tests {
             let mut out = Vec::new();
             push_u64(&mut out, v.to_bits());
             assert_eq!(out, format!("{}\n", v.to_bits()).into_bytes());
+            // Whole numbers near the fast paths' bound, of both signs.
+            let whole = ((v.to_bits() % 4_000_000_000_000_000) as f64) - 2e15;
+            let mut out = Vec::new();
+            push_display_f64(&mut out, whole);
+            assert_eq!(out, format!("{}\n", whole).into_bytes());
+            let mut out = Vec::new();
+            json_f64(&mut out, whole);
+            assert_eq!(out, serde_json::to_vec(&whole).unwrap(), "{:e}", whole);
         }
     }
 
@@ -1283,26 +1323,39 @@ mod tests {
         // each, escaped), 185 + 45 E bytes of names and punctuation, the
         // `le` values and the numbers' digits (E + 3 counts, the sum, the
         // window, the rate).
-        let edges = PROMETHEUS_EDGES_MS.len();
-        let le: usize = PROMETHEUS_EDGES_MS
-            .iter()
-            .map(|e| format!("{}", e / 1000.0).len())
-            .sum();
-        assert_eq!(le, 35);
         let headers: usize = PROMETHEUS_SECTIONS.iter().map(|h| h.len()).sum();
-        for (dict, key) in [("d", "k"), ("bench_stats_0_100000", "/path/12345")] {
-            let mut report = Report::new(60, 90.0, 1).unwrap();
-            report.add(key.as_bytes(), vec![histogram(&[12.0])], total(&[12.0]));
-            let text = report.prometheus(dict).to_string();
-            // Counts 1 (or 0 below 12 ms), sum 0.012, window 60, rate 1.
-            let digits = (edges + 3) + "0.012".len() + "60".len() + "1".len();
-            let per_key =
-                (edges + 5) * (15 + dict.len() + key.len()) + 185 + 45 * edges + le + digits;
-            assert_eq!(text.len() - headers, per_key, "{}", text);
+        let defaults: Vec<f64> = DEFAULT_EDGES_S.to_vec();
+        for edges_s in [defaults, vec![0.1, 0.5, 2.0]] {
+            let edges = edges_s.len();
+            let le: usize = edges_s.iter().map(|e| format!("{}", e).len()).sum();
+            for (dict, key) in [("d", "k"), ("bench_stats_0_100000", "/path/12345")] {
+                let mut report = Report::new(60, 90.0, 1).unwrap();
+                report.set_edges(&edges_s).unwrap();
+                let below: Vec<u64> = edges_s.iter().map(|&e| u64::from(e >= 0.012)).collect();
+                let total = Total {
+                    count: 1,
+                    sum: 12.0,
+                    at_or_below: below,
+                };
+                report.add(key.as_bytes(), vec![histogram(&[12.0])], total);
+                let text = report.prometheus(dict).to_string();
+                // Counts 1 (or 0 below 12 ms), sum 0.012, window 60, rate 1.
+                let digits = (edges + 3) + "0.012".len() + "60".len() + "1".len();
+                let per_key =
+                    (edges + 5) * (15 + dict.len() + key.len()) + 185 + 45 * edges + le + digits;
+                assert_eq!(text.len() - headers, per_key, "{}", text);
+                if dict.len() == 20 {
+                    // The docs' examples: 1,473 and 709 bytes.
+                    assert_eq!(per_key, if edges == 11 { 1473 } else { 709 });
+                }
+            }
+            if edges == 11 {
+                // The docs' figures: 955 + 16 (|D| + |K|) bytes and the
+                // digits with the 11 default edges.
+                assert_eq!(le, 35);
+                assert_eq!(16 * 15 + 185 + 45 * 11 + le, 955);
+            }
         }
-        // The docs' figures: 955 + 16 (|D| + |K|) bytes and the digits
-        // with the 11 default edges.
-        assert_eq!(16 * 15 + 185 + 45 * 11 + 35, 955);
     }
 
     #[test]

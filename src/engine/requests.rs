@@ -713,6 +713,13 @@ mod tests {
         let total = r.total();
         assert_eq!(total.at_or_below, vec![1, 2, 4]);
         assert_eq!(total.count, 5);
+        // docs/request-counter.md's formula: 3 + E + ring x 197 cells.
+        for e in [1, 3, 11, MAX_EDGES] {
+            let width = Layout::with_edges(3, true, e).unwrap().width() as usize;
+            assert_eq!(width, 3 + e + 3 * 197);
+            let bare = Layout::with_edges(3, false, e).unwrap().width() as usize;
+            assert_eq!(bare, 3 + e + 3 * 4);
+        }
         assert!(Layout::with_edges(2, true, 0).is_none());
         assert!(Layout::with_edges(2, true, MAX_EDGES + 1).is_none());
     }
