@@ -708,7 +708,7 @@ fn json_f64(out: &mut Vec<u8>, value: f64) {
 fn small_whole(value: f64) -> Option<i64> {
     let whole =
         value.abs() < 1e15 && value.trunc() == value && value.to_bits() != (-0.0f64).to_bits();
-    whole.then(|| value as i64)
+    whole.then_some(value as i64)
 }
 
 fn push_i64(out: &mut Vec<u8>, value: i64) {
@@ -1132,11 +1132,9 @@ mod tests {
         }
         report.sort();
         let order = report.order.clone().unwrap();
-        let mut text = PROMETHEUS_SECTIONS[0].to_string();
-        for section in 0..3 {
-            if section > 0 {
-                text.push_str(PROMETHEUS_SECTIONS[section]);
-            }
+        let mut text = String::new();
+        for (section, header) in PROMETHEUS_SECTIONS.iter().enumerate() {
+            text.push_str(header);
             for &entry in &order {
                 let entry = entry as usize;
                 let labels = format!(
