@@ -23,7 +23,7 @@ use crate::engine::table::{Record, Table};
 use crate::engine::zone::{self, SlabApi};
 use crate::engine::Error;
 use crate::ffi::guarded;
-use crate::histogram::{check_edges, edge_ms, Summary};
+use crate::histogram::{check_edges, edge_ms, Summary, MAX_EDGES};
 use crate::stats::{Report, Walk};
 
 /// The version of the declarations below, checked by the Lua side.
@@ -838,10 +838,25 @@ pub unsafe extern "C" fn rc_requests_key(
     })
 }
 
+/// The shape of a request counter's records, as its worker passes it on
+/// the request path: one pointer instead of four arguments.
+#[repr(C)]
+pub struct RequestsShape {
+    /// `previous` + 1 windows.
+    pub ring: u32,
+    /// Non-zero: records with histograms ([`rc_requests_layout`]).
+    pub histogram: i32,
+    /// How many Prometheus edges, in `edges_ms`.
+    pub edges: u32,
+    pub reserved: u32,
+    /// The edges in milliseconds ([`edge_ms`] of the seconds given to
+    /// [`rc_requests_edges`]), ascending.
+    pub edges_ms: [f64; MAX_EDGES],
+}
+
 /// Records one request of `latency_ms` in window `window` (the request's
-/// start time over the window length, floored): the request path.
-/// `edges_ms` are the record's `edges` Prometheus edges in milliseconds
-/// ([`edge_ms`] of the seconds given to [`rc_requests_edges`]).
+/// start time over the window length, floored) in a record of `shape`:
+/// the request path.
 ///
 /// # Errors
 ///
@@ -850,25 +865,29 @@ pub unsafe extern "C" fn rc_requests_key(
 ///
 /// # Safety
 ///
-/// `cells` is null or from [`rc_requests_key`] with this `ring`,
-/// `histogram` and `edges`; `edges_ms` is null or `edges` readable doubles.
+/// `cells` is null or from [`rc_requests_key`] with `shape`'s ring,
+/// histogram and edges; `shape` is null or readable.
 #[no_mangle]
 pub unsafe extern "C" fn rc_requests_record(
     cells: *const AtomicU64,
-    ring: u32,
-    histogram: i32,
-    edges_ms: *const f64,
-    edges: u32,
+    shape: *const RequestsShape,
     window: u64,
     latency_ms: f64,
 ) -> i32 {
-    let layout = match Layout::with_edges(ring as usize, histogram != 0, edges as usize) {
-        Some(layout) if !cells.is_null() && !edges_ms.is_null() => layout,
+    let shape = match shape.as_ref() {
+        Some(shape) if !cells.is_null() => shape,
         _ => return CODE_BAD_ARGUMENT,
     };
+    let layout = match Layout::with_edges(
+        shape.ring as usize,
+        shape.histogram != 0,
+        shape.edges as usize,
+    ) {
+        Some(layout) => layout,
+        None => return CODE_BAD_ARGUMENT,
+    };
     let cells = std::slice::from_raw_parts(cells, layout.width() as usize);
-    let edges_ms = std::slice::from_raw_parts(edges_ms, edges as usize);
-    match Requests::with_edges(cells, layout, edges_ms) {
+    match Requests::with_edges(cells, layout, &shape.edges_ms[..layout.edges()]) {
         Some(record) => match record.record(window, latency_ms, &Worker) {
             Recorded::Window => IN_WINDOW,
             Recorded::TotalOnly => TOTAL_ONLY,
@@ -1108,6 +1127,14 @@ mod tests {
             offsets: Vec::new(),
         };
         let edges = PROMETHEUS_EDGES_MS.len() as u32;
+        let mut shape = RequestsShape {
+            ring: 3,
+            histogram: 1,
+            edges,
+            reserved: 0,
+            edges_ms: [0.0; MAX_EDGES],
+        };
+        shape.edges_ms[..11].copy_from_slice(&PROMETHEUS_EDGES_MS);
         let mut cells = std::ptr::null();
         for i in 1..=keys {
             let key = format!("/path/{}", i);
@@ -1124,15 +1151,7 @@ mod tests {
                     &mut cells,
                 );
                 assert!(made >= 0, "{}", made);
-                let rc = rc_requests_record(
-                    cells,
-                    3,
-                    1,
-                    PROMETHEUS_EDGES_MS.as_ptr(),
-                    edges,
-                    27_000_000,
-                    12.0,
-                );
+                let rc = rc_requests_record(cells, &shape, 27_000_000, 12.0);
                 assert_eq!(rc, 0);
             }
         }

@@ -139,9 +139,15 @@ int32_t rc_requests_edges(const rc_engine_t *engine, const double *edges,
 int32_t rc_requests_key(rc_engine_t *engine, const unsigned char *key,
     size_t len, uint32_t ring, int32_t histogram, uint32_t edges,
     uint32_t max_keys, int32_t capped, const uint64_t **cells);
-int32_t rc_requests_record(const uint64_t *cells, uint32_t ring,
-    int32_t histogram, const double *edges_ms, uint32_t edges,
-    uint64_t window, double latency_ms);
+typedef struct {
+    uint32_t ring;
+    int32_t  histogram;
+    uint32_t edges;
+    uint32_t reserved;
+    double   edges_ms[32];
+} rc_requests_shape_t;
+int32_t rc_requests_record(const uint64_t *cells,
+    const rc_requests_shape_t *shape, uint64_t window, double latency_ms);
 uint64_t rc_requests_tracked(const rc_engine_t *engine);
 rc_report_t *rc_requests_report(rc_engine_t *engine, uint32_t ring,
     int32_t histogram, const double *edges, uint32_t count, uint32_t window,

@@ -234,11 +234,11 @@ local function construct(shdict_name, opts, level)
     -- Every request counter of a dict counts at the same edges: the first
     -- one's are the engine's.
     local edges_s = ffi_new("double[?]", edges)
-    local edges_ms = ffi_new("double[?]", edges)
+    local shape = ffi_new("rc_requests_shape_t")
     for i = 1, edges do
         edges_s[i - 1] = buckets[i]
         -- As latency_ms makes a latency's: one on an edge counts in it.
-        edges_ms[i - 1] = buckets[i] * 1000
+        shape.edges_ms[i - 1] = buckets[i] * 1000
     end
     local rc = C.rc_requests_edges(handle.ptr, edges_s, edges)
     if rc == EDGES_MISMATCH then
@@ -249,6 +249,14 @@ local function construct(shdict_name, opts, level)
         return nil, "cannot set the buckets: " .. failure(rc)
     end
 
+    local ring = previous + 1
+    -- 1: records with histograms; 0: the engine is too small for them (no
+    -- percentiles). The same in every worker.
+    local histogram = C.rc_requests_layout(handle.ptr, ring, edges)
+    shape.ring = ring
+    shape.histogram = histogram
+    shape.edges = edges
+
     -- flush_interval and lock_timeout are checked and kept for configs
     -- written for the flushing versions; nothing uses them any more.
     local self = setmetatable({
@@ -257,14 +265,13 @@ local function construct(shdict_name, opts, level)
         engine = handle.ptr,
         window = window,
         previous = previous,
-        ring = previous + 1,
-        -- 1: records with histograms; 0: the engine is too small for
-        -- them (no percentiles). The same in every worker.
-        histogram = C.rc_requests_layout(handle.ptr, previous + 1, edges),
-        -- The Prometheus edges: seconds, milliseconds, how many.
+        ring = ring,
+        histogram = histogram,
+        -- The Prometheus edges (seconds) and how many; with the ring and
+        -- the histogram flag, what the request path passes in one pointer.
         edges_s = edges_s,
-        edges_ms = edges_ms,
         edges = edges,
+        shape = shape,
         max_keys = max_keys,
         overflow_key = overflow_key,
         flush_interval = flush_interval,
@@ -333,8 +340,7 @@ local function record_in(self, key, w, ms, level)
         end
     end
 
-    local rc = C.rc_requests_record(cells, self.ring, self.histogram,
-                                    self.edges_ms, self.edges, w, ms)
+    local rc = C.rc_requests_record(cells, self.shape, w, ms)
     if rc ~= 0 then
         if rc ~= TOTAL_ONLY then
             return nil, failure(rc)
