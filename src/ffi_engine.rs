@@ -1070,6 +1070,8 @@ pub unsafe extern "C" fn rc_requests_report_walk(
                 _ => {}
             }
         }
+        // This step's keys are sorted now; rendering merges the steps'.
+        report.end_run();
         if walk.done() {
             1
         } else {

@@ -155,9 +155,21 @@ pub struct Report {
     summaries: Vec<Summary>,
     /// One count per edge and entry: requests at or below the edge.
     at_or_below: Vec<u64>,
-    /// Entries in key order, the last added of equal keys: every worker
-    /// renders the same text. Made when rendering begins.
-    order: Option<Vec<u32>>,
+    /// Entries in runs (the keys of one step of a walk), each run sorted
+    /// by key when it ends; `runs` their ranges, `run_start` the first
+    /// entry not in a run yet.
+    sorted: Vec<u32>,
+    runs: Vec<(usize, usize)>,
+    run_start: usize,
+    /// The runs being merged: a heap of (next position, end) in `sorted`,
+    /// by the key at the position. A scrape in steps merges a step's keys
+    /// at a time: no sort of every key at once stalls the worker.
+    heap: Vec<(usize, usize)>,
+    /// Entries in key order, the last added of equal keys (every worker
+    /// renders the same text): as far as the merge went, all of them once
+    /// `merged`.
+    order: Vec<u32>,
+    merged: bool,
     key_info: Option<KeyInfo>,
     /// "current", "prev1", "prev2", ... quoted, with their colon.
     window_names: Vec<Vec<u8>>,
@@ -191,7 +203,12 @@ impl Report {
             entries: Vec::new(),
             summaries: Vec::new(),
             at_or_below: Vec::new(),
-            order: None,
+            sorted: Vec::new(),
+            runs: Vec::new(),
+            run_start: 0,
+            heap: Vec::new(),
+            order: Vec::new(),
+            merged: false,
             key_info: None,
             window_names: (0..=previous)
                 .map(|age| match age {
@@ -264,7 +281,23 @@ impl Report {
         let given = at_or_below.len().min(edges);
         self.at_or_below.extend_from_slice(&at_or_below[..given]);
         self.at_or_below.extend((given..edges).map(|_| 0));
-        self.order = None;
+        self.merged = false;
+        self.order.clear();
+    }
+
+    /// Ends a run of keys: those added since the last run, sorted now (a
+    /// walk's step ends one). Rendering merges the runs.
+    pub fn end_run(&mut self) {
+        let (start, end) = (self.sorted.len(), self.entries.len());
+        if self.run_start >= end {
+            return;
+        }
+        let mut sorted = std::mem::take(&mut self.sorted);
+        sorted.extend(self.run_start as u32..end as u32);
+        sorted[start..].sort_unstable_by(|&a, &b| self.entry_order(a, b));
+        self.sorted = sorted;
+        self.runs.push((start, self.sorted.len()));
+        self.run_start = end;
     }
 
     /// How many windows before the current one the report shows.
@@ -286,30 +319,98 @@ impl Report {
         &self.summaries[entry * n..(entry + 1) * n]
     }
 
-    /// Sorts the keys, once: byte order, and of equal keys the last added.
-    fn sort(&mut self) {
-        if self.order.is_some() {
+    /// Keys in byte order, equal keys in the order added.
+    fn entry_order(&self, a: u32, b: u32) -> std::cmp::Ordering {
+        self.key(a as usize)
+            .cmp(self.key(b as usize))
+            .then(a.cmp(&b))
+    }
+
+    /// Starts ordering the keys again (unless they are in order): the
+    /// open run ended, every run in the merge's heap.
+    fn start_merge(&mut self) {
+        if self.merged {
             return;
         }
-        let mut order: Vec<u32> = (0..self.entries.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| {
-            self.key(a as usize)
-                .cmp(self.key(b as usize))
-                .then(a.cmp(&b))
-        });
-        // Of a run of equal keys, the last (added last) stays.
-        let mut kept = Vec::with_capacity(order.len());
-        for (i, &entry) in order.iter().enumerate() {
-            match order.get(i + 1) {
-                Some(&next) if self.key(next as usize) == self.key(entry as usize) => {}
-                _ => kept.push(entry),
+        self.end_run();
+        self.order.clear();
+        let mut heap = std::mem::take(&mut self.heap);
+        heap.clear();
+        heap.extend(self.runs.iter().filter(|(start, end)| start < end));
+        for i in (0..heap.len() / 2).rev() {
+            self.sift_down(&mut heap, i);
+        }
+        self.heap = heap;
+    }
+
+    fn sift_down(&self, heap: &mut [(usize, usize)], mut i: usize) {
+        let less = |a: (usize, usize), b: (usize, usize)| {
+            self.entry_order(self.sorted[a.0], self.sorted[b.0]) == std::cmp::Ordering::Less
+        };
+        loop {
+            let left = 2 * i + 1;
+            if left >= heap.len() {
+                return;
+            }
+            let right = left + 1;
+            let least = if right < heap.len() && less(heap[right], heap[left]) {
+                right
+            } else {
+                left
+            };
+            if !less(heap[least], heap[i]) {
+                return;
+            }
+            heap.swap(i, least);
+            i = least;
+        }
+    }
+
+    /// The least entry left in the runs, taken.
+    fn merge_pop(&mut self) -> Option<u32> {
+        let mut heap = std::mem::take(&mut self.heap);
+        let top = *heap.first()?;
+        if top.0 + 1 < top.1 {
+            heap[0].0 += 1;
+        } else if let Some(last) = heap.pop() {
+            if !heap.is_empty() {
+                heap[0] = last;
             }
         }
-        self.order = Some(kept);
+        self.sift_down(&mut heap, 0);
+        self.heap = heap;
+        Some(self.sorted[top.0])
+    }
+
+    /// The entry at position `at` in key order (`at` at most one past the
+    /// last one asked for), merging on as needed; None past the last.
+    fn entry_at(&mut self, at: usize) -> Option<usize> {
+        if let Some(&entry) = self.order.get(at) {
+            return Some(entry as usize);
+        }
+        if self.merged {
+            return None;
+        }
+        let mut entry = match self.merge_pop() {
+            Some(entry) => entry,
+            None => {
+                self.merged = true;
+                return None;
+            }
+        };
+        // Of equal keys (in the order added), the last added.
+        while let Some(&(next, _)) = self.heap.first() {
+            if self.key(self.sorted[next] as usize) != self.key(entry as usize) {
+                break;
+            }
+            entry = self.merge_pop().unwrap_or(entry);
+        }
+        self.order.push(entry);
+        Some(entry as usize)
     }
 
     fn keys(&self) -> usize {
-        self.order.as_ref().map_or(0, Vec::len)
+        self.entries.len()
     }
 
     /// The sliding-window estimate of requests per window:
@@ -336,7 +437,7 @@ impl Report {
     /// byte for byte what `serde_json::to_writer` writes of the whole
     /// report (a test holds it to that).
     pub fn begin_json(&mut self, free_space: f64, capacity: f64, single: bool) {
-        self.sort();
+        self.start_merge();
         self.empty_windows = self.empty_windows();
         // Some 130 bytes a window, and the key (with quotes).
         let per_key = self.bytes_per_key(16 + 130 * (self.previous + 1), 1);
@@ -351,8 +452,8 @@ impl Report {
         let _ = serde_json::to_writer(&mut out, &info);
         out.extend_from_slice(b",\"stats\":");
         if single {
-            match self.order.as_ref().and_then(|order| order.first()) {
-                Some(&entry) => self.json_windows(&mut out, self.windows(entry as usize)),
+            match self.entry_at(0) {
+                Some(entry) => self.json_windows(&mut out, self.windows(entry)),
                 None => {
                     let empty = vec![Summary::default(); self.previous + 1];
                     self.json_windows(&mut out, &empty);
@@ -458,7 +559,7 @@ impl Report {
     /// recorded), the sliding-window rate as a gauge; every sample
     /// labelled with the dict and the key. [`Report::render`] writes it.
     pub fn begin_prometheus(&mut self, dict: &str) {
-        self.sort();
+        self.start_merge();
         let mut escaped = Vec::new();
         escape_label(&mut escaped, dict);
         let edges = self.edges.len();
@@ -505,21 +606,23 @@ impl Report {
             Some(r) => (r.format, r.section, r.next, r.per_key),
             None => return true,
         };
-        let order = self.order.take().unwrap_or_default();
         let sections = match format {
             Format::Json => 1,
             Format::Prometheus { .. } => PROMETHEUS_SECTIONS.len(),
         };
         // Room for this step's keys at once: the text is never copied to
         // grow (a copy of up to 150 MB).
-        let left = (sections - section) * order.len() - next;
+        let left = ((sections - section) * self.keys()).saturating_sub(next);
         reserve(out, 512 + left.min(max_keys) * per_key / sections);
         let mut labels = Vec::new();
         let mut left = max_keys;
         let mut done = true;
         while section < sections {
-            while next < order.len() && left > 0 {
-                let entry = order[next] as usize;
+            while left > 0 {
+                let entry = match self.entry_at(next) {
+                    Some(entry) => entry,
+                    None => break,
+                };
                 match &format {
                     Format::Json => {
                         if next > 0 {
@@ -546,7 +649,7 @@ impl Report {
                 next += 1;
                 left -= 1;
             }
-            if next < order.len() {
+            if self.entry_at(next).is_some() {
                 done = false;
                 break;
             }
@@ -569,7 +672,6 @@ impl Report {
                 break;
             }
         }
-        self.order = Some(order);
         if !done {
             self.rendering = Some(Rendering {
                 format,
@@ -811,6 +913,14 @@ mod tests {
     use crate::histogram::{Histogram, PROMETHEUS_EDGES_MS};
     use serde_json::Value;
 
+    impl Report {
+        /// Every key in order, at once.
+        fn sort(&mut self) {
+            self.start_merge();
+            while self.entry_at(self.order.len()).is_some() {}
+        }
+    }
+
     /// The reference the fast writer is held to: one key's windows as
     /// serde_json serializes them, a map of maps.
     struct KeyView<'a> {
@@ -891,7 +1001,7 @@ mod tests {
             )?;
             if self.single {
                 let empty = vec![Summary::default(); report.previous + 1];
-                let windows = match report.order.as_ref().and_then(|o| o.first()) {
+                let windows = match report.order.first() {
                     Some(&entry) => report.windows(entry as usize),
                     None => &empty,
                 };
@@ -909,7 +1019,8 @@ mod tests {
     impl Serialize for AllKeys<'_> {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
             let report = self.0;
-            let order = report.order.as_ref().expect("sorted");
+            let order = &report.order;
+            assert!(report.merged, "sorted");
             let mut map = serializer.serialize_map(Some(order.len()))?;
             for &entry in order {
                 map.serialize_entry(
@@ -1036,6 +1147,11 @@ mod tests {
                 vec![histogram(&latencies), histogram(&[1.0; 3])],
                 total(&latencies),
             );
+            // Runs of 3 keys and one of the rest, as a walk in steps
+            // makes them: rendering merges them.
+            if i % 3 == 0 && i > 2 {
+                report.end_run();
+            }
         }
         if key_info {
             report.set_key_info(KeyInfo {
@@ -1131,7 +1247,7 @@ mod tests {
             String::from_utf8(out).unwrap()
         }
         report.sort();
-        let order = report.order.clone().unwrap();
+        let order = report.order.clone();
         let mut text = String::new();
         for (section, header) in PROMETHEUS_SECTIONS.iter().enumerate() {
             text.push_str(header);
@@ -1278,7 +1394,11 @@ mod tests {
     fn a_key_added_again_replaces_the_one_before() {
         let mut report = Report::new(60, 120.0, 0).unwrap();
         report.add(b"b", vec![histogram(&[1.0])], total(&[1.0]));
+        report.add(b"b", vec![histogram(&[5.0])], total(&[5.0]));
+        report.end_run();
         report.add(b"a", vec![histogram(&[2.0])], total(&[2.0]));
+        report.add(b"b", vec![histogram(&[9.0])], total(&[9.0]));
+        report.end_run();
         report.add(b"b", vec![histogram(&[3.0, 4.0])], total(&[3.0, 4.0]));
         let json: Value = serde_json::from_str(report.json(0.0, 0.0, false)).unwrap();
         assert_eq!(json["stats"]["b"]["current"]["requests"], 2);
