@@ -903,14 +903,15 @@ pub unsafe extern "C" fn rc_requests_record(
 /// `engine` is null or from [`rc_engine_attach`].
 #[no_mangle]
 pub unsafe extern "C" fn rc_requests_tracked(engine: *const Engine) -> u64 {
-    match engine.as_ref() {
-        Some(engine) => engine
-            .table
-            .lookup(requests::KEYS_KEY)
-            .filter(|record| record.width() == 1)
-            .map_or(0, |record| record.cells()[0].load(Relaxed)),
-        None => 0,
-    }
+    engine.as_ref().map_or(0, registered)
+}
+
+fn registered(engine: &Engine) -> u64 {
+    engine
+        .table
+        .lookup(requests::KEYS_KEY)
+        .filter(|record| record.width() == 1)
+        .map_or(0, |record| record.cells()[0].load(Relaxed))
 }
 
 /// What adding a key to a report reuses, key after key.
@@ -996,6 +997,9 @@ pub unsafe extern "C" fn rc_requests_report(
         } else {
             let address = engine as *const Engine as usize;
             let slots = engine.table.index_slots();
+            // The keys registered against max_keys, "all" and the overflow
+            // key: all there is to read, but for keys made meanwhile.
+            report.reserve_keys(registered(engine) as usize + 2);
             report.walk = Some(Walk::new(address, layout, edges_ms, current, slots));
         }
         Box::into_raw(Box::new(report))
