@@ -114,17 +114,11 @@ say("")
 say("One request recorded per key, in the shared engine (nothing to flush);")
 say("`stats()` and `prometheus()` walk the engine's records; bytes per key are")
 say("the engine's, three windows with their histograms. The target: 10 ms at")
-say("10,000 keys and 100 ms at 100,000.")
+say("10,000 keys and 100 ms at 100,000, as one call (the phases that cannot")
+say("yield); `in steps`: wall time from a timer, 500 keys a step, 1 ms pauses.")
+say("Alone: `luajit bench/requests_run.lua`.")
 say("")
-say("| %-6s | %9s | %12s | %12s |", "keys", "stats()", "prometheus()",
-    "engine B/key")
-say("| ---: | ---: | ---: | ---: |")
-for _, n in ipairs({ 100, 1000, 10000, 100000 }) do
-    local suffix = ", " .. n .. " keys"
-    say("| %-6d | %9.3f | %12.3f | %12.0f |", n,
-        one["stats ms" .. suffix], one["prometheus ms" .. suffix],
-        one["engine bytes per key" .. suffix])
-end
+say(require("requests_table")(one))
 
 io.stderr:write(string.format("HTTP with wrk: %d rounds of %d variants, %d s each...\n",
                               HTTP_ROUNDS, #http.VARIANTS, HTTP_SECONDS))

@@ -24,11 +24,12 @@ use crate::engine::table::{self, Record, Table};
 use crate::engine::zone::{self, SlabApi};
 use crate::engine::Error;
 use crate::ffi::guarded;
+use crate::histogram::{check_edges, edge_ms, Summary, MAX_EDGES};
 use crate::int64::{self, Cmp, Op, Outcome};
 use crate::stats::{Report, Walk};
 
 /// The version of the declarations below, checked by the Lua side.
-pub const ENGINE_ABI_VERSION: i32 = 5;
+pub const ENGINE_ABI_VERSION: i32 = 6;
 
 pub const CODE_OUT_OF_EXACT_RANGE: i32 = -2;
 pub const CODE_INTERNAL: i32 = -4;
@@ -43,6 +44,9 @@ pub const CODE_NO_ENGINE: i32 = -25;
 /// A request key past `max_keys`: the Lua side records it under the
 /// overflow key.
 pub const CODE_KEYS_FULL: i32 = -26;
+/// The engine's request records count at other Prometheus edges than the
+/// ones given ([`rc_requests_edges`]).
+pub const CODE_EDGES_MISMATCH: i32 = -27;
 
 /// [`rc_requests_record`]: the request is in its window.
 pub const IN_WINDOW: i32 = 0;
@@ -130,6 +134,18 @@ pub struct Engine {
 }
 
 impl Engine {
+    fn new(table: Table<'static, AtomicU64>, bytes: usize) -> Engine {
+        Engine {
+            table,
+            bytes,
+            key: Vec::new(),
+            changed: Vec::new(),
+            offsets: Vec::new(),
+            order: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
     /// `kind` and `key` as the table knows them, in `self.key`.
     fn set_key(&mut self, kind: u8, key: &[u8]) {
         self.key.clear();
@@ -302,17 +318,10 @@ pub unsafe extern "C" fn rc_engine_attach(
             Ok(region) => {
                 *bytes = region.bytes as u64;
                 let created = region.created;
-                *engine = Box::into_raw(Box::new(Engine {
-                    // New keys and removals take the table lock as this
-                    // process, and take it over from a dead worker.
-                    table: region.table.with_owner(table::Process { me, alive }),
-                    bytes: region.bytes,
-                    key: Vec::new(),
-                    changed: Vec::new(),
-                    offsets: Vec::new(),
-                    order: Vec::new(),
-                    scratch: Vec::new(),
-                }));
+                // New keys and removals take the table lock as this
+                // process, and take it over from a dead worker.
+                let table = region.table.with_owner(table::Process { me, alive });
+                *engine = Box::into_raw(Box::new(Engine::new(table, region.bytes)));
                 i32::from(created)
             }
             Err(e) => code_of(e),
@@ -845,16 +854,18 @@ impl Roller for Worker {
 }
 
 /// The layout of this engine's request records for a ring of `ring`
-/// windows: 1 with histograms, 0 without (the engine is too small for
-/// [`requests::MIN_KEYS_WITH_HISTOGRAM`] of them), `CODE_BAD_ARGUMENT`.
+/// windows and `edges` Prometheus edges: 1 with histograms, 0 without
+/// (the engine is too small for [`requests::MIN_KEYS_WITH_HISTOGRAM`] of
+/// them), `CODE_BAD_ARGUMENT`.
 ///
 /// # Safety
 ///
 /// `engine` is null or from [`rc_engine_attach`].
 #[no_mangle]
-pub unsafe extern "C" fn rc_requests_layout(engine: *const Engine, ring: u32) -> i32 {
+pub unsafe extern "C" fn rc_requests_layout(engine: *const Engine, ring: u32, edges: u32) -> i32 {
+    let arena = |engine: &Engine| engine.table.stats().arena_total;
     match engine.as_ref() {
-        Some(engine) => match Layout::for_arena(ring as usize, engine.table.stats().arena_total) {
+        Some(engine) => match Layout::for_arena(ring as usize, edges as usize, arena(engine)) {
             Some(layout) => i32::from(layout.has_histogram()),
             None => CODE_BAD_ARGUMENT,
         },
@@ -862,9 +873,50 @@ pub unsafe extern "C" fn rc_requests_layout(engine: *const Engine, ring: u32) ->
     }
 }
 
+/// The Prometheus edges `edges` (`count` of them, seconds, as
+/// [`check_edges`] wants them) as this engine's request records' edges:
+/// the first caller's are the engine's (a fingerprint of them, in the
+/// record of [`requests::EDGES_KEY`]), the later ones must be the same.
+///
+/// # Errors
+///
+/// 0, or `CODE_EDGES_MISMATCH` (the engine has other edges),
+/// `CODE_BAD_ARGUMENT` (null, or edges [`check_edges`] refuses),
+/// `CODE_FULL`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `edges` points to
+/// `count` readable doubles.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_edges(
+    engine: *const Engine,
+    edges: *const f64,
+    count: u32,
+) -> i32 {
+    let engine = match engine.as_ref() {
+        Some(engine) if !edges.is_null() => engine,
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let edges = std::slice::from_raw_parts(edges, count as usize);
+    if !check_edges(edges) {
+        return CODE_BAD_ARGUMENT;
+    }
+    guarded(CODE_INTERNAL, || {
+        match engine.table.get_or_insert(requests::EDGES_KEY, 1) {
+            Ok((record, _)) => match requests::claim_edges(&record.cells()[0], edges) {
+                true => 0,
+                false => CODE_EDGES_MISMATCH,
+            },
+            Err(e) => code_of(e),
+        }
+    })
+}
+
 /// The cells of request key `key`'s record, for a ring of `ring` windows
 /// with histograms when `histogram` is non-zero (as
-/// [`rc_requests_layout`] said), made when it has none. A new key other
+/// [`rc_requests_layout`] said) and `edges` Prometheus edges, made when it
+/// has none. A new key other
 /// than "all" and the overflow key (`capped` zero) takes a place among
 /// `max_keys`.
 ///
@@ -886,6 +938,7 @@ pub unsafe extern "C" fn rc_requests_key(
     len: usize,
     ring: u32,
     histogram: i32,
+    edges: u32,
     max_keys: u32,
     capped: i32,
     cells: *mut *const AtomicU64,
@@ -894,7 +947,7 @@ pub unsafe extern "C" fn rc_requests_key(
         Some(both) => both,
         None => return CODE_BAD_ARGUMENT,
     };
-    let layout = match Layout::new(ring as usize, histogram != 0) {
+    let layout = match Layout::with_edges(ring as usize, histogram != 0, edges as usize) {
         Some(layout) => layout,
         None => return CODE_BAD_ARGUMENT,
     };
@@ -934,8 +987,25 @@ pub unsafe extern "C" fn rc_requests_key(
     })
 }
 
+/// The shape of a request counter's records, as its worker passes it on
+/// the request path: one pointer instead of four arguments.
+#[repr(C)]
+pub struct RequestsShape {
+    /// `previous` + 1 windows.
+    pub ring: u32,
+    /// Non-zero: records with histograms ([`rc_requests_layout`]).
+    pub histogram: i32,
+    /// How many Prometheus edges, in `edges_ms`.
+    pub edges: u32,
+    pub reserved: u32,
+    /// The edges in milliseconds ([`edge_ms`] of the seconds given to
+    /// [`rc_requests_edges`]), ascending.
+    pub edges_ms: [f64; MAX_EDGES],
+}
+
 /// Records one request of `latency_ms` in window `window` (the request's
-/// start time over the window length, floored): the request path.
+/// start time over the window length, floored) in a record of `shape`:
+/// the request path.
 ///
 /// # Errors
 ///
@@ -944,22 +1014,29 @@ pub unsafe extern "C" fn rc_requests_key(
 ///
 /// # Safety
 ///
-/// `cells` is null or from [`rc_requests_key`] with this `ring` and
-/// `histogram`.
+/// `cells` is null or from [`rc_requests_key`] with `shape`'s ring,
+/// histogram and edges; `shape` is null or readable.
 #[no_mangle]
 pub unsafe extern "C" fn rc_requests_record(
     cells: *const AtomicU64,
-    ring: u32,
-    histogram: i32,
+    shape: *const RequestsShape,
     window: u64,
     latency_ms: f64,
 ) -> i32 {
-    let layout = match Layout::new(ring as usize, histogram != 0) {
-        Some(layout) if !cells.is_null() => layout,
+    let shape = match shape.as_ref() {
+        Some(shape) if !cells.is_null() => shape,
         _ => return CODE_BAD_ARGUMENT,
     };
+    let layout = match Layout::with_edges(
+        shape.ring as usize,
+        shape.histogram != 0,
+        shape.edges as usize,
+    ) {
+        Some(layout) => layout,
+        None => return CODE_BAD_ARGUMENT,
+    };
     let cells = std::slice::from_raw_parts(cells, layout.width() as usize);
-    match Requests::new(cells, layout) {
+    match Requests::with_edges(cells, layout, &shape.edges_ms[..layout.edges()]) {
         Some(record) => match record.record(window, latency_ms, &Worker) {
             Recorded::Window => IN_WINDOW,
             Recorded::TotalOnly => TOTAL_ONLY,
@@ -975,14 +1052,7 @@ pub unsafe extern "C" fn rc_requests_record(
 /// `engine` is null or from [`rc_engine_attach`].
 #[no_mangle]
 pub unsafe extern "C" fn rc_requests_tracked(engine: *const Engine) -> u64 {
-    match engine.as_ref() {
-        Some(engine) => engine
-            .table
-            .lookup(requests::KEYS_KEY)
-            .filter(|record| record.width() == 1)
-            .map_or(0, |record| record.cells()[0].load(Relaxed)),
-        None => 0,
-    }
+    engine.as_ref().map_or(0, registered)
 }
 
 /// Removes the request keys (other than "all" and the overflow key
@@ -1006,6 +1076,8 @@ pub unsafe extern "C" fn rc_requests_expire(
     engine: *mut Engine,
     ring: u32,
     histogram: i32,
+    edges: *const f64,
+    count: u32,
     window: u32,
     now: f64,
     idle: f64,
@@ -1013,23 +1085,27 @@ pub unsafe extern "C" fn rc_requests_expire(
     len: usize,
     max: u32,
 ) -> i32 {
-    let (engine, layout) = match (engine.as_mut(), Layout::new(ring as usize, histogram != 0)) {
+    let layout = Layout::with_edges(ring as usize, histogram != 0, count as usize);
+    let (engine, layout) = match (engine.as_mut(), layout) {
         (Some(engine), Some(layout))
             if window > 0
                 && now.is_finite()
                 && idle >= 0.0
+                && !edges.is_null()
                 && (!overflow_key.is_null() || len == 0) =>
         {
             (engine, layout)
         }
         _ => return CODE_BAD_ARGUMENT,
     };
+    let edges = std::slice::from_raw_parts(edges, count as usize);
     guarded(CODE_INTERNAL, || {
+        let edges_ms: Vec<f64> = edges.iter().map(|&e| edge_ms(e)).collect();
         let window = f64::from(window);
         // Windows that ended `idle` seconds ago or before.
         let idle_before = (now - idle) / window;
         let is_idle = |record: &Record<'static, AtomicU64>| {
-            Requests::new(record.cells(), layout)
+            Requests::with_edges(record.cells(), layout, &edges_ms)
                 .and_then(|cells| cells.last_window())
                 .map_or(false, |last| ((last + 1) as f64) <= idle_before)
         };
@@ -1075,22 +1151,44 @@ pub unsafe extern "C" fn rc_requests_expire(
     })
 }
 
-fn add_to_report(report: &mut Report, key: &[u8], record: &Requests<'_, AtomicU64>, now: u64) {
-    let windows = (0..=report.previous())
-        .map(|age| {
-            now.checked_sub(age as u64)
-                .and_then(|window| record.window_summary(window))
-                .unwrap_or_default()
-        })
-        .collect();
-    report.add(key, windows, record.total());
+fn registered(engine: &Engine) -> u64 {
+    engine
+        .table
+        .lookup(requests::KEYS_KEY)
+        .filter(|record| record.width() == 1)
+        .map_or(0, |record| record.cells()[0].load(Relaxed))
+}
+
+/// What adding a key to a report reuses, key after key.
+#[derive(Default)]
+struct Scratch {
+    windows: Vec<Summary>,
+    at_or_below: Vec<u64>,
+}
+
+fn add_to_report(
+    report: &mut Report,
+    key: &[u8],
+    record: &Requests<'_, AtomicU64>,
+    now: u64,
+    scratch: &mut Scratch,
+) {
+    scratch.windows.clear();
+    scratch.windows.extend((0..=report.previous()).map(|age| {
+        now.checked_sub(age as u64)
+            .and_then(|window| record.window_summary(window))
+            .unwrap_or_default()
+    }));
+    let (count, sum) = record.total_into(&mut scratch.at_or_below);
+    report.add_parts(key, &scratch.windows, count, sum, &scratch.at_or_below);
 }
 
 /// A report of every request key recorded at least once (or of `key`
 /// alone when `single` is non-zero; empty when it has no record) at `now`
 /// over windows of `window` seconds, for a ring of `ring` windows
 /// (`previous` + 1) with histograms or not, as [`rc_requests_layout`]
-/// says. Null for bad arguments. Every key's report takes the records
+/// says, and the Prometheus edges `edges` (`count` of them, seconds, as
+/// given to [`rc_requests_edges`]). Null for bad arguments. Every key's report takes the records
 /// published now, read by [`rc_requests_report_walk`] (a few at a time if
 /// need be); `key`'s is read at once. Rendered with
 /// [`crate::ffi::rc_report_begin_json`] and the like, freed with
@@ -1105,34 +1203,49 @@ pub unsafe extern "C" fn rc_requests_report(
     engine: *mut Engine,
     ring: u32,
     histogram: i32,
+    edges: *const f64,
+    count: u32,
     window: u32,
     now: f64,
     key: *const u8,
     len: usize,
     single: i32,
 ) -> *mut Report {
-    let (engine, layout) = match (engine.as_mut(), Layout::new(ring as usize, histogram != 0)) {
-        (Some(engine), Some(layout)) if !key.is_null() || len == 0 => (engine, layout),
+    let layout = Layout::with_edges(ring as usize, histogram != 0, count as usize);
+    let (engine, layout) = match (engine.as_mut(), layout) {
+        (Some(engine), Some(layout)) if (!key.is_null() || len == 0) && !edges.is_null() => {
+            (engine, layout)
+        }
         _ => return std::ptr::null_mut(),
     };
+    let edges = std::slice::from_raw_parts(edges, count as usize);
     guarded(std::ptr::null_mut(), || {
         let mut report = match Report::new(u64::from(window), now, ring as usize - 1) {
             Ok(report) => report,
             Err(_) => return std::ptr::null_mut(),
         };
+        if report.set_edges(edges).is_err() {
+            return std::ptr::null_mut();
+        }
+        let edges_ms: Vec<f64> = edges.iter().map(|&e| edge_ms(e)).collect();
         let current = (now / f64::from(window)).floor() as u64;
         if single != 0 {
             let key = key_bytes(key, len);
             engine.set_key(requests::KIND, key);
             let found = engine.table.lookup(&engine.key);
-            match found.and_then(|r| Requests::new(r.cells(), layout)) {
-                Some(record) => add_to_report(&mut report, key, &record, current),
+            match found.and_then(|r| Requests::with_edges(r.cells(), layout, &edges_ms)) {
+                Some(record) => {
+                    add_to_report(&mut report, key, &record, current, &mut Scratch::default())
+                }
                 None => report.add(key, Vec::new(), Default::default()),
             }
         } else {
             let address = engine as *const Engine as usize;
             let slots = engine.table.index_slots();
-            report.walk = Some(Walk::new(address, layout, current, slots));
+            // The keys registered against max_keys, "all" and the overflow
+            // key: all there is to read, but for keys made meanwhile.
+            report.reserve_keys(registered(engine) as usize + 2);
+            report.walk = Some(Walk::new(address, layout, edges_ms, current, slots));
         }
         Box::into_raw(Box::new(report))
     })
@@ -1190,6 +1303,7 @@ pub unsafe extern "C" fn rc_requests_report_walk(
             }
         }
         let width = walk.layout.width();
+        let mut scratch = Scratch::default();
         for offset in walk.take(max) {
             let record = engine.table.record_in_arena(offset);
             let key = record.key_bytes();
@@ -1198,13 +1312,15 @@ pub unsafe extern "C" fn rc_requests_report_walk(
             }
             // A key made and never recorded (the overflow key, made in
             // advance) is not shown.
-            match Requests::new(record.cells(), walk.layout) {
-                Some(cells) if cells.total().count > 0 => {
-                    add_to_report(report, &key[1..], &cells, walk.current)
+            match Requests::with_edges(record.cells(), walk.layout, &walk.edges_ms) {
+                Some(cells) if cells.recorded() => {
+                    add_to_report(report, &key[1..], &cells, walk.current, &mut scratch)
                 }
                 _ => {}
             }
         }
+        // This step's keys are sorted now; rendering merges the steps'.
+        report.end_run();
         if walk.done() {
             1
         } else {
@@ -1710,6 +1826,7 @@ pub unsafe extern "C" fn rc_strict_next(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::histogram::{DEFAULT_EDGES_S, PROMETHEUS_EDGES_MS};
     use std::process::Command;
 
     /// An engine over a region of its own, with one counter key counted.
@@ -1725,15 +1842,7 @@ mod tests {
         let counter = Counter::new(record.cells());
         counter.import_base(0.0);
         counter.add(5).unwrap();
-        Engine {
-            table,
-            bytes: 4096 * 8,
-            key: Vec::new(),
-            changed: Vec::new(),
-            offsets: Vec::new(),
-            order: Vec::new(),
-            scratch: Vec::new(),
-        }
+        Engine::new(table, 4096 * 8)
     }
 
     /// Starts a sync by hand (no dict: it lists what changed) that waits up
@@ -1842,15 +1951,10 @@ mod tests {
     fn engine_on(words: usize) -> *mut Engine {
         let region: &'static [AtomicU64] =
             Box::leak((0..words).map(|_| AtomicU64::new(0)).collect());
-        Box::into_raw(Box::new(Engine {
-            table: Table::init(region, [1, 2], 3).unwrap(),
-            bytes: words * 8,
-            key: Vec::new(),
-            changed: Vec::new(),
-            offsets: Vec::new(),
-            order: Vec::new(),
-            scratch: Vec::new(),
-        }))
+        Box::into_raw(Box::new(Engine::new(
+            Table::init(region, [1, 2], 3).unwrap(),
+            words * 8,
+        )))
     }
 
     unsafe fn cells_of(engine: *mut Engine, key: &[u8], width: u32) -> *const AtomicU64 {
@@ -1912,5 +2016,108 @@ mod tests {
         assert!(!seen, "a live process of another parent taken for a holder");
         assert!(!alive(pid), "a reaped process taken for a holder");
         Ok(())
+    }
+
+    /// An engine over plain memory (as large as make bench's dicts) with
+    /// `keys` request keys of one request each (12 ms), three windows with
+    /// histograms: what make bench's growth scrapes.
+    fn engine_of_keys(keys: usize) -> Engine {
+        let words: &'static [AtomicU64] = Box::leak(
+            (0..keys * 1375)
+                .map(|_| AtomicU64::new(0))
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+        let mut engine = Engine::new(Table::init(words, [1, 2], 7).unwrap(), words.len() * 8);
+        let edges = PROMETHEUS_EDGES_MS.len() as u32;
+        let mut shape = RequestsShape {
+            ring: 3,
+            histogram: 1,
+            edges,
+            reserved: 0,
+            edges_ms: [0.0; MAX_EDGES],
+        };
+        shape.edges_ms[..11].copy_from_slice(&PROMETHEUS_EDGES_MS);
+        let mut cells = std::ptr::null();
+        for i in 1..=keys {
+            let key = format!("/path/{}", i);
+            unsafe {
+                let made = rc_requests_key(
+                    &mut engine,
+                    key.as_ptr(),
+                    key.len(),
+                    3,
+                    1,
+                    edges,
+                    keys as u32,
+                    1,
+                    &mut cells,
+                );
+                assert!(made >= 0, "{}", made);
+                let rc = rc_requests_record(cells, &shape, 27_000_000, 12.0);
+                assert_eq!(rc, 0);
+            }
+        }
+        engine
+    }
+
+    /// A report of every key of `engine`, walked in one step.
+    fn walked(engine: &mut Engine, now: f64) -> Box<Report> {
+        unsafe {
+            let edges = DEFAULT_EDGES_S.len() as u32;
+            let report = rc_requests_report(
+                engine,
+                3,
+                1,
+                DEFAULT_EDGES_S.as_ptr(),
+                edges,
+                60,
+                now,
+                b"".as_ptr(),
+                0,
+                0,
+            );
+            assert_eq!(rc_requests_report_walk(engine, report, 0), 1);
+            Box::from_raw(report)
+        }
+    }
+
+    /// Times scrapes of 10,000 and 100,000 keys in one call, by part (the
+    /// walk, the JSON, the Prometheus text), best of 5: `cargo test
+    /// --release --no-default-features scrape_timing -- --ignored
+    /// --nocapture` (under `perf record` for a profile; SCRAPE_KEYS=n for
+    /// one size only).
+    #[test]
+    #[ignore]
+    fn scrape_timing() {
+        let sizes = match std::env::var("SCRAPE_KEYS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+        {
+            Some(keys) => vec![keys],
+            None => vec![10_000, 100_000],
+        };
+        for keys in sizes {
+            let mut engine = engine_of_keys(keys);
+            let now = 27_000_000.0 * 60.0 + 1.5;
+            let mut best = [Duration::MAX; 3];
+            let mut bytes = [0; 2];
+            for _ in 0..5 {
+                let start = Instant::now();
+                let mut report = walked(&mut engine, now);
+                best[0] = best[0].min(start.elapsed());
+                let start = Instant::now();
+                bytes[0] = report.json(1.0, 2.0, false).len();
+                best[1] = best[1].min(start.elapsed());
+                let mut report = walked(&mut engine, now);
+                let start = Instant::now();
+                bytes[1] = report.prometheus("bench_stats_0_100000").len();
+                best[2] = best[2].min(start.elapsed());
+            }
+            eprintln!(
+                "{} keys: walk {:?}, JSON {:?} ({} B), Prometheus {:?} ({} B)",
+                keys, best[0], best[1], bytes[0], best[2], bytes[1]
+            );
+        }
     }
 }

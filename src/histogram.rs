@@ -32,11 +32,40 @@ pub const BUCKETS: u16 = ((MAX_EXPONENT - MIN_EXPONENT + 1) * SUB_BUCKETS + 1) a
 /// are recorded as this, so that a sum can never overflow to infinity.
 pub const MAX_VALUE: f64 = 1e12;
 
-/// Upper bounds, in milliseconds, of the Prometheus latency buckets: the
-/// client libraries' defaults (0.005 s to 10 s), which dashboards expect.
+/// Upper bounds, in milliseconds, of the default Prometheus latency
+/// buckets: the client libraries' defaults (0.005 s to 10 s), which
+/// dashboards expect.
 pub const PROMETHEUS_EDGES_MS: [f64; 11] = [
     5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
+
+/// The same edges in seconds, as users give edges (the `buckets` option)
+/// and as the `le` labels show them; each times 1000 is its
+/// [`PROMETHEUS_EDGES_MS`] exactly (a test holds it).
+pub const DEFAULT_EDGES_S: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The most Prometheus edges a request counter may have: each is a line
+/// of text per key at every scrape and a word per key in the engine.
+pub const MAX_EDGES: usize = 32;
+
+/// Whether `edges` (seconds) can be a request counter's Prometheus
+/// edges: 1 to [`MAX_EDGES`] positive finite numbers, strictly
+/// increasing, each at most [`MAX_VALUE`] ms.
+pub fn check_edges(edges: &[f64]) -> bool {
+    !edges.is_empty()
+        && edges.len() <= MAX_EDGES
+        && edges.iter().all(|&e| e > 0.0 && e * 1000.0 <= MAX_VALUE)
+        && edges.windows(2).all(|w| w[0] < w[1])
+}
+
+/// An edge in seconds as the engine compares latencies in milliseconds
+/// with it: the same product the Lua side makes of a latency, so that a
+/// latency equal to an edge counts at or below it.
+pub fn edge_ms(edge_s: f64) -> f64 {
+    edge_s * 1000.0
+}
 
 /// The bucket of a non-negative, finite value.
 pub fn bucket_of(value: f64) -> u16 {
@@ -371,6 +400,27 @@ mod tests {
         }
         assert_eq!(h.percentile(1.0), *values.last().unwrap());
         assert_eq!(h.count, 100_000);
+    }
+
+    #[test]
+    fn default_edges_are_the_milliseconds_ones() {
+        assert!(check_edges(&DEFAULT_EDGES_S));
+        for (s, ms) in DEFAULT_EDGES_S.iter().zip(PROMETHEUS_EDGES_MS) {
+            assert_eq!(edge_ms(*s), ms);
+        }
+        assert!(!check_edges(&[]));
+        assert!(!check_edges(&[0.1, 0.1]));
+        assert!(!check_edges(&[0.2, 0.1]));
+        assert!(!check_edges(&[0.0]));
+        assert!(!check_edges(&[-1.0]));
+        assert!(!check_edges(&[f64::NAN]));
+        assert!(!check_edges(&[f64::INFINITY]));
+        assert!(!check_edges(&[1e10]));
+        assert!(check_edges(&[1e9]));
+        let many: Vec<f64> = (1..=MAX_EDGES).map(|i| i as f64).collect();
+        assert!(check_edges(&many));
+        let too_many: Vec<f64> = (1..=MAX_EDGES + 1).map(|i| i as f64).collect();
+        assert!(!check_edges(&too_many));
     }
 
     #[test]

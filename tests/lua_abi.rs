@@ -27,6 +27,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use resty_counter_core::engine::counter;
+use resty_counter_core::histogram::MAX_EDGES;
 use resty_counter_core::int64::{Cmp, Op, MAX_TEXT_LEN};
 use resty_counter_core::pending::DeltaStatus;
 use resty_counter_core::Error;
@@ -37,7 +38,7 @@ const ABI_LUA: &str = "lua/resty/counter/abi.lua";
 const FFI_FILES: [&str; 3] = ["src/ffi.rs", "src/ffi_int.rs", "src/ffi_engine.rs"];
 
 /// Rust's name of each type that crosses the ABI by name, and C's.
-const NAMED_TYPES: [(&str, &str); 10] = [
+const NAMED_TYPES: [(&str, &str); 11] = [
     // nginx's store function (lua-resty-core declares the same), passed
     // from Lua to a sync; nullable.
     ("Option<ShdictStore>", "rc_shdict_store_t"),
@@ -50,10 +51,12 @@ const NAMED_TYPES: [(&str, &str); 10] = [
     ("Changed", "rc_changed_t"),
     ("EngineStats", "rc_engine_stats_t"),
     ("StrictResult", "rc_strict_result_t"),
+    ("RequestsShape", "rc_requests_shape_t"),
 ];
 
 /// The constants that size arrays in `#[repr(C)]` structs.
-const ARRAY_LENGTHS: [(&str, usize); 1] = [("MAX_TEXT_LEN", MAX_TEXT_LEN)];
+const ARRAY_LENGTHS: [(&str, usize); 2] =
+    [("MAX_TEXT_LEN", MAX_TEXT_LEN), ("MAX_EDGES", MAX_EDGES)];
 
 /// A C type: its base type (const or not), then its pointer levels from
 /// the innermost out, each const or not (`* const`).

@@ -4,8 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use resty_counter_core::engine::requests::Layout;
+use resty_counter_core::histogram::{MAX_EDGES, PROMETHEUS_EDGES_MS};
 use resty_counter_core::ffi::*;
-use resty_counter_core::ffi_engine::{rc_requests_record, rc_requests_report};
+use resty_counter_core::ffi_engine::{rc_requests_record, rc_requests_report, RequestsShape};
 use resty_counter_core::ffi_int::*;
 use resty_counter_core::int64::MAX_TEXT_LEN;
 use std::ptr;
@@ -29,14 +30,33 @@ fuzz_target!(|data: &[u8]| {
         let cells: Vec<AtomicU64> = (0..layout.width()).map(|_| AtomicU64::new(0)).collect();
         let window = u64::from_le_bytes([data[1], data[2], data[3], 0, 0, 0, 0, data[0]]);
         let latency = f64::from(data[1]) - 3.0;
-        assert!(rc_requests_record(cells.as_ptr(), ring, histogram, window, latency) >= 0);
-        assert!(rc_requests_record(ptr::null(), ring, histogram, window, latency) < 0);
-        assert!(rc_requests_record(cells.as_ptr(), 0, histogram, window, latency) < 0);
-        assert!(rc_requests_record(cells.as_ptr(), 200, histogram, window, latency) < 0);
+        let mut shape = RequestsShape {
+            ring,
+            histogram,
+            edges: PROMETHEUS_EDGES_MS.len() as u32,
+            reserved: 0,
+            edges_ms: [0.0; MAX_EDGES],
+        };
+        shape.edges_ms[..PROMETHEUS_EDGES_MS.len()].copy_from_slice(&PROMETHEUS_EDGES_MS);
+        assert!(rc_requests_record(cells.as_ptr(), &shape, window, latency) >= 0);
+        assert!(rc_requests_record(ptr::null(), &shape, window, latency) < 0);
+        assert!(rc_requests_record(cells.as_ptr(), ptr::null(), window, latency) < 0);
+        for (ring, edges) in [(0, 11), (200, 11), (ring, 0), (ring, 33)] {
+            let bad = RequestsShape {
+                ring,
+                edges,
+                ..shape
+            };
+            assert!(rc_requests_record(cells.as_ptr(), &bad, window, latency) < 0);
+        }
+        let edges = PROMETHEUS_EDGES_MS.as_ptr();
+        let n = PROMETHEUS_EDGES_MS.len() as u32;
         assert!(rc_requests_report(
             ptr::null_mut(),
             ring,
             histogram,
+            edges,
+            n,
             60,
             1.0,
             data.as_ptr(),

@@ -834,6 +834,90 @@ describe("resty.counter.requests", function()
                         1e-6)
             assert.equal(5, sample("resty_requests_window_rate", ',window="60"'))
         end)
+
+        it("counts at the buckets given, a request on an edge in it",
+           function()
+            local r, _, dict_name = engine({ buckets = { 0.1, 0.3, 2 } })
+            -- As $request_time gives them; 0.3 exactly, and the next
+            -- double above it.
+            for _, s in ipairs({ "0.100", "0.3", 0.3, 0.30000000000000004,
+                                 "2.000", 7 }) do
+                r:record("k", s)
+            end
+            local text = assert(r:prometheus())
+            local samples = parse(text)
+            local labels = '{dict="' .. dict_name .. '",key="k"'
+            local bucket = "resty_request_latency_seconds_bucket" .. labels
+            assert.equal(1, samples[bucket .. ',le="0.1"}'])
+            assert.equal(3, samples[bucket .. ',le="0.3"}'])
+            assert.equal(5, samples[bucket .. ',le="2"}'])
+            assert.equal(6, samples[bucket .. ',le="+Inf"}'])
+            -- Those three and +Inf only: none of the default edges.
+            local _, buckets = text:gsub("_bucket{", "")
+            assert.equal(4, buckets)
+            assert.is_nil(text:find('le="0.005"', 1, true))
+        end)
+
+        it("wants the same buckets of every request counter of a dict",
+           function()
+            local _, _, dict_name = engine({ buckets = { 0.1, 0.3, 2 } })
+            local same = requests.new(dict_name, { buckets = { 0.1, 0.3, 2 } })
+            assert.is_table(same)
+            local want = 'the dict "' .. dict_name .. '" has request '
+                         .. 'counters with other buckets: every request '
+                         .. 'counter of a dict must have the same "buckets"'
+            for _, other in ipairs({ { 0.1, 0.3, 3 }, { 0.1, 0.3 },
+                                     { 0.1, 0.3, 2, 4 } }) do
+                local r, err = requests.new(dict_name, { buckets = other })
+                assert.is_nil(r)
+                assert.equal(want, err)
+            end
+            -- The defaults are buckets too.
+            local r, err = requests.new(dict_name)
+            assert.is_nil(r)
+            assert.equal(want, err)
+            -- And the greencheek drop-in says the same.
+            local ok, drop_err = request_counter.configure(dict_name)
+            assert.is_nil(ok)
+            assert.equal(want, drop_err)
+        end)
+
+        it("raises on bad buckets, quoting the value", function()
+            local function bad(buckets)
+                return raised(requests.new, "requests", { buckets = buckets })
+            end
+            local list = "a list of 1 to 32 increasing numbers of seconds"
+            assert.matches('bad "opts.buckets" argument: ' .. list
+                           .. ' expected, got "0.1" %(a string%)', bad("0.1"))
+            assert.matches('bad "opts.buckets" argument: ' .. list
+                           .. ' expected, got a table of 0', bad({}))
+            local many = {}
+            for i = 1, 33 do
+                many[i] = i
+            end
+            assert.matches('bad "opts.buckets" argument: ' .. list
+                           .. ' expected, got a table of 33', bad(many))
+            assert.matches('bad "opts.buckets" argument: ' .. list
+                           .. ' expected, got a table with the key "le"',
+                           bad({ 0.1, le = 1 }))
+            assert.matches('bad "opts.buckets%[2%]" argument: a number of '
+                           .. 'seconds above 0, at most 1e9 expected, got '
+                           .. '"1" %(a string%)', bad({ 0.5, "1" }))
+            assert.matches('bad "opts.buckets%[1%]" argument: a number of '
+                           .. 'seconds above 0, at most 1e9 expected, got '
+                           .. '0 %(a number%)', bad({ 0 }))
+            assert.matches('bad "opts.buckets%[1%]" argument: .* got nan',
+                           bad({ 0 / 0 }))
+            assert.matches('bad "opts.buckets%[1%]" argument: .* got inf',
+                           bad({ 1 / 0 }))
+            assert.matches('bad "opts.buckets%[3%]" argument: a number above '
+                           .. 'opts.buckets%[2%] %(0.5 %(a number%)%) '
+                           .. 'expected, got 0.5 %(a number%)',
+                           bad({ 0.1, 0.5, 0.5 }))
+            assert.matches('bad "opts.buckets%[2%]" argument',
+                           raised(request_counter.configure, "greencheek",
+                                  { buckets = { 2, 1 } }))
+        end)
     end)
 end)
 

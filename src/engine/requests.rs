@@ -6,10 +6,11 @@
 //! ```text
 //! 0          total count (every request since the key was made)
 //! 1          total latency sum, ms (f64 bits)
-//! 2..13      total count per Prometheus edge (not cumulative; a latency
-//!            above the last edge is in the count only)
-//! 13         the roll lock (see super::lock)
-//! 14..       `ring` window slots of SLOT_WORDS words each:
+//! 2..2+E     total count per Prometheus edge (not cumulative; a latency
+//!            above the last edge is in the count only); E edges, 11 by
+//!            default (the layout's, see [`Layout::with_edges`])
+//! 2+E        the roll lock (see super::lock)
+//! 3+E..      `ring` window slots of SLOT_WORDS words each:
 //!            stamp (window index + 1; 0 empty; ROLLING while zeroed),
 //!            count, sum (f64 bits), max (f64 bits),
 //!            then the histogram's buckets, two u32 counts per word
@@ -26,12 +27,17 @@
 //! newer window (its clock is behind another worker's by `ring` windows)
 //! adds to the total only.
 
+use std::hash::Hasher;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use siphasher::sip::SipHasher13;
 
 use super::cell::{add_f64, load_f64};
 use super::lock::{self, Holder};
 use super::word::Word;
-use crate::histogram::{bucket_of, Histogram, Summary, BUCKETS, MAX_VALUE, PROMETHEUS_EDGES_MS};
+use crate::histogram::{
+    bucket_of, Histogram, Summary, BUCKETS, MAX_EDGES, MAX_VALUE, PROMETHEUS_EDGES_MS,
+};
 
 /// The first byte of every request key in the table.
 pub const KIND: u8 = b'r';
@@ -41,12 +47,16 @@ pub const KIND: u8 = b'r';
 /// byte and a key that [`is_request_key`] accepts).
 pub const KEYS_KEY: &[u8] = b"r\0keys";
 
+/// The engine-wide Prometheus edges of request records: a record of one
+/// cell holding a fingerprint of them (see [`claim_edges`]), under a key
+/// no request key has.
+pub const EDGES_KEY: &[u8] = b"r\0edges";
+
 const T_COUNT: usize = 0;
 const T_SUM: usize = 1;
 const T_EDGES: usize = 2;
+/// Edges of the default layout.
 const EDGES: usize = PROMETHEUS_EDGES_MS.len();
-const ROLL_LOCK: usize = T_EDGES + EDGES;
-const HEADER: usize = ROLL_LOCK + 1;
 
 const S_STAMP: usize = 0;
 const S_COUNT: usize = 1;
@@ -74,31 +84,56 @@ pub const MAX_RING: usize = 65;
 pub const MIN_KEYS_WITH_HISTOGRAM: usize = 8;
 
 /// The shape of an engine's request records: `ring` windows (the current
-/// one and `previous`), with or without histogram buckets.
+/// one and `previous`), with or without histogram buckets, and `edges`
+/// Prometheus edges counted in the total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     ring: usize,
     histogram: bool,
+    edges: usize,
 }
 
 impl Layout {
-    /// None for a ring of 0 or past [`MAX_RING`].
+    /// With the 11 default edges; None for a ring of 0 or past
+    /// [`MAX_RING`].
     pub fn new(ring: usize, histogram: bool) -> Option<Layout> {
-        if ring == 0 || ring > MAX_RING {
+        Layout::with_edges(ring, histogram, EDGES)
+    }
+
+    /// With `edges` edges; None for a ring of 0 or past [`MAX_RING`], or
+    /// edges other than 1 to [`MAX_EDGES`].
+    pub fn with_edges(ring: usize, histogram: bool, edges: usize) -> Option<Layout> {
+        if ring == 0 || ring > MAX_RING || edges == 0 || edges > MAX_EDGES {
             return None;
         }
-        Some(Layout { ring, histogram })
+        Some(Layout {
+            ring,
+            histogram,
+            edges,
+        })
     }
 
     /// The layout of an engine whose arena has `arena_words` words: with
     /// histograms when it holds [`MIN_KEYS_WITH_HISTOGRAM`] such records
     /// (of keys of up to 64 bytes). The same in every worker, for the
     /// engine's life.
-    pub fn for_arena(ring: usize, arena_words: u64) -> Option<Layout> {
-        let dense = Layout::new(ring, true)?;
+    pub fn for_arena(ring: usize, edges: usize, arena_words: u64) -> Option<Layout> {
+        let dense = Layout::with_edges(ring, true, edges)?;
         let record = u64::from(dense.width()) + 2 + 8;
         let histogram = arena_words >= MIN_KEYS_WITH_HISTOGRAM as u64 * record;
-        Layout::new(ring, histogram)
+        Layout::with_edges(ring, histogram, edges)
+    }
+
+    pub fn edges(self) -> usize {
+        self.edges
+    }
+
+    fn roll_lock(self) -> usize {
+        T_EDGES + self.edges
+    }
+
+    fn header(self) -> usize {
+        self.roll_lock() + 1
     }
 
     pub fn ring(self) -> usize {
@@ -119,7 +154,7 @@ impl Layout {
 
     /// A record's width, in cells.
     pub fn width(self) -> u32 {
-        (HEADER + self.ring * self.slot_words()) as u32
+        (self.header() + self.ring * self.slot_words()) as u32
     }
 }
 
@@ -168,16 +203,16 @@ pub trait Roller {
 pub struct Total {
     pub count: u64,
     pub sum: f64,
-    /// Requests at or below each edge of [`PROMETHEUS_EDGES_MS`]
-    /// (cumulative).
-    pub at_or_below: [u64; EDGES],
+    /// Requests at or below each edge (cumulative).
+    pub at_or_below: Vec<u64>,
 }
 
-/// A request record's cells.
+/// A request record's cells, and its edges (milliseconds).
 #[derive(Debug, Clone, Copy)]
 pub struct Requests<'a, W: Word> {
     cells: &'a [W],
     layout: Layout,
+    edges_ms: &'a [f64],
 }
 
 fn add_max<W: Word>(cell: &W, value: f64) {
@@ -191,17 +226,33 @@ fn add_max<W: Word>(cell: &W, value: f64) {
 }
 
 impl<'a, W: Word> Requests<'a, W> {
-    /// None when `cells` is not a record of `layout`.
+    /// With the default edges ([`PROMETHEUS_EDGES_MS`]); None when
+    /// `cells` is not a record of `layout`, or `layout` has other edges.
     pub fn new(cells: &'a [W], layout: Layout) -> Option<Requests<'a, W>> {
-        if cells.len() != layout.width() as usize {
+        Requests::with_edges(cells, layout, &PROMETHEUS_EDGES_MS)
+    }
+
+    /// With edges `edges_ms` (ascending, milliseconds; see
+    /// [`crate::histogram::edge_ms`]); None when `cells` is not a record of
+    /// `layout` or `layout` has another number of edges.
+    pub fn with_edges(
+        cells: &'a [W],
+        layout: Layout,
+        edges_ms: &'a [f64],
+    ) -> Option<Requests<'a, W>> {
+        if cells.len() != layout.width() as usize || edges_ms.len() != layout.edges {
             return None;
         }
-        Some(Requests { cells, layout })
+        Some(Requests {
+            cells,
+            layout,
+            edges_ms,
+        })
     }
 
     fn slot(&self, window: u64) -> &'a [W] {
         let words = self.layout.slot_words();
-        let start = HEADER + (window % self.layout.ring as u64) as usize * words;
+        let start = self.layout.header() + (window % self.layout.ring as u64) as usize * words;
         &self.cells[start..start + words]
     }
 
@@ -218,7 +269,7 @@ impl<'a, W: Word> Requests<'a, W> {
         // edge's add sees the count's (see total()).
         self.cells[T_COUNT].fetch_add(1, Relaxed);
         add_f64(&self.cells[T_SUM], value);
-        if let Some(edge) = PROMETHEUS_EDGES_MS.iter().position(|&le| value <= le) {
+        if let Some(edge) = self.edges_ms.iter().position(|&le| value <= le) {
             self.cells[T_EDGES + edge].fetch_add(1, Release);
         }
 
@@ -262,7 +313,7 @@ impl<'a, W: Word> Requests<'a, W> {
     /// Rolls `slot` on to stamp `want` unless someone did; Err when a live
     /// writer holds the roll lock.
     fn roll(&self, slot: &[W], want: u64, roller: &impl Roller) -> Result<(), ()> {
-        let word = &self.cells[ROLL_LOCK];
+        let word = &self.cells[self.layout.roll_lock()];
         let me = roller.me();
         lock::try_lock(word, me, |pid| roller.alive(pid)).map_err(|_| ())?;
         let stamp = slot[S_STAMP].load(Acquire);
@@ -290,18 +341,19 @@ impl<'a, W: Word> Requests<'a, W> {
         )
     }
 
-    /// What a report shows of window `window`, as [`Summary::of`] the
-    /// [`Requests::window`], read without building the histogram.
     /// The newest window any request was recorded in (by its slots'
     /// stamps), if any: when the key was last written, for idle expiry.
     pub fn last_window(&self) -> Option<u64> {
+        let header = self.layout.header();
         (0..self.layout.ring)
-            .map(|i| self.cells[HEADER + i * self.layout.slot_words() + S_STAMP].load(Acquire))
+            .map(|i| self.cells[header + i * self.layout.slot_words() + S_STAMP].load(Acquire))
             .filter(|&stamp| stamp != 0 && stamp != ROLLING)
             .max()
             .map(|stamp| stamp - 1)
     }
 
+    /// What a report shows of window `window`, as [`Summary::of`] the
+    /// [`Requests::window`], read without building the histogram.
     pub fn window_summary(&self, window: u64) -> Option<Summary> {
         self.read_window(
             window,
@@ -360,17 +412,57 @@ impl<'a, W: Word> Requests<'a, W> {
     /// under way that the count does not. Each value is one 64-bit load:
     /// none is torn.
     pub fn total(&self) -> Total {
-        let mut at_or_below = [0; EDGES];
-        let mut below = 0u64;
-        for (edge, out) in at_or_below.iter_mut().enumerate() {
-            below = below.saturating_add(self.cells[T_EDGES + edge].load(Acquire));
-            *out = below;
-        }
+        let mut at_or_below = Vec::new();
+        let (count, sum) = self.total_into(&mut at_or_below);
         Total {
-            count: self.cells[T_COUNT].load(Relaxed),
-            sum: load_f64(&self.cells[T_SUM]),
+            count,
+            sum,
             at_or_below,
         }
+    }
+
+    /// [`Requests::total`] into `at_or_below` (cleared first, then one
+    /// count per edge), no allocation once it has room: the count and the
+    /// sum.
+    pub fn total_into(&self, at_or_below: &mut Vec<u64>) -> (u64, f64) {
+        at_or_below.clear();
+        let mut below = 0u64;
+        for cell in &self.cells[T_EDGES..T_EDGES + self.layout.edges] {
+            below = below.saturating_add(cell.load(Acquire));
+            at_or_below.push(below);
+        }
+        (
+            self.cells[T_COUNT].load(Relaxed),
+            load_f64(&self.cells[T_SUM]),
+        )
+    }
+
+    /// Whether a request was ever recorded (the count read alone).
+    pub fn recorded(&self) -> bool {
+        self.cells[T_COUNT].load(Relaxed) > 0
+    }
+}
+
+/// A fingerprint of Prometheus edges (their bits, in order), never 0.
+fn edges_fingerprint(edges: &[f64]) -> u64 {
+    let mut hasher = SipHasher13::new_with_keys(0x6564_6765, 0x7265_7175);
+    for edge in edges {
+        hasher.write_u64(edge.to_bits());
+    }
+    hasher.write_usize(edges.len());
+    hasher.finish() | 1
+}
+
+/// Makes `edges` the engine's request edges in `cell` (the one cell of the
+/// [`EDGES_KEY`] record) when it has none yet, in one compare-and-swap
+/// (the first caller wins): true when they are the engine's, false when
+/// the engine has others. A record's width tells its number of edges, not
+/// which: every request counter of an engine must count at the same ones.
+pub fn claim_edges<W: Word>(cell: &W, edges: &[f64]) -> bool {
+    let mine = edges_fingerprint(edges);
+    match cell.compare_exchange(0, mine, Relaxed, Relaxed) {
+        Ok(_) => true,
+        Err(theirs) => theirs == mine,
     }
 }
 
@@ -517,11 +609,12 @@ mod tests {
             pid: u32::MAX - 1,
             instance: 3,
         };
-        lock::try_lock(&cells[ROLL_LOCK], dead, |_| true).unwrap();
-        cells[HEADER].store(ROLLING, Relaxed);
+        let layout = dense(2);
+        lock::try_lock(&cells[layout.roll_lock()], dead, |_| true).unwrap();
+        cells[layout.header()].store(ROLLING, Relaxed);
         assert_eq!(r.record(6, 2.0, &Here), Recorded::Window);
         assert_eq!(r.window(6).unwrap().count, 1);
-        assert_eq!(lock::holder(&cells[ROLL_LOCK]), None);
+        assert_eq!(lock::holder(&cells[layout.roll_lock()]), None);
     }
 
     #[test]
@@ -574,7 +667,11 @@ mod tests {
             })
             .collect();
         let r = Requests::new(&cells, dense(1)).unwrap();
-        let mut seen = 0u64;
+        // The reads must overlap the writes: on a busy machine the writer
+        // threads may not have run yet.
+        while r.total().count == 0 {
+            std::thread::yield_now();
+        }
         for _ in 0..300_000 {
             let total = r.total();
             let below = total.at_or_below;
@@ -589,21 +686,21 @@ mod tests {
                 below[EDGES - 1],
                 total.count
             );
-            seen = total.count;
         }
         stop.store(1, Relaxed);
         for writer in writers {
             writer.join().unwrap();
         }
-        assert!(seen > 0, "the writers ran");
     }
 
     #[test]
     fn a_small_engine_keeps_no_histograms() {
         let record = u64::from(dense(3).width()) + 10;
-        let small = Layout::for_arena(3, 8 * record - 1).unwrap();
+        let small = Layout::for_arena(3, EDGES, 8 * record - 1).unwrap();
         assert!(!small.has_histogram());
-        assert!(Layout::for_arena(3, 8 * record).unwrap().has_histogram());
+        assert!(Layout::for_arena(3, EDGES, 8 * record)
+            .unwrap()
+            .has_histogram());
         assert_eq!(small.width(), 14 + 3 * 4);
         let cells: Vec<AtomicU64> = (0..small.width()).map(|_| AtomicU64::new(0)).collect();
         let r = Requests::new(&cells, small).unwrap();
@@ -613,6 +710,46 @@ mod tests {
         assert_eq!((w.count, w.sum, w.max), (2, 12.0, 9.0));
         assert!(!w.has_buckets());
         assert_eq!(r.total().count, 2);
+    }
+
+    #[test]
+    fn the_first_edges_claimed_are_the_engine_s() {
+        let cell = AtomicU64::new(0);
+        assert!(claim_edges(&cell, &[0.1, 1.0]));
+        assert!(claim_edges(&cell, &[0.1, 1.0]));
+        assert!(!claim_edges(&cell, &[0.1, 2.0]));
+        assert!(!claim_edges(&cell, &[0.1]));
+        assert!(!claim_edges(&cell, &[0.1, 1.0, 2.0]));
+        assert_ne!(cell.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_request_on_an_edge_counts_at_or_below_it() {
+        use crate::histogram::edge_ms;
+        let edges_s = [0.001, 0.3, 7.0];
+        let edges_ms: Vec<f64> = edges_s.iter().map(|&e| edge_ms(e)).collect();
+        let layout = Layout::with_edges(2, true, 3).unwrap();
+        assert_eq!(layout.width(), dense(2).width() - 8);
+        let cells: Vec<AtomicU64> = (0..layout.width()).map(|_| AtomicU64::new(0)).collect();
+        assert!(Requests::new(&cells, layout).is_none(), "11 default edges");
+        assert!(Requests::with_edges(&cells, layout, &edges_ms[..2]).is_none());
+        let r = Requests::with_edges(&cells, layout, &edges_ms).unwrap();
+        // Latencies as the Lua side makes them: seconds times 1000.
+        for s in [0.001, 0.3, 0.30000000000000004, 7.0, 7.5] {
+            r.record(1, s * 1000.0, &Here);
+        }
+        let total = r.total();
+        assert_eq!(total.at_or_below, vec![1, 2, 4]);
+        assert_eq!(total.count, 5);
+        // docs/request-counter.md's formula: 3 + E + ring x 197 cells.
+        for e in [1, 3, 11, MAX_EDGES] {
+            let width = Layout::with_edges(3, true, e).unwrap().width() as usize;
+            assert_eq!(width, 3 + e + 3 * 197);
+            let bare = Layout::with_edges(3, false, e).unwrap().width() as usize;
+            assert_eq!(bare, 3 + e + 3 * 4);
+        }
+        assert!(Layout::with_edges(2, true, 0).is_none());
+        assert!(Layout::with_edges(2, true, MAX_EDGES + 1).is_none());
     }
 
     #[test]

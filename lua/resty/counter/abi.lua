@@ -27,7 +27,7 @@ local tostring = tostring
 -- them (its ABI_VERSION or ENGINE_ABI_VERSION).
 local FFI_ABI = 3
 local INT_ABI = 1
-local ENGINE_ABI = 5
+local ENGINE_ABI = 6
 
 
 ffi.cdef[[
@@ -140,19 +140,30 @@ int32_t rc_counter_sync_begin(rc_engine_t *engine, uint32_t wait_ms,
 void rc_counter_mirrored(const uint64_t *cells, double value);
 int32_t rc_counter_sync_end(rc_engine_t *engine);
 
-int32_t rc_requests_layout(const rc_engine_t *engine, uint32_t ring);
+int32_t rc_requests_layout(const rc_engine_t *engine, uint32_t ring,
+    uint32_t edges);
+int32_t rc_requests_edges(const rc_engine_t *engine, const double *edges,
+    uint32_t count);
 int32_t rc_requests_key(rc_engine_t *engine, const unsigned char *key,
-    size_t len, uint32_t ring, int32_t histogram, uint32_t max_keys,
-    int32_t capped, const uint64_t **cells);
-int32_t rc_requests_record(const uint64_t *cells, uint32_t ring,
-    int32_t histogram, uint64_t window, double latency_ms);
+    size_t len, uint32_t ring, int32_t histogram, uint32_t edges,
+    uint32_t max_keys, int32_t capped, const uint64_t **cells);
+typedef struct {
+    uint32_t ring;
+    int32_t  histogram;
+    uint32_t edges;
+    uint32_t reserved;
+    double   edges_ms[32];
+} rc_requests_shape_t;
+int32_t rc_requests_record(const uint64_t *cells,
+    const rc_requests_shape_t *shape, uint64_t window, double latency_ms);
 uint64_t rc_requests_tracked(const rc_engine_t *engine);
 int32_t rc_requests_expire(rc_engine_t *engine, uint32_t ring,
-    int32_t histogram, uint32_t window, double now, double idle,
+    int32_t histogram, const double *edges, uint32_t count, uint32_t window,
+    double now, double idle,
     const unsigned char *overflow_key, size_t len, uint32_t max);
 rc_report_t *rc_requests_report(rc_engine_t *engine, uint32_t ring,
-    int32_t histogram, uint32_t window, double now,
-    const unsigned char *key, size_t len, int32_t single);
+    int32_t histogram, const double *edges, uint32_t count, uint32_t window,
+    double now, const unsigned char *key, size_t len, int32_t single);
 int32_t rc_requests_report_walk(const rc_engine_t *engine,
     rc_report_t *report, uint32_t max_records);
 
@@ -230,6 +241,7 @@ local codes = {
     NOT_FOUND = -24,
     NO_ENGINE = -25,
     KEYS_FULL = -26,
+    EDGES_MISMATCH = -27,
     -- A strict update met a key a batch holds (or a batch met another):
     -- rc_strict_help, then again; no 16-byte compare-and-swap here.
     BUSY = -40,

@@ -286,6 +286,48 @@ _M.func = option(function(v)
 end, "function")
 
 
+-- syntax: list = check.edges(value, name, max, level, default?)
+--
+-- The upper edges of histogram buckets, in seconds: a list (a table with
+-- keys 1 to n only) of 1 to `max` positive finite numbers, each above the
+-- one before and at most 1e9 (31 years). Returns a copy.
+function _M.edges(value, name, max, level, default)
+    if value == nil and default ~= nil then
+        return default_of(default)
+    end
+    local what = fmt("a list of 1 to %d increasing numbers of seconds",
+                     max)
+    if type(value) ~= "table" then
+        expected(name, what, value, level + 1)
+    end
+    local n = #value
+    if n < 1 or n > max then
+        bad(name, fmt("%s expected, got a table of %d", what, n), level + 1)
+    end
+    for k in pairs(value) do
+        if type(k) ~= "number" or k % 1 ~= 0 or k < 1 or k > n then
+            bad(name, fmt("%s expected, got a table with the key %s", what,
+                          describe(k)), level + 1)
+        end
+    end
+    local copy = {}
+    for i = 1, n do
+        local edge = value[i]
+        local at = fmt("%s[%d]", name, i)
+        if type(edge) ~= "number" or not (edge > 0 and edge <= 1e9) then
+            expected(at, "a number of seconds above 0, at most 1e9", edge,
+                     level + 1)
+        end
+        if i > 1 and edge <= copy[i - 1] then
+            expected(at, fmt("a number above %s[%d] (%s)", name, i - 1,
+                             describe(copy[i - 1])), edge, level + 1)
+        end
+        copy[i] = edge
+    end
+    return copy
+end
+
+
 -- syntax: n = check.integer(value, name, min, max, level, default?)
 --
 -- A number that is an integer from `min` to `max` (max may be 1/0).

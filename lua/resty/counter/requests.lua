@@ -55,9 +55,19 @@ local MAX_PREVIOUS = 64
 local EXPIRE_EVERY = 1
 local HUGE = 1 / 0
 
+-- The Prometheus latency buckets' upper edges by default, seconds: the
+-- client libraries' defaults. At most MAX_EDGES (histogram::MAX_EDGES in
+-- src/histogram.rs): each is a line per key in the text and a word per key
+-- in the engine.
+local DEFAULT_BUCKETS = {
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+}
+local MAX_EDGES = 32
+
 local KEYS_FULL = abi.KEYS_FULL
 local FULL = abi.FULL
 local WIDTH_MISMATCH = abi.WIDTH_MISMATCH
+local EDGES_MISMATCH = abi.EDGES_MISMATCH
 local TOTAL_ONLY = abi.TOTAL_ONLY
 
 -- Records read, then keys rendered, per step of a scrape in a phase that
@@ -85,6 +95,7 @@ local OPTIONS = {
     window = true, previous = true, max_keys = true, overflow_key = true,
     flush_interval = true, lock_timeout = true, clock = true,
     idle_timeout = true,
+    buckets = true,
 }
 
 
@@ -157,7 +168,8 @@ local function expire(self, now)
     end
     local overflow_key = self.overflow_key
     local n = C.rc_requests_expire(self.engine, self.ring, self.histogram,
-                                   self.window, now, self.idle_timeout,
+                                   self.edges_s, self.edges, self.window,
+                                   now, self.idle_timeout,
                                    overflow_key, #overflow_key, 0)
     return n
 end
@@ -178,7 +190,7 @@ local function key_cells(self, key, level)
         key_cells(self, self.overflow_key, level + 1)
     end
     local rc = C.rc_requests_key(self.engine, key, #key, self.ring,
-                                 self.histogram, self.max_keys,
+                                 self.histogram, self.edges, self.max_keys,
                                  capped and 1 or 0, cells_out)
     if rc == KEYS_FULL and capped and self.idle_timeout > 0 then
         -- Idle keys may have kept the places: expire them, once a second
@@ -188,8 +200,8 @@ local function key_cells(self, key, level)
             self.next_expire = now + EXPIRE_EVERY
             if expire(self, now) > 0 then
                 rc = C.rc_requests_key(self.engine, key, #key, self.ring,
-                                       self.histogram, self.max_keys, 1,
-                                       cells_out)
+                                       self.histogram, self.edges,
+                                       self.max_keys, 1, cells_out)
             end
         end
     end
@@ -253,11 +265,40 @@ local function construct(shdict_name, opts, level)
     local clock = option(opts, "clock", nil, is_function, "function", level)
     local idle_timeout = check.idle_seconds(opts.idle_timeout,
                                             "opts.idle_timeout", level, 0)
+    local buckets = check.edges(opts.buckets, "opts.buckets", MAX_EDGES,
+                                level, DEFAULT_BUCKETS)
+    local edges = #buckets
 
     local handle, err = attach(shdict_name)
     if not handle then
         return nil, err
     end
+
+    -- Every request counter of a dict counts at the same edges: the first
+    -- one's are the engine's.
+    local edges_s = ffi_new("double[?]", edges)
+    local shape = ffi_new("rc_requests_shape_t")
+    for i = 1, edges do
+        edges_s[i - 1] = buckets[i]
+        -- As latency_ms makes a latency's: one on an edge counts in it.
+        shape.edges_ms[i - 1] = buckets[i] * 1000
+    end
+    local rc = C.rc_requests_edges(handle.ptr, edges_s, edges)
+    if rc == EDGES_MISMATCH then
+        return nil, 'the dict "' .. shdict_name .. '" has request counters '
+                    .. 'with other buckets: every request counter of a dict '
+                    .. 'must have the same "buckets"'
+    elseif rc ~= 0 then
+        return nil, "cannot set the buckets: " .. failure(rc)
+    end
+
+    local ring = previous + 1
+    -- 1: records with histograms; 0: the engine is too small for them (no
+    -- percentiles). The same in every worker.
+    local histogram = C.rc_requests_layout(handle.ptr, ring, edges)
+    shape.ring = ring
+    shape.histogram = histogram
+    shape.edges = edges
 
     -- flush_interval and lock_timeout are checked and kept for configs
     -- written for the flushing versions; nothing uses them any more.
@@ -268,10 +309,13 @@ local function construct(shdict_name, opts, level)
         engine = handle.ptr,
         window = window,
         previous = previous,
-        ring = previous + 1,
-        -- 1: records with histograms; 0: the engine is too small for
-        -- them (no percentiles). The same in every worker.
-        histogram = C.rc_requests_layout(handle.ptr, previous + 1),
+        ring = ring,
+        histogram = histogram,
+        -- The Prometheus edges (seconds) and how many; with the ring and
+        -- the histogram flag, what the request path passes in one pointer.
+        edges_s = edges_s,
+        edges = edges,
+        shape = shape,
         max_keys = max_keys,
         overflow_key = overflow_key,
         flush_interval = flush_interval,
@@ -300,7 +344,11 @@ _M._new = construct
 -- before the current one, default 2), max_keys (default 1000),
 -- overflow_key (default "_overflow"), idle_timeout (seconds without a
 -- request after which a key is removed, its place among max_keys given
--- back; 0, the default: never), flush_interval and lock_timeout
+-- back; 0, the default: never), buckets (the upper edges of the
+-- Prometheus latency buckets, seconds: a list of 1 to 32 increasing
+-- numbers, default { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+-- 10 }; every request counter of a dict must have the same, or new()
+-- returns nil and an error), flush_interval and lock_timeout
 -- (checked, and unused: there is nothing to flush), clock (a function
 -- returning epoch seconds, for tests; default the request's start time,
 -- and ngx.now() for `now`). An unknown option raises.
@@ -344,7 +392,7 @@ local function record_in(self, key, w, ms, level)
         end
     end
 
-    local rc = C.rc_requests_record(cells, self.ring, self.histogram, w, ms)
+    local rc = C.rc_requests_record(cells, self.shape, w, ms)
     if rc ~= 0 then
         if rc ~= TOTAL_ONLY then
             return nil, failure(rc)
@@ -455,7 +503,8 @@ local function report(self, only_key)
     if type(now) == "number" then
         expire(self, now)
         ptr = C.rc_requests_report(self.engine, self.ring, self.histogram,
-                                   self.window, now, only_key or "",
+                                   self.edges_s, self.edges, self.window,
+                                   now, only_key or "",
                                    only_key and #only_key or 0,
                                    only_key and 1 or 0)
     end

@@ -1,0 +1,26 @@
+-- The request counter's growth table (bench/requests_bench.lua's cases) as
+-- Markdown rows, for bench/run.lua and bench/requests_run.lua.
+--
+-- syntax: lines = requests_table(results)
+
+local KEYS = { 100, 1000, 10000, 100000 }
+
+
+return function(results)
+    local lines = {
+        string.format("| %-6s | %9s | %12s | %9s | %12s | %12s |", "keys",
+                      "stats()", "prometheus()", "in steps", "in steps",
+                      "engine B/key"),
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    }
+    for _, n in ipairs(KEYS) do
+        local suffix = ", " .. n .. " keys"
+        lines[#lines + 1] = string.format(
+            "| %-6d | %9.3f | %12.3f | %9.3f | %12.3f | %12.0f |", n,
+            results["stats ms" .. suffix], results["prometheus ms" .. suffix],
+            results["stats in steps ms" .. suffix],
+            results["prometheus in steps ms" .. suffix],
+            results["engine bytes per key" .. suffix])
+    end
+    return table.concat(lines, "\n")
+end
