@@ -44,7 +44,7 @@ local DICTS = { "counters 1m", "other 1m", "tiny 12k", "requests 1m",
                 "requests_steps 16m" }
 -- spec/resty/requests_spec.lua's: a dict per spec (nothing empties an
 -- engine).
-for i = 1, 24 do
+for i = 1, 26 do
     DICTS[#DICTS + 1] = "requests_" .. i .. " 256k"
 end
 

@@ -41,7 +41,7 @@ local dicts_used = 0
 -- `clock.now`; and the dict's name.
 local function engine(opts)
     dicts_used = dicts_used + 1
-    assert(dicts_used <= 24, "add request dicts to spec/nginx/unit.conf")
+    assert(dicts_used <= 26, "add request dicts to spec/nginx/unit.conf")
     local name = "requests_" .. dicts_used
     fresh(name)
     local clock = { now = T0 }
@@ -476,6 +476,17 @@ describe("resty.counter.requests", function()
                           .. '",key="again"} 1' },
                         lines_with(text, 'resty_requests_total{dict="'
                                          .. r.dict_name .. '",key="again"}'))
+        end)
+
+        it("are removed with custom buckets too", function()
+            -- A record's width depends on how many buckets it counts.
+            local r, clock = engine({ idle_timeout = 60,
+                                      buckets = { 0.1, 1 } })
+            clock.now = T0 + 5
+            r:record("custom", 0.010)
+            assert.equal(1, stats(r).stats.custom.current.requests)
+            clock.now = T0 + 125
+            assert.is_nil(stats(r).stats.custom)
         end)
 
         it("stay without idle_timeout (the default)", function()
