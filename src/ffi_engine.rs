@@ -1131,10 +1131,10 @@ pub const LAX_LEFT_BATCH: i32 = 2;
 /// [`rc_lax_flush_begin`]: nothing to send; the lock is released.
 pub const LAX_NOTHING: i32 = 3;
 
-/// `prefix` (the counter's: kind, name, '/') into `engine.key`.
+/// The counter's prefix (its keys' kind, then `name`: the Lua side's
+/// namespace with a separator) into `engine.key`.
 fn lax_prefix(engine: &mut Engine, name: &[u8]) {
     engine.set_key(lax::KIND, name);
-    engine.key.push(b'/');
 }
 
 /// Starts a flush of the lax counter `name` whose journal is `journal`:
@@ -1209,7 +1209,7 @@ pub unsafe extern "C" fn rc_lax_flush_begin(
 }
 
 /// Key `i` of the batch in flight into `*out`, the key without the
-/// counter's prefix (`prefix_len` bytes: kind, name, '/').
+/// counter's prefix (`prefix_len` bytes: the kind byte and `name`).
 ///
 /// # Errors
 ///

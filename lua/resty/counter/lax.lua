@@ -29,6 +29,8 @@ local check = require "resty.counter.check"
 local int = require "resty.counter.int"
 local log = require "resty.counter.log"
 local redis = require "resty.counter.redis"
+local abi = require "resty.counter.abi"
+local shared_engine = require "resty.counter.engine"
 local new_tab = require "table.new"
 local nkeys = require "table.nkeys"
 local ffi = require "ffi"
@@ -55,6 +57,10 @@ local unpack = unpack
 local fmt = string.format
 local remove = table.remove
 local floor = math.floor
+local tonumber = tonumber
+local ffi_new = ffi.new
+local ffi_string = ffi.string
+local C = abi.C
 
 
 local MAX_SAFE = int.max_safe_integer
@@ -64,6 +70,29 @@ local CMP_ALWAYS = CMP.always
 local OP_ADD = int.OP_ADD
 local OP_SUB = int.OP_SUB
 local OP_SET = int.OP_SET
+
+-- Lax keys on Redis in the shared engine (src/engine/lax.rs).
+local LAX_KIND = ("l"):byte()
+local JOURNAL_KIND = ("j"):byte()
+local LAX_WIDTH = C.rc_lax_width(0)
+local JOURNAL_WIDTH = C.rc_lax_width(1)
+local NOT_FOUND = abi.NOT_FOUND
+local FULL = abi.FULL
+local LAX_NEW_BATCH = abi.LAX_NEW_BATCH
+local LAX_BUSY = abi.LAX_BUSY
+local LAX_LEFT_BATCH = abi.LAX_LEFT_BATCH
+local LAX_NOTHING = abi.LAX_NOTHING
+local LAX_APPLIED = abi.LAX_APPLIED
+local LAX_UNKNOWN = abi.LAX_UNKNOWN
+local LAX_NOT_SENT = abi.LAX_NOT_SENT
+local unsent_out = ffi_new("int64_t[1]")
+local seen_out = ffi_new("int64_t[1]")
+local batch_out = ffi_new("rc_lax_batch_t")
+local entry_out = ffi_new("rc_lax_entry_t")
+
+-- Batches one flush sends at most (lax.MAX_BATCH keys each, 256): more
+-- wait for the next tick.
+local MAX_ENGINE_BATCHES = 64
 
 -- The worker's last-read shared values are dropped past this many keys
 -- (and read again when needed), so memory stays bounded.
@@ -197,7 +226,11 @@ local function send(self, batch)
         else
             local value = int.decode(r)
             if value ~= nil then
-                self:_see(batch.keys[i], value)
+                if batch.cells then
+                    C.rc_lax_set_seen(batch.cells[i], value)
+                else
+                    self:_see(batch.keys[i], value)
+                end
             end
         end
     end
@@ -250,10 +283,98 @@ local function cap_pending(self)
 end
 
 
+-- The engine's batch in flight as send() takes it: its id (the journal's
+-- nonce and the batch's sequence number, the same when it is sent again)
+-- and its keys, deltas, TTLs and cells.
+local function engine_batch(self)
+    local handle, journal = self.handle, self.journal
+    local count = batch_out.count
+    local batch = {
+        id = "e" .. tostring(batch_out.nonce):gsub("ULL$", "") .. ":"
+             .. tostring(batch_out.seq):gsub("ULL$", ""),
+        keys = new_tab(count, 0), deltas = new_tab(count, 0),
+        ttls = new_tab(count, 0), cells = new_tab(count, 0),
+    }
+    local n = 0
+    for i = 0, count - 1 do
+        if C.rc_lax_flush_entry(handle.ptr, journal, i, self.prefix_len,
+                                entry_out) == 0
+        then
+            n = n + 1
+            batch.keys[n] = ffi_string(entry_out.key, entry_out.key_len)
+            batch.deltas[n] = int.lua_value(entry_out.delta)
+            local ms = tonumber(entry_out.ttl_ms)
+            batch.ttls[n] = ms > 0 and ms / 1000 or false
+            batch.cells[n] = entry_out.cells
+        end
+    end
+    return batch
+end
+
+
+-- One flush of a lax counter on the engine: every worker's unsent counts
+-- (a killed worker's too), batch by batch, each journaled in the engine
+-- before it is sent and settled after (src/engine/lax.rs says the order).
+-- One at a time per counter across all workers (the journal's lock): a
+-- tick that finds another flush running returns; any other caller waits
+-- for it (FLUSH_WAIT seconds at most).
+local function flush_engine(self, is_tick)
+    local handle, journal, prefix = self.handle, self.journal, self.prefix
+    local deadline
+    self.more = false
+    for _ = 1, MAX_ENGINE_BATCHES do
+        local rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
+                                        batch_out)
+        while rc == LAX_BUSY do
+            if is_tick then
+                return true
+            end
+            deadline = deadline or ngx_now() + FLUSH_WAIT
+            if ngx_now() > deadline then
+                return nil, "flush to redis: the flush in progress took "
+                            .. "more than " .. FLUSH_WAIT .. " s"
+            end
+            ngx_sleep(0.001)
+            rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
+                                      batch_out)
+        end
+        if rc == LAX_NOTHING then
+            return true
+        end
+        if rc ~= LAX_NEW_BATCH and rc ~= LAX_LEFT_BATCH then
+            return nil, "flush to redis: " .. shared_engine.last_error()
+        end
+
+        -- pcall: the batch is ended (the lock released) whatever happens.
+        local fine, ok, err, sent = pcall(send, self, engine_batch(self))
+        local outcome = LAX_APPLIED
+        if not fine then
+            ok, err, sent = nil, ok, true
+        end
+        if not ok then
+            outcome = sent and LAX_UNKNOWN or LAX_NOT_SENT
+        end
+        C.rc_lax_flush_end(handle.ptr, journal, outcome)
+        if not ok then
+            if outcome == LAX_UNKNOWN then
+                return nil, "flush to redis: " .. tostring(err) .. " (the "
+                            .. "batch will be sent again under its id)"
+            end
+            return nil, "flush to redis: " .. tostring(err)
+        end
+    end
+    self.more = true
+    return true
+end
+
+
 -- One flush to Redis; never two of one counter at a time (see
 -- flush_to_redis), so the batches of unknown fate are only ever added to
 -- and taken from by one flush.
-local function flush_redis(self)
+local function flush_redis(self, is_tick)
+    if self.journal then
+        return flush_engine(self, is_tick)
+    end
     -- The batches whose fate is unknown go first, in order, each under
     -- its own id, and alone: new deltas wait in the pending table.
     local unknown = self.unknown
@@ -346,8 +467,8 @@ end
 -- flush_redis, and while the worker exits (no tick will come again) its
 -- retries every allowed_lag for up to exit_timeout seconds, saying each
 -- new reason once.
-local function flush_redis_retried(self)
-    local ok, err = flush_redis(self)
+local function flush_redis_retried(self, is_tick)
+    local ok, err = flush_redis(self, is_tick)
     if ok then
         self.last_error = nil
         return true
@@ -361,7 +482,7 @@ local function flush_redis_retried(self)
         local said = err
         while ngx_now() < self.exit_deadline do
             ngx_sleep(self.allowed_lag)
-            ok, err = flush_redis(self)
+            ok, err = flush_redis(self, false)
             if ok then
                 self.last_error = nil
                 return true
@@ -381,6 +502,19 @@ end
 -- still pending cannot reach Redis any more. Dropped, counted, and said
 -- in one line.
 local function abandon(self)
+    if self.journal then
+        -- On the engine nothing is this worker's: what is unsent stays
+        -- for the next flush of any worker (at a reload, the new ones).
+        local keys = C.rc_lax_unsent_keys(self.handle.ptr, self.prefix,
+                                          #self.prefix)
+        if keys > 0 then
+            ngx.log(ngx.WARN, SOURCE, ": ", fmt('counter "%s" on redis: %d '
+                    .. 'keys unsent stay in the shared engine for the next '
+                    .. 'flush of any worker (lost if nginx stops now)',
+                    self.shared.name, keys))
+        end
+        return true
+    end
     local keys, batch_keys = nkeys(self.pending), unknown_keys(self)
     if keys == 0 and batch_keys == 0 then
         return true
@@ -438,7 +572,7 @@ local function flush_to_redis(self, is_tick)
 
     self.flushing = true
     -- pcall: the flag is cleared whatever happens.
-    local fine, ok, err = pcall(flush_redis_retried, self)
+    local fine, ok, err = pcall(flush_redis_retried, self, is_tick)
     self.flushing = false
     if not fine then
         ok, err = nil, "flush to redis: " .. tostring(ok)
@@ -513,6 +647,9 @@ local drain
 
 
 local function has_work(self)
+    if self.journal then
+        return self.more
+    end
     return next(self.pending) ~= nil or self.unknown[1] ~= nil
 end
 
@@ -634,8 +771,34 @@ function _M.new(shdict_name, opts)
         last_error = nil,
         exit_deadline = nil,
         retry = shared.engine and backoff.new(lag, MAX_RETRY_WAIT),
-        metrics = { duplicates = 0, dropped = 0 },
+        metrics = { duplicates = 0, dropped = 0, refused = 0 },
     }, mt)
+
+    -- On Redis with a dict: every worker counts into the shared engine in
+    -- the dict's zone, and any worker's flush sends them all.
+    if self.redis and shdict_name ~= nil then
+        local handle
+        handle, err = shared_engine.attach(shdict_name)
+        if not handle then
+            return nil, err
+        end
+        local prefix = shared.engine.key_prefix .. "\0"
+        local journal
+        journal, err = shared_engine.record(handle, JOURNAL_KIND, prefix,
+                                            JOURNAL_WIDTH, true)
+        if not journal then
+            return nil, "lax counter in the shared engine: " .. err
+        end
+        self.handle = handle
+        self.journal = journal
+        self.prefix = prefix
+        self.prefix_len = 1 + #prefix
+        self.cells = {}
+        self.more = false
+        if shared_engine.max_key_len - #prefix < self.max_key_len then
+            self.max_key_len = shared_engine.max_key_len - #prefix
+        end
+    end
 
     local ok
     ok, err = timer_every(lag, tick, self)
@@ -712,6 +875,104 @@ local function inc_now(self, key, op, n, ttl)
 end
 
 
+-- The engine's cells of `key` (made when `create`); nil when absent and
+-- not to be made; nil, err when the engine refuses it (full: counted in
+-- self_metrics().refused).
+local function key_cells(self, key, create)
+    local cells = self.cells[key]
+    if cells then
+        return cells
+    end
+    local err, code
+    cells, err, code = shared_engine.record(self.handle, LAX_KIND,
+                                            self.prefix .. key, LAX_WIDTH,
+                                            create)
+    if not cells then
+        if code == NOT_FOUND then
+            return nil
+        end
+        if code == FULL then
+            self.metrics.refused = self.metrics.refused + 1
+        end
+        return nil, "lax counter: " .. err
+    end
+    self.cells[key] = cells
+    return cells
+end
+
+
+-- a + b exactly (numbers or int64_t cdata), as users get values: a number
+-- within +-(2^53 - 1), an int64_t beyond; nil and an error past int64.
+local function exact_sum(a, b)
+    local x, y = tonumber(a), tonumber(b)
+    local sum = x + y
+    if x <= MAX_SAFE and x >= -MAX_SAFE and y <= MAX_SAFE and y >= -MAX_SAFE
+       and sum <= MAX_SAFE and sum >= -MAX_SAFE
+    then
+        return sum
+    end
+    local applied, new = int.apply(int.text(a), OP_ADD, CMP_ALWAYS, 0,
+                                   int64_t(b))
+    if applied == nil then
+        return nil, new
+    end
+    return int.lua_value(new)
+end
+
+
+-- The Redis value last seen for the key's cells (0 before any).
+local function seen_in(cells)
+    if C.rc_lax_seen(cells, seen_out) == 1 then
+        return seen_out[0]
+    end
+    return 0
+end
+
+
+-- inc and dec on the engine: `n` into the key's total added (every
+-- worker's, shared); the view is the Redis value last seen plus what every
+-- worker has added and not yet sent.
+local function engine_add(self, key, n, ttl)
+    local cells, err = key_cells(self, key, true)
+    if not cells then
+        return nil, err
+    end
+    if ttl then
+        C.rc_lax_request_ttl(cells, floor(ttl * 1000 + 0.5))
+    end
+    if C.rc_lax_add(cells, n, unsent_out) ~= 0 then
+        return nil, "increment or decrement would overflow"
+    end
+    if draining then
+        drain(self)
+    end
+    return exact_sum(seen_in(cells), unsent_out[0])
+end
+
+
+-- Drops the unsent counts of one key's cells (nil: every key of the
+-- counter) after a strict set, delete or clear; waits for a flush in
+-- progress where the phase can (FLUSH_WAIT at most), and says when it
+-- could not (the counts then still land).
+local function engine_forget(self, cells)
+    local deadline = ngx_now() + FLUSH_WAIT
+    local yieldable = not NO_COSOCKET[get_phase()]
+    while true do
+        local rc = C.rc_lax_forget(self.handle.ptr, self.journal, cells,
+                                   self.prefix, #self.prefix)
+        if rc == 0 then
+            return true
+        end
+        if rc ~= LAX_BUSY or not yieldable or ngx_now() > deadline then
+            log_failure(SOURCE, "unsent counts kept after a set, delete or "
+                        .. "clear: a flush was in progress")
+            return nil
+        end
+        ngx_sleep(0.001)
+    end
+end
+
+
 -- syntax: view, err = c:inc(key, n?, ttl?)
 --
 -- context: any phase
@@ -735,6 +996,9 @@ function _M.inc(self, key, n, ttl)
     end
     if ttl ~= nil then
         strict._check_ttl(ttl, 2)
+    end
+    if self.journal then
+        return engine_add(self, key, n, ttl)
     end
 
     local seen, err = base(self, key)
@@ -785,6 +1049,12 @@ function _M.dec(self, key, n, ttl)
     if ttl ~= nil then
         strict._check_ttl(ttl, 2)
     end
+    if self.journal then
+        if n == int64_t(-2 ^ 63) then
+            return nil, "increment or decrement would overflow"
+        end
+        return engine_add(self, key, -n, ttl)
+    end
     return inc_now(self, key, OP_SUB, n, ttl)
 end
 
@@ -803,6 +1073,18 @@ function _M.get(self, key)
     local value, err = self.shared:get(key)
     if value == nil then
         return nil, err
+    end
+    if self.journal then
+        local cells
+        cells, err = key_cells(self, key, false)
+        if not cells then
+            if err then
+                return nil, err
+            end
+            return value
+        end
+        C.rc_lax_set_seen(cells, value)
+        return exact_sum(value, C.rc_lax_unsent(cells))
     end
     self:_see(key, value)
 
@@ -846,6 +1128,14 @@ function _M.set(self, key, n, ttl)
     if value == nil then
         return nil, err
     end
+    if self.journal then
+        local cells = key_cells(self, key, false)
+        if cells then
+            engine_forget(self, cells)
+            C.rc_lax_set_seen(cells, value)
+        end
+        return value
+    end
     self.pending[key] = nil
     self.ttls[key] = nil
     self:_see(key, value)
@@ -867,6 +1157,19 @@ function _M.del(self, key)
     local old, err = self.shared:del(key)
     if old == nil then
         return nil, err
+    end
+    if self.journal then
+        local cells = key_cells(self, key, false)
+        if not cells then
+            return old
+        end
+        local unsent = C.rc_lax_unsent(cells)
+        engine_forget(self, cells)
+        C.rc_lax_set_seen(cells, 0)
+        if type(old) == "number" or type(old) == "cdata" then
+            return exact_sum(old, unsent)
+        end
+        return old
     end
 
     local delta = self.pending[key]
@@ -1060,6 +1363,13 @@ function _M.clear(self)
     self.ttls = {}
     self.seen = {}
     self.seen_count = 0
+    if self.journal then
+        local ok, err = self.shared:clear()
+        if ok then
+            engine_forget(self, nil)
+        end
+        return ok, err
+    end
     return self.shared:clear()
 end
 
@@ -1070,6 +1380,11 @@ end
 function _M.pending_keys(self)
     if type(self) ~= "table" then
         dot_call("c", "pending_keys", 2)
+    end
+    if self.journal then
+        -- Every worker's: the keys with counts not yet in Redis.
+        return tonumber(C.rc_lax_unsent_keys(self.handle.ptr, self.prefix,
+                                             #self.prefix))
     end
     local n = 0
     for _ in pairs(self.pending) do
@@ -1095,7 +1410,7 @@ function _M.self_metrics(self)
     end
     local m = self.metrics
     return { duplicates = m.duplicates, dropped = m.dropped,
-             pending_keys = self:pending_keys() }
+             refused = m.refused, pending_keys = self:pending_keys() }
 end
 
 
