@@ -489,6 +489,40 @@ function server:unexpected_errors(allowed)
 end
 
 
+-- unexpected_errors(allowed), but the master's report of the workers the
+-- test killed with SIGKILL.
+function server:errors_but_kills(allowed)
+    local found = {}
+    for _, line in ipairs(self:unexpected_errors(allowed)) do
+        if not line:find("exited on signal 9", 1, true) then
+            found[#found + 1] = line
+        end
+    end
+    return found
+end
+
+
+-- `times` HUPs, `pause` seconds apart (reloads in quick succession: old
+-- and new workers side by side).
+function server:reloads(times, pause)
+    for _ = 1, times do
+        self:signal("HUP")
+        _M.sleep(pause)
+    end
+end
+
+
+-- The pids of the master's children (its workers, old ones included), as
+-- strings.
+function server:worker_pids()
+    local pids = {}
+    for pid in read("pgrep -P " .. self:pid()):gmatch("%d+") do
+        pids[#pids + 1] = pid
+    end
+    return pids
+end
+
+
 function server:cleanup()
     self:stop()
     if os.getenv("KEEP_SPEC_DIRS") ~= "1" then

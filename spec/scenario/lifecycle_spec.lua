@@ -163,13 +163,7 @@ end
 -- The [error] lines and worse of a stopped server, but the master's report
 -- of the workers the test killed with SIGKILL.
 local function errors_but_kills(srv, allowed)
-    local found = {}
-    for _, line in ipairs(srv:unexpected_errors(allowed)) do
-        if not line:find("exited on signal 9", 1, true) then
-            found[#found + 1] = line
-        end
-    end
-    return found
+    return srv:errors_but_kills(allowed)
 end
 
 

@@ -94,33 +94,10 @@ local function logged(srv, into)
 end
 
 
--- redis: a server or a cluster (helpers.redis), anything with get(key).
-local function counted(redis, uris)
-    local counts = {}
-    for uri in pairs(uris) do
-        counts[uri] = redis:get("rc:{nodes}:" .. uri)
-    end
-    return counts
-end
-
-
--- Polls until Redis holds the logged totals (10 s at most).
+-- Polls until Redis (a server or a cluster) holds the logged totals
+-- (10 s at most).
 local function settle(redis, expected)
-    local got
-    for _ = 1, 100 do
-        got = counted(redis, expected)
-        local same = true
-        for uri, n in pairs(expected) do
-            if got[uri] ~= n then
-                same = false
-            end
-        end
-        if same then
-            break
-        end
-        nginx.sleep(0.1)
-    end
-    return got
+    return redis_server.settle(redis, "rc:{nodes}:", expected)
 end
 
 
