@@ -71,10 +71,18 @@ const ENTRY_WORDS: usize = 4;
 pub const JOURNAL_WIDTH: u32 = (J_ENTRIES + ENTRY_WORDS * MAX_BATCH) as u32;
 
 /// One lax key's cells.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Key<'a, W: Word> {
     cells: &'a [W],
 }
+
+impl<'a, W: Word> Clone for Key<'a, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<'a, W: Word> Copy for Key<'a, W> {}
 
 /// What a key has not yet sent: `added - sent`, within the `i64` range.
 fn unflushed(added: i64, sent: i64) -> i64 {
@@ -99,6 +107,11 @@ impl<'a, W: Word> Key<'a, W> {
     pub fn add(&self, step: i64) -> Result<i64, Error> {
         let added = cell::add_i64(&self.cells[ADDED], step)?;
         Ok(unflushed(added, cell::load_i64(&self.cells[SENT])))
+    }
+
+    /// Every worker's counts since the key was made, sent or not.
+    pub fn added(&self) -> i64 {
+        cell::load_i64(&self.cells[ADDED])
     }
 
     /// Every worker's counts not yet in Redis.
@@ -138,7 +151,7 @@ impl<'a, W: Word> Key<'a, W> {
 
     /// The key's entry in a new batch, if it has anything to send:
     /// (delta, target, ttl).
-    fn to_send(&self) -> Option<(i64, i64, u64)> {
+    fn outstanding(&self) -> Option<(i64, i64, u64)> {
         let sent = cell::load_i64(&self.cells[SENT]);
         let added = cell::load_i64(&self.cells[ADDED]);
         let ttl = self.cells[TTL].load(Relaxed);
@@ -184,7 +197,7 @@ pub enum Outcome {
 }
 
 /// A lax counter's journal cells.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Journal<'a, W: Word> {
     cells: &'a [W],
 }
@@ -260,7 +273,7 @@ impl<'a, W: Word> Journal<'a, W> {
             if count == MAX_BATCH {
                 break;
             }
-            if let Some((delta, target, ttl)) = key.to_send() {
+            if let Some((delta, target, ttl)) = key.outstanding() {
                 let at = J_ENTRIES + ENTRY_WORDS * count;
                 self.cells[at].store(offset, Relaxed);
                 self.cells[at + 1].store(delta as u64, Relaxed);
