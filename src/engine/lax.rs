@@ -163,7 +163,10 @@ impl<'a, W: Word> Key<'a, W> {
         Some((delta, sent.wrapping_add(delta), ttl))
     }
 
-    fn settle(&self, target: i64, ttl: u64) {
+    /// Moves the key's sent total to `target` and clears the TTL request
+    /// `ttl` (one entry of an applied batch). A store, so doing it again
+    /// changes nothing. Only under the journal's lock.
+    pub fn settle(&self, target: i64, ttl: u64) {
         self.cells[SENT].store(target as u64, Release);
         if ttl != 0 {
             let _ = self.cells[TTL].compare_exchange(ttl, 0, Relaxed, Relaxed);
