@@ -309,10 +309,7 @@ local function redis_kill_case()
     local srv = nginx.start({ workers = 2, http = REDIS_CONF,
                               vars = { redis_port = redis.port } })
     local run = load.start(srv, "/hit_engine", { seconds = 5, keys = 20 })
-    for i = 1, 3 do
-        nginx.sleep(1.2)
-        nginx.sh("kill -9 " .. srv:worker_pids()[i % 2 + 1])
-    end
+    srv:kill_workers(3, 1.2)
     load.wait(run)
     local per_uri = {}
     local sent = 0

@@ -512,6 +512,16 @@ function server:reloads(times, pause)
 end
 
 
+-- kill -9 of a worker `times` times, `pause` seconds apart (before each),
+-- the two first workers in turn.
+function server:kill_workers(times, pause)
+    for i = 1, times do
+        _M.sleep(pause)
+        sh("kill -9 " .. self:worker_pids()[i % 2 + 1])
+    end
+end
+
+
 -- The pids of the master's children (its workers, old ones included), as
 -- strings.
 function server:worker_pids()

@@ -142,10 +142,7 @@ describe("resty.counter on the shared engine, Kong's configuration", function()
     it("loses 0 counts when workers are killed with SIGKILL", function()
         srv = nginx.start({ workers = 2, http = CONF })
         local run = load.start(srv, "/fast", { seconds = 5, keys = 10 })
-        for i = 1, 3 do
-            nginx.sleep(1.2)
-            nginx.sh("kill -9 " .. srv:worker_pids()[i % 2 + 1])
-        end
+        srv:kill_workers(3, 1.2)
         load.wait(run)
         nginx.sleep(0.5)
         -- The request a worker serves when it is killed may be in the
