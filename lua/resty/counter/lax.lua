@@ -17,6 +17,12 @@
 -- exit_worker_by_lua flushes what is left to a dict, and says what could
 -- not reach Redis.
 --
+-- On Redis with a dict (lax.new(dict, { redis = ... })) the counts live in
+-- the shared engine in the dict's zone instead (src/engine/lax.rs): every
+-- worker adds into one total per key, reads include every worker's unsent
+-- counts, and any worker's flush sends them all through the counter's
+-- journal, exactly once, a killed worker's included (docs/lax.md).
+--
 -- What each method guarantees is written above it. In short: increments
 -- are eventually applied exactly; reads and comparisons see "the worker's
 -- view", the shared value (as last read) plus this worker's pending delta;
@@ -722,6 +728,9 @@ end
 --
 -- context: init_worker_by_lua* and later phases (it creates a timer)
 --
+-- On Redis, a dict name puts the counts in that dict's shared engine (see
+-- the top of this file); nil keeps them in each worker.
+--
 -- opts: those of strict.new (name, timeout, lock_ttl), and allowed_lag
 -- (seconds between flushes, default 0.02). On Redis also max_pending
 -- (keys held while Redis cannot take them, default 100000) and
@@ -1403,7 +1412,9 @@ end
 -- sent again after a timeout that Redis had already applied, and so did
 -- not apply twice), `dropped` (deltas given up: Redis refused them as an
 -- overflow or a non-integer, or Redis stayed unreachable with more than
--- `max_pending` keys pending), `pending_keys`.
+-- `max_pending` keys pending), `refused` (new keys the shared engine had
+-- no room for), `pending_keys` (in the engine: every worker's keys with
+-- unsent counts).
 function _M.self_metrics(self)
     if type(self) ~= "table" then
         dot_call("c", "self_metrics", 2)
