@@ -1099,13 +1099,17 @@ pub unsafe extern "C" fn rc_lax_set_seen(cells: *const AtomicU64, value: i64) {
     }
 }
 
-/// A batch of a lax flush, from [`rc_lax_flush_begin`]: its id is
-/// `nonce:seq` (hexadecimal nonce, decimal seq).
+/// A batch of a lax flush, from [`rc_lax_flush_begin`]: its id is built
+/// from `nonce` and `seq`.
 #[repr(C)]
 pub struct LaxBatch {
     pub nonce: u64,
     pub seq: u64,
     pub count: u32,
+    /// 1 when the flush goes on after this batch, from index slot `next`
+    /// (the walk stopped there, or this was a batch left in flight).
+    pub more: u32,
+    pub next: u32,
 }
 
 /// One key of a batch, from [`rc_lax_flush_entry`].
@@ -1140,8 +1144,9 @@ fn lax_prefix(engine: &mut Engine, name: &[u8]) {
 /// Starts a flush of the lax counter `name` whose journal is `journal`:
 /// takes its lock and puts a batch in flight, the one an earlier flush
 /// left (sent again first, under its id) or a new one of the keys that
-/// have something to send (in the order they were made, at most
-/// `lax::MAX_BATCH`). Its figures go to `*out`; its keys are read with
+/// have something to send (at most `lax::MAX_BATCH`, in index order from
+/// slot `from`: 0 for a flush's first batch, then the `next` of the one
+/// before). Its figures go to `*out`; its keys are read with
 /// [`rc_lax_flush_entry`]; [`rc_lax_flush_end`] ends it.
 ///
 /// # Errors
@@ -1160,6 +1165,7 @@ pub unsafe extern "C" fn rc_lax_flush_begin(
     journal: *const AtomicU64,
     name: *const u8,
     len: usize,
+    from: u32,
     out: *mut LaxBatch,
 ) -> i32 {
     let (engine, journal, out) = match (engine.as_mut(), lax_journal_at(journal), out.as_mut()) {
@@ -1172,14 +1178,17 @@ pub unsafe extern "C" fn rc_lax_flush_begin(
         nonce: 0,
         seq: 0,
         count: 0,
+        more: 0,
+        next: 0,
     };
     guarded(CODE_INTERNAL, || {
         if take_waiting(journal.lock_word(), 0).is_none() {
             return LAX_BUSY;
         }
         let nonce = journal.nonce(random_u64());
-        let mut found = LAX_LEFT_BATCH;
-        if journal.in_flight() == 0 {
+        let (found, more, next) = if journal.in_flight() != 0 {
+            (LAX_LEFT_BATCH, 1, from)
+        } else {
             lax_prefix(engine, key_bytes(name, len));
             let Engine {
                 table,
@@ -1187,9 +1196,17 @@ pub unsafe extern "C" fn rc_lax_flush_begin(
                 offsets,
                 ..
             } = engine;
-            table.offsets_in_arena_order(offsets);
-            let keys = offsets.iter().filter_map(|&offset| {
+            // In index order from slot `from`: one walk of the index per
+            // flush, however many batches it takes (each batch going on
+            // where the last stopped).
+            let slots = table.index_slots();
+            let at = std::cell::Cell::new(0);
+            let keys = (from as usize..slots).filter_map(|slot| {
+                offsets.clear();
+                table.offsets_in_slots(slot..slot + 1, offsets);
+                let offset = *offsets.first()?;
                 let record = table.record_in_arena(offset);
+                at.set(slot);
                 (record.width() == lax::WIDTH && record.key_bytes().starts_with(prefix))
                     .then(|| (u64::from(offset), lax::Key::new(record.cells())))
             });
@@ -1197,12 +1214,16 @@ pub unsafe extern "C" fn rc_lax_flush_begin(
                 lock::unlock(journal.lock_word(), me());
                 return LAX_NOTHING;
             }
-            found = LAX_NEW_BATCH;
-        }
+            // A full batch stopped at (or just past) the slot last read.
+            let full = journal.len() == lax::MAX_BATCH;
+            (LAX_NEW_BATCH, u32::from(full), at.get() as u32)
+        };
         *out = LaxBatch {
             nonce,
             seq: journal.in_flight(),
             count: journal.len() as u32,
+            more,
+            next,
         };
         found
     })

@@ -110,7 +110,7 @@ describe("resty.counter.lax on Redis in the shared engine", function()
         local out = ffi.new("rc_lax_batch_t")
         assert.equal(abi.LAX_NEW_BATCH,
                      C.rc_lax_flush_begin(a.handle.ptr, a.journal, a.prefix,
-                                          #a.prefix, out))
+                                          #a.prefix, 0, out))
         local seq = out.seq
         held_by_the_dead(a)
         b:inc("d", 3)                          -- after the batch was made
@@ -120,7 +120,7 @@ describe("resty.counter.lax on Redis in the shared engine", function()
         assert.equal(10, shared:get("d"))
         assert.equal(0, b:pending_keys())
         assert.is_true(C.rc_lax_flush_begin(b.handle.ptr, b.journal,
-                                            b.prefix, #b.prefix, out)
+                                            b.prefix, #b.prefix, 0, out)
                        == abi.LAX_NOTHING)
         assert.is_true(seq > 0)
     end)

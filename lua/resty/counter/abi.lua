@@ -149,6 +149,8 @@ typedef struct {
     uint64_t nonce;
     uint64_t seq;
     uint32_t count;
+    uint32_t more;
+    uint32_t next;
 } rc_lax_batch_t;
 
 typedef struct {
@@ -166,7 +168,8 @@ void rc_lax_request_ttl(const uint64_t *cells, uint64_t ms);
 int32_t rc_lax_seen(const uint64_t *cells, int64_t *value);
 void rc_lax_set_seen(const uint64_t *cells, int64_t value);
 int32_t rc_lax_flush_begin(rc_engine_t *engine, const uint64_t *journal,
-    const unsigned char *name, size_t len, rc_lax_batch_t *out);
+    const unsigned char *name, size_t len, uint32_t from,
+    rc_lax_batch_t *out);
 int32_t rc_lax_flush_entry(const rc_engine_t *engine,
     const uint64_t *journal, uint32_t i, uint32_t prefix_len,
     rc_lax_entry_t *out);

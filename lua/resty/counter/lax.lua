@@ -327,10 +327,11 @@ end
 local function flush_engine(self, is_tick)
     local handle, journal, prefix = self.handle, self.journal, self.prefix
     local deadline
+    local from = 0
     self.more = false
     for _ = 1, MAX_ENGINE_BATCHES do
         local rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
-                                        batch_out)
+                                        from, batch_out)
         while rc == LAX_BUSY do
             if is_tick then
                 return true
@@ -342,7 +343,7 @@ local function flush_engine(self, is_tick)
             end
             ngx_sleep(0.001)
             rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
-                                      batch_out)
+                                      from, batch_out)
         end
         if rc == LAX_NOTHING then
             return true
@@ -351,6 +352,7 @@ local function flush_engine(self, is_tick)
             return nil, "flush to redis: " .. shared_engine.last_error()
         end
 
+        local more, next_from = batch_out.more, batch_out.next
         -- pcall: the batch is ended (the lock released) whatever happens.
         local fine, ok, err, sent = pcall(send, self, engine_batch(self))
         local outcome = LAX_APPLIED
@@ -368,6 +370,10 @@ local function flush_engine(self, is_tick)
             end
             return nil, "flush to redis: " .. tostring(err)
         end
+        if more == 0 then
+            return true
+        end
+        from = next_from
     end
     self.more = true
     return true
