@@ -45,6 +45,8 @@ local ffi = require "ffi"
 local ngx = ngx
 local ngx_now = ngx.now
 local ngx_sleep = ngx.sleep
+local ngx_log = ngx.log
+local ngx_WARN = ngx.WARN
 local worker_pid = ngx.worker.pid
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
@@ -516,14 +518,17 @@ end
 local function abandon(self)
     if self.journal then
         -- On the engine nothing is this worker's: what is unsent stays
-        -- for the next flush of any worker (at a reload, the new ones).
-        local keys = C.rc_lax_unsent_keys(self.handle.ptr, self.prefix,
-                                          #self.prefix)
+        -- for the next flush of any worker (at a reload, the new ones,
+        -- whose own counts are there too: said only when this worker's
+        -- last flush failed).
+        local keys = self.last_error and C.rc_lax_unsent_keys(
+            self.handle.ptr, self.prefix, #self.prefix) or 0
         if keys > 0 then
-            ngx.log(ngx.WARN, SOURCE, ": ", fmt('counter "%s" on redis: %d '
+            ngx_log(ngx_WARN, SOURCE, ": ", fmt('counter "%s" on redis: %d '
                     .. 'keys unsent stay in the shared engine for the next '
-                    .. 'flush of any worker (lost if nginx stops now)',
-                    self.shared.name, keys))
+                    .. 'flush of any worker (lost if nginx stops now; last '
+                    .. 'error: %s)', self.shared.name, keys,
+                    tostring(self.last_error)))
         end
         return true
     end
