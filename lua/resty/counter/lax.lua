@@ -37,6 +37,7 @@ local log = require "resty.counter.log"
 local redis = require "resty.counter.redis"
 local abi = require "resty.counter.abi"
 local shared_engine = require "resty.counter.engine"
+local spool = require "resty.counter.spool"
 local new_tab = require "table.new"
 local nkeys = require "table.nkeys"
 local ffi = require "ffi"
@@ -47,6 +48,9 @@ local ngx_now = ngx.now
 local ngx_sleep = ngx.sleep
 local ngx_log = ngx.log
 local ngx_WARN = ngx.WARN
+local ngx_NOTICE = ngx.NOTICE
+local ngx_update_time = ngx.update_time
+local ngx_prefix = ngx.config.prefix
 local worker_pid = ngx.worker.pid
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
@@ -69,6 +73,7 @@ local tonumber = tonumber
 local ffi_new = ffi.new
 local ffi_string = ffi.string
 local C = abi.C
+local sleep_ms = abi.core.sleep_ms
 
 
 local MAX_SAFE = int.max_safe_integer
@@ -202,7 +207,10 @@ local function send(self, batch)
     end
     argv[#argv + 1] = fmt("%d", self.batch_ttl)
     for i = 1, count do
-        argv[#argv + 1] = int.text(batch.deltas[i])
+        local delta = batch.deltas[i]
+        -- A spooled batch's deltas are decimal text already.
+        argv[#argv + 1] = type(delta) == "string" and delta
+                          or int.text(delta)
         local ttl = batch.ttls[i]
         argv[#argv + 1] = ttl and fmt("%d", floor(ttl * 1000 + 0.5)) or ""
     end
@@ -236,7 +244,7 @@ local function send(self, batch)
             if value ~= nil then
                 if batch.cells then
                     C.rc_lax_set_seen(batch.cells[i], value)
-                else
+                elseif not batch.spooled then
                     self:_see(batch.keys[i], value)
                 end
             end
@@ -382,10 +390,90 @@ local function flush_engine(self, is_tick)
 end
 
 
+-- Sends the batches an earlier run of nginx (or an exiting worker at a
+-- reload) spooled for this counter (resty/counter/spool.lua), each under
+-- its own id, and removes each file once Redis has it. The directory is
+-- listed again only when it changed. Workers of one start may send one
+-- file at once: Redis applies its id once (a duplicate, counted).
+local function send_spooled(self)
+    local dir = self.spool_dir
+    local stamp = dir and spool.stamp(dir)
+    if stamp == self.spool_stamp then
+        return true
+    end
+    local key_prefix = self.shared.engine.key_prefix
+    local names, err = spool.list(dir, key_prefix)
+    if not names then
+        self.spool_stamp = stamp
+        log_failure(SOURCE, fmt('cannot list the spool directory "%s": %s',
+                                dir, tostring(err)))
+        return true
+    end
+    for i = 1, #names do
+        local path = dir .. "/" .. names[i]
+        local batch
+        batch, err = spool.read(path, key_prefix)
+        if batch then
+            if batch.maybe_sent and batch.age >= self.batch_ttl then
+                ngx_log(ngx_WARN, SOURCE, ": ", fmt('spooled batch %s was '
+                        .. 'maybe sent once %d s ago, longer than its id is '
+                        .. 'kept in redis (%d s): if it was, it is applied '
+                        .. 'twice now', path, batch.age, self.batch_ttl))
+            end
+            batch.spooled = true
+            local ok, send_err = send(self, batch)
+            if not ok then
+                return nil, "flush to redis: the spooled batch " .. path
+                            .. " (sent again later): " .. tostring(send_err)
+            end
+            spool.remove(path)
+            self.metrics.unspooled = self.metrics.unspooled + 1
+            ngx_log(ngx_NOTICE, SOURCE, ": ", fmt('counter "%s" on redis: '
+                    .. 'sent the spooled batch %s (%d keys)',
+                    self.shared.name, path, #batch.keys))
+        elseif not tostring(err):find("No such file", 1, true) then
+            -- (A file gone meanwhile was sent by another worker.)
+            log_failure(SOURCE, "spooled batch not sent: " .. tostring(err))
+        end
+    end
+    self.spool_stamp = stamp
+    return true
+end
+
+
+-- The pending table as batches of at most MAX_BATCH_KEYS keys, each with
+-- its own id; the pending table starts anew.
+local function take_batches(self)
+    local pending, ttls = self.pending, self.ttls
+    self.pending = new_tab(0, 16)
+    self.ttls = {}
+    local batches = {}
+    local batch
+    for key, delta in pairs(pending) do
+        if delta ~= 0 or ttls[key] then
+            if not batch or #batch.keys == MAX_BATCH_KEYS then
+                self.batch_seq = self.batch_seq + 1
+                batch = { id = self.batch_prefix .. self.batch_seq,
+                          keys = {}, deltas = {}, ttls = {} }
+                batches[#batches + 1] = batch
+            end
+            local n = #batch.keys + 1
+            batch.keys[n], batch.deltas[n] = key, delta
+            batch.ttls[n] = ttls[key] or false
+        end
+    end
+    return batches
+end
+
+
 -- One flush to Redis; never two of one counter at a time (see
 -- flush_to_redis), so the batches of unknown fate are only ever added to
--- and taken from by one flush.
+-- and taken from by one flush. What an earlier run spooled goes first.
 local function flush_redis(self, is_tick)
+    local spooled, spool_err = send_spooled(self)
+    if not spooled then
+        return nil, spool_err
+    end
     if self.journal then
         return flush_engine(self, is_tick)
     end
@@ -404,34 +492,18 @@ local function flush_redis(self, is_tick)
         remove(unknown, 1)
     end
 
-    local pending = self.pending
-    if next(pending) == nil then
+    if next(self.pending) == nil then
         return true
     end
 
-    local ttls = self.ttls
-    self.pending = new_tab(0, 16)
-    self.ttls = {}
-    -- Batches of at most MAX_BATCH_KEYS keys, each with its own id.
-    local batches = {}
-    local batch
-    for key, delta in pairs(pending) do
-        if delta ~= 0 or ttls[key] then
-            if not batch or #batch.keys == MAX_BATCH_KEYS then
-                self.batch_seq = self.batch_seq + 1
-                batch = { id = self.batch_prefix .. self.batch_seq,
-                          keys = {}, deltas = {}, ttls = {} }
-                batches[#batches + 1] = batch
-            end
-            local n = #batch.keys + 1
-            batch.keys[n], batch.deltas[n] = key, delta
-            batch.ttls[n] = ttls[key] or false
-        end
-    end
-
+    local batches = take_batches(self)
     local ok, err, sent
     for i = 1, #batches do
+        -- Where this flush stands, for the exit hook when nginx's fast
+        -- shutdown cuts it in the send (see spool_worker).
+        self.sending = { batches = batches, at = i }
         ok, err, sent = send(self, batches[i])
+        self.sending = nil
         if not ok then
             -- This one may have run (kept under its id) or surely not
             -- (back to pending); the ones after it were not sent.
@@ -512,42 +584,167 @@ local function flush_redis_retried(self, is_tick)
 end
 
 
--- In exit_worker_by_lua* there are no cosockets and no timers: what is
--- still pending cannot reach Redis any more. Dropped, counted, and said
--- in one line.
-local function abandon(self)
-    if self.journal then
-        -- On the engine nothing is this worker's: what is unsent stays
-        -- for the next flush of any worker (at a reload, the new ones,
-        -- whose own counts are there too: said only when this worker's
-        -- last flush failed).
-        local keys = self.last_error and C.rc_lax_unsent_keys(
-            self.handle.ptr, self.prefix, #self.prefix) or 0
-        if keys > 0 then
-            ngx_log(ngx_WARN, SOURCE, ": ", fmt('counter "%s" on redis: %d '
-                    .. 'keys unsent stay in the shared engine for the next '
-                    .. 'flush of any worker (lost if nginx stops now; last '
-                    .. 'error: %s)', self.shared.name, keys,
-                    tostring(self.last_error)))
-        end
-        return true
+-- Says in one [warn] line what an exiting worker spooled.
+local function said_spooled(self, keys, batches)
+    self.metrics.spooled = self.metrics.spooled + keys
+    ngx_log(ngx_WARN, SOURCE, ": ", fmt('counter "%s" on redis: %d keys in '
+            .. '%d batch(es) spooled to %s for the next start of nginx (%s)',
+            self.shared.name, keys, batches, self.spool_dir,
+            self.last_error and "last error: " .. self.last_error
+            or "no flush can run at this exit"))
+end
+
+
+-- Spools every worker's unsent counts of a counter on the engine, batch by
+-- batch under the counter's flush lock: each batch is written (its own id:
+-- the journal's, so a batch of unknown fate keeps the id it was sent
+-- under), then its sent totals move as if Redis had it, and the lock is
+-- released, so the next exiting worker spools only what is newer. Waits
+-- for the lock up to exit_timeout. Nil and an error when something stays
+-- unspooled.
+local function spool_engine(self)
+    local handle, journal, prefix = self.handle, self.journal, self.prefix
+    local key_prefix = self.shared.engine.key_prefix
+    if self.flushing then
+        -- A flush of this worker was cut in its send (nginx's fast
+        -- shutdown: its light thread never resumes): the lock is ours and
+        -- the batch may have reached Redis. Kept in flight, spooled below
+        -- under its id.
+        C.rc_lax_flush_end(handle.ptr, journal, LAX_UNKNOWN)
+        self.flushing = false
     end
-    local keys, batch_keys = nkeys(self.pending), unknown_keys(self)
-    if keys == 0 and batch_keys == 0 then
+    ngx_update_time()
+    local deadline = ngx_now() + self.exit_timeout
+    local from, keys, batches, err = 0, 0, 0, nil
+    repeat
+        local rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
+                                        from, batch_out)
+        while rc == LAX_BUSY and ngx_now() < deadline do
+            sleep_ms(1)
+            ngx_update_time()
+            rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
+                                      from, batch_out)
+        end
+        if rc == LAX_NOTHING then
+            break
+        end
+        if rc == LAX_BUSY then
+            err = "another worker held its flush lock for more than "
+                  .. "exit_timeout"
+            break
+        end
+        if rc ~= LAX_NEW_BATCH and rc ~= LAX_LEFT_BATCH then
+            err = shared_engine.last_error()
+            break
+        end
+
+        local more, next_from = batch_out.more, batch_out.next
+        local batch = engine_batch(self)
+        -- pcall: the batch is ended (the lock released) whatever happens.
+        local fine, name, write_err = pcall(spool.write, self.spool_dir,
+                                            key_prefix, batch,
+                                            rc == LAX_LEFT_BATCH)
+        if not (fine and name) then
+            C.rc_lax_flush_end(handle.ptr, journal, rc == LAX_LEFT_BATCH
+                                                    and LAX_UNKNOWN
+                                                    or LAX_NOT_SENT)
+            err = "cannot write the spool: "
+                  .. tostring(fine and write_err or name)
+            break
+        end
+        C.rc_lax_flush_end(handle.ptr, journal, LAX_APPLIED)
+        keys, batches = keys + #batch.keys, batches + 1
+        from = next_from
+    until more == 0
+
+    if batches > 0 then
+        said_spooled(self, keys, batches)
+    end
+    if err then
+        local left = C.rc_lax_unsent_keys(handle.ptr, prefix, #prefix)
+        return nil, fmt('counter "%s" on redis: %d keys unsent stay in the '
+                        .. 'shared engine, lost if nginx stops now (%s)',
+                        self.shared.name, left, err)
+    end
+    return true
+end
+
+
+-- Spools what a counter on Redis without a dict still holds in this
+-- worker: its batches of unknown fate under their ids, the batches of a
+-- flush cut in its send (the one in the send under its id), and its
+-- pending deltas under new ids. Nil and an error when it could not.
+local function spool_worker(self)
+    local batches, maybe_sent = {}, {}
+    for i = 1, #self.unknown do
+        batches[i], maybe_sent[i] = self.unknown[i], true
+    end
+    local cut = self.sending
+    if cut then
+        for i = cut.at, #cut.batches do
+            batches[#batches + 1] = cut.batches[i]
+            maybe_sent[#batches] = i == cut.at
+        end
+    end
+    local taken = take_batches(self)
+    for i = 1, #taken do
+        batches[#batches + 1] = taken[i]
+    end
+    if #batches == 0 then
         return true
     end
 
-    local msg = fmt('counter "%s" on redis: %d pending keys and %d keys '
-                    .. 'in %d batch(es) of unknown fate could not be sent '
-                    .. 'before the worker exited and are lost (last '
-                    .. 'error: %s)', self.shared.name, keys, batch_keys,
-                    #self.unknown, tostring(self.last_error))
-    log_failure(SOURCE, msg)
-    self.metrics.dropped = self.metrics.dropped + keys + batch_keys
-    self.pending = new_tab(0, 16)
-    self.ttls = {}
+    local keys, err = 0, nil
+    for i = 1, #batches do
+        local fine, name, write_err = pcall(spool.write, self.spool_dir,
+                                            self.shared.engine.key_prefix,
+                                            batches[i], maybe_sent[i])
+        if not (fine and name) then
+            err = "cannot write the spool: "
+                  .. tostring(fine and write_err or name)
+            for j = i, #batches do
+                keys = keys + #batches[j].keys
+            end
+            break
+        end
+        keys = keys + #batches[i].keys
+    end
     self.unknown = {}
-    return nil, msg
+    self.sending = nil
+
+    if not err then
+        said_spooled(self, keys, #batches)
+        return true
+    end
+    self.metrics.dropped = self.metrics.dropped + keys
+    return nil, fmt('counter "%s" on redis: %d keys could not be sent '
+                    .. 'before the worker exited and are lost (%s; last '
+                    .. 'error: %s)', self.shared.name, keys, err,
+                    tostring(self.last_error))
+end
+
+
+-- In exit_worker_by_lua* there are no cosockets and no timers: what could
+-- not reach Redis before goes into the spool for the next start (and
+-- whatever cannot be spooled is said in one [error] line). On the engine
+-- the counts are every worker's: at a reload or a graceful stop whose
+-- flushes worked the rest is for the other workers' flushes (the new
+-- ones' at a reload), so this worker spools only at a fast shutdown (no
+-- premature tick ran) or after a failed flush.
+local function abandon(self)
+    local ok, err
+    if self.journal then
+        if draining and not self.last_error then
+            return true
+        end
+        ok, err = spool_engine(self)
+    else
+        ok, err = spool_worker(self)
+    end
+    if not ok then
+        log_failure(SOURCE, err)
+    end
+    return ok, err
 end
 
 
@@ -591,6 +788,7 @@ local function flush_to_redis(self, is_tick)
     -- pcall: the flag is cleared whatever happens.
     local fine, ok, err = pcall(flush_redis_retried, self, is_tick)
     self.flushing = false
+    self.sending = nil
     if not fine then
         ok, err = nil, "flush to redis: " .. tostring(ok)
         log_failure(SOURCE, err)
@@ -709,7 +907,10 @@ end
 
 
 -- The options of lax.new: strict's and its own.
-local OPTIONS = { allowed_lag = true, max_pending = true, exit_timeout = true }
+local OPTIONS = {
+    allowed_lag = true, max_pending = true, exit_timeout = true,
+    spool_dir = true,
+}
 for name in pairs(strict._OPTIONS) do
     OPTIONS[name] = true
 end
@@ -735,6 +936,34 @@ drain = function(self)
 end
 
 
+-- The spool directory of a counter on Redis: opts.spool_dir (relative to
+-- nginx's prefix) or the prefix's logs/. One [warn] per worker when this
+-- worker cannot write it; one too for a counter without a dict.
+local function spool_directory(self, dir)
+    local prefix = ngx_prefix()
+    if dir == nil then
+        dir = prefix .. "logs"
+    elseif dir:sub(1, 1) ~= "/" then
+        dir = prefix .. dir
+    end
+    local ok, err = spool.probe(dir)
+    if not ok then
+        ngx_log(ngx_WARN, SOURCE, ": ", fmt('counter "%s" on redis: cannot '
+                .. 'write the spool directory "%s" (%s): what it has not sent '
+                .. 'when nginx stops with TERM, or with Redis unreachable, is '
+                .. 'lost; set opts.spool_dir to a directory the worker\'s '
+                .. 'user can write', self.shared.name, dir, tostring(err)))
+    end
+    if self.dict_name == nil then
+        ngx_log(ngx_WARN, SOURCE, ": ", fmt('counter "%s" on redis counts in '
+                .. 'each worker: a worker killed loses what it has not sent; '
+                .. 'lax.new("<dict>", { redis = ... }) counts in the shared '
+                .. 'engine instead (docs/lax.md)', self.shared.name))
+    end
+    return dir
+end
+
+
 -- syntax: c, err = lax.new(shdict_name, opts?)
 --
 -- context: init_worker_by_lua* and later phases (it creates a timer)
@@ -755,6 +984,8 @@ function _M.new(shdict_name, opts)
                                        2, 1)
     local max_pending = check.integer(opts.max_pending, "opts.max_pending",
                                       1, 1 / 0, 2, 100000)
+    local spool_dir = check.directory(opts.spool_dir, "opts.spool_dir", 2,
+                                      false)
 
     local shared, err = strict._new(shdict_name, opts, OPTIONS, 2)
     if not shared then
@@ -791,8 +1022,16 @@ function _M.new(shdict_name, opts)
         last_error = nil,
         exit_deadline = nil,
         retry = shared.engine and backoff.new(lag, MAX_RETRY_WAIT),
-        metrics = { duplicates = 0, dropped = 0, refused = 0 },
+        metrics = { duplicates = 0, dropped = 0, refused = 0, spooled = 0,
+                    unspooled = 0 },
+        spool_dir = nil,
+        spool_stamp = nil,
+        sending = nil,
     }, mt)
+
+    if self.redis then
+        self.spool_dir = spool_directory(self, spool_dir)
+    end
 
     -- On Redis with a dict: every worker counts into the shared engine in
     -- the dict's zone, and any worker's flush sends them all.
@@ -1424,15 +1663,17 @@ end
 -- not apply twice), `dropped` (deltas given up: Redis refused them as an
 -- overflow or a non-integer, or Redis stayed unreachable with more than
 -- `max_pending` keys pending), `refused` (new keys the shared engine had
--- no room for), `pending_keys` (in the engine: every worker's keys with
--- unsent counts).
+-- no room for), `spooled` (keys this worker wrote to the spool as it
+-- exited), `unspooled` (spooled batches this worker sent), `pending_keys`
+-- (in the engine: every worker's keys with unsent counts).
 function _M.self_metrics(self)
     if type(self) ~= "table" then
         dot_call("c", "self_metrics", 2)
     end
     local m = self.metrics
     return { duplicates = m.duplicates, dropped = m.dropped,
-             refused = m.refused, pending_keys = self:pending_keys() }
+             refused = m.refused, spooled = m.spooled,
+             unspooled = m.unspooled, pending_keys = self:pending_keys() }
 end
 
 
