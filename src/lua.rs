@@ -41,7 +41,7 @@ fn resty_counter_core(lua: &Lua) -> LuaResult<LuaTable<'_>> {
 
 /// The spool's file handling (src/spool.rs) for lax counters on Redis:
 /// `ok, err = spool_write(dir, name, content)`, `names, err =
-/// spool_list(dir, prefix)`, `stamp, err = spool_stamp(dir)`, `ok, err =
+/// spool_list(dir, prefix)`, `stamp, recent, err = spool_stamp(dir)`, `ok, err =
 /// spool_probe(dir)`, and `sleep_ms(ms)` (exit_worker_by_lua* has no
 /// ngx.sleep, and an exiting worker may wait for a counter's flush lock).
 fn spool_functions<'lua>(lua: &'lua Lua, module: &LuaTable<'lua>) -> LuaResult<()> {
@@ -66,7 +66,12 @@ fn spool_functions<'lua>(lua: &'lua Lua, module: &LuaTable<'lua>) -> LuaResult<(
     )?;
     module.set(
         "spool_stamp",
-        lua.create_function(|_, dir: String| Ok(result(spool::stamp(Path::new(&dir)))))?,
+        lua.create_function(|_, dir: String| {
+            Ok(match spool::stamp(Path::new(&dir)) {
+                Ok((stamp, recent)) => (Some(stamp), Some(recent), None),
+                Err(err) => (None, None, Some(err.to_string())),
+            })
+        })?,
     )?;
     module.set(
         "spool_probe",

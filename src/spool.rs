@@ -11,6 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 /// The suffix of a finished spool file.
 pub const SUFFIX: &str = ".spool";
@@ -62,15 +63,22 @@ pub fn list(dir: &Path, prefix: &str) -> io::Result<Vec<String>> {
 }
 
 /// When `dir` last changed (a file added, renamed or removed), as text
-/// that differs whenever it did: a worker lists the directory again only
-/// then.
+/// that differs whenever it did, and whether that was less than a second
+/// ago: a worker lists the directory again only when the stamp differs or
+/// is that recent (file times follow a coarse clock, so two changes a few
+/// milliseconds apart may leave one stamp).
 ///
 /// # Errors
 ///
 /// When `dir` cannot be read.
-pub fn stamp(dir: &Path) -> io::Result<String> {
+pub fn stamp(dir: &Path) -> io::Result<(String, bool)> {
     let modified = fs::metadata(dir)?.modified()?;
-    Ok(format!("{:?}", modified))
+    let recent = match SystemTime::now().duration_since(modified) {
+        Ok(age) => age < Duration::from_secs(1),
+        // In the future: the clock moved back; look again.
+        Err(_) => true,
+    };
+    Ok((format!("{:?}", modified), recent))
 }
 
 /// Whether a file can be made in `dir` (by making and removing one).
@@ -131,10 +139,11 @@ mod tests {
     #[test]
     fn the_stamp_changes_with_the_directory() {
         let dir = scratch("stamp");
-        let before = stamp(&dir).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (before, recent) = stamp(&dir).unwrap();
+        assert!(recent);
+        std::thread::sleep(Duration::from_millis(20));
         write(&dir, "x.spool", b"").unwrap();
-        assert_ne!(stamp(&dir).unwrap(), before);
+        assert_ne!(stamp(&dir).unwrap().0, before);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

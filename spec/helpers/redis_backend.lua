@@ -19,6 +19,23 @@ function _M.options(extra)
 end
 
 
+local serial = 0
+
+
+-- syntax: name, shared = backend.fresh(base)
+--
+-- A counter name of its own for each spec (an engine cannot be emptied),
+-- and the strict view of its Redis values, cleared.
+function _M.fresh(base)
+    serial = serial + 1
+    local name = base .. serial .. "_" .. ngx.worker.pid()
+    local shared = assert(require("resty.counter.strict").new(nil, {
+        name = name, redis = _M.options() }))
+    assert(shared:clear())
+    return name, shared
+end
+
+
 local SPIN = redis.script([[
 local t0 = redis.call("TIME")
 repeat

@@ -9,7 +9,6 @@
 -- the other worker itself).
 
 local lax = require "resty.counter.lax"
-local strict = require "resty.counter.strict"
 local redis = require "resty.counter.redis"
 local abi = require "resty.counter.abi"
 local race = require "helpers.race"
@@ -32,19 +31,7 @@ end
 
 
 local raw = redis.new(backend())
-local serial = 0
-
-
--- A counter name of its own for each spec (the engine cannot be emptied),
--- and the strict view of its Redis values.
-local function fresh(base)
-    serial = serial + 1
-    local name = base .. serial .. "_" .. ngx.worker.pid()
-    local shared = assert(strict.new(nil, { name = name,
-                                            redis = backend() }))
-    assert(shared:clear())
-    return name, shared
-end
+local fresh = backend_helper.fresh
 
 
 -- Makes the counter's flush lock look held by a process that died.

@@ -393,12 +393,17 @@ end
 -- Sends the batches an earlier run of nginx (or an exiting worker at a
 -- reload) spooled for this counter (resty/counter/spool.lua), each under
 -- its own id, and removes each file once Redis has it. The directory is
--- listed again only when it changed. Workers of one start may send one
--- file at once: Redis applies its id once (a duplicate, counted).
+-- listed again only when it changed (or changed less than a second ago).
+-- Workers of one start may send one file at once: Redis applies its id
+-- once (a duplicate, counted). An exiting worker leaves the spool to the
+-- workers that stay or come (it may be spooling itself).
 local function send_spooled(self)
+    if draining then
+        return true
+    end
     local dir = self.spool_dir
-    local stamp = dir and spool.stamp(dir)
-    if stamp == self.spool_stamp then
+    local stamp, recent = spool.stamp(dir)
+    if stamp == self.spool_stamp and not recent then
         return true
     end
     local key_prefix = self.shared.engine.key_prefix

@@ -85,7 +85,10 @@ function _M.list(dir, key_prefix)
 end
 
 
--- syntax: stamp, err = spool.stamp(dir)
+-- syntax: stamp, recent = spool.stamp(dir)
+-- syntax: nil, nil, err = spool.stamp(dir)
+--
+-- When dir last changed, and whether less than a second ago (src/spool.rs).
 _M.stamp = core.spool_stamp
 
 
