@@ -138,6 +138,32 @@ describe("resty.counter.lax on Redis in the shared engine", function()
         assert.equal(0, a:pending_keys())
     end)
 
+    it("keeps a batch of unknown fate when its resend cannot connect",
+       function()
+        -- A batch that may have run must be resent under its id, however
+        -- the resend fails: a refused connect proves only that the resend
+        -- did not run (a Redis Cluster's master stopped mid-flush, then
+        -- refusing: the batch was applied twice).
+        local name, shared = fresh("resend")
+        local a = counter(name, { read_timeout = 0.05 })
+        local down = counter(name, { port = 1, connect_timeout = 0.05 })
+        local b = counter(name)
+        a:inc("once", 7)
+        backend_helper.while_busy(raw, function()
+            assert.is_nil(a:flush())           -- timeout: unknown
+        end)
+        assert.equal(7, backend_helper.settled(function()
+            return shared:get("once")
+        end))                                  -- it did run
+        local ok, err = down:flush()
+        assert.is_nil(ok)
+        assert.matches("connect", err)
+        a:inc("once", 3)
+        assert(b:flush())
+        assert.equal(1, b:self_metrics().duplicates)
+        assert.equal(10, shared:get("once"))
+    end)
+
     it("never runs two flushes of one counter at a time", function()
         -- Redis holds every command for 0.3 s; two counters of one name
         -- (two workers' timers) flush every 20 ms meanwhile.

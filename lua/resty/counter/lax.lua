@@ -370,7 +370,10 @@ local function flush_engine(self, is_tick)
             ok, err, sent = nil, ok, true
         end
         if not ok then
-            outcome = sent and LAX_UNKNOWN or LAX_NOT_SENT
+            -- A batch sent again (left by an earlier flush: it may have
+            -- run then) stays in flight whatever this send proves.
+            outcome = (sent or rc == LAX_LEFT_BATCH) and LAX_UNKNOWN
+                      or LAX_NOT_SENT
         end
         C.rc_lax_flush_end(handle.ptr, journal, outcome)
         if not ok then
