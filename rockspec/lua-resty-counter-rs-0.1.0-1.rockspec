@@ -46,6 +46,7 @@ build = {
             ["resty.counter.strict_redis"] =
                 "lua/resty/counter/strict_redis.lua",
             ["resty.counter.lax"] = "lua/resty/counter/lax.lua",
+            ["resty.counter.spool"] = "lua/resty/counter/spool.lua",
             ["resty.counter.limit"] = "lua/resty/counter/limit.lua",
             ["resty.counter.limit_redis"] =
                 "lua/resty/counter/limit_redis.lua",

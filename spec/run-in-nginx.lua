@@ -41,7 +41,9 @@ local DICTS = { "counters 1m", "other 1m", "tiny 12k", "requests 1m",
                 "metrics_http 1m",
                 -- spec/resty/requests_spec.lua's scrape of 2,500 keys, more
                 -- than one step reads (unit.conf has it for the #http ones).
-                "requests_steps 16m" }
+                "requests_steps 16m",
+                -- spec/resty/lax_engine_spec.lua's.
+                "lax_engine 1m", "lax_engine_small 32k" }
 -- spec/resty/requests_spec.lua's: a dict per spec (nothing empties an
 -- engine).
 for i = 1, 26 do

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::engine::counter::{self, Counter, SyncProgress};
+use crate::engine::lax;
 use crate::engine::lock::{self, Holder, Taken};
 use crate::engine::requests::{self, Layout, Recorded, Requests, Roller};
 use crate::engine::strict::{self, AtomicPair, Batches, Change, Current, Refused};
@@ -776,7 +777,6 @@ fn radix_sort(values: &mut Vec<u64>, scratch: &mut Vec<u64>, bits: std::ops::Ran
 /// light thread of it, which cannot finish while we wait). For the locks
 /// other than the mirror's (the lax journal's), which nothing else stands
 /// in for.
-#[allow(dead_code)]
 fn take_waiting(lock: &AtomicU64, wait_ms: u32) -> Option<Taken> {
     match take_unless(lock, wait_ms, || false) {
         Wait::Taken(taken) => Some(taken),
@@ -1820,6 +1820,422 @@ pub unsafe extern "C" fn rc_strict_next(
             }
         }
         0
+    })
+}
+
+/// The cells of a lax key's record (`journal` zero) or of a lax counter's
+/// journal (non-zero), for [`rc_engine_record`].
+#[no_mangle]
+pub extern "C" fn rc_lax_width(journal: i32) -> u32 {
+    if journal == 0 {
+        lax::WIDTH
+    } else {
+        lax::JOURNAL_WIDTH
+    }
+}
+
+/// # Safety
+///
+/// `cells` is null or a lax key's cells from [`rc_engine_record`].
+unsafe fn lax_key_at<'a>(cells: *const AtomicU64) -> Option<lax::Key<'a, AtomicU64>> {
+    if cells.is_null() {
+        None
+    } else {
+        Some(lax::Key::new(std::slice::from_raw_parts(
+            cells,
+            lax::WIDTH as usize,
+        )))
+    }
+}
+
+/// # Safety
+///
+/// `cells` is null or a lax journal's cells from [`rc_engine_record`].
+unsafe fn lax_journal_at<'a>(cells: *const AtomicU64) -> Option<lax::Journal<'a, AtomicU64>> {
+    if cells.is_null() {
+        None
+    } else {
+        lax::Journal::new(std::slice::from_raw_parts(
+            cells,
+            lax::JOURNAL_WIDTH as usize,
+        ))
+        .ok()
+    }
+}
+
+/// Adds `step` to a lax key (an inc or a dec): the request path. What
+/// every worker has added and not yet sent goes to `*unsent`.
+///
+/// # Errors
+///
+/// 0, or `CODE_OVERFLOW` (the total would leave the `i64` range; nothing
+/// changed), `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `cells` is null or a lax key's cells from [`rc_engine_record`];
+/// `unsent` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_add(cells: *const AtomicU64, step: i64, unsent: *mut i64) -> i32 {
+    match (lax_key_at(cells), unsent.as_mut()) {
+        (Some(key), Some(unsent)) => match key.add(step) {
+            Ok(now) => {
+                *unsent = now;
+                0
+            }
+            Err(_) => CODE_OVERFLOW,
+        },
+        _ => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// What every worker has added to a lax key and not yet sent (0 for null).
+///
+/// # Safety
+///
+/// As [`rc_lax_add`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_unsent(cells: *const AtomicU64) -> i64 {
+    lax_key_at(cells).map_or(0, |key| key.unsent())
+}
+
+/// Asks for `ms` as the key's TTL if a flush creates it in Redis (the
+/// first request stands until sent).
+///
+/// # Safety
+///
+/// As [`rc_lax_add`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_request_ttl(cells: *const AtomicU64, ms: u64) {
+    if let Some(key) = lax_key_at(cells) {
+        key.request_ttl(ms);
+    }
+}
+
+/// The key's Redis value as last seen into `*value`: 1, or 0 when none
+/// was seen yet.
+///
+/// # Safety
+///
+/// As [`rc_lax_add`]; `value` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_seen(cells: *const AtomicU64, value: *mut i64) -> i32 {
+    match (lax_key_at(cells).and_then(|key| key.seen()), value.as_mut()) {
+        (Some(seen), Some(value)) => {
+            *value = seen;
+            1
+        }
+        _ => 0,
+    }
+}
+
+/// Records a Redis value of the key just seen.
+///
+/// # Safety
+///
+/// As [`rc_lax_add`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_set_seen(cells: *const AtomicU64, value: i64) {
+    if let Some(key) = lax_key_at(cells) {
+        key.set_seen(value);
+    }
+}
+
+/// A batch of a lax flush, from [`rc_lax_flush_begin`]: its id is built
+/// from `nonce` and `seq`.
+#[repr(C)]
+pub struct LaxBatch {
+    pub nonce: u64,
+    pub seq: u64,
+    pub count: u32,
+    /// 1 when the flush goes on after this batch, from index slot `next`
+    /// (the walk stopped there, or this was a batch left in flight).
+    pub more: u32,
+    pub next: u32,
+}
+
+/// One key of a batch, from [`rc_lax_flush_entry`].
+#[repr(C)]
+pub struct LaxEntry {
+    /// The key's cells (for [`rc_lax_set_seen`]).
+    pub cells: *const AtomicU64,
+    /// The key without its kind and counter name, in the region.
+    pub key: *const u8,
+    pub key_len: u32,
+    pub delta: i64,
+    /// The TTL (ms) to give the key if the batch creates it; 0: none.
+    pub ttl_ms: u64,
+}
+
+/// [`rc_lax_flush_begin`]: a new batch is in flight.
+pub const LAX_NEW_BATCH: i32 = 0;
+/// [`rc_lax_flush_begin`]: another live worker (or light thread) flushes.
+pub const LAX_BUSY: i32 = 1;
+/// [`rc_lax_flush_begin`]: the batch an earlier flush left in flight, to
+/// send again under its id.
+pub const LAX_LEFT_BATCH: i32 = 2;
+/// [`rc_lax_flush_begin`]: nothing to send; the lock is released.
+pub const LAX_NOTHING: i32 = 3;
+
+/// The counter's prefix (its keys' kind, then `name`: the Lua side's
+/// namespace with a separator) into `engine.key`.
+fn lax_prefix(engine: &mut Engine, name: &[u8]) {
+    engine.set_key(lax::KIND, name);
+}
+
+/// Starts a flush of the lax counter `name` whose journal is `journal`:
+/// takes its lock and puts a batch in flight, the one an earlier flush
+/// left (sent again first, under its id) or a new one of the keys that
+/// have something to send (at most `lax::MAX_BATCH`, in index order from
+/// slot `from`: 0 for a flush's first batch, then the `next` of the one
+/// before). Its figures go to `*out`; its keys are read with
+/// [`rc_lax_flush_entry`]; [`rc_lax_flush_end`] ends it.
+///
+/// # Errors
+///
+/// `LAX_NEW_BATCH`, `LAX_LEFT_BATCH`, `LAX_NOTHING`, `LAX_BUSY` (never
+/// waits), or `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `journal` null or a lax
+/// journal's cells from it; `name` points to `len` readable bytes; `out`
+/// is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_flush_begin(
+    engine: *mut Engine,
+    journal: *const AtomicU64,
+    name: *const u8,
+    len: usize,
+    from: u32,
+    out: *mut LaxBatch,
+) -> i32 {
+    let (engine, journal, out) = match (engine.as_mut(), lax_journal_at(journal), out.as_mut()) {
+        (Some(engine), Some(journal), Some(out)) if !name.is_null() || len == 0 => {
+            (engine, journal, out)
+        }
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    *out = LaxBatch {
+        nonce: 0,
+        seq: 0,
+        count: 0,
+        more: 0,
+        next: 0,
+    };
+    guarded(CODE_INTERNAL, || {
+        if take_waiting(journal.lock_word(), 0).is_none() {
+            return LAX_BUSY;
+        }
+        let nonce = journal.nonce(random_u64());
+        let (found, more, next) = if journal.in_flight() != 0 {
+            (LAX_LEFT_BATCH, 1, from)
+        } else {
+            lax_prefix(engine, key_bytes(name, len));
+            let Engine {
+                table,
+                key: prefix,
+                offsets,
+                ..
+            } = engine;
+            // In index order from slot `from`: one walk of the index per
+            // flush, however many batches it takes (each batch going on
+            // where the last stopped).
+            let slots = table.index_slots();
+            let at = std::cell::Cell::new(0);
+            let keys = (from as usize..slots).filter_map(|slot| {
+                offsets.clear();
+                table.offsets_in_slots(slot..slot + 1, offsets);
+                let offset = *offsets.first()?;
+                let record = table.record_in_arena(offset);
+                at.set(slot);
+                (record.width() == lax::WIDTH && record.key_bytes().starts_with(prefix))
+                    .then(|| (u64::from(offset), lax::Key::new(record.cells())))
+            });
+            if journal.build(keys) == 0 {
+                lock::unlock(journal.lock_word(), me());
+                return LAX_NOTHING;
+            }
+            // A full batch stopped at (or just past) the slot last read.
+            let full = journal.len() == lax::MAX_BATCH;
+            (LAX_NEW_BATCH, u32::from(full), at.get() as u32)
+        };
+        *out = LaxBatch {
+            nonce,
+            seq: journal.in_flight(),
+            count: journal.len() as u32,
+            more,
+            next,
+        };
+        found
+    })
+}
+
+/// Key `i` of the batch in flight into `*out`, the key without the
+/// counter's prefix (`prefix_len` bytes: the kind byte and `name`).
+///
+/// # Errors
+///
+/// 0, or `CODE_NOT_FOUND` (no such entry, or no record at its offset: the
+/// entry is skipped, here and when the batch ends), `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// As [`rc_lax_flush_begin`]; between it and [`rc_lax_flush_end`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_flush_entry(
+    engine: *const Engine,
+    journal: *const AtomicU64,
+    i: u32,
+    prefix_len: u32,
+    out: *mut LaxEntry,
+) -> i32 {
+    let (engine, journal, out) = match (engine.as_ref(), lax_journal_at(journal), out.as_mut()) {
+        (Some(engine), Some(journal), Some(out)) => (engine, journal, out),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    if i as usize >= journal.len() {
+        return CODE_NOT_FOUND;
+    }
+    let entry = journal.entry(i as usize);
+    let record = match engine.table.record(entry.offset as usize) {
+        Ok(record) if record.width() == lax::WIDTH => record,
+        _ => return CODE_NOT_FOUND,
+    };
+    let key = record.key_bytes();
+    let skip = (prefix_len as usize).min(key.len());
+    *out = LaxEntry {
+        cells: record.cells().as_ptr(),
+        key: key[skip..].as_ptr(),
+        key_len: (key.len() - skip) as u32,
+        delta: entry.delta,
+        ttl_ms: entry.ttl,
+    };
+    0
+}
+
+/// [`rc_lax_flush_end`]'s outcomes, as [`lax::Outcome`].
+pub const LAX_APPLIED: i32 = 0;
+pub const LAX_UNKNOWN: i32 = 1;
+pub const LAX_NOT_SENT: i32 = 2;
+
+/// Ends a flush's batch: `LAX_APPLIED` moves its keys' sent totals and
+/// clears the journal, `LAX_UNKNOWN` keeps it in flight (the next flush
+/// sends it again under its id), `LAX_NOT_SENT` clears it (its deltas stay
+/// unsent); then releases the lock. 1, or 0 when this worker did not hold
+/// the lock (it was taken over: nothing done).
+///
+/// # Safety
+///
+/// As [`rc_lax_flush_begin`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_flush_end(
+    engine: *const Engine,
+    journal: *const AtomicU64,
+    outcome: i32,
+) -> i32 {
+    let (engine, journal) = match (engine.as_ref(), lax_journal_at(journal)) {
+        (Some(engine), Some(journal)) => (engine, journal),
+        _ => return 0,
+    };
+    let outcome = match outcome {
+        LAX_APPLIED => lax::Outcome::Applied,
+        LAX_NOT_SENT => lax::Outcome::NotSent,
+        _ => lax::Outcome::Unknown,
+    };
+    if lock::holder(journal.lock_word()) != Some(me()) {
+        return 0;
+    }
+    let table = &engine.table;
+    journal.settle(outcome, |offset| match table.record(offset as usize) {
+        Ok(record) if record.width() == lax::WIDTH => Some(lax::Key::new(record.cells())),
+        _ => None,
+    });
+    i32::from(lock::unlock(journal.lock_word(), me()))
+}
+
+/// Drops what is unsent of one lax key (`cells`), or of every key of the
+/// counter `name` (`cells` null), as a strict set, delete or clear makes
+/// it moot: under the counter's lock, with no batch in flight.
+///
+/// # Errors
+///
+/// 0, or `LAX_BUSY` (the lock is held, or a batch is in flight: nothing
+/// dropped), `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// As [`rc_lax_flush_begin`]; `cells` null or a lax key's cells.
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_forget(
+    engine: *mut Engine,
+    journal: *const AtomicU64,
+    cells: *const AtomicU64,
+    name: *const u8,
+    len: usize,
+) -> i32 {
+    let (engine, journal) = match (engine.as_mut(), lax_journal_at(journal)) {
+        (Some(engine), Some(journal)) if !name.is_null() || len == 0 => (engine, journal),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    guarded(CODE_INTERNAL, || {
+        if take_waiting(journal.lock_word(), 0).is_none() {
+            return LAX_BUSY;
+        }
+        let busy = journal.in_flight() != 0;
+        if !busy {
+            if let Some(key) = lax_key_at(cells) {
+                key.forget();
+            } else {
+                lax_prefix(engine, key_bytes(name, len));
+                let Engine {
+                    table, key: prefix, ..
+                } = engine;
+                for record in table.records() {
+                    if record.width() == lax::WIDTH && record.key_bytes().starts_with(prefix) {
+                        lax::Key::new(record.cells()).forget();
+                    }
+                }
+            }
+        }
+        lock::unlock(journal.lock_word(), me());
+        if busy {
+            LAX_BUSY
+        } else {
+            0
+        }
+    })
+}
+
+/// How many keys of the lax counter `name` have something unsent (every
+/// worker's), for self-metrics.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `name` points to `len`
+/// readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rc_lax_unsent_keys(
+    engine: *mut Engine,
+    name: *const u8,
+    len: usize,
+) -> u32 {
+    let engine = match engine.as_mut() {
+        Some(engine) if !name.is_null() || len == 0 => engine,
+        _ => return 0,
+    };
+    guarded(0, || {
+        lax_prefix(engine, key_bytes(name, len));
+        let prefix = &engine.key;
+        engine
+            .table
+            .records()
+            .filter(|record| {
+                record.width() == lax::WIDTH
+                    && record.key_bytes().starts_with(prefix)
+                    && lax::Key::new(record.cells()).unsent() != 0
+            })
+            .count() as u32
     })
 }
 

@@ -28,6 +28,7 @@ pub mod ffi_int;
 pub mod histogram;
 pub mod int64;
 pub mod pending;
+pub mod spool;
 pub mod stats;
 pub mod window;
 

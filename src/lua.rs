@@ -11,6 +11,8 @@ use mlua::prelude::*;
 use crate::error::Error;
 use crate::ffi;
 use crate::pending::{MAX_KEY_LEN, MAX_PENDING_KEYS, MAX_SAFE_INTEGER};
+use crate::spool;
+use std::path::Path;
 
 #[mlua::lua_module]
 fn resty_counter_core(lua: &Lua) -> LuaResult<LuaTable<'_>> {
@@ -33,7 +35,58 @@ fn resty_counter_core(lua: &Lua) -> LuaResult<LuaTable<'_>> {
         "take_panic_message",
         lua.create_function(|_, ()| Ok(ffi::take_panic_message()))?,
     )?;
+    spool_functions(lua, &module)?;
     Ok(module)
+}
+
+/// The spool's file handling (src/spool.rs) for lax counters on Redis:
+/// `ok, err = spool_write(dir, name, content)`, `names, err =
+/// spool_list(dir, prefix)`, `stamp, recent, err = spool_stamp(dir)`, `ok, err =
+/// spool_probe(dir)`, and `sleep_ms(ms)` (exit_worker_by_lua* has no
+/// ngx.sleep, and an exiting worker may wait for a counter's flush lock).
+fn spool_functions<'lua>(lua: &'lua Lua, module: &LuaTable<'lua>) -> LuaResult<()> {
+    fn result<T>(done: std::io::Result<T>) -> (Option<T>, Option<String>) {
+        match done {
+            Ok(value) => (Some(value), None),
+            Err(err) => (None, Some(err.to_string())),
+        }
+    }
+    module.set(
+        "spool_write",
+        lua.create_function(|_, (dir, name, content): (String, String, LuaString)| {
+            let done = spool::write(Path::new(&dir), &name, content.as_bytes());
+            Ok(result(done.map(|()| true)))
+        })?,
+    )?;
+    module.set(
+        "spool_list",
+        lua.create_function(|_, (dir, prefix): (String, String)| {
+            Ok(result(spool::list(Path::new(&dir), &prefix)))
+        })?,
+    )?;
+    module.set(
+        "spool_stamp",
+        lua.create_function(|_, dir: String| {
+            Ok(match spool::stamp(Path::new(&dir)) {
+                Ok((stamp, recent)) => (Some(stamp), Some(recent), None),
+                Err(err) => (None, None, Some(err.to_string())),
+            })
+        })?,
+    )?;
+    module.set(
+        "spool_probe",
+        lua.create_function(|_, dir: String| {
+            Ok(result(spool::probe(Path::new(&dir)).map(|()| true)))
+        })?,
+    )?;
+    module.set(
+        "sleep_ms",
+        lua.create_function(|_, ms: u32| {
+            std::thread::sleep(std::time::Duration::from_millis(u64::from(ms.min(1000))));
+            Ok(())
+        })?,
+    )?;
+    Ok(())
 }
 
 /// The text for an error code returned by an FFI function; codes come from

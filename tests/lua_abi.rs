@@ -38,7 +38,7 @@ const ABI_LUA: &str = "lua/resty/counter/abi.lua";
 const FFI_FILES: [&str; 3] = ["src/ffi.rs", "src/ffi_int.rs", "src/ffi_engine.rs"];
 
 /// Rust's name of each type that crosses the ABI by name, and C's.
-const NAMED_TYPES: [(&str, &str); 11] = [
+const NAMED_TYPES: [(&str, &str); 13] = [
     // nginx's store function (lua-resty-core declares the same), passed
     // from Lua to a sync; nullable.
     ("Option<ShdictStore>", "rc_shdict_store_t"),
@@ -52,6 +52,8 @@ const NAMED_TYPES: [(&str, &str); 11] = [
     ("EngineStats", "rc_engine_stats_t"),
     ("StrictResult", "rc_strict_result_t"),
     ("RequestsShape", "rc_requests_shape_t"),
+    ("LaxBatch", "rc_lax_batch_t"),
+    ("LaxEntry", "rc_lax_entry_t"),
 ];
 
 /// The constants that size arrays in `#[repr(C)]` structs.

@@ -11,6 +11,8 @@ pub mod cell;
 mod error;
 #[path = "../../src/histogram.rs"]
 pub mod histogram;
+#[path = "../../src/engine/lax.rs"]
+pub mod lax;
 #[path = "../../src/engine/lock.rs"]
 pub mod lock;
 #[path = "../../src/engine/requests.rs"]

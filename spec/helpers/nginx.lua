@@ -266,6 +266,9 @@ function _M.prepare(opts)
     local dir = read("mktemp -d /tmp/resty-counter-spec.XXXXXX"):gsub("%s+$", "")
     -- Workers run as nobody when the master is root: let them write here.
     assert(sh("chmod 1777 " .. dir))
+    -- The prefix's logs/, as in a prefix of its own (README: standalone),
+    -- where lax counters on Redis spool by default.
+    assert(sh("mkdir -m 1777 " .. dir .. "/logs"))
     local root = _M.worker_root(dir)
 
     local vars = {
@@ -318,16 +321,23 @@ end
 -- workers could not load their start-up code.
 function _M.start(opts)
     local self = _M.prepare(opts)
-    local dir = self.dir
     local env = {}
     for k, v in pairs(opts.env or {}) do
         env[#env + 1] = k .. "=" .. quote(expand(tostring(v), self.vars))
     end
+    self.env = table.concat(env, " ")
+    return self:start_again()
+end
 
+
+-- (Re)starts nginx in its directory with its config (after a stop: the
+-- same prefix, logs and port) and waits until it answers.
+function server:start_again()
+    local dir = self.dir
     -- nginx runs from its own directory: its workers (nobody, when the
     -- master is root) inherit the working directory, and busted's runner
     -- changes into "./", which fails in a checkout they cannot enter.
-    local cmd = "cd " .. quote(dir) .. " && " .. _M.ENV .. table.concat(env, " ")
+    local cmd = "cd " .. quote(dir) .. " && " .. _M.ENV .. self.env
                 .. " " .. quote(_M.stack.nginx) .. " -p " .. dir
                 .. " -c " .. dir .. "/nginx.conf"
                 .. " > " .. dir .. "/stdout.log 2>&1"
@@ -486,6 +496,50 @@ function server:unexpected_errors(allowed)
         end
     end
     return found
+end
+
+
+-- unexpected_errors(allowed), but the master's report of the workers the
+-- test killed with SIGKILL.
+function server:errors_but_kills(allowed)
+    local found = {}
+    for _, line in ipairs(self:unexpected_errors(allowed)) do
+        if not line:find("exited on signal 9", 1, true) then
+            found[#found + 1] = line
+        end
+    end
+    return found
+end
+
+
+-- `times` HUPs, `pause` seconds apart (reloads in quick succession: old
+-- and new workers side by side).
+function server:reloads(times, pause)
+    for _ = 1, times do
+        self:signal("HUP")
+        _M.sleep(pause)
+    end
+end
+
+
+-- kill -9 of a worker `times` times, `pause` seconds apart (before each),
+-- the two first workers in turn.
+function server:kill_workers(times, pause)
+    for i = 1, times do
+        _M.sleep(pause)
+        sh("kill -9 " .. self:worker_pids()[i % 2 + 1])
+    end
+end
+
+
+-- The pids of the master's children (its workers, old ones included), as
+-- strings.
+function server:worker_pids()
+    local pids = {}
+    for pid in read("pgrep -P " .. self:pid()):gmatch("%d+") do
+        pids[#pids + 1] = pid
+    end
+    return pids
 end
 
 

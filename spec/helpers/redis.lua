@@ -190,6 +190,31 @@ function server:cleanup()
 end
 
 
+-- syntax: got = redis_server.settle(redis, prefix, expected)
+--
+-- The values of `prefix .. key` for each key of `expected` (key -> count),
+-- polled until they equal it (10 s at most); `redis` is a server or a
+-- cluster (anything with get(key)).
+function _M.settle(redis, prefix, expected)
+    local got
+    for _ = 1, 100 do
+        got = {}
+        local same = true
+        for key, n in pairs(expected) do
+            got[key] = redis:get(prefix .. key)
+            if got[key] ~= n then
+                same = false
+            end
+        end
+        if same then
+            break
+        end
+        nginx.sleep(0.1)
+    end
+    return got
+end
+
+
 -- A DNS server on loopback for Redis hosts given by name: dnsmasq on a
 -- free port, answering "localhost" with 127.0.0.1 (nginx's resolver does
 -- not read /etc/hosts) and refusing the rest: no upstream server, so it

@@ -141,6 +141,10 @@ describe("bad input", function()
                 { function() lax.new("lax", { max_pending = 0.5 }) end,
                   'bad "opts.max_pending" argument: an integer >= 1 expected, '
                   .. 'got 0.5 (a number)' },
+                { function() lax.new("lax", { spool_dir = "" }) end,
+                  'bad "opts.spool_dir" argument: a directory path (a '
+                  .. 'non-empty string without NUL) expected, got "" (a '
+                  .. 'string)' },
                 { function() limit.new("limit", { limit = "10", window = 1 }) end,
                   'bad "opts.limit" argument: an integer >= 1 expected, got "10" '
                   .. '(a string)' },

@@ -56,6 +56,23 @@ describe("hot paths", function()
                                               :get_all({ "a", "b" }))
     end)
 
+    it("lax inc on Redis in the shared engine compiles", function()
+        local c = lax.new("lax_engine", {
+            name = "hotlax" .. ngx.worker.pid(), allowed_lag = 3600,
+            redis = require("helpers.redis_backend").options() })
+        local aborts, compiled, loops = aborts_in(function()
+            for _ = 1, 100000 do
+                c:inc("a")
+                c:inc("b", 3, 60)
+            end
+        end)
+        assert.same({}, aborts)
+        assert.is_true(compiled > 0)
+        assert.equal(1, loops, "the loop did not compile")
+        assert.same({ 100000, 300000 }, c:get_all({ "a", "b" }))
+        assert(c:clear())
+    end)
+
     it("limit incoming compiles, fixed and sliding", function()
         local fixed = limit.new("limit", { limit = 1e9, window = 3600, name = "f" })
         local sliding = limit.new("limit", { limit = 1e9, window = 3600, name = "s",

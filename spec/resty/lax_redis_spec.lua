@@ -5,18 +5,9 @@
 local lax = require "resty.counter.lax"
 local strict = require "resty.counter.strict"
 local redis = require "resty.counter.redis"
+local backend_helper = require "helpers.redis_backend"
 
-local PORT = tonumber(os.getenv("REDIS_PORT"))
-local PASSWORD = os.getenv("REDIS_PASSWORD")
-
-
-local function backend(extra)
-    local opts = { port = PORT, password = PASSWORD }
-    for k, v in pairs(extra or {}) do
-        opts[k] = v
-    end
-    return opts
-end
+local backend = backend_helper.options
 
 
 -- A lax counter that never flushes by itself (the specs flush by hand).
@@ -91,48 +82,21 @@ describe("resty.counter.lax on Redis", function()
     it("applies a batch once when its reply was lost", function()
         -- Another client keeps Redis busy for 300 ms: the flush's read
         -- times out after 50 ms, yet Redis runs it when it gets to it.
-        local busy = redis.new(backend({ read_timeout = 2 }))
-        local spin = redis.script([[
-local t0 = redis.call("TIME")
-repeat
-    local t = redis.call("TIME")
-until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 300000
-return 1
-]])
         local c = counter("lx", { read_timeout = 0.05 })
         for _ = 1, 7 do
             c:inc("once")
         end
-        assert(busy:eval(spin, 0))              -- loads the script
-        -- Idle, authenticated connections in the pool, so that the flush
-        -- sends its script at once (a fresh one would wait on AUTH).
-        local pings = {}
-        for i = 1, 4 do
-            pings[i] = ngx.thread.spawn(function()
-                return raw:command("ping")
-            end)
-        end
-        for i = 1, 4 do
-            assert(ngx.thread.wait(pings[i]))
-        end
-        local thread = ngx.thread.spawn(function()
-            return busy:eval(spin, 0)
+        backend_helper.while_busy(raw, function()
+            local ok, err = c:flush()
+            assert.is_nil(ok)
+            assert.matches("timeout", err)
+            assert.equal(1, c:pending_keys())  -- kept, under its batch id
+            c:inc("once", 3)                   -- waits in the new table
         end)
-        ngx.sleep(0.05)
-        local ok, err = c:flush()
-        assert.is_nil(ok)
-        assert.matches("timeout", err)
-        assert.equal(1, c:pending_keys())      -- kept, under its batch id
-        c:inc("once", 3)                       -- waits in the new table
-        assert(ngx.thread.wait(thread))
         -- Redis gets to the flush's script right after the busy one.
-        for _ = 1, 100 do
-            if shared:get("once") ~= 0 then
-                break
-            end
-            ngx.sleep(0.01)
-        end
-        assert.equal(7, shared:get("once"))    -- it did run, once
+        assert.equal(7, backend_helper.settled(function()
+            return shared:get("once")
+        end))                                  -- it did run, once
 
         -- The next flush sends it again under its id (Redis knows it: a
         -- duplicate, not applied twice), then the 3.
@@ -182,16 +146,8 @@ return 1
         local c = assert(lax.new(nil, {
             name = "lx", redis = backend({ read_timeout = 1 }),
             allowed_lag = 0.02 }))
-        local client = c.shared.engine.client
-        local running, most, scripts = 0, 0, 0
-        client.eval = function(...)
-            running = running + 1
-            scripts = scripts + 1
-            most = math.max(most, running)
-            local res, err = redis.eval(...)
-            running = running - 1
-            return res, err
-        end
+        local stats = {}
+        backend_helper.watch_scripts(c.shared.engine.client, stats)
         assert(raw:command("client", "pause", 300, "all"))
         ngx.update_time()
         local stop = ngx.now() + 0.5
@@ -209,8 +165,8 @@ return 1
             ngx.sleep(0.01)
         end
         assert.equal(sent, shared:get("one"))
-        assert.is_true(scripts >= 2, "flushes sent: " .. scripts)
-        assert.equal(1, most)
+        assert.is_true(stats.scripts >= 2, "flushes sent: " .. stats.scripts)
+        assert.equal(1, stats.most)
     end)
 
     it("keeps every delta while Redis cannot be reached", function()

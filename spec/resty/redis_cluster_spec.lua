@@ -110,29 +110,50 @@ describe("resty.counter.redis on a Redis Cluster", function()
         end
     end)
 
-    it("flushes lax counters to every node exactly", function()
+    -- Two lax counters per node ("two workers", seeded at different
+    -- nodes) on `dict` (nil: counting in the worker), 150 incs each
+    -- spread over 3 keys.
+    local function lax_workers(dict)
         local names = {}
         local workers = {}
         for i = 1, #PORTS do
             names[i] = name_on(i)
-            workers[i] = {
-                assert(lax.new(nil, { name = names[i], redis = seed(1),
-                                      allowed_lag = 3600 })),
-                assert(lax.new(nil, { name = names[i], redis = seed(2),
-                                      allowed_lag = 3600 })),
-            }
+            workers[i] = {}
+            for w = 1, 2 do
+                workers[i][w] = assert(lax.new(dict, {
+                    name = names[i], redis = seed(w), allowed_lag = 3600 }))
+            end
         end
         for n = 1, 300 do
             for i = 1, #PORTS do
                 workers[i][n % 2 + 1]:inc("k" .. n % 3)
             end
         end
+        return names, workers
+    end
+
+    it("flushes lax counters to every node exactly", function()
+        local names, workers = lax_workers(nil)
         for i = 1, #PORTS do
             assert(workers[i][1]:flush())
             assert(workers[i][2]:flush())
             for k = 0, 2 do
                 assert.equal(100, cluster:get("rc:{" .. names[i] .. "}:k"
                                               .. k))
+            end
+        end
+    end)
+
+    it("flushes lax counters in the shared engine to every node exactly, "
+       .. "one flush sending every worker's counts", function()
+        local names, workers = lax_workers("lax_engine")
+        for i = 1, #PORTS do
+            assert(workers[i][2]:flush())
+            assert.equal(0, workers[i][1]:pending_keys())
+            for k = 0, 2 do
+                assert.equal(100, cluster:get("rc:{" .. names[i] .. "}:k"
+                                              .. k))
+                assert.equal(100, workers[i][1]:get("k" .. k))
             end
         end
     end)

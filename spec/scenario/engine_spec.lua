@@ -11,15 +11,6 @@ local load = require "helpers.load"
 local CONF = assert(nginx.read_file("spec/scenario/engine.conf"))
 
 
-local function worker_pids(srv)
-    local pids = {}
-    for pid in nginx.read("pgrep -P " .. srv:pid()):gmatch("%d+") do
-        pids[#pids + 1] = pid
-    end
-    return pids
-end
-
-
 -- Sends `n` requests to /slow?s=<seconds>&i=<i> in the background with
 -- curl; returns a function that waits for them all.
 local function in_flight(srv, n, seconds)
@@ -93,7 +84,7 @@ describe("resty.counter on the shared engine, Kong's configuration", function()
         nginx.sleep(0.5)
         local wait = in_flight(srv, 30, 0.5)
         nginx.sleep(0.2)
-        local before = worker_pids(srv)
+        local before = srv:worker_pids()
         srv:signal("HUP")
         wait()
         load.wait(run)
@@ -125,10 +116,7 @@ describe("resty.counter on the shared engine, Kong's configuration", function()
                                                 threads = 1,
                                                 connections = 16 })
         nginx.sleep(0.5)
-        for _ = 1, 20 do
-            srv:signal("HUP")
-            nginx.sleep(0.1)
-        end
+        srv:reloads(20, 0.1)
         load.wait(run)
         load.wait(slow)
         nginx.sleep(0.5)
@@ -141,12 +129,12 @@ describe("resty.counter on the shared engine, Kong's configuration", function()
         assert.equal(0, tonumber(refused))
         -- The old workers are gone: two remain.
         for _ = 1, 100 do
-            if #worker_pids(srv) == 2 then
+            if #srv:worker_pids() == 2 then
                 break
             end
             nginx.sleep(0.1)
         end
-        assert.equal(2, #worker_pids(srv))
+        assert.equal(2, #srv:worker_pids())
         srv:stop()          -- QUIT: the exit paths log too
         assert.same({}, srv:unexpected_errors())
     end)
@@ -154,10 +142,7 @@ describe("resty.counter on the shared engine, Kong's configuration", function()
     it("loses 0 counts when workers are killed with SIGKILL", function()
         srv = nginx.start({ workers = 2, http = CONF })
         local run = load.start(srv, "/fast", { seconds = 5, keys = 10 })
-        for i = 1, 3 do
-            nginx.sleep(1.2)
-            nginx.sh("kill -9 " .. worker_pids(srv)[i % 2 + 1])
-        end
+        srv:kill_workers(3, 1.2)
         load.wait(run)
         nginx.sleep(0.5)
         -- The request a worker serves when it is killed may be in the
@@ -167,12 +152,7 @@ describe("resty.counter on the shared engine, Kong's configuration", function()
         -- The master reports each kill; nothing else may be logged, the
         -- exit paths included.
         srv:stop()
-        local errors = {}
-        for _, line in ipairs(srv:unexpected_errors()) do
-            if not line:find("exited on signal 9", 1, true) then
-                errors[#errors + 1] = line
-            end
-        end
+        local errors = srv:errors_but_kills()
         assert.same({}, errors)
     end)
 end)

@@ -8,6 +8,7 @@
 //! - [`table`]: keys to records of cells, lock-free.
 //! - [`cell`]: counting in a cell (`i64` exact, `f64`).
 //! - [`counter`]: `resty.counter`'s records.
+//! - [`lax`]: lax counters on Redis: totals added and sent, the journal.
 //! - [`requests`]: the request counter's records (windows in a ring).
 //! - [`strict`]: strict counters' records (a value and its state changed by
 //!   one double-width compare-and-swap; batches through a journal).
@@ -17,6 +18,7 @@
 pub mod cell;
 pub mod counter;
 mod error;
+pub mod lax;
 pub mod lock;
 pub mod requests;
 pub mod strict;

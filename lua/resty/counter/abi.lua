@@ -189,6 +189,41 @@ int32_t rc_strict_batch(rc_engine_t *engine, uint32_t records,
 int32_t rc_strict_next(rc_engine_t *engine, const unsigned char *prefix,
     size_t len, uint32_t *cursor, const unsigned char **key, size_t *key_len,
     int64_t *value, const uint64_t **cells);
+
+typedef struct {
+    uint64_t nonce;
+    uint64_t seq;
+    uint32_t count;
+    uint32_t more;
+    uint32_t next;
+} rc_lax_batch_t;
+
+typedef struct {
+    const uint64_t      *cells;
+    const unsigned char *key;
+    uint32_t             key_len;
+    int64_t              delta;
+    uint64_t             ttl_ms;
+} rc_lax_entry_t;
+
+uint32_t rc_lax_width(int32_t journal);
+int32_t rc_lax_add(const uint64_t *cells, int64_t step, int64_t *unsent);
+int64_t rc_lax_unsent(const uint64_t *cells);
+void rc_lax_request_ttl(const uint64_t *cells, uint64_t ms);
+int32_t rc_lax_seen(const uint64_t *cells, int64_t *value);
+void rc_lax_set_seen(const uint64_t *cells, int64_t value);
+int32_t rc_lax_flush_begin(rc_engine_t *engine, const uint64_t *journal,
+    const unsigned char *name, size_t len, uint32_t from,
+    rc_lax_batch_t *out);
+int32_t rc_lax_flush_entry(const rc_engine_t *engine,
+    const uint64_t *journal, uint32_t i, uint32_t prefix_len,
+    rc_lax_entry_t *out);
+int32_t rc_lax_flush_end(const rc_engine_t *engine, const uint64_t *journal,
+    int32_t outcome);
+int32_t rc_lax_forget(rc_engine_t *engine, const uint64_t *journal,
+    const uint64_t *cells, const unsigned char *name, size_t len);
+uint32_t rc_lax_unsent_keys(rc_engine_t *engine, const unsigned char *name,
+    size_t len);
 ]]
 
 
@@ -276,6 +311,17 @@ local codes = {
     -- A strict record (src/engine/strict.rs): its kind and width.
     STRICT_KIND = 115, -- ("s"):byte()
     STRICT_WIDTH = 3,
+    -- rc_lax_flush_begin (src/ffi_engine.rs): a new batch in flight,
+    -- another flush running, the batch an earlier flush left (sent again
+    -- under its id), nothing to send.
+    LAX_NEW_BATCH = 0,
+    LAX_BUSY = 1,
+    LAX_LEFT_BATCH = 2,
+    LAX_NOTHING = 3,
+    -- rc_lax_flush_end (src/ffi_engine.rs): how the batch ended.
+    LAX_APPLIED = 0,
+    LAX_UNKNOWN = 1,
+    LAX_NOT_SENT = 2,
 }
 
 

@@ -274,6 +274,14 @@ _M.text = option(function(v)
 end, "a non-empty string")
 
 
+-- syntax: s = check.directory(value, name, level, default?)
+--
+-- A directory's path: a non-empty string without a NUL byte.
+_M.directory = option(function(v)
+    return type(v) == "string" and v ~= "" and not v:find("\0", 1, true)
+end, "a directory path (a non-empty string without NUL)")
+
+
 -- syntax: b = check.flag(value, name, level, default?)
 _M.flag = option(function(v)
     return type(v) == "boolean"

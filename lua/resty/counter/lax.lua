@@ -17,6 +17,12 @@
 -- exit_worker_by_lua flushes what is left to a dict, and says what could
 -- not reach Redis.
 --
+-- On Redis with a dict (lax.new(dict, { redis = ... })) the counts live in
+-- the shared engine in the dict's zone instead (src/engine/lax.rs): every
+-- worker adds into one total per key, reads include every worker's unsent
+-- counts, and any worker's flush sends them all through the counter's
+-- journal, exactly once, a killed worker's included (docs/lax.md).
+--
 -- What each method guarantees is written above it. In short: increments
 -- are eventually applied exactly; reads and comparisons see "the worker's
 -- view", the shared value (as last read) plus this worker's pending delta;
@@ -29,6 +35,9 @@ local check = require "resty.counter.check"
 local int = require "resty.counter.int"
 local log = require "resty.counter.log"
 local redis = require "resty.counter.redis"
+local abi = require "resty.counter.abi"
+local shared_engine = require "resty.counter.engine"
+local spool = require "resty.counter.spool"
 local new_tab = require "table.new"
 local nkeys = require "table.nkeys"
 local ffi = require "ffi"
@@ -37,6 +46,11 @@ local ffi = require "ffi"
 local ngx = ngx
 local ngx_now = ngx.now
 local ngx_sleep = ngx.sleep
+local ngx_log = ngx.log
+local ngx_WARN = ngx.WARN
+local ngx_NOTICE = ngx.NOTICE
+local ngx_update_time = ngx.update_time
+local ngx_prefix = ngx.config.prefix
 local worker_pid = ngx.worker.pid
 local get_phase = ngx.get_phase
 local timer_every = ngx.timer.every
@@ -55,6 +69,11 @@ local unpack = unpack
 local fmt = string.format
 local remove = table.remove
 local floor = math.floor
+local tonumber = tonumber
+local ffi_new = ffi.new
+local ffi_string = ffi.string
+local C = abi.C
+local sleep_ms = abi.core.sleep_ms
 
 
 local MAX_SAFE = int.max_safe_integer
@@ -64,6 +83,29 @@ local CMP_ALWAYS = CMP.always
 local OP_ADD = int.OP_ADD
 local OP_SUB = int.OP_SUB
 local OP_SET = int.OP_SET
+
+-- Lax keys on Redis in the shared engine (src/engine/lax.rs).
+local LAX_KIND = ("l"):byte()
+local JOURNAL_KIND = ("j"):byte()
+local LAX_WIDTH = C.rc_lax_width(0)
+local JOURNAL_WIDTH = C.rc_lax_width(1)
+local NOT_FOUND = abi.NOT_FOUND
+local FULL = abi.FULL
+local LAX_NEW_BATCH = abi.LAX_NEW_BATCH
+local LAX_BUSY = abi.LAX_BUSY
+local LAX_LEFT_BATCH = abi.LAX_LEFT_BATCH
+local LAX_NOTHING = abi.LAX_NOTHING
+local LAX_APPLIED = abi.LAX_APPLIED
+local LAX_UNKNOWN = abi.LAX_UNKNOWN
+local LAX_NOT_SENT = abi.LAX_NOT_SENT
+local unsent_out = ffi_new("int64_t[1]")
+local seen_out = ffi_new("int64_t[1]")
+local batch_out = ffi_new("rc_lax_batch_t")
+local entry_out = ffi_new("rc_lax_entry_t")
+
+-- Batches one flush sends at most (lax.MAX_BATCH keys each, 256): more
+-- wait for the next tick.
+local MAX_ENGINE_BATCHES = 64
 
 -- The worker's last-read shared values are dropped past this many keys
 -- (and read again when needed), so memory stays bounded.
@@ -165,7 +207,10 @@ local function send(self, batch)
     end
     argv[#argv + 1] = fmt("%d", self.batch_ttl)
     for i = 1, count do
-        argv[#argv + 1] = int.text(batch.deltas[i])
+        local delta = batch.deltas[i]
+        -- A spooled batch's deltas are decimal text already.
+        argv[#argv + 1] = type(delta) == "string" and delta
+                          or int.text(delta)
         local ttl = batch.ttls[i]
         argv[#argv + 1] = ttl and fmt("%d", floor(ttl * 1000 + 0.5)) or ""
     end
@@ -197,7 +242,11 @@ local function send(self, batch)
         else
             local value = int.decode(r)
             if value ~= nil then
-                self:_see(batch.keys[i], value)
+                if batch.cells then
+                    C.rc_lax_set_seen(batch.cells[i], value)
+                elseif not batch.spooled then
+                    self:_see(batch.keys[i], value)
+                end
             end
         end
     end
@@ -250,34 +299,162 @@ local function cap_pending(self)
 end
 
 
--- One flush to Redis; never two of one counter at a time (see
--- flush_to_redis), so the batches of unknown fate are only ever added to
--- and taken from by one flush.
-local function flush_redis(self)
-    -- The batches whose fate is unknown go first, in order, each under
-    -- its own id, and alone: new deltas wait in the pending table.
-    local unknown = self.unknown
-    while unknown[1] do
-        local ok, err = send(self, unknown[1])
-        if not ok then
-            cap_pending(self)
-            return nil, "flush to redis: " .. tostring(err) .. " ("
-                        .. #unknown .. " batch(es) of "
-                        .. unknown_keys(self) .. " keys in all will be "
-                        .. "sent again under their ids)"
+-- The engine's batch in flight as send() takes it: its id (the journal's
+-- nonce and the batch's sequence number, the same when it is sent again)
+-- and its keys, deltas, TTLs and cells.
+local function engine_batch(self)
+    local handle, journal = self.handle, self.journal
+    local count = batch_out.count
+    local batch = {
+        id = "e" .. tostring(batch_out.nonce):gsub("ULL$", "") .. ":"
+             .. tostring(batch_out.seq):gsub("ULL$", ""),
+        keys = new_tab(count, 0), deltas = new_tab(count, 0),
+        ttls = new_tab(count, 0), cells = new_tab(count, 0),
+    }
+    local n = 0
+    for i = 0, count - 1 do
+        if C.rc_lax_flush_entry(handle.ptr, journal, i, self.prefix_len,
+                                entry_out) == 0
+        then
+            n = n + 1
+            batch.keys[n] = ffi_string(entry_out.key, entry_out.key_len)
+            batch.deltas[n] = int.lua_value(entry_out.delta)
+            local ms = tonumber(entry_out.ttl_ms)
+            batch.ttls[n] = ms > 0 and ms / 1000 or false
+            batch.cells[n] = entry_out.cells
         end
-        remove(unknown, 1)
     end
+    return batch
+end
 
-    local pending = self.pending
-    if next(pending) == nil then
+
+-- One flush of a lax counter on the engine: every worker's unsent counts
+-- (a killed worker's too), batch by batch, each journaled in the engine
+-- before it is sent and settled after (src/engine/lax.rs says the order).
+-- One at a time per counter across all workers (the journal's lock): a
+-- tick that finds another flush running returns; any other caller waits
+-- for it (FLUSH_WAIT seconds at most).
+local function flush_engine(self, is_tick)
+    local handle, journal, prefix = self.handle, self.journal, self.prefix
+    local deadline
+    local from = 0
+    self.more = false
+    for _ = 1, MAX_ENGINE_BATCHES do
+        local rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
+                                        from, batch_out)
+        while rc == LAX_BUSY do
+            if is_tick then
+                return true
+            end
+            deadline = deadline or ngx_now() + FLUSH_WAIT
+            if ngx_now() > deadline then
+                return nil, "flush to redis: the flush in progress took "
+                            .. "more than " .. FLUSH_WAIT .. " s"
+            end
+            ngx_sleep(0.001)
+            rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
+                                      from, batch_out)
+        end
+        if rc == LAX_NOTHING then
+            return true
+        end
+        if rc ~= LAX_NEW_BATCH and rc ~= LAX_LEFT_BATCH then
+            return nil, "flush to redis: " .. shared_engine.last_error()
+        end
+
+        local more, next_from = batch_out.more, batch_out.next
+        -- pcall: the batch is ended (the lock released) whatever happens.
+        local fine, ok, err, sent = pcall(send, self, engine_batch(self))
+        local outcome = LAX_APPLIED
+        if not fine then
+            ok, err, sent = nil, ok, true
+        end
+        if not ok then
+            -- A batch sent again (left by an earlier flush: it may have
+            -- run then) stays in flight whatever this send proves.
+            outcome = (sent or rc == LAX_LEFT_BATCH) and LAX_UNKNOWN
+                      or LAX_NOT_SENT
+        end
+        C.rc_lax_flush_end(handle.ptr, journal, outcome)
+        if not ok then
+            if outcome == LAX_UNKNOWN then
+                return nil, "flush to redis: " .. tostring(err) .. " (the "
+                            .. "batch will be sent again under its id)"
+            end
+            return nil, "flush to redis: " .. tostring(err)
+        end
+        if more == 0 then
+            return true
+        end
+        from = next_from
+    end
+    self.more = true
+    return true
+end
+
+
+-- Sends the batches an earlier run of nginx (or an exiting worker at a
+-- reload) spooled for this counter (resty/counter/spool.lua), each under
+-- its own id, and removes each file once Redis has it. The directory is
+-- listed again only when it changed (or changed less than a second ago).
+-- Workers of one start may send one file at once: Redis applies its id
+-- once (a duplicate, counted). An exiting worker leaves the spool to the
+-- workers that stay or come (it may be spooling itself).
+local function send_spooled(self)
+    if draining then
         return true
     end
+    local dir = self.spool_dir
+    local stamp, recent = spool.stamp(dir)
+    if stamp == self.spool_stamp and not recent then
+        return true
+    end
+    local key_prefix = self.shared.engine.key_prefix
+    local names, err = spool.list(dir, key_prefix)
+    if not names then
+        self.spool_stamp = stamp
+        log_failure(SOURCE, fmt('cannot list the spool directory "%s": %s',
+                                dir, tostring(err)))
+        return true
+    end
+    for i = 1, #names do
+        local path = dir .. "/" .. names[i]
+        local batch
+        batch, err = spool.read(path, key_prefix)
+        if batch then
+            if batch.maybe_sent and batch.age >= self.batch_ttl then
+                ngx_log(ngx_WARN, SOURCE, ": ", fmt('spooled batch %s was '
+                        .. 'maybe sent once %d s ago, longer than its id is '
+                        .. 'kept in redis (%d s): if it was, it is applied '
+                        .. 'twice now', path, batch.age, self.batch_ttl))
+            end
+            batch.spooled = true
+            local ok, send_err = send(self, batch)
+            if not ok then
+                return nil, "flush to redis: the spooled batch " .. path
+                            .. " (sent again later): " .. tostring(send_err)
+            end
+            spool.remove(path)
+            self.metrics.unspooled = self.metrics.unspooled + 1
+            ngx_log(ngx_NOTICE, SOURCE, ": ", fmt('counter "%s" on redis: '
+                    .. 'sent the spooled batch %s (%d keys)',
+                    self.shared.name, path, #batch.keys))
+        elseif not tostring(err):find("No such file", 1, true) then
+            -- (A file gone meanwhile was sent by another worker.)
+            log_failure(SOURCE, "spooled batch not sent: " .. tostring(err))
+        end
+    end
+    self.spool_stamp = stamp
+    return true
+end
 
-    local ttls = self.ttls
+
+-- The pending table as batches of at most MAX_BATCH_KEYS keys, each with
+-- its own id; the pending table starts anew.
+local function take_batches(self)
+    local pending, ttls = self.pending, self.ttls
     self.pending = new_tab(0, 16)
     self.ttls = {}
-    -- Batches of at most MAX_BATCH_KEYS keys, each with its own id.
     local batches = {}
     local batch
     for key, delta in pairs(pending) do
@@ -293,10 +470,48 @@ local function flush_redis(self)
             batch.ttls[n] = ttls[key] or false
         end
     end
+    return batches
+end
 
+
+-- One flush to Redis; never two of one counter at a time (see
+-- flush_to_redis), so the batches of unknown fate are only ever added to
+-- and taken from by one flush. What an earlier run spooled goes first.
+local function flush_redis(self, is_tick)
+    local spooled, spool_err = send_spooled(self)
+    if not spooled then
+        return nil, spool_err
+    end
+    if self.journal then
+        return flush_engine(self, is_tick)
+    end
+    -- The batches whose fate is unknown go first, in order, each under
+    -- its own id, and alone: new deltas wait in the pending table.
+    local unknown = self.unknown
+    while unknown[1] do
+        local ok, err = send(self, unknown[1])
+        if not ok then
+            cap_pending(self)
+            return nil, "flush to redis: " .. tostring(err) .. " ("
+                        .. #unknown .. " batch(es) of "
+                        .. unknown_keys(self) .. " keys in all will be "
+                        .. "sent again under their ids)"
+        end
+        remove(unknown, 1)
+    end
+
+    if next(self.pending) == nil then
+        return true
+    end
+
+    local batches = take_batches(self)
     local ok, err, sent
     for i = 1, #batches do
+        -- Where this flush stands, for the exit hook when nginx's fast
+        -- shutdown cuts it in the send (see spool_worker).
+        self.sending = { batches = batches, at = i }
         ok, err, sent = send(self, batches[i])
+        self.sending = nil
         if not ok then
             -- This one may have run (kept under its id) or surely not
             -- (back to pending); the ones after it were not sent.
@@ -346,8 +561,8 @@ end
 -- flush_redis, and while the worker exits (no tick will come again) its
 -- retries every allowed_lag for up to exit_timeout seconds, saying each
 -- new reason once.
-local function flush_redis_retried(self)
-    local ok, err = flush_redis(self)
+local function flush_redis_retried(self, is_tick)
+    local ok, err = flush_redis(self, is_tick)
     if ok then
         self.last_error = nil
         return true
@@ -361,7 +576,7 @@ local function flush_redis_retried(self)
         local said = err
         while ngx_now() < self.exit_deadline do
             ngx_sleep(self.allowed_lag)
-            ok, err = flush_redis(self)
+            ok, err = flush_redis(self, false)
             if ok then
                 self.last_error = nil
                 return true
@@ -377,26 +592,167 @@ local function flush_redis_retried(self)
 end
 
 
--- In exit_worker_by_lua* there are no cosockets and no timers: what is
--- still pending cannot reach Redis any more. Dropped, counted, and said
--- in one line.
-local function abandon(self)
-    local keys, batch_keys = nkeys(self.pending), unknown_keys(self)
-    if keys == 0 and batch_keys == 0 then
+-- Says in one [warn] line what an exiting worker spooled.
+local function said_spooled(self, keys, batches)
+    self.metrics.spooled = self.metrics.spooled + keys
+    ngx_log(ngx_WARN, SOURCE, ": ", fmt('counter "%s" on redis: %d keys in '
+            .. '%d batch(es) spooled to %s for the next start of nginx (%s)',
+            self.shared.name, keys, batches, self.spool_dir,
+            self.last_error and "last error: " .. self.last_error
+            or "no flush can run at this exit"))
+end
+
+
+-- Spools every worker's unsent counts of a counter on the engine, batch by
+-- batch under the counter's flush lock: each batch is written (its own id:
+-- the journal's, so a batch of unknown fate keeps the id it was sent
+-- under), then its sent totals move as if Redis had it, and the lock is
+-- released, so the next exiting worker spools only what is newer. Waits
+-- for the lock up to exit_timeout. Nil and an error when something stays
+-- unspooled.
+local function spool_engine(self)
+    local handle, journal, prefix = self.handle, self.journal, self.prefix
+    local key_prefix = self.shared.engine.key_prefix
+    if self.flushing then
+        -- A flush of this worker was cut in its send (nginx's fast
+        -- shutdown: its light thread never resumes): the lock is ours and
+        -- the batch may have reached Redis. Kept in flight, spooled below
+        -- under its id.
+        C.rc_lax_flush_end(handle.ptr, journal, LAX_UNKNOWN)
+        self.flushing = false
+    end
+    ngx_update_time()
+    local deadline = ngx_now() + self.exit_timeout
+    local from, keys, batches, err = 0, 0, 0, nil
+    repeat
+        local rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
+                                        from, batch_out)
+        while rc == LAX_BUSY and ngx_now() < deadline do
+            sleep_ms(1)
+            ngx_update_time()
+            rc = C.rc_lax_flush_begin(handle.ptr, journal, prefix, #prefix,
+                                      from, batch_out)
+        end
+        if rc == LAX_NOTHING then
+            break
+        end
+        if rc == LAX_BUSY then
+            err = "another worker held its flush lock for more than "
+                  .. "exit_timeout"
+            break
+        end
+        if rc ~= LAX_NEW_BATCH and rc ~= LAX_LEFT_BATCH then
+            err = shared_engine.last_error()
+            break
+        end
+
+        local more, next_from = batch_out.more, batch_out.next
+        local batch = engine_batch(self)
+        -- pcall: the batch is ended (the lock released) whatever happens.
+        local fine, name, write_err = pcall(spool.write, self.spool_dir,
+                                            key_prefix, batch,
+                                            rc == LAX_LEFT_BATCH)
+        if not (fine and name) then
+            C.rc_lax_flush_end(handle.ptr, journal, rc == LAX_LEFT_BATCH
+                                                    and LAX_UNKNOWN
+                                                    or LAX_NOT_SENT)
+            err = "cannot write the spool: "
+                  .. tostring(fine and write_err or name)
+            break
+        end
+        C.rc_lax_flush_end(handle.ptr, journal, LAX_APPLIED)
+        keys, batches = keys + #batch.keys, batches + 1
+        from = next_from
+    until more == 0
+
+    if batches > 0 then
+        said_spooled(self, keys, batches)
+    end
+    if err then
+        local left = C.rc_lax_unsent_keys(handle.ptr, prefix, #prefix)
+        return nil, fmt('counter "%s" on redis: %d keys unsent stay in the '
+                        .. 'shared engine, lost if nginx stops now (%s)',
+                        self.shared.name, left, err)
+    end
+    return true
+end
+
+
+-- Spools what a counter on Redis without a dict still holds in this
+-- worker: its batches of unknown fate under their ids, the batches of a
+-- flush cut in its send (the one in the send under its id), and its
+-- pending deltas under new ids. Nil and an error when it could not.
+local function spool_worker(self)
+    local batches, maybe_sent = {}, {}
+    for i = 1, #self.unknown do
+        batches[i], maybe_sent[i] = self.unknown[i], true
+    end
+    local cut = self.sending
+    if cut then
+        for i = cut.at, #cut.batches do
+            batches[#batches + 1] = cut.batches[i]
+            maybe_sent[#batches] = i == cut.at
+        end
+    end
+    local taken = take_batches(self)
+    for i = 1, #taken do
+        batches[#batches + 1] = taken[i]
+    end
+    if #batches == 0 then
         return true
     end
 
-    local msg = fmt('counter "%s" on redis: %d pending keys and %d keys '
-                    .. 'in %d batch(es) of unknown fate could not be sent '
-                    .. 'before the worker exited and are lost (last '
-                    .. 'error: %s)', self.shared.name, keys, batch_keys,
-                    #self.unknown, tostring(self.last_error))
-    log_failure(SOURCE, msg)
-    self.metrics.dropped = self.metrics.dropped + keys + batch_keys
-    self.pending = new_tab(0, 16)
-    self.ttls = {}
+    local keys, err = 0, nil
+    for i = 1, #batches do
+        local fine, name, write_err = pcall(spool.write, self.spool_dir,
+                                            self.shared.engine.key_prefix,
+                                            batches[i], maybe_sent[i])
+        if not (fine and name) then
+            err = "cannot write the spool: "
+                  .. tostring(fine and write_err or name)
+            for j = i, #batches do
+                keys = keys + #batches[j].keys
+            end
+            break
+        end
+        keys = keys + #batches[i].keys
+    end
     self.unknown = {}
-    return nil, msg
+    self.sending = nil
+
+    if not err then
+        said_spooled(self, keys, #batches)
+        return true
+    end
+    self.metrics.dropped = self.metrics.dropped + keys
+    return nil, fmt('counter "%s" on redis: %d keys could not be sent '
+                    .. 'before the worker exited and are lost (%s; last '
+                    .. 'error: %s)', self.shared.name, keys, err,
+                    tostring(self.last_error))
+end
+
+
+-- In exit_worker_by_lua* there are no cosockets and no timers: what could
+-- not reach Redis before goes into the spool for the next start (and
+-- whatever cannot be spooled is said in one [error] line). On the engine
+-- the counts are every worker's: at a reload or a graceful stop whose
+-- flushes worked the rest is for the other workers' flushes (the new
+-- ones' at a reload), so this worker spools only at a fast shutdown (no
+-- premature tick ran) or after a failed flush.
+local function abandon(self)
+    local ok, err
+    if self.journal then
+        if draining and not self.last_error then
+            return true
+        end
+        ok, err = spool_engine(self)
+    else
+        ok, err = spool_worker(self)
+    end
+    if not ok then
+        log_failure(SOURCE, err)
+    end
+    return ok, err
 end
 
 
@@ -438,8 +794,9 @@ local function flush_to_redis(self, is_tick)
 
     self.flushing = true
     -- pcall: the flag is cleared whatever happens.
-    local fine, ok, err = pcall(flush_redis_retried, self)
+    local fine, ok, err = pcall(flush_redis_retried, self, is_tick)
     self.flushing = false
+    self.sending = nil
     if not fine then
         ok, err = nil, "flush to redis: " .. tostring(ok)
         log_failure(SOURCE, err)
@@ -513,6 +870,9 @@ local drain
 
 
 local function has_work(self)
+    if self.journal then
+        return self.more
+    end
     return next(self.pending) ~= nil or self.unknown[1] ~= nil
 end
 
@@ -555,7 +915,10 @@ end
 
 
 -- The options of lax.new: strict's and its own.
-local OPTIONS = { allowed_lag = true, max_pending = true, exit_timeout = true }
+local OPTIONS = {
+    allowed_lag = true, max_pending = true, exit_timeout = true,
+    spool_dir = true,
+}
 for name in pairs(strict._OPTIONS) do
     OPTIONS[name] = true
 end
@@ -581,9 +944,40 @@ drain = function(self)
 end
 
 
+-- The spool directory of a counter on Redis: opts.spool_dir (relative to
+-- nginx's prefix) or the prefix's logs/. One [warn] per worker when this
+-- worker cannot write it; one too for a counter without a dict.
+local function spool_directory(self, dir)
+    local prefix = ngx_prefix()
+    if dir == nil then
+        dir = prefix .. "logs"
+    elseif dir:sub(1, 1) ~= "/" then
+        dir = prefix .. dir
+    end
+    local ok, err = spool.probe(dir)
+    if not ok then
+        ngx_log(ngx_WARN, SOURCE, ": ", fmt('counter "%s" on redis: cannot '
+                .. 'write the spool directory "%s" (%s): what it has not sent '
+                .. 'when nginx stops with TERM, or with Redis unreachable, is '
+                .. 'lost; set opts.spool_dir to a directory the worker\'s '
+                .. 'user can write', self.shared.name, dir, tostring(err)))
+    end
+    if self.dict_name == nil then
+        ngx_log(ngx_WARN, SOURCE, ": ", fmt('counter "%s" on redis counts in '
+                .. 'each worker: a worker killed loses what it has not sent; '
+                .. 'lax.new("<dict>", { redis = ... }) counts in the shared '
+                .. 'engine instead (docs/lax.md)', self.shared.name))
+    end
+    return dir
+end
+
+
 -- syntax: c, err = lax.new(shdict_name, opts?)
 --
 -- context: init_worker_by_lua* and later phases (it creates a timer)
+--
+-- On Redis, a dict name puts the counts in that dict's shared engine (see
+-- the top of this file); nil keeps them in each worker.
 --
 -- opts: those of strict.new (name, timeout, lock_ttl), and allowed_lag
 -- (seconds between flushes, default 0.02). On Redis also max_pending
@@ -598,6 +992,8 @@ function _M.new(shdict_name, opts)
                                        2, 1)
     local max_pending = check.integer(opts.max_pending, "opts.max_pending",
                                       1, 1 / 0, 2, 100000)
+    local spool_dir = check.directory(opts.spool_dir, "opts.spool_dir", 2,
+                                      false)
 
     local shared, err = strict._new(shdict_name, opts, OPTIONS, 2)
     if not shared then
@@ -634,8 +1030,42 @@ function _M.new(shdict_name, opts)
         last_error = nil,
         exit_deadline = nil,
         retry = shared.engine and backoff.new(lag, MAX_RETRY_WAIT),
-        metrics = { duplicates = 0, dropped = 0 },
+        metrics = { duplicates = 0, dropped = 0, refused = 0, spooled = 0,
+                    unspooled = 0 },
+        spool_dir = nil,
+        spool_stamp = nil,
+        sending = nil,
     }, mt)
+
+    if self.redis then
+        self.spool_dir = spool_directory(self, spool_dir)
+    end
+
+    -- On Redis with a dict: every worker counts into the shared engine in
+    -- the dict's zone, and any worker's flush sends them all.
+    if self.redis and shdict_name ~= nil then
+        local handle
+        handle, err = shared_engine.attach(shdict_name)
+        if not handle then
+            return nil, err
+        end
+        local prefix = shared.engine.key_prefix .. "\0"
+        local journal
+        journal, err = shared_engine.record(handle, JOURNAL_KIND, prefix,
+                                            JOURNAL_WIDTH, true)
+        if not journal then
+            return nil, "lax counter in the shared engine: " .. err
+        end
+        self.handle = handle
+        self.journal = journal
+        self.prefix = prefix
+        self.prefix_len = 1 + #prefix
+        self.cells = {}
+        self.more = false
+        if shared_engine.max_key_len - #prefix < self.max_key_len then
+            self.max_key_len = shared_engine.max_key_len - #prefix
+        end
+    end
 
     local ok
     ok, err = timer_every(lag, tick, self)
@@ -712,6 +1142,104 @@ local function inc_now(self, key, op, n, ttl)
 end
 
 
+-- The engine's cells of `key` (made when `create`); nil when absent and
+-- not to be made; nil, err when the engine refuses it (full: counted in
+-- self_metrics().refused).
+local function key_cells(self, key, create)
+    local cells = self.cells[key]
+    if cells then
+        return cells
+    end
+    local err, code
+    cells, err, code = shared_engine.record(self.handle, LAX_KIND,
+                                            self.prefix .. key, LAX_WIDTH,
+                                            create)
+    if not cells then
+        if code == NOT_FOUND then
+            return nil
+        end
+        if code == FULL then
+            self.metrics.refused = self.metrics.refused + 1
+        end
+        return nil, "lax counter: " .. err
+    end
+    self.cells[key] = cells
+    return cells
+end
+
+
+-- a + b exactly (numbers or int64_t cdata), as users get values: a number
+-- within +-(2^53 - 1), an int64_t beyond; nil and an error past int64.
+local function exact_sum(a, b)
+    local x, y = tonumber(a), tonumber(b)
+    local sum = x + y
+    if x <= MAX_SAFE and x >= -MAX_SAFE and y <= MAX_SAFE and y >= -MAX_SAFE
+       and sum <= MAX_SAFE and sum >= -MAX_SAFE
+    then
+        return sum
+    end
+    local applied, new = int.apply(int.text(a), OP_ADD, CMP_ALWAYS, 0,
+                                   int64_t(b))
+    if applied == nil then
+        return nil, new
+    end
+    return int.lua_value(new)
+end
+
+
+-- The Redis value last seen for the key's cells (0 before any).
+local function seen_in(cells)
+    if C.rc_lax_seen(cells, seen_out) == 1 then
+        return seen_out[0]
+    end
+    return 0
+end
+
+
+-- inc and dec on the engine: `n` into the key's total added (every
+-- worker's, shared); the view is the Redis value last seen plus what every
+-- worker has added and not yet sent.
+local function engine_add(self, key, n, ttl)
+    local cells, err = key_cells(self, key, true)
+    if not cells then
+        return nil, err
+    end
+    if ttl then
+        C.rc_lax_request_ttl(cells, floor(ttl * 1000 + 0.5))
+    end
+    if C.rc_lax_add(cells, n, unsent_out) ~= 0 then
+        return nil, "increment or decrement would overflow"
+    end
+    if draining then
+        drain(self)
+    end
+    return exact_sum(seen_in(cells), unsent_out[0])
+end
+
+
+-- Drops the unsent counts of one key's cells (nil: every key of the
+-- counter) after a strict set, delete or clear; waits for a flush in
+-- progress where the phase can (FLUSH_WAIT at most), and says when it
+-- could not (the counts then still land).
+local function engine_forget(self, cells)
+    local deadline = ngx_now() + FLUSH_WAIT
+    local yieldable = not NO_COSOCKET[get_phase()]
+    while true do
+        local rc = C.rc_lax_forget(self.handle.ptr, self.journal, cells,
+                                   self.prefix, #self.prefix)
+        if rc == 0 then
+            return true
+        end
+        if rc ~= LAX_BUSY or not yieldable or ngx_now() > deadline then
+            log_failure(SOURCE, "unsent counts kept after a set, delete or "
+                        .. "clear: a flush was in progress")
+            return nil
+        end
+        ngx_sleep(0.001)
+    end
+end
+
+
 -- syntax: view, err = c:inc(key, n?, ttl?)
 --
 -- context: any phase
@@ -742,6 +1270,9 @@ function _M.inc(self, key, n, ttl)
         -- One node: straight into the shared engine, one compare-and-swap
         -- (docs/lax.md): nothing pending, exact at once.
         return inc_now(self, key, OP_ADD, n, ttl)
+    end
+    if self.journal then
+        return engine_add(self, key, n, ttl)
     end
 
     local seen, err = base(self, key)
@@ -792,6 +1323,12 @@ function _M.dec(self, key, n, ttl)
     if ttl ~= nil then
         strict._check_ttl(ttl, 2)
     end
+    if self.journal then
+        if n == int64_t(-2 ^ 63) then
+            return nil, "increment or decrement would overflow"
+        end
+        return engine_add(self, key, -n, ttl)
+    end
     return inc_now(self, key, OP_SUB, n, ttl)
 end
 
@@ -810,6 +1347,18 @@ function _M.get(self, key)
     local value, err = self.shared:get(key)
     if value == nil then
         return nil, err
+    end
+    if self.journal then
+        local cells
+        cells, err = key_cells(self, key, false)
+        if not cells then
+            if err then
+                return nil, err
+            end
+            return value
+        end
+        C.rc_lax_set_seen(cells, value)
+        return exact_sum(value, C.rc_lax_unsent(cells))
     end
     self:_see(key, value)
 
@@ -853,6 +1402,14 @@ function _M.set(self, key, n, ttl)
     if value == nil then
         return nil, err
     end
+    if self.journal then
+        local cells = key_cells(self, key, false)
+        if cells then
+            engine_forget(self, cells)
+            C.rc_lax_set_seen(cells, value)
+        end
+        return value
+    end
     self.pending[key] = nil
     self.ttls[key] = nil
     self:_see(key, value)
@@ -874,6 +1431,19 @@ function _M.del(self, key)
     local old, err = self.shared:del(key)
     if old == nil then
         return nil, err
+    end
+    if self.journal then
+        local cells = key_cells(self, key, false)
+        if not cells then
+            return old
+        end
+        local unsent = C.rc_lax_unsent(cells)
+        engine_forget(self, cells)
+        C.rc_lax_set_seen(cells, 0)
+        if type(old) == "number" or type(old) == "cdata" then
+            return exact_sum(old, unsent)
+        end
+        return old
     end
 
     local delta = self.pending[key]
@@ -1067,6 +1637,13 @@ function _M.clear(self)
     self.ttls = {}
     self.seen = {}
     self.seen_count = 0
+    if self.journal then
+        local ok, err = self.shared:clear()
+        if ok then
+            engine_forget(self, nil)
+        end
+        return ok, err
+    end
     return self.shared:clear()
 end
 
@@ -1077,6 +1654,11 @@ end
 function _M.pending_keys(self)
     if type(self) ~= "table" then
         dot_call("c", "pending_keys", 2)
+    end
+    if self.journal then
+        -- Every worker's: the keys with counts not yet in Redis.
+        return tonumber(C.rc_lax_unsent_keys(self.handle.ptr, self.prefix,
+                                             #self.prefix))
     end
     local n = 0
     for _ in pairs(self.pending) do
@@ -1095,14 +1677,18 @@ end
 -- sent again after a timeout that Redis had already applied, and so did
 -- not apply twice), `dropped` (deltas given up: Redis refused them as an
 -- overflow or a non-integer, or Redis stayed unreachable with more than
--- `max_pending` keys pending), `pending_keys`.
+-- `max_pending` keys pending), `refused` (new keys the shared engine had
+-- no room for), `spooled` (keys this worker wrote to the spool as it
+-- exited), `unspooled` (spooled batches this worker sent), `pending_keys`
+-- (in the engine: every worker's keys with unsent counts).
 function _M.self_metrics(self)
     if type(self) ~= "table" then
         dot_call("c", "self_metrics", 2)
     end
     local m = self.metrics
     return { duplicates = m.duplicates, dropped = m.dropped,
-             pending_keys = self:pending_keys() }
+             refused = m.refused, spooled = m.spooled,
+             unspooled = m.unspooled, pending_keys = self:pending_keys() }
 end
 
 
