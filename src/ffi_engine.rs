@@ -1036,12 +1036,10 @@ pub unsafe extern "C" fn rc_requests_record(
         None => return CODE_BAD_ARGUMENT,
     };
     let cells = std::slice::from_raw_parts(cells, layout.width() as usize);
-    match Requests::with_edges(cells, layout, &shape.edges_ms[..layout.edges()]) {
-        Some(record) => match record.record(window, latency_ms, &Worker) {
-            Recorded::Window => IN_WINDOW,
-            Recorded::TotalOnly => TOTAL_ONLY,
-        },
-        None => CODE_BAD_ARGUMENT,
+    let record = Requests::with_edges_sized(cells, layout, &shape.edges_ms[..layout.edges()]);
+    match record.record(window, latency_ms, &Worker) {
+        Recorded::Window => IN_WINDOW,
+        Recorded::TotalOnly => TOTAL_ONLY,
     }
 }
 

@@ -250,6 +250,23 @@ impl<'a, W: Word> Requests<'a, W> {
         })
     }
 
+    /// A record of `layout` over `cells` with edges `edges_ms`, from a
+    /// caller that made `cells` exactly `layout.width()` long and
+    /// `edges_ms` exactly `layout.edges()` long (the request path: its
+    /// checks add up there).
+    pub fn with_edges_sized(
+        cells: &'a [W],
+        layout: Layout,
+        edges_ms: &'a [f64],
+    ) -> Requests<'a, W> {
+        debug_assert!(cells.len() == layout.width() as usize && edges_ms.len() == layout.edges);
+        Requests {
+            cells,
+            layout,
+            edges_ms,
+        }
+    }
+
     fn slot(&self, window: u64) -> &'a [W] {
         let words = self.layout.slot_words();
         let start = self.layout.header() + (window % self.layout.ring as u64) as usize * words;
