@@ -197,17 +197,11 @@ pub fn counts<P: Pair>(pair: &P, index: u64) -> Counts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::strict::AtomicPair;
+    use crate::engine::strict::tests::{cells, pair};
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
-    fn cells() -> Vec<AtomicU64> {
-        (0..WIDTH).map(|_| AtomicU64::new(0)).collect()
-    }
-
-    fn pair(cells: &[AtomicU64]) -> &AtomicPair {
-        unsafe { AtomicPair::of_cells(cells.as_ptr()) }
-    }
+    const _: () = assert!(WIDTH == crate::engine::strict::WIDTH);
 
     const FIXED3: Rule = Rule {
         limit: 3,
