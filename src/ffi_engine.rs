@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::engine::counter::{self, Counter, SyncProgress};
+use crate::engine::limit::{self, Rule};
 use crate::engine::lock::{self, Holder, Taken};
 use crate::engine::requests::{self, Layout, Recorded, Requests, Roller};
 use crate::engine::strict::{self, AtomicPair, Batches, Change, Current, Refused};
@@ -1705,6 +1706,108 @@ pub unsafe extern "C" fn rc_strict_next(
         }
         0
     })
+}
+
+// Limits (src/engine/limit.rs): a key's two windows' counts and the window
+// index in one 16-byte pair, one double-width compare-and-swap an event.
+
+/// The kind byte of a limit record, and its width in cells.
+pub const LIMIT_KIND: i32 = 108;
+pub const LIMIT_WIDTH: i32 = 3;
+const _: () = assert!(LIMIT_KIND == limit::KIND as i32 && LIMIT_WIDTH == limit::WIDTH as i32);
+
+/// The rule of a limit call, checked: none when an argument is out of
+/// range (a limit past 32 bits, a window index past 63, a window that is
+/// no positive number, an elapsed time that is no number).
+fn limit_rule(index: u64, elapsed: f64, window: f64, max: u64, sliding: i32) -> Option<Rule> {
+    let fits = index <= limit::MAX_INDEX
+        && (1..=limit::MAX_LIMIT).contains(&max)
+        && window.is_finite()
+        && window > 0.0
+        && !elapsed.is_nan();
+    if !fits {
+        return None;
+    }
+    Some(Rule {
+        limit: max,
+        window,
+        sliding: sliding != 0,
+    })
+}
+
+/// One event of a limit key in window `index`, `elapsed` seconds into it:
+/// 1 allowed (and counted when `commit`), 0 rejected (nothing written);
+/// `*used` the window's use with it (the count, or the sliding estimate).
+/// `CODE_BAD_ARGUMENT` (see [`limit_rule`]; also `CODE_NO_DWCAS` is
+/// checked by the caller once, with [`rc_strict_supported`]). The request
+/// path: no panic guard (no indexing, no allocation).
+///
+/// # Safety
+///
+/// `cells` is null or a limit record's cells from [`rc_engine_record`];
+/// `used` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_limit_incoming(
+    cells: *const AtomicU64,
+    index: u64,
+    elapsed: f64,
+    window: f64,
+    max: u64,
+    sliding: i32,
+    commit: i32,
+    used: *mut f64,
+) -> i32 {
+    match (
+        strict_pair(cells),
+        used.as_mut(),
+        limit_rule(index, elapsed, window, max, sliding),
+    ) {
+        (Some(pair), Some(used), Some(rule)) => {
+            let decision = limit::incoming(pair, &rule, index, elapsed, commit != 0);
+            *used = decision.used;
+            i32::from(decision.allowed)
+        }
+        _ => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// Gives back one event of window `index`: 1 done, 0 the window counted
+/// none, `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// As [`rc_limit_incoming`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_limit_uncommit(cells: *const AtomicU64, index: u64) -> i32 {
+    match strict_pair(cells) {
+        Some(pair) if index <= limit::MAX_INDEX => i32::from(limit::uncommit(pair, index)),
+        _ => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// The counts of a limit key as of window `index` (rolled when the record
+/// holds an older one): `*prev` and `*current`; 1 the record holds a newer
+/// window than `index` (counts of that one), 0, `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// As [`rc_limit_incoming`]; `prev` and `current` are null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_limit_counts(
+    cells: *const AtomicU64,
+    index: u64,
+    prev: *mut f64,
+    current: *mut f64,
+) -> i32 {
+    match (strict_pair(cells), prev.as_mut(), current.as_mut()) {
+        (Some(pair), Some(prev), Some(current)) if index <= limit::MAX_INDEX => {
+            let counts = limit::counts(pair, index);
+            *prev = counts.prev as f64;
+            *current = counts.current as f64;
+            i32::from(counts.index > index)
+        }
+        _ => CODE_BAD_ARGUMENT,
+    }
 }
 
 #[cfg(test)]

@@ -178,6 +178,13 @@ int32_t rc_strict_batch(rc_engine_t *engine, uint32_t records,
 int32_t rc_strict_next(rc_engine_t *engine, const unsigned char *prefix,
     size_t len, uint32_t *cursor, const unsigned char **key, size_t *key_len,
     int64_t *value, const uint64_t **cells);
+
+int32_t rc_limit_incoming(const uint64_t *cells, uint64_t index,
+    double elapsed, double window, uint64_t max, int32_t sliding,
+    int32_t commit, double *used);
+int32_t rc_limit_uncommit(const uint64_t *cells, uint64_t index);
+int32_t rc_limit_counts(const uint64_t *cells, uint64_t index, double *prev,
+    double *current);
 ]]
 
 
@@ -264,6 +271,9 @@ local codes = {
     -- A strict record (src/engine/strict.rs): its kind and width.
     STRICT_KIND = 115, -- ("s"):byte()
     STRICT_WIDTH = 3,
+    -- A limit record (src/engine/limit.rs): its kind and width.
+    LIMIT_KIND = 108, -- ("l"):byte()
+    LIMIT_WIDTH = 3,
 }
 
 
