@@ -1771,16 +1771,21 @@ pub unsafe extern "C" fn rc_limit_incoming(
     }
 }
 
-/// Gives back one event of window `index`: 1 done, 0 the window counted
-/// none, `CODE_BAD_ARGUMENT`.
+/// Gives back one event [`rc_limit_incoming`] counted in window `index`
+/// (`sliding` as it was given): 1 done, 0 the window counted none,
+/// `CODE_BAD_ARGUMENT`.
 ///
 /// # Safety
 ///
 /// As [`rc_limit_incoming`].
 #[no_mangle]
-pub unsafe extern "C" fn rc_limit_uncommit(cells: *const AtomicU64, index: u64) -> i32 {
-    match strict_pair(cells) {
-        Some(pair) if index <= limit::MAX_INDEX => i32::from(limit::uncommit(pair, index)),
+pub unsafe extern "C" fn rc_limit_uncommit(
+    cells: *const AtomicU64,
+    index: u64,
+    sliding: i32,
+) -> i32 {
+    match (strict_pair(cells), limit_rule(index, 0.0, 1.0, 1, sliding)) {
+        (Some(pair), Some(rule)) => i32::from(limit::uncommit(pair, &rule, index)),
         _ => CODE_BAD_ARGUMENT,
     }
 }

@@ -107,19 +107,36 @@ pub fn counts_at(pair: [u64; 2], index: u64) -> Counts {
     }
 }
 
-/// The window's use if `counts` were the counts, `elapsed` seconds into
-/// window `index` (a record ahead of the caller's window: none elapsed).
-fn used(rule: &Rule, counts: &Counts, index: u64, elapsed: f64) -> f64 {
-    if !rule.sliding {
-        return counts.current as f64;
+/// Whether an event of window `index` goes into the record's previous
+/// count: a fixed window's event from a worker whose clock lags the
+/// record's window by one (its window's count is still there, exact). A
+/// sliding window's such event (its estimate would need a count the record
+/// no longer has) and one that lags more count in the record's window.
+fn into_prev(rule: &Rule, pair: [u64; 2], index: u64) -> bool {
+    !rule.sliding && pair[1] != 0 && pair[1] >> 1 == index.wrapping_add(1)
+}
+
+/// The counts with one more event of window `index`, `elapsed` seconds
+/// into it, and the window's use with it.
+fn with_one_more(rule: &Rule, pair: [u64; 2], index: u64, elapsed: f64) -> (Counts, f64) {
+    let mut counts = counts_at(pair, index);
+    if into_prev(rule, pair, index) {
+        counts.prev += 1;
+        return (counts, counts.prev as f64);
     }
+    counts.current += 1;
+    if !rule.sliding {
+        return (counts, counts.current as f64);
+    }
+    // Ahead of the caller's window: none of the record's has elapsed.
     let elapsed = if counts.index > index { 0.0 } else { elapsed };
-    window::estimate(
+    let used = window::estimate(
         counts.prev as f64,
         counts.current as f64,
         elapsed,
         rule.window,
-    )
+    );
+    (counts, used)
 }
 
 /// One event for the record in window `index`, `elapsed` seconds into it:
@@ -137,29 +154,19 @@ pub fn incoming<P: Pair>(
     let mut seen = pair.load_fast();
     let mut whole = false;
     loop {
-        let mut counts = counts_at(seen, index);
-        counts.current += 1;
-        let use_ = used(rule, &counts, index, elapsed);
-        let allowed = use_ <= rule.limit as f64;
+        let (counts, used) = with_one_more(rule, seen, index, elapsed);
+        let allowed = used <= rule.limit as f64;
         if !(allowed && commit) {
             // Nothing to write: decided on a whole read.
             if whole {
-                return Decision {
-                    allowed,
-                    used: use_,
-                };
+                return Decision { allowed, used };
             }
             seen = pair.load();
             whole = true;
             continue;
         }
         match pair.compare_exchange(seen, pack(counts)) {
-            Ok(()) => {
-                return Decision {
-                    allowed,
-                    used: use_,
-                }
-            }
+            Ok(()) => return Decision { allowed, used },
             Err(there) => {
                 seen = there;
                 whole = true;
@@ -168,21 +175,25 @@ pub fn incoming<P: Pair>(
     }
 }
 
-/// Gives back one event of window `index`: false when the record's count
-/// for that window is 0 (nothing to give back; also when the record has
-/// moved on to a later window, whose count is not the caller's).
-pub fn uncommit<P: Pair>(pair: &P, index: u64) -> bool {
+/// Gives back one event that `incoming` counted in window `index` (from
+/// where it counted it): false when that count is 0, nothing to give back
+/// (also when the record has moved on past it).
+pub fn uncommit<P: Pair>(pair: &P, rule: &Rule, index: u64) -> bool {
     let mut seen = pair.load();
     loop {
-        let counts = counts_at(seen, index);
-        if counts.index != index || counts.current == 0 {
+        let mut counts = counts_at(seen, index);
+        let count = if into_prev(rule, seen, index) {
+            &mut counts.prev
+        } else if counts.index == index {
+            &mut counts.current
+        } else {
+            return false;
+        };
+        if *count == 0 {
             return false;
         }
-        let new = Counts {
-            current: counts.current - 1,
-            ..counts
-        };
-        match pair.compare_exchange(seen, pack(new)) {
+        *count -= 1;
+        match pair.compare_exchange(seen, pack(counts)) {
             Ok(()) => return true,
             Err(there) => seen = there,
         }
@@ -245,8 +256,13 @@ mod tests {
                 current: 0
             }
         );
-        // A lagging worker's event counts in the newer window.
+        // A lagging worker's event counts in its own window, the
+        // record's previous one, against the limit.
+        assert!(!incoming(p, &FIXED3, 100, 9.0, true).allowed);
+        assert!(uncommit(p, &FIXED3, 100));
+        assert!(incoming(p, &FIXED3, 100, 9.0, true).allowed);
         assert_eq!(counts(p, 100).index, 101);
+        assert_eq!((counts(p, 101).prev, counts(p, 101).current), (3, 1));
     }
 
     #[test]
@@ -276,12 +292,12 @@ mod tests {
     fn uncommit_gives_back_only_what_the_window_counted() {
         let c = cells();
         let p = pair(&c);
-        assert!(!uncommit(p, 7), "an empty record");
+        assert!(!uncommit(p, &FIXED3, 7), "an empty record");
         incoming(p, &FIXED3, 7, 0.0, true);
-        assert!(uncommit(p, 7));
-        assert!(!uncommit(p, 7));
+        assert!(uncommit(p, &FIXED3, 7));
+        assert!(!uncommit(p, &FIXED3, 7));
         incoming(p, &FIXED3, 7, 0.0, true);
-        assert!(!uncommit(p, 8), "the next window counted nothing");
+        assert!(!uncommit(p, &FIXED3, 8), "the next window counted nothing");
         assert_eq!(counts(p, 7).current, 1);
     }
 

@@ -182,7 +182,8 @@ int32_t rc_strict_next(rc_engine_t *engine, const unsigned char *prefix,
 int32_t rc_limit_incoming(const uint64_t *cells, uint64_t index,
     double elapsed, double window, uint64_t max, int32_t sliding,
     int32_t commit, double *used);
-int32_t rc_limit_uncommit(const uint64_t *cells, uint64_t index);
+int32_t rc_limit_uncommit(const uint64_t *cells, uint64_t index,
+    int32_t sliding);
 int32_t rc_limit_counts(const uint64_t *cells, uint64_t index, double *prev,
     double *current);
 ]]

@@ -327,7 +327,7 @@ function _M.uncommit(self, key)
     if not cells then
         return nil, err or "not found"
     end
-    local rc = C.rc_limit_uncommit(cells, index)
+    local rc = C.rc_limit_uncommit(cells, index, self.sliding and 1 or 0)
     if rc < 0 then
         return nil, bad_clock(index)
     end
