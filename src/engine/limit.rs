@@ -66,7 +66,8 @@ pub struct Decision {
     pub used: f64,
 }
 
-fn pack(counts: Counts) -> [u64; 2] {
+/// The pair that holds `counts`.
+pub fn pack(counts: Counts) -> [u64; 2] {
     [
         (counts.prev << 32) | counts.current,
         (counts.index << 1) | 1,
