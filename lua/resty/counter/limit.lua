@@ -165,8 +165,6 @@ function _M.new(shdict_name, opts)
         -- key -> the cells of its record (records are never removed).
         cells = {},
         cached = 0,
-        -- Keys refused because the engine was full ("no memory").
-        full = 0,
     }, mt)
 end
 
@@ -197,7 +195,7 @@ local function cells_of(self, key, create)
                                            create)
     if not found then
         if code == FULL then
-            self.full = self.full + 1
+            -- Counted in the engine's refused keys (engine.stats).
             return nil, "no memory"
         end
         return nil, err
