@@ -217,6 +217,35 @@ describe("resty.counter.limit", function()
         end)
     end)
 
+    describe("a full engine", function()
+        it("refuses new keys with nil, err; keys it has keep counting",
+           function()
+            local lim = assert(new("limit_small", { limit = 2, window = 10,
+                                                   clock = clock }))
+            local n, err = 0, nil
+            for i = 1, 10000 do
+                local delay
+                delay, err = lim:incoming("key" .. i, true)
+                if not delay then
+                    break
+                end
+                n = i
+            end
+            assert.equal("no room for a new key in the shared engine", err)
+            assert.is_true(n > 10, tostring(n))
+            local handle = assert(engine.attach("limit_small"))
+            assert.is_true(engine.stats(handle).refused >= 1)
+            assert.same({ 0, 0 }, { lim:incoming("key1", true) })
+            assert.same({ nil, "rejected" }, { lim:incoming("key1", true) })
+            local missing = "key" .. (n + 1)
+            assert.same({ 0, 1 }, { lim:incoming(missing, false) },
+                        "a dry run needs no record")
+            assert.equal(0, lim:wait(missing))
+            assert.same({ nil, "not found" }, { lim:uncommit(missing) })
+        end)
+    end)
+
+
     describe("sliding window", function()
         local lim
 

@@ -47,7 +47,6 @@ local dot_call = check.dot_call
 local C = abi.C
 local LIMIT_KIND = abi.LIMIT_KIND
 local LIMIT_WIDTH = abi.LIMIT_WIDTH
-local FULL = abi.FULL
 local engine_attach = engine_mod.attach
 local engine_record = engine_mod.record
 local setmetatable = setmetatable
@@ -190,14 +189,11 @@ local function cells_of(self, key, create)
     if cells then
         return cells
     end
-    local found, err, code = engine_record(self.handle, LIMIT_KIND,
-                                           self.prefix .. key, LIMIT_WIDTH,
-                                           create)
+    -- A full engine refuses a new key ("no room for a new key in the
+    -- shared engine"), counted in its refused keys (engine.stats).
+    local found, err = engine_record(self.handle, LIMIT_KIND,
+                                     self.prefix .. key, LIMIT_WIDTH, create)
     if not found then
-        if code == FULL then
-            -- Counted in the engine's refused keys (engine.stats).
-            return nil, "no memory"
-        end
         return nil, err
     end
     if self.cached < MAX_CACHED then
@@ -258,7 +254,8 @@ end
 -- `remaining` is how many more events the window allows after this one.
 -- In shadow mode an event over the limit gets `0, 0, "rejected"`: let
 -- through, but not counted, as when enforced (so never `uncommit` it).
--- Other errors are the dict's ("no memory").
+-- A new key when the engine is full: nil, "no room for a new key in the
+-- shared engine".
 function _M.incoming(self, key, commit)
     if type(self) ~= "table" then
         dot_call("lim", "incoming", 2)
