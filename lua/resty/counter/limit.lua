@@ -88,8 +88,8 @@ end, "a number above 0 and at most 1")
 -- context: any phase
 --
 -- opts: limit (events per window, an integer >= 1; at most 2^32 - 1 on one
--- node, where larger raises), window (seconds, a
--- positive number), algorithm ("fixed", the default, or "sliding"), name
+-- node, where larger raises), window (seconds, a positive number),
+-- algorithm ("fixed", the default, or "sliding"), name
 -- (namespace of the keys, default "limit"), clock (a function returning
 -- seconds, default ngx.now; for tests), shadow (true: never reject, see
 -- `incoming`; default false), near_limit_ratio (an allowed event whose
@@ -148,7 +148,9 @@ function _M.new(shdict_name, opts)
         sliding = algorithm == "sliding",
         algorithm = algorithm,
         prefix = name .. "/",
-        -- The window index takes up to 16 bytes more of the dict's key.
+        -- As before the engine, when the dict's key held the window index
+        -- too (up to 16 bytes): the engine's key ("l<name>/<key>") is
+        -- shorter, Redis' keys have the index.
         max_key_len = check.max_key_len - #name - 18,
         clock = clock,
         shadow = shadow,
