@@ -201,6 +201,23 @@ pub fn uncommit<P: Pair>(pair: &P, rule: &Rule, index: u64) -> bool {
     }
 }
 
+/// Whether a record holds nothing a decision in window `index` or later
+/// needs: it was written, in a window older than `index - 1` (a fixed
+/// window reads only the current window's count, a sliding one the
+/// current and the previous). Such a record may be removed (by
+/// `remove_if`, asking again under the table lock: an event landing
+/// meanwhile made it current and keeps it). A record nobody wrote yet (a
+/// worker made it and is about to count) is never stale.
+pub fn stale_at(pair: [u64; 2], index: u64) -> bool {
+    let meta = pair[1];
+    meta != 0 && (meta >> 1).saturating_add(1) < index
+}
+
+/// [`stale_at`] of the record's pair, read atomically.
+pub fn stale<P: Pair>(pair: &P, index: u64) -> bool {
+    stale_at(pair.load(), index)
+}
+
 /// The record's counts as of window `index`, read atomically.
 pub fn counts<P: Pair>(pair: &P, index: u64) -> Counts {
     counts_at(pair.load(), index)
@@ -264,6 +281,24 @@ mod tests {
         assert!(incoming(p, &FIXED3, 100, 9.0, true).allowed);
         assert_eq!(counts(p, 100).index, 101);
         assert_eq!((counts(p, 101).prev, counts(p, 101).current), (3, 1));
+    }
+
+    #[test]
+    fn only_records_of_windows_before_the_previous_are_stale() {
+        let c = cells();
+        let p = pair(&c);
+        assert!(!stale(p, 1000), "a record nobody wrote");
+        incoming(p, &FIXED3, 100, 0.0, true);
+        assert!(!stale(p, 100), "the current window");
+        assert!(!stale(p, 101), "the previous window: sliding reads it");
+        assert!(stale(p, 102));
+        assert!(stale(p, MAX_INDEX));
+        // A lagging worker's view: the record is ahead of it.
+        assert!(!stale(p, 99));
+        assert!(!stale(p, 0));
+        // An event of the new window makes it current again.
+        incoming(p, &FIXED3, 102, 0.0, true);
+        assert!(!stale(p, 102) && !stale(p, 103) && stale(p, 104));
     }
 
     #[test]

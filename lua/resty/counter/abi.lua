@@ -186,6 +186,8 @@ int32_t rc_limit_uncommit(const uint64_t *cells, uint64_t index,
     int32_t sliding);
 int32_t rc_limit_counts(const uint64_t *cells, uint64_t index, double *prev,
     double *current);
+int32_t rc_limit_expire(rc_engine_t *engine, const unsigned char *prefix,
+    size_t len, uint64_t index, uint32_t *cursor, uint32_t slots);
 ]]
 
 
