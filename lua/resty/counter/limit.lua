@@ -45,10 +45,12 @@ local ngx_header = ngx.header
 local check_key = check.key
 local dot_call = check.dot_call
 local C = abi.C
+local FULL = abi.FULL
 local LIMIT_KIND = abi.LIMIT_KIND
 local LIMIT_WIDTH = abi.LIMIT_WIDTH
 local engine_attach = engine_mod.attach
 local engine_record = engine_mod.record
+local check_epoch = engine_mod.check_epoch
 local setmetatable = setmetatable
 local tostring = tostring
 local type = type
@@ -163,9 +165,17 @@ function _M.new(shdict_name, opts)
         -- On Redis: a window's count must outlive the next window (the
         -- sliding estimate reads it there).
         ttl = 2 * window,
-        -- key -> the cells of its record (records are never removed).
+        -- key -> the cells of its record, while the engine's epoch (bumped
+        -- by each removal of a record) is `seen_epoch`.
         cells = {},
         cached = 0,
+        epoch = handle and C.rc_engine_epoch(handle.ptr),
+        seen_epoch = handle and C.rc_engine_epoch(handle.ptr)[0],
+        -- The sweep of this limiter's stale records: the next index slot,
+        -- and when it may run again (periodic, and on a refusal).
+        cursor = handle and ffi.new("uint32_t[1]"),
+        next_sweep = 0,
+        next_refused_sweep = 0,
     }, mt)
 end
 
@@ -175,26 +185,58 @@ end
 local MAX_CACHED = 10000
 
 
--- The window now: its index and the time elapsed in it.
+-- The window now: its index and the time elapsed in it, and the time.
 local function current(self)
     local window = self.window
     local now = self.clock()
     local index = floor(now / window)
-    return index, now - index * window
+    return index, now - index * window, now
+end
+
+
+-- Sweeps of a limiter's stale records (written in a window before the
+-- previous one: no decision reads them), one step of SWEEP_STEP index
+-- slots at a time, resuming where the last stopped, at most once every
+-- SWEEP_EVERY seconds per limiter and worker from the event path, and once
+-- as often when a new key is refused for room (then tried again).
+local SWEEP_STEP = 16384
+local SWEEP_EVERY = 1
+
+
+-- One sweep step at window `index`: how many records it removed (0 when
+-- the engine could not: the next step tries again).
+local function sweep(self, index)
+    local prefix = self.prefix
+    local n = C.rc_limit_expire(self.handle.ptr, prefix, #prefix, index,
+                                self.cursor, SWEEP_STEP)
+    return n > 0 and n or 0
 end
 
 
 -- The cells of `key`'s record, made when `create`; nil when there is none
--- (and not to be made); nil, err when the engine is full.
-local function cells_of(self, key, create)
+-- (and not to be made); nil, err when the engine is full. `index` and
+-- `now`: the window and the time, for a sweep when the engine is full.
+local function cells_of(self, key, create, index, now)
+    -- A removed record's kept cells are dropped first.
+    check_epoch(self)
     local cells = self.cells[key]
     if cells then
         return cells
     end
     -- A full engine refuses a new key ("no room for a new key in the
-    -- shared engine"), counted in its refused keys (engine.stats).
-    local found, err = engine_record(self.handle, LIMIT_KIND,
-                                     self.prefix .. key, LIMIT_WIDTH, create)
+    -- shared engine"), counted in its refused keys (engine.stats): stale
+    -- records may hold the room; sweep a step, and try once more.
+    local handle, full_key = self.handle, self.prefix .. key
+    local found, err, code = engine_record(handle, LIMIT_KIND, full_key,
+                                           LIMIT_WIDTH, create)
+    local due = now and now >= self.next_refused_sweep
+    if not found and code == FULL and due then
+        self.next_refused_sweep = now + SWEEP_EVERY
+        if sweep(self, index) > 0 then
+            found, err = engine_record(handle, LIMIT_KIND, full_key,
+                                       LIMIT_WIDTH, create)
+        end
+    end
     if not found then
         return nil, err
     end
@@ -264,7 +306,7 @@ function _M.incoming(self, key, commit)
     end
     check_key(key, 2, self.max_key_len)
 
-    local index, elapsed = current(self)
+    local index, elapsed, now = current(self)
     local engine = self.engine
     if engine then
         local allowed, used = limit_redis.incoming(engine, self, index,
@@ -282,8 +324,12 @@ function _M.incoming(self, key, commit)
         return within(self, used, commit)
     end
 
+    if now >= self.next_sweep then
+        self.next_sweep = now + SWEEP_EVERY
+        sweep(self, index)
+    end
     -- A dry run makes no record: a key without one has no events.
-    local cells, err = cells_of(self, key, commit)
+    local cells, err = cells_of(self, key, commit, index, now)
     if not cells then
         if err then
             return nil, err
