@@ -246,6 +246,71 @@ describe("resty.counter.limit", function()
     end)
 
 
+    describe("a limit per client over many clients", function()
+        -- Keys with 6-digit numbers: all records of one size.
+        local function fill_count()
+            local full = assert(limit.new("limit_churn_full", {
+                limit = 1, window = 1, name = "churn",
+                clock = function() return 1000 end }))
+            for i = 1, 100000 do
+                if not full:incoming("k" .. (100000 + i), true) then
+                    return i - 1
+                end
+            end
+        end
+
+        it_http("removes records of past windows; new keys reuse the room",
+                function()
+            local churn = require "helpers.limit_churn"
+            local race = require "helpers.race"
+            -- How many such keys the engine holds at once.
+            local capacity = fill_count()
+            assert.is_true(capacity > 20 and capacity < 10000,
+                           tostring(capacity))
+            -- New keys at capacity / 20 a second, one in worker 0 and one
+            -- in whichever worker the kernel picks each batch, for 28 s:
+            -- 1.4 times what the engine holds. A record is stale 2 windows
+            -- after its event, swept within a second, and its room comes
+            -- back 10 s after its removal (docs/engine.md): about 14 s of
+            -- keys are held at a time, 0.7 of what fits.
+            local interval = 2 / (capacity / 20)
+            local from, allowed, refused, seen = 200000, 0, 0, {}
+            local last_err
+            ngx.update_time()
+            local start = ngx.now()
+            local batches = math.floor(28 / interval)
+            for batch = 1, batches do
+                local a, r, err = churn.run(from, 1)
+                allowed, refused = allowed + a, refused + r
+                last_err = err or last_err
+                local body = assert(race.get("/limit/churn?from="
+                                             .. (from + 1) .. "&n=1"))
+                from = from + 2
+                local worker, a2, r2, err2 = body:match(
+                    "worker (%d) allowed (%d+) refused (%d+) (.*)\n")
+                assert(worker, body)
+                seen[worker] = true
+                allowed, refused = allowed + a2, refused + r2
+                if err2 ~= "nil" then
+                    last_err = err2
+                end
+                ngx.update_time()
+                local pause = start + batch * interval - ngx.now()
+                if pause > 0 then
+                    ngx.sleep(pause)
+                end
+            end
+            local stats = engine.stats(assert(engine.attach("limit_churn")))
+            assert.equal(0, refused, tostring(last_err))
+            assert.is_true(allowed > 1.2 * capacity,
+                           allowed .. " keys, " .. capacity .. " fit")
+            assert.is_true(seen["1"], "worker 1 made keys")
+            assert.is_true(stats.removed > 0.2 * capacity, stats.removed)
+            assert.is_true(stats.reused > 0, stats.reused)
+        end)
+    end)
+
+
     describe("sliding window", function()
         local lim
 
