@@ -311,6 +311,45 @@ describe("resty.counter.limit", function()
     end)
 
 
+    describe("a removed record", function()
+        it_http("never gets the event of a worker that kept its cells",
+                function()
+            local race = require "helpers.race"
+            -- Worker 1's answer to an event of "k" at `now`.
+            local function event_in_worker_1(now)
+                for _ = 1, 200 do
+                    local body = assert(race.get("/limit/kept?key=k&now="
+                                                 .. now))
+                    local answer = body:match("\r\n\r\n(.*)\n$")
+                    if answer ~= "skipped" then
+                        return answer
+                    end
+                end
+                error("worker 1 never took a request")
+            end
+
+            assert.equal("allowed", event_in_worker_1(1000))
+            assert.equal("rejected", event_in_worker_1(1001),
+                         "worker 1 counts in the record it keeps")
+            -- Two windows on, this worker's sweep removes the record.
+            t = 1025
+            local lim = assert(limit.new("limit", { limit = 1, window = 10,
+                                                    name = "kept",
+                                                    clock = clock }))
+            assert.same({ 0, 0 }, { lim:incoming("other", true) })
+            local handle = assert(engine.attach("limit"))
+            assert.is_nil(engine.record(handle, abi.LIMIT_KIND, "kept/k",
+                                        abi.LIMIT_WIDTH, false))
+            -- Worker 1's next event goes into a record of its own, that
+            -- this worker sees: its event is over the limit.
+            assert.equal("allowed", event_in_worker_1(1025))
+            assert.is_not_nil(engine.record(handle, abi.LIMIT_KIND, "kept/k",
+                                            abi.LIMIT_WIDTH, false))
+            assert.same({ nil, "rejected" }, { lim:incoming("k", true) })
+        end)
+    end)
+
+
     describe("sliding window", function()
         local lim
 
