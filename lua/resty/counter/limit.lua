@@ -12,6 +12,10 @@
 -- compare-and-swap that rolls the window when it has turned and adds 1,
 -- decided before it writes: a rejected event (or a dry run) writes
 -- nothing, and nothing is ever undone.
+-- A record last written in a window before the previous one holds nothing
+-- a decision reads: the limiter sweeps such records of its own out of the
+-- engine (a step at a time, see `sweep`), so that a limit per client
+-- address over many addresses does not fill it.
 --
 -- fixed: an event is allowed when the window's count with it is at most
 -- `limit`. Every event that is counted is one compare-and-swap from the
