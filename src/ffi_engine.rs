@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::counter::{self, Counter, SyncProgress};
 use crate::engine::lax;
+use crate::engine::limit::{self, Rule};
 use crate::engine::lock::{self, Holder, Taken};
 use crate::engine::requests::{self, Layout, Recorded, Requests, Roller};
 use crate::engine::strict::{self, AtomicPair, Batches, Change, Current, Refused};
@@ -2237,6 +2238,216 @@ pub unsafe extern "C" fn rc_lax_unsent_keys(
     })
 }
 
+// Limits (src/engine/limit.rs): a key's two windows' counts and the window
+// index in one 16-byte pair, one double-width compare-and-swap an event.
+
+/// The kind byte of a limit record, and its width in cells.
+pub const LIMIT_KIND: i32 = 119;
+pub const LIMIT_WIDTH: i32 = 3;
+const _: () = assert!(LIMIT_KIND == limit::KIND as i32 && LIMIT_WIDTH == limit::WIDTH as i32);
+
+/// The rule of a limit call, checked: none when an argument is out of
+/// range (a limit past 32 bits, a window index past 63, a window that is
+/// no positive number, an elapsed time that is no number).
+fn limit_rule(index: u64, elapsed: f64, window: f64, max: u64, sliding: i32) -> Option<Rule> {
+    let fits = index <= limit::MAX_INDEX
+        && (1..=limit::MAX_LIMIT).contains(&max)
+        && window.is_finite()
+        && window > 0.0
+        && !elapsed.is_nan();
+    if !fits {
+        return None;
+    }
+    Some(Rule {
+        limit: max,
+        window,
+        sliding: sliding != 0,
+    })
+}
+
+/// One event of a limit key in window `index`, `elapsed` seconds into it:
+/// 1 allowed (and counted when `commit`), 0 rejected (nothing written);
+/// `*used` the window's use with it (the count, or the sliding estimate).
+/// `CODE_BAD_ARGUMENT` (see [`limit_rule`]; also `CODE_NO_DWCAS` is
+/// checked by the caller once, with [`rc_strict_supported`]). The request
+/// path: no panic guard (no indexing, no allocation).
+///
+/// # Safety
+///
+/// `cells` is null or a limit record's cells from [`rc_engine_record`];
+/// `used` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_limit_incoming(
+    cells: *const AtomicU64,
+    index: u64,
+    elapsed: f64,
+    window: f64,
+    max: u64,
+    sliding: i32,
+    commit: i32,
+    used: *mut f64,
+) -> i32 {
+    match (
+        strict_pair(cells),
+        used.as_mut(),
+        limit_rule(index, elapsed, window, max, sliding),
+    ) {
+        (Some(pair), Some(used), Some(rule)) => {
+            let decision = limit::incoming(pair, &rule, index, elapsed, commit != 0);
+            *used = decision.used;
+            i32::from(decision.allowed)
+        }
+        _ => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// Gives back one event [`rc_limit_incoming`] counted in window `index`
+/// (`sliding` as it was given): 1 done, 0 the window counted none,
+/// `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// As [`rc_limit_incoming`].
+#[no_mangle]
+pub unsafe extern "C" fn rc_limit_uncommit(
+    cells: *const AtomicU64,
+    index: u64,
+    sliding: i32,
+) -> i32 {
+    match (strict_pair(cells), limit_rule(index, 0.0, 1.0, 1, sliding)) {
+        (Some(pair), Some(rule)) => i32::from(limit::uncommit(pair, &rule, index)),
+        _ => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// The counts of a limit key as of window `index` (rolled when the record
+/// holds an older one): `*prev` and `*current`; 1 the record holds a newer
+/// window than `index` (counts of that one), 0, `CODE_BAD_ARGUMENT`.
+///
+/// # Safety
+///
+/// As [`rc_limit_incoming`]; `prev` and `current` are null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_limit_counts(
+    cells: *const AtomicU64,
+    index: u64,
+    prev: *mut f64,
+    current: *mut f64,
+) -> i32 {
+    match (strict_pair(cells), prev.as_mut(), current.as_mut()) {
+        (Some(pair), Some(prev), Some(current)) if index <= limit::MAX_INDEX => {
+            let counts = limit::counts(pair, index);
+            *prev = counts.prev as f64;
+            *current = counts.current as f64;
+            i32::from(counts.index > index)
+        }
+        _ => CODE_BAD_ARGUMENT,
+    }
+}
+
+/// Whether `record` is a limit record of the limiter whose keys start with
+/// `prefix` ("<name>/") that holds nothing window `index` needs
+/// ([`limit::stale`]).
+fn limit_stale(record: &Record<'static, AtomicU64>, prefix: &[u8], index: u64) -> bool {
+    let bytes = record.key_bytes();
+    bytes.first() == Some(&limit::KIND)
+        && record.width() == limit::WIDTH
+        && bytes[1..].starts_with(prefix)
+        // SAFETY: a limit record's cells: three words of the region.
+        && limit::stale(unsafe { AtomicPair::of_cells(record.cells().as_ptr()) }, index)
+}
+
+/// The whole keys (kind byte first) of the stale limit records of `prefix`
+/// at window `index` in the index slots `slots`, into `keys`.
+fn stale_limit_keys(
+    engine: &mut Engine,
+    prefix: &[u8],
+    index: u64,
+    slots: std::ops::Range<usize>,
+    keys: &mut Vec<Vec<u8>>,
+) {
+    let Engine { table, offsets, .. } = engine;
+    offsets.clear();
+    table.offsets_in_slots(slots, offsets);
+    for &offset in offsets.iter() {
+        let record = table.record_in_arena(offset);
+        if limit_stale(&record, prefix, index) {
+            keys.push(record.key_bytes().to_vec());
+        }
+    }
+}
+
+/// Removes the records of `keys` that are still stale at window `index`,
+/// asked again under the table lock (an event since they were listed
+/// keeps its record): how many.
+fn remove_stale_limits(
+    engine: &Engine,
+    prefix: &[u8],
+    index: u64,
+    keys: &[Vec<u8>],
+) -> Result<u32, Error> {
+    let owner = table::Process { me, alive };
+    let mut removed = 0;
+    for key in keys {
+        if engine
+            .table
+            .remove_if(key, &owner, |record| limit_stale(record, prefix, index))?
+        {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// One step of a sweep of a limiter's records (keys `w<prefix>...`):
+/// removes those that hold nothing window `index` needs (written in a
+/// window before `index - 1`), among the records of `slots` index slots
+/// from `*cursor`, which moves on past them (back to 0 at the index's
+/// end; `slots` 0: the whole index from `*cursor` to its end). Returns how
+/// many it removed; `CODE_BAD_ARGUMENT`, `CODE_INTERNAL`, or the table
+/// lock's error code. Each removal moves the engine's epoch; the records'
+/// space comes back after the grace period (docs/engine.md).
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `prefix` is null (with
+/// `len` 0) or `len` readable bytes; `cursor` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_limit_expire(
+    engine: *mut Engine,
+    prefix: *const u8,
+    len: usize,
+    index: u64,
+    cursor: *mut u32,
+    slots: u32,
+) -> i32 {
+    let (engine, cursor) = match (engine.as_mut(), cursor.as_mut()) {
+        (Some(engine), Some(cursor))
+            if (!prefix.is_null() || len == 0) && index <= limit::MAX_INDEX =>
+        {
+            (engine, cursor)
+        }
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    guarded(CODE_INTERNAL, || {
+        let prefix = key_bytes(prefix, len);
+        let end = engine.table.index_slots();
+        let from = (*cursor as usize).min(end);
+        let to = if slots == 0 {
+            end
+        } else {
+            from.saturating_add(slots as usize).min(end)
+        };
+        *cursor = if to >= end { 0 } else { to as u32 };
+        let mut keys = Vec::new();
+        stale_limit_keys(engine, prefix, index, from..to, &mut keys);
+        match remove_stale_limits(engine, prefix, index, &keys) {
+            Ok(removed) => removed as i32,
+            Err(e) => code_of(e),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2533,5 +2744,76 @@ mod tests {
                 keys, best[0], best[1], bytes[0], best[2], bytes[1]
             );
         }
+    }
+
+    /// One committed event of limit key `key` (whole, kind byte first) in
+    /// window `index`, its record made if needed.
+    fn limit_event(engine: &Engine, key: &[u8], index: u64) {
+        let rule = Rule {
+            limit: 10,
+            window: 1.0,
+            sliding: true,
+        };
+        let (record, _) = engine.table.get_or_insert(key, limit::WIDTH).unwrap();
+        // SAFETY: a limit record's cells.
+        let pair = unsafe { AtomicPair::of_cells(record.cells().as_ptr()) };
+        assert!(limit::incoming(pair, &rule, index, 0.0, true).allowed);
+    }
+
+    #[test]
+    fn a_sweep_removes_a_limiters_records_of_old_windows_only() {
+        let mut engine = engine_with_a_count();
+        for (key, index) in [
+            (&b"wa/old"[..], 5),
+            (b"wa/meanwhile", 5),
+            (b"wa/previous", 9),
+            (b"wa/current", 10),
+            (b"wb/old", 5),
+        ] {
+            limit_event(&engine, key, index);
+        }
+        engine.table.get_or_insert(b"wa/unwritten", 3).unwrap();
+
+        let slots = engine.table.index_slots();
+        let mut keys = Vec::new();
+        stale_limit_keys(&mut engine, b"a/", 10, 0..slots, &mut keys);
+        keys.sort();
+        assert_eq!(keys, [b"wa/meanwhile".to_vec(), b"wa/old".to_vec()]);
+        // An event after the listing: asked again under the lock, kept.
+        limit_event(&engine, b"wa/meanwhile", 10);
+        assert_eq!(remove_stale_limits(&engine, b"a/", 10, &keys), Ok(1));
+        let present = |engine: &Engine, key: &[u8]| engine.table.lookup(key).is_some();
+        assert!(!present(&engine, b"wa/old"));
+        for key in [
+            &b"wa/meanwhile"[..],
+            b"wa/previous",
+            b"wa/current",
+            b"wb/old",
+            b"wa/unwritten",
+            b"ck",
+        ] {
+            assert!(present(&engine, key), "{:?}", key);
+        }
+
+        // In steps of 7 slots through the whole index, two windows on: all
+        // of limiter "a"'s written records, none of another's.
+        let epoch = engine.table.epoch();
+        let (mut cursor, mut removed, mut steps) = (0u32, 0, 0);
+        loop {
+            let prefix = b"a/";
+            // SAFETY: a live engine, a prefix of 2 bytes, a cursor.
+            let n = unsafe { rc_limit_expire(&mut engine, prefix.as_ptr(), 2, 12, &mut cursor, 7) };
+            assert!(n >= 0, "{}", n);
+            removed += n;
+            steps += 1;
+            if cursor == 0 {
+                break;
+            }
+        }
+        assert_eq!(removed, 3);
+        assert_eq!(steps, (slots + 6) / 7);
+        assert_eq!(engine.table.epoch(), epoch + 3);
+        assert!(present(&engine, b"wb/old") && present(&engine, b"wa/unwritten"));
+        assert!(!present(&engine, b"wa/current"));
     }
 }

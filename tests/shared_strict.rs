@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 mod common;
-use common::{assert_ended, shared_words};
+use common::{kill_every_other, shared_words};
 
 use resty_counter_core::engine::lock::Holder;
 use resty_counter_core::engine::strict::{
@@ -149,34 +149,10 @@ fn batches_killed_midway_are_finished_and_nothing_done_is_lost() {
         }
     }
 
-    // Kill every other process mid-run, each at another point of its run
-    // (watched together: a fast one must not finish while another is
-    // awaited); reap it at once (a zombie still answers kill(pid, 0)).
-    let mut killed = [false; PROCESSES];
-    let mut to_kill: Vec<usize> = (0..PROCESSES).filter(|p| p % 2 == 1).collect();
-    while !to_kill.is_empty() {
-        to_kill.retain(|&process| {
-            let at = OPS * process as u64 / (2 * PROCESSES as u64);
-            if done[process].iter().map(|d| d.load(Relaxed)).sum::<u64>() < at {
-                return true;
-            }
-            let pid = pids[process];
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let mut status = 0;
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            assert_ended(process, status, true);
-            killed[process] = true;
-            false
-        });
-        std::hint::spin_loop();
-    }
-    for (process, &pid) in pids.iter().enumerate() {
-        if !killed[process] {
-            let mut status = 0;
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            assert_ended(process, status, false);
-        }
-    }
+    // Every other process killed mid-run, each at another point of it.
+    let killed = kill_every_other(&pids, OPS, |process| {
+        done[process].iter().map(|d| d.load(Relaxed)).sum::<u64>()
+    });
 
     // What the last killed batch may have left, finished as a worker would.
     let alive_fn = alive;

@@ -10,27 +10,9 @@ use loom::sync::{Arc, Mutex};
 use loom::thread;
 
 use resty_counter_loom::lock::{holder, Holder};
-use resty_counter_loom::strict::{
-    get, update, Batches, Change, Current, Pair, Refused, CONTROL_WIDTH,
-};
+use resty_counter_loom::strict::{get, update, Batches, Change, Current, Refused, CONTROL_WIDTH};
 
-struct ModelPair(Mutex<[u64; 2]>);
-
-impl Pair for ModelPair {
-    fn load(&self) -> [u64; 2] {
-        *self.0.lock().unwrap()
-    }
-
-    fn compare_exchange(&self, current: [u64; 2], new: [u64; 2]) -> Result<(), [u64; 2]> {
-        let mut pair = self.0.lock().unwrap();
-        if *pair == current {
-            *pair = new;
-            Ok(())
-        } else {
-            Err(*pair)
-        }
-    }
-}
+use resty_counter_loom::ModelPair;
 
 /// Two records, the batch control cells and a journal for two.
 struct Engine {

@@ -146,8 +146,8 @@ describe("bad input", function()
                   .. 'non-empty string without NUL) expected, got "" (a '
                   .. 'string)' },
                 { function() limit.new("limit", { limit = "10", window = 1 }) end,
-                  'bad "opts.limit" argument: an integer >= 1 expected, got "10" '
-                  .. '(a string)' },
+                  'bad "opts.limit" argument: an integer from 1 to 4294967295 '
+                  .. 'expected, got "10" (a string)' },
                 { function() limit.new("limit", { limit = 1, window = 1, clock = 5 }) end,
                   'bad "opts.clock" argument: function expected, got 5 (a number)' },
                 { function() requests.new("requests", { window = "60" }) end,

@@ -2,6 +2,9 @@
 -- on an injected clock.
 
 local limit = require "resty.counter.limit"
+local abi = require "resty.counter.abi"
+local engine = require "resty.counter.engine"
+local ffi = require "ffi"
 
 -- Specs that send requests to this nginx (see spec/helpers/it_http.lua).
 local it_http = require("helpers.it_http")(it, pending)
@@ -15,18 +18,40 @@ end
 
 
 describe("resty.counter.limit", function()
-    local dict, t
+    local t
+    -- Records stay in the engine (a flush of the dict leaves them): each
+    -- test names its limiters apart.
+    local run = 0
 
     local function clock()
         return t
     end
 
     before_each(function()
-        dict = ngx.shared.limit
-        dict:flush_all()
-        dict:flush_expired()
+        run = run + 1
         t = 1000
     end)
+
+    -- limit.new with the names of this test.
+    local function new(dict_name, opts)
+        opts.name = (opts.name or "limit") .. "-" .. run
+        return limit.new(dict_name, opts)
+    end
+
+    -- A limiter's counts of `key` in the window of now: current, previous
+    -- (read from its record in the engine; 0, 0 when there is none).
+    local prev_out, current_out = ffi.new("double[1]"), ffi.new("double[1]")
+    local function counts(lim, key)
+        local handle = assert(engine.attach("limit"))
+        local cells = engine.record(handle, abi.LIMIT_KIND,
+                                    lim.prefix .. key, abi.LIMIT_WIDTH, false)
+        if not cells then
+            return 0, 0
+        end
+        local index = math.floor(t / lim.window)
+        assert(abi.C.rc_limit_counts(cells, index, prev_out, current_out) >= 0)
+        return current_out[0], prev_out[0]
+    end
 
     describe("new()", function()
         it("returns nil and a clear error for an unknown dict", function()
@@ -38,7 +63,8 @@ describe("resty.counter.limit", function()
         it("raises on bad options, blaming the caller", function()
             local cases = {
                 { nil, 'bad "opts" argument: table expected, got nil' },
-                { {}, 'bad "opts.limit" argument: an integer >= 1 expected, got nil' },
+                { {}, 'bad "opts.limit" argument: an integer from 1 to 4294967295 '
+                       .. 'expected, got nil' },
                 { { limit = 0, window = 1 }, 'bad "opts.limit"' },
                 { { limit = 1.5, window = 1 }, 'bad "opts.limit"' },
                 { { limit = 0 / 0, window = 1 }, 'bad "opts.limit"' },
@@ -81,7 +107,7 @@ describe("resty.counter.limit", function()
         local lim
 
         before_each(function()
-            lim = assert(limit.new("limit", { limit = 3, window = 10, clock = clock }))
+            lim = assert(new("limit", { limit = 3, window = 10, clock = clock }))
         end)
 
         it("allows `limit` events per window, then rejects", function()
@@ -105,7 +131,7 @@ describe("resty.counter.limit", function()
             end
             assert.same({ nil, "rejected" }, { lim:incoming("a", false) })
             lim:incoming("a", true)
-            assert.equal(3, dict:get("limit/100/a"), "the rejected incr was undone")
+            assert.equal(3, counts(lim, "a"), "the rejection was not counted")
         end)
 
         it("gives an event back with uncommit", function()
@@ -115,13 +141,18 @@ describe("resty.counter.limit", function()
             assert.is_true(lim:uncommit("a"))
             assert.same({ 0, 0 }, { lim:incoming("a", true) })
             assert.same({ nil, "not found" }, { lim:uncommit("zz") })
-            dict:set("limit/100/z", 0)
+            lim:incoming("z", true)
+            assert.is_true(lim:uncommit("z"))
             assert.same({ nil, "nothing to uncommit" }, { lim:uncommit("z") })
-            assert.equal(0, dict:get("limit/100/z"))
+            assert.equal(0, counts(lim, "z"))
+            lim:incoming("z", true)
+            t = 1010
+            assert.same({ nil, "nothing to uncommit" }, { lim:uncommit("z") },
+                        "the new window counted nothing")
         end)
 
         it("combines with another limiter", function()
-            local strict2 = limit.new("limit", { limit = 1, window = 10, clock = clock,
+            local strict2 = new("limit", { limit = 1, window = 10, clock = clock,
                                                  name = "other" })
             local function both(key)
                 local delay, err = lim:incoming(key, true)
@@ -152,29 +183,178 @@ describe("resty.counter.limit", function()
             assert.equal(7.5, lim:wait("a"))
         end)
 
-        it("creates its counts with an expiry", function()
+        it("rolls its counts with the windows", function()
             lim:incoming("a", true)
-            local ttl = dict:ttl("limit/100/a")
-            assert.is_true(ttl > 19 and ttl <= 20, tostring(ttl))
+            lim:incoming("a", true)
+            t = 1010
+            assert.same({ 0, 2 }, { lim:incoming("a", true) })
+            assert.same({ 1, 2 }, { counts(lim, "a") })
+            t = 1030
+            assert.same({ 0, 0 }, { counts(lim, "a") }, "two windows on")
+        end)
+
+        it("refuses a limit past 32 bits on one node", function()
+            assert.matches('bad "opts.limit" argument: an integer from 1 to '
+                           .. '4294967295 expected, got 4294967296',
+                           raised(limit.new, "limit",
+                                  { limit = 2 ^ 32, window = 1 }), 1, true)
+            local big = assert(new("limit", { limit = 2 ^ 32 - 1,
+                                             window = 10, clock = clock }))
+            assert.same({ 0, 2 ^ 32 - 2 }, { big:incoming("a", true) })
         end)
 
         it("raises on bad keys", function()
+            -- Named "limit": the longest key depends on the name.
+            local plain = assert(limit.new("limit", { limit = 3, window = 10 }))
             for _, m in ipairs({ "incoming", "uncommit", "wait", "reset" }) do
                 assert.matches('bad "key" argument: string expected, got nil',
-                               raised(lim[m], lim), 1, true)
+                               raised(plain[m], plain), 1, true)
                 assert.matches('bad "key" argument: empty string',
-                               raised(lim[m], lim, ""), 1, true)
+                               raised(plain[m], plain, ""), 1, true)
                 assert.matches('bad "key" argument: 65535 bytes, longer than 65512',
-                               raised(lim[m], lim, ("k"):rep(65535)), 1, true)
+                               raised(plain[m], plain, ("k"):rep(65535)), 1, true)
             end
         end)
     end)
+
+    describe("a full engine", function()
+        it("refuses new keys with nil, err; keys it has keep counting",
+           function()
+            local lim = assert(new("limit_small", { limit = 2, window = 10,
+                                                   clock = clock }))
+            local n, err = 0, nil
+            for i = 1, 10000 do
+                local delay
+                delay, err = lim:incoming("key" .. i, true)
+                if not delay then
+                    break
+                end
+                n = i
+            end
+            assert.equal("no room for a new key in the shared engine", err)
+            assert.is_true(n > 10, tostring(n))
+            local handle = assert(engine.attach("limit_small"))
+            assert.is_true(engine.stats(handle).refused >= 1)
+            assert.same({ 0, 0 }, { lim:incoming("key1", true) })
+            assert.same({ nil, "rejected" }, { lim:incoming("key1", true) })
+            local missing = "key" .. (n + 1)
+            assert.same({ 0, 1 }, { lim:incoming(missing, false) },
+                        "a dry run needs no record")
+            assert.equal(0, lim:wait(missing))
+            assert.same({ nil, "not found" }, { lim:uncommit(missing) })
+        end)
+    end)
+
+
+    describe("a limit per client over many clients", function()
+        -- Keys with 6-digit numbers: all records of one size.
+        local function fill_count()
+            local full = assert(limit.new("limit_churn_full", {
+                limit = 1, window = 1, name = "churn",
+                clock = function() return 1000 end }))
+            for i = 1, 100000 do
+                if not full:incoming("k" .. (100000 + i), true) then
+                    return i - 1
+                end
+            end
+        end
+
+        it_http("removes records of past windows; new keys reuse the room",
+                function()
+            local churn = require "helpers.limit_churn"
+            local race = require "helpers.race"
+            -- How many such keys the engine holds at once.
+            local capacity = fill_count()
+            assert.is_true(capacity > 20 and capacity < 10000,
+                           tostring(capacity))
+            -- New keys at capacity / 20 a second, one in worker 0 and one
+            -- in whichever worker the kernel picks each batch, for 28 s:
+            -- 1.4 times what the engine holds. A record is stale 2 windows
+            -- after its event, swept within a second, and its room comes
+            -- back 10 s after its removal (docs/engine.md): about 14 s of
+            -- keys are held at a time, 0.7 of what fits.
+            local interval = 2 / (capacity / 20)
+            local from, allowed, refused, seen = 200000, 0, 0, {}
+            local last_err
+            ngx.update_time()
+            local start = ngx.now()
+            local batches = math.floor(28 / interval)
+            for batch = 1, batches do
+                local a, r, err = churn.run(from, 1)
+                allowed, refused = allowed + a, refused + r
+                last_err = err or last_err
+                local body = assert(race.get("/limit/churn?from="
+                                             .. (from + 1) .. "&n=1"))
+                from = from + 2
+                local worker, a2, r2, err2 = body:match(
+                    "worker (%d) allowed (%d+) refused (%d+) (.*)\n")
+                assert(worker, body)
+                seen[worker] = true
+                allowed, refused = allowed + a2, refused + r2
+                if err2 ~= "nil" then
+                    last_err = err2
+                end
+                ngx.update_time()
+                local pause = start + batch * interval - ngx.now()
+                if pause > 0 then
+                    ngx.sleep(pause)
+                end
+            end
+            local stats = engine.stats(assert(engine.attach("limit_churn")))
+            assert.equal(0, refused, tostring(last_err))
+            assert.is_true(allowed > 1.2 * capacity,
+                           allowed .. " keys, " .. capacity .. " fit")
+            assert.is_true(seen["1"], "worker 1 made keys")
+            assert.is_true(stats.removed > 0.2 * capacity, stats.removed)
+            assert.is_true(stats.reused > 0, stats.reused)
+        end)
+    end)
+
+
+    describe("a removed record", function()
+        it_http("never gets the event of a worker that kept its cells",
+                function()
+            local race = require "helpers.race"
+            -- Worker 1's answer to an event of "k" at `now`.
+            local function event_in_worker_1(now)
+                for _ = 1, 200 do
+                    local body = assert(race.get("/limit/kept?key=k&now="
+                                                 .. now))
+                    local answer = body:match("\r\n\r\n(.*)\n$")
+                    if answer ~= "skipped" then
+                        return answer
+                    end
+                end
+                error("worker 1 never took a request")
+            end
+
+            assert.equal("allowed", event_in_worker_1(1000))
+            assert.equal("rejected", event_in_worker_1(1001),
+                         "worker 1 counts in the record it keeps")
+            -- Two windows on, this worker's sweep removes the record.
+            t = 1025
+            local lim = assert(limit.new("limit", { limit = 1, window = 10,
+                                                    name = "kept",
+                                                    clock = clock }))
+            assert.same({ 0, 0 }, { lim:incoming("other", true) })
+            local handle = assert(engine.attach("limit"))
+            assert.is_nil(engine.record(handle, abi.LIMIT_KIND, "kept/k",
+                                        abi.LIMIT_WIDTH, false))
+            -- Worker 1's next event goes into a record of its own, that
+            -- this worker sees: its event is over the limit.
+            assert.equal("allowed", event_in_worker_1(1025))
+            assert.is_not_nil(engine.record(handle, abi.LIMIT_KIND, "kept/k",
+                                            abi.LIMIT_WIDTH, false))
+            assert.same({ nil, "rejected" }, { lim:incoming("k", true) })
+        end)
+    end)
+
 
     describe("sliding window", function()
         local lim
 
         before_each(function()
-            lim = assert(limit.new("limit", { limit = 10, window = 1, clock = clock,
+            lim = assert(new("limit", { limit = 10, window = 1, clock = clock,
                                               algorithm = "sliding" }))
         end)
 
@@ -223,9 +403,9 @@ describe("resty.counter.limit", function()
             local opts = { limit = limit_n, window = window, clock = clock,
                            algorithm = algorithm }
             opts.name = "enforce"
-            local enforce = assert(limit.new("limit", opts))
+            local enforce = assert(new("limit", opts))
             opts.name, opts.shadow = "shadow", true
-            local shadow = assert(limit.new("limit", opts))
+            local shadow = assert(new("limit", opts))
 
             local would = 0
             for _, step in ipairs(steps) do
@@ -241,9 +421,7 @@ describe("resty.counter.limit", function()
                         assert.same(e, s)
                     end
                 end
-                local index = math.floor(t / window)
-                assert.equal(dict:get("enforce/" .. index .. "/k"),
-                             dict:get("shadow/" .. index .. "/k"))
+                assert.same({ counts(enforce, "k") }, { counts(shadow, "k") })
                 assert.equal(enforce:wait("k"), shadow:wait("k"))
             end
 
@@ -278,11 +456,11 @@ describe("resty.counter.limit", function()
 
         it("answers a dry run as it would a commit, counting nothing",
            function()
-            local lim = assert(limit.new("limit", {
+            local lim = assert(new("limit", {
                 limit = 1, window = 10, clock = clock, shadow = true }))
             assert.same({ 0, 0 }, { lim:incoming("a", true) })
             assert.same({ 0, 0, "rejected" }, { lim:incoming("a", false) })
-            assert.equal(1, dict:get("limit/100/a"))
+            assert.equal(1, counts(lim, "a"))
             assert.same({ allowed = 1, near_limit = 1, rejected = 0,
                           shadow_rejected = 0, failed_open = 0,
                           failed_closed = 0 }, lim:self_metrics())
@@ -292,7 +470,7 @@ describe("resty.counter.limit", function()
     describe("near-limit counts", function()
         local function near(opts, events)
             opts.window, opts.clock = 10, clock
-            local lim = assert(limit.new("limit", opts))
+            local lim = assert(new("limit", opts))
             for _ = 1, events do
                 lim:incoming("a", true)
             end
@@ -306,13 +484,13 @@ describe("resty.counter.limit", function()
             assert.equal(10, m.allowed)
             assert.equal(3, m.near_limit)
             assert.equal(2, m.rejected)
-            dict:flush_all()
+            run = run + 1
             assert.equal(6, near({ limit = 10, near_limit_ratio = 0.5 },
                                  12).near_limit)
-            dict:flush_all()
+            run = run + 1
             assert.equal(1, near({ limit = 10, near_limit_ratio = 1 },
                                  12).near_limit)
-            dict:flush_all()
+            run = run + 1
             -- 0.28 * 25 is 7.0000000000000009 in doubles, 7 / 25 is 0.28:
             -- the 7th event is near.
             assert.equal(4, near({ limit = 25, near_limit_ratio = 0.28 },
@@ -320,7 +498,7 @@ describe("resty.counter.limit", function()
         end)
 
         it("weighs the previous window in the sliding estimate", function()
-            local lim = assert(limit.new("limit", {
+            local lim = assert(new("limit", {
                 limit = 10, window = 1, clock = clock, algorithm = "sliding",
                 near_limit_ratio = 0.5 }))
             for _ = 1, 4 do
@@ -338,13 +516,13 @@ describe("resty.counter.limit", function()
         end)
 
         it("counts neither dry runs nor uncommitted limits apart", function()
-            local lim = assert(limit.new("limit", { limit = 2, window = 10,
+            local lim = assert(new("limit", { limit = 2, window = 10,
                                                     clock = clock }))
             lim:incoming("a", false)
             lim:incoming("a", true)
             lim:incoming("a", true)
             lim:incoming("a", false)
-            local other = assert(limit.new("limit", {
+            local other = assert(new("limit", {
                 limit = 2, window = 10, clock = clock, name = "other" }))
             other:incoming("a", true)
             assert.same({ 2, 1, 0 }, { lim:self_metrics().allowed,

@@ -12,6 +12,8 @@
 //! - [`requests`]: the request counter's records (windows in a ring).
 //! - [`strict`]: strict counters' records (a value and its state changed by
 //!   one double-width compare-and-swap; batches through a journal).
+//! - [`limit`]: the limits' records (two windows' counts and the window in
+//!   one pair, one double-width compare-and-swap an event).
 //! - [`lock`]: a try-lock that a dead holder cannot keep.
 //! - [`zone`]: finding or making the region in an nginx zone.
 
@@ -19,6 +21,7 @@ pub mod cell;
 pub mod counter;
 mod error;
 pub mod lax;
+pub mod limit;
 pub mod lock;
 pub mod requests;
 pub mod strict;

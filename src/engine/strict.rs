@@ -550,16 +550,17 @@ fn cmpxchg16b(_: *mut u64, _: [u64; 2], _: [u64; 2]) -> Result<(), [u64; 2]> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
-    fn cells() -> Vec<AtomicU64> {
+    /// A pair's cells (strict and limit records have the same width).
+    pub(crate) fn cells() -> Vec<AtomicU64> {
         (0..WIDTH).map(|_| AtomicU64::new(0)).collect()
     }
 
-    fn pair(cells: &[AtomicU64]) -> &AtomicPair {
+    pub(crate) fn pair(cells: &[AtomicU64]) -> &AtomicPair {
         unsafe { AtomicPair::of_cells(cells.as_ptr()) }
     }
 

@@ -40,3 +40,39 @@ pub fn assert_ended(process: usize, status: i32, killed: bool) {
         );
     }
 }
+
+/// Kills every other child (`pids[1]`, `pids[3]`, ...) with SIGKILL once
+/// `progress(process)` reached its point of the run (`ops` the whole run;
+/// each at another point, watched together: a fast one must not finish
+/// while another is awaited), reaps it at once (a zombie still answers
+/// kill(pid, 0)), then reaps the others. Which were killed.
+#[allow(dead_code)]
+pub fn kill_every_other(pids: &[i32], ops: u64, progress: impl Fn(usize) -> u64) -> Vec<bool> {
+    let processes = pids.len();
+    let mut killed = vec![false; processes];
+    let mut to_kill: Vec<usize> = (0..processes).filter(|p| p % 2 == 1).collect();
+    while !to_kill.is_empty() {
+        to_kill.retain(|&process| {
+            let at = ops * process as u64 / (2 * processes as u64);
+            if progress(process) < at {
+                return true;
+            }
+            let pid = pids[process];
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let mut status = 0;
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert_ended(process, status, true);
+            killed[process] = true;
+            false
+        });
+        std::hint::spin_loop();
+    }
+    for (process, &pid) in pids.iter().enumerate() {
+        if !killed[process] {
+            let mut status = 0;
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert_ended(process, status, false);
+        }
+    }
+    killed
+}

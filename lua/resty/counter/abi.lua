@@ -224,6 +224,16 @@ int32_t rc_lax_forget(rc_engine_t *engine, const uint64_t *journal,
     const uint64_t *cells, const unsigned char *name, size_t len);
 uint32_t rc_lax_unsent_keys(rc_engine_t *engine, const unsigned char *name,
     size_t len);
+
+int32_t rc_limit_incoming(const uint64_t *cells, uint64_t index,
+    double elapsed, double window, uint64_t max, int32_t sliding,
+    int32_t commit, double *used);
+int32_t rc_limit_uncommit(const uint64_t *cells, uint64_t index,
+    int32_t sliding);
+int32_t rc_limit_counts(const uint64_t *cells, uint64_t index, double *prev,
+    double *current);
+int32_t rc_limit_expire(rc_engine_t *engine, const unsigned char *prefix,
+    size_t len, uint64_t index, uint32_t *cursor, uint32_t slots);
 ]]
 
 
@@ -322,6 +332,9 @@ local codes = {
     LAX_APPLIED = 0,
     LAX_UNKNOWN = 1,
     LAX_NOT_SENT = 2,
+    -- A limit record (src/engine/limit.rs): its kind and width.
+    LIMIT_KIND = 119, -- ("w"):byte(): a window's counts
+    LIMIT_WIDTH = 3,
 }
 
 

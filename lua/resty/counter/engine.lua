@@ -115,6 +115,28 @@ function _M.record(handle, kind, key, width, create)
 end
 
 
+-- syntax: engine.check_epoch(cache)
+--
+-- For a module that keeps records' cells per key: `cache` holds them in
+-- `cells` (how many in `cached`), `epoch` (rc_engine_epoch's pointer) and
+-- `seen_epoch` (the epoch when `cells` was last known good). When the
+-- epoch moved (a record was removed), any kept cells may be the removed
+-- record's: all are dropped, to be looked up again. Call it before any
+-- use of kept cells; its load of the epoch comes before the look-ups that
+-- follow (x86 keeps loads in order), so a removal after it is seen at the
+-- next call, and a write that loaded the epoch just before a removal
+-- lands in the removed record, whose space is not reused for 10 s
+-- (docs/engine.md, "Removal and reuse").
+function _M.check_epoch(cache)
+    local epoch = cache.epoch[0]
+    if epoch ~= cache.seen_epoch then
+        cache.seen_epoch = epoch
+        cache.cells = {}
+        cache.cached = 0
+    end
+end
+
+
 -- syntax: stats = engine.stats(handle)
 --
 -- The engine's size and use: bytes, keys, max_keys, refused (keys refused

@@ -5,34 +5,40 @@
 -- protocol of lua-resty-limit-traffic, so that limiters combine.
 --
 -- Windows are aligned on multiples of `window` seconds of the clock
--- (ngx.now() unless `opts.clock` is given). Each window's count is a dict
--- number under "<name>/<window index>/<key>", created by `incr` with its
--- expiry in the same atomic step (`incr(k, 1, 0, init_ttl)`), so no count
--- is ever left without one. Counts are small integers, exact as doubles,
--- and `incr` is atomic across workers: no lock is needed.
+-- (ngx.now() unless `opts.clock` is given). On one node each (limiter
+-- name, key) has one record in the dict's shared engine (docs/engine.md,
+-- "Limit records"): the current window's count, the previous window's and
+-- the window's index in one 16-byte pair, so that an event is one
+-- compare-and-swap that rolls the window when it has turned and adds 1,
+-- decided before it writes: a rejected event (or a dry run) writes
+-- nothing, and nothing is ever undone.
+-- A record last written in a window before the previous one holds nothing
+-- a decision reads: the limiter sweeps such records of its own out of the
+-- engine (a step at a time, see `sweep`), so that a limit per client
+-- address over many addresses does not fill it.
 --
--- fixed: an event is allowed when the window's count after its `incr` is
--- at most `limit`. Since every `incr` returns a distinct count, at most
--- `limit` events are allowed per window, exactly, whatever the workers.
+-- fixed: an event is allowed when the window's count with it is at most
+-- `limit`. Every event that is counted is one compare-and-swap from the
+-- count its decision saw, so at most `limit` events are allowed per
+-- window, exactly, whatever the workers.
 -- sliding: the count of the previous window weighed by the part of it still
 -- inside the last `window` seconds, plus the current count (the estimate of
--- src/window.rs, called through the FFI): an event is allowed when that is
--- at most `limit`. Its accuracy against an exact sliding log is in
--- docs/limit.md.
---
--- A rejected event's `incr` is undone at once. Meanwhile a concurrent call
--- may see the count one higher and be rejected too: under contention at
--- the limit, the limiter errs towards rejecting, never towards allowing.
+-- src/window.rs): an event is allowed when that is at most `limit`. Its
+-- accuracy against an exact sliding log is in docs/limit.md.
 --
 -- Shadow mode (`opts.shadow`), to try a limit in production: the same
 -- counts and the same decisions, but an event over the limit is let
--- through, the caller told with a third value ("rejected"). Its count is
--- undone as in enforcing mode, so the counts, and every later decision,
+-- through, the caller told with a third value ("rejected"). It is not
+-- counted, as in enforcing mode, so the counts, and every later decision,
 -- are exactly those the limit would make if enforced.
+--
+-- With `opts.redis` the counts live in Redis (resty.counter.limit_redis).
 
 
+local ffi = require "ffi"
+local abi = require "resty.counter.abi"
 local check = require "resty.counter.check"
-local int = require "resty.counter.int"
+local engine_mod = require "resty.counter.engine"
 local limit_redis = require "resty.counter.limit_redis"
 
 
@@ -42,7 +48,13 @@ local ngx_now = ngx.now
 local ngx_header = ngx.header
 local check_key = check.key
 local dot_call = check.dot_call
-local C = int.C
+local C = abi.C
+local FULL = abi.FULL
+local LIMIT_KIND = abi.LIMIT_KIND
+local LIMIT_WIDTH = abi.LIMIT_WIDTH
+local engine_attach = engine_mod.attach
+local engine_record = engine_mod.record
+local check_epoch = engine_mod.check_epoch
 local setmetatable = setmetatable
 local tostring = tostring
 local type = type
@@ -55,6 +67,13 @@ local mt = { __index = _M }
 
 
 local ALGORITHMS = { fixed = true, sliding = true }
+
+-- The largest limit on one node: a record counts each window in 32 bits.
+local MAX_LIMIT = 2 ^ 32 - 1
+
+local used_out = ffi.new("double[1]")
+local prev_out = ffi.new("double[1]")
+local current_out = ffi.new("double[1]")
 
 -- The options of limit.new.
 local OPTIONS = { limit = true, window = true, algorithm = true, name = true,
@@ -74,8 +93,9 @@ end, "a number above 0 and at most 1")
 --
 -- context: any phase
 --
--- opts: limit (events per window, an integer >= 1), window (seconds, a
--- positive number), algorithm ("fixed", the default, or "sliding"), name
+-- opts: limit (events per window, an integer >= 1; at most 2^32 - 1 on one
+-- node, where larger raises), window (seconds, a positive number),
+-- algorithm ("fixed", the default, or "sliding"), name
 -- (namespace of the keys, default "limit"), clock (a function returning
 -- seconds, default ngx.now; for tests), shadow (true: never reject, see
 -- `incoming`; default false), near_limit_ratio (an allowed event whose
@@ -94,7 +114,8 @@ function _M.new(shdict_name, opts)
         check.string(shdict_name, "shdict_name", 2)
     end
 
-    local limit = check.integer(opts.limit, "opts.limit", 1, 1 / 0, 2)
+    local limit = check.integer(opts.limit, "opts.limit", 1,
+                                opts.redis ~= nil and 1 / 0 or MAX_LIMIT, 2)
     local window = check.seconds(opts.window, "opts.window", 2)
     local algorithm = opts.algorithm or "fixed"
     if not ALGORITHMS[algorithm] then
@@ -108,25 +129,34 @@ function _M.new(shdict_name, opts)
                                          "opts.near_limit_ratio", 2,
                                          NEAR_LIMIT_RATIO)
 
-    local engine, dict
+    local engine, handle
     if opts.redis ~= nil then
         engine = limit_redis.new(opts, name, 2)
     else
-        dict = ngx_shared[shdict_name]
-        if not dict then
+        if not ngx_shared[shdict_name] then
             return nil, 'shared dict "' .. shdict_name .. '" not found'
+        end
+        if C.rc_strict_supported() < 0 then
+            return nil, engine_mod.last_error()
+        end
+        local err
+        handle, err = engine_attach(shdict_name)
+        if not handle then
+            return nil, err
         end
     end
 
     return setmetatable({
         engine = engine,
-        dict = dict,
+        handle = handle,
         limit = limit,
         window = window,
         sliding = algorithm == "sliding",
         algorithm = algorithm,
         prefix = name .. "/",
-        -- The window index takes up to 16 bytes more of the dict's key.
+        -- As before the engine, when the dict's key held the window index
+        -- too (up to 16 bytes): the engine's key ("l<name>/<key>") is
+        -- shorter, Redis' keys have the index.
         max_key_len = check.max_key_len - #name - 18,
         clock = clock,
         shadow = shadow,
@@ -136,61 +166,95 @@ function _M.new(shdict_name, opts)
         near_limit = 0,
         rejected = 0,
         shadow_rejected = 0,
-        -- A window's count must outlive the next window (the sliding
-        -- estimate reads it there).
+        -- On Redis: a window's count must outlive the next window (the
+        -- sliding estimate reads it there).
         ttl = 2 * window,
-        cache = {},
-        cache_prev = {},
-        cache_index = false,
+        -- key -> the cells of its record, while the engine's epoch (bumped
+        -- by each removal of a record) is `seen_epoch`.
+        cells = {},
         cached = 0,
+        epoch = handle and C.rc_engine_epoch(handle.ptr),
+        seen_epoch = handle and C.rc_engine_epoch(handle.ptr)[0],
+        -- The sweep of this limiter's stale records: the next index slot,
+        -- and when it may run again (periodic, and on a refusal).
+        cursor = handle and ffi.new("uint32_t[1]"),
+        next_sweep = 0,
+        next_refused_sweep = 0,
     }, mt)
 end
 
 
--- Count keys are cached per window (making the string costs more than
--- the dict's incr); the cache starts afresh with each window, and past
--- this many keys it stops growing until then.
+-- Records' cells are cached per limiter, up to this many keys; past it,
+-- keys are looked up in the engine at each call.
 local MAX_CACHED = 10000
 
 
--- The window now: its index, the time elapsed in it, and its count key.
-local function current(self, key)
+-- The window now: its index and the time elapsed in it, and the time.
+local function current(self)
     local window = self.window
     local now = self.clock()
     local index = floor(now / window)
-    local cache = self.cache
-    if index ~= self.cache_index then
-        cache = {}
-        self.cache = cache
-        self.cache_index = index
-        self.cache_prev = {}
-        self.cached = 0
-    end
-
-    local dkey = cache[key]
-    if not dkey then
-        dkey = self.prefix .. tostring(index) .. "/" .. key
-        if self.cached < MAX_CACHED then
-            cache[key] = dkey
-            self.cached = self.cached + 1
-        end
-    end
-    return index, now - index * window, dkey
+    return index, now - index * window, now
 end
 
 
--- The count of the window before `index` (the current one).
-local function previous_count(self, index, key)
-    local cache = self.cache_prev
-    local dkey = cache[key]
-    if not dkey then
-        dkey = self.prefix .. tostring(index - 1) .. "/" .. key
-        if self.cached < MAX_CACHED then
-            cache[key] = dkey
-            self.cached = self.cached + 1
+-- Sweeps of a limiter's stale records (written in a window before the
+-- previous one: no decision reads them), one step of SWEEP_STEP index
+-- slots at a time, resuming where the last stopped, at most once every
+-- SWEEP_EVERY seconds per limiter and worker from the event path, and once
+-- as often when a new key is refused for room (then tried again).
+local SWEEP_STEP = 16384
+local SWEEP_EVERY = 1
+
+
+-- One sweep step at window `index`: how many records it removed (0 when
+-- the engine could not: the next step tries again).
+local function sweep(self, index)
+    local prefix = self.prefix
+    local n = C.rc_limit_expire(self.handle.ptr, prefix, #prefix, index,
+                                self.cursor, SWEEP_STEP)
+    return n > 0 and n or 0
+end
+
+
+-- The cells of `key`'s record, made when `create`; nil when there is none
+-- (and not to be made); nil, err when the engine is full. `index` and
+-- `now`: the window and the time, for a sweep when the engine is full.
+local function cells_of(self, key, create, index, now)
+    -- A removed record's kept cells are dropped first.
+    check_epoch(self)
+    local cells = self.cells[key]
+    if cells then
+        return cells
+    end
+    -- A full engine refuses a new key ("no room for a new key in the
+    -- shared engine"), counted in its refused keys (engine.stats): stale
+    -- records may hold the room; sweep a step, and try once more.
+    local handle, full_key = self.handle, self.prefix .. key
+    local found, err, code = engine_record(handle, LIMIT_KIND, full_key,
+                                           LIMIT_WIDTH, create)
+    local due = now and now >= self.next_refused_sweep
+    if not found and code == FULL and due then
+        self.next_refused_sweep = now + SWEEP_EVERY
+        if sweep(self, index) > 0 then
+            found, err = engine_record(handle, LIMIT_KIND, full_key,
+                                       LIMIT_WIDTH, create)
         end
     end
-    return self.dict:get(dkey) or 0
+    if not found then
+        return nil, err
+    end
+    if self.cached < MAX_CACHED then
+        self.cells[key] = found
+        self.cached = self.cached + 1
+    end
+    return found
+end
+
+
+-- A window index the engine refuses: a clock before 1970 or past 2^63.
+local function bad_clock(index)
+    return "bad clock: window index " .. tostring(index)
 end
 
 
@@ -238,15 +302,15 @@ end
 -- `remaining` is how many more events the window allows after this one.
 -- In shadow mode an event over the limit gets `0, 0, "rejected"`: let
 -- through, but not counted, as when enforced (so never `uncommit` it).
--- Other errors are the dict's ("no memory").
+-- A new key when the engine is full: nil, "no room for a new key in the
+-- shared engine".
 function _M.incoming(self, key, commit)
     if type(self) ~= "table" then
         dot_call("lim", "incoming", 2)
     end
     check_key(key, 2, self.max_key_len)
 
-    local dict, limit = self.dict, self.limit
-    local index, elapsed, dkey = current(self, key)
+    local index, elapsed, now = current(self)
     local engine = self.engine
     if engine then
         local allowed, used = limit_redis.incoming(engine, self, index,
@@ -263,34 +327,29 @@ function _M.incoming(self, key, commit)
         end
         return within(self, used, commit)
     end
-    local prev = 0
-    if self.sliding then
-        prev = previous_count(self, index, key)
-    end
 
-    local count, err
-    if commit then
-        count, err = dict:incr(dkey, 1, 0, self.ttl)
-        if not count then
+    if now >= self.next_sweep then
+        self.next_sweep = now + SWEEP_EVERY
+        sweep(self, index)
+    end
+    -- A dry run makes no record: a key without one has no events.
+    local cells, err = cells_of(self, key, commit, index, now)
+    if not cells then
+        if err then
             return nil, err
         end
-    else
-        count = (dict:get(dkey) or 0) + 1
+        return within(self, 1, false)
     end
-
-    local used = count
-    if self.sliding then
-        used = C.rc_sliding_estimate(prev, count, elapsed, self.window)
+    local rc = C.rc_limit_incoming(cells, index, elapsed, self.window,
+                                   self.limit, self.sliding and 1 or 0,
+                                   commit and 1 or 0, used_out)
+    if rc < 0 then
+        return nil, bad_clock(index)
     end
-
-    if used > limit then
-        if commit then
-            dict:incr(dkey, -1)
-        end
+    if rc == 0 then
         return over(self, commit)
     end
-
-    return within(self, used, commit)
+    return within(self, used_out[0], commit)
 end
 
 
@@ -306,18 +365,20 @@ function _M.uncommit(self, key)
     end
     check_key(key, 2, self.max_key_len)
 
-    local dict = self.dict
-    local index, _, dkey = current(self, key)
+    local index = current(self)
     if self.engine then
         local ok, err = limit_redis.uncommit(self.engine, index, key)
         return ok, err
     end
-    local count, err = dict:incr(dkey, -1)
-    if not count then
-        return nil, err
+    local cells, err = cells_of(self, key, false)
+    if not cells then
+        return nil, err or "not found"
     end
-    if count < 0 then
-        dict:incr(dkey, 1)
+    local rc = C.rc_limit_uncommit(cells, index, self.sliding and 1 or 0)
+    if rc < 0 then
+        return nil, bad_clock(index)
+    end
+    if rc == 0 then
         return nil, "nothing to uncommit"
     end
     return true
@@ -338,16 +399,26 @@ function _M.wait(self, key)
     end
     check_key(key, 2, self.max_key_len)
 
-    local index, elapsed, dkey = current(self, key)
+    local index, elapsed = current(self)
     local count, prev
     if self.engine then
         count, prev = limit_redis.counts(self.engine, index, key)
     else
-        count = self.dict:get(dkey) or 0
+        count, prev = 0, 0
+        local cells = cells_of(self, key, false)
+        if cells then
+            local rc = C.rc_limit_counts(cells, index, prev_out, current_out)
+            if rc >= 0 then
+                count, prev = current_out[0], prev_out[0]
+            end
+            if rc == 1 then
+                -- The record is a window ahead of this worker's clock.
+                elapsed = 0
+            end
+        end
     end
     if self.sliding then
-        prev = prev or previous_count(self, index, key)
-        return C.rc_sliding_wait(prev, count, elapsed, self.window,
+        return C.rc_sliding_wait(prev or 0, count, elapsed, self.window,
                                  self.limit)
     end
     if count + 1 <= self.limit then
@@ -367,7 +438,7 @@ function _M.reset(self, key)
         dot_call("lim", "reset", 2)
     end
     check_key(key, 2, self.max_key_len)
-    local _, elapsed = current(self, key)
+    local _, elapsed = current(self)
     return self.window - elapsed
 end
 

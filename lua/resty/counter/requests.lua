@@ -37,6 +37,7 @@ local check_func = check.func
 local dot_call = check.dot_call
 local attach = engine.attach
 local engine_stats = engine.stats
+local check_epoch = engine.check_epoch
 local last_error = engine.last_error
 local ffi_gc = ffi.gc
 local ffi_new = ffi.new
@@ -416,15 +417,7 @@ function _M.record_from(self, key, latency, with_all, level)
     end
     local ms = latency_ms(latency, level + 1)
     local w = window_of(self, level + 1)
-    local epoch = self.epoch[0]
-    if epoch ~= self.seen_epoch then
-        -- A record was removed: any kept cells may be its. Read before the
-        -- look-ups that follow (x86 keeps loads in order), so a removal
-        -- after it is seen at the next request.
-        self.seen_epoch = epoch
-        self.cells = {}
-        self.cached = 0
-    end
+    check_epoch(self)
     local ok, err = record_in(self, key, w, ms, level + 1)
     if ok and with_all then
         ok, err = record_in(self, "all", w, ms, level + 1)
