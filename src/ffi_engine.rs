@@ -133,6 +133,13 @@ pub struct Engine {
     /// for [`radix_sort`].
     order: Vec<u64>,
     scratch: Vec<u64>,
+    /// The counter records a sync walks, in the dict's order, as the last
+    /// scan of the index found them ...
+    counters: Vec<Known>,
+    /// ... while the table's records are as they were then
+    /// ([`Table::records_mark`]): a sync scans the index only after a new
+    /// key or a removal.
+    counters_mark: Option<[u64; 2]>,
 }
 
 impl Engine {
@@ -145,7 +152,18 @@ impl Engine {
             offsets: Vec::new(),
             order: Vec::new(),
             scratch: Vec::new(),
+            counters: Vec::new(),
+            counters_mark: None,
         }
+    }
+
+    /// A handle on a table the caller laid over memory of its own, as
+    /// [`rc_engine_attach`] gives one on a dict's zone: for the tests of
+    /// several processes (tests/shared_sync.rs).
+    #[doc(hidden)]
+    pub fn over(table: Table<'static, AtomicU64>) -> Engine {
+        let bytes = table.stats().arena_total as usize * 8;
+        Engine::new(table, bytes)
     }
 
     /// `kind` and `key` as the table knows them, in `self.key`.
@@ -189,6 +207,7 @@ unsafe fn key_call<'a>(
 
 /// A counter whose value differs from what the dict mirrors.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Changed {
     /// The record's cells, for [`rc_counter_mirrored`].
     pub cells: *const AtomicU64,
@@ -520,12 +539,85 @@ pub unsafe extern "C" fn rc_counter_import_base(cells: *const AtomicU64, base: f
     counter_at(cells).map_or(0, |counter| i32::from(counter.import_base(base)))
 }
 
-fn changed(record: Record<'static, AtomicU64>) -> Option<Changed> {
-    let key = record.key_bytes();
-    if key.first() != Some(&counter::KIND) || record.width() != counter::WIDTH {
-        return None;
+/// A counter record as a sync finds it: where its cells and key (without
+/// the kind byte) are, and the hash the dict files the key under.
+#[derive(Clone, Copy)]
+struct Known {
+    cells: *const AtomicU64,
+    key: *const u8,
+    key_len: u32,
+    dict_hash: u32,
+}
+
+impl Known {
+    /// None for a record of another kind than a counter's.
+    fn of(record: Record<'static, AtomicU64>) -> Option<Known> {
+        let key = record.key_bytes();
+        if key.first() != Some(&counter::KIND) || record.width() != counter::WIDTH {
+            return None;
+        }
+        Some(Known {
+            cells: record.cells().as_ptr(),
+            key: key[1..].as_ptr(),
+            key_len: (key.len() - 1) as u32,
+            dict_hash: counter::dict_hash(&key[1..]),
+        })
     }
-    let counter = Counter::new(record.cells());
+
+    /// Asks the hardware for the record's cells ahead of [`changed`].
+    #[inline]
+    fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch only hints; it never faults.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch(self.cells as *const i8, _MM_HINT_T0);
+        }
+    }
+}
+
+/// Lists the counter records of `table` in `counters`, in the dict's order
+/// (of [`counter::dict_hash`]); the other arguments are scratch.
+fn scan_counters(
+    table: &Table<'static, AtomicU64>,
+    offsets: &mut Vec<u32>,
+    order: &mut Vec<u64>,
+    scratch: &mut Vec<u64>,
+    counters: &mut Vec<Known>,
+) {
+    offsets.clear();
+    table.offsets_in_slots(0..table.index_slots(), offsets);
+    // Read in arena order, which the hardware prefetches.
+    order.clear();
+    order.extend(offsets.iter().map(|&offset| u64::from(offset)));
+    let max = offsets.iter().max().copied().unwrap_or(0);
+    radix_sort(order, scratch, 0..32 - max.leading_zeros());
+    let found: Vec<Known> = order
+        .iter()
+        .filter_map(|&offset| Known::of(table.record_in_arena(offset as u32)))
+        .collect();
+    order.clear();
+    order.extend(
+        found
+            .iter()
+            .enumerate()
+            .map(|(i, known)| (u64::from(known.dict_hash) << 32) | i as u64),
+    );
+    radix_sort(order, scratch, 32..64);
+    counters.clear();
+    counters.extend(order.iter().map(|&place| found[place as u32 as usize]));
+}
+
+/// The change to copy for a counter, if its value is not what the dict
+/// mirrors.
+///
+/// # Safety
+///
+/// `known` is from [`scan_counters`] on this engine's table (records are
+/// never moved, and a removed one's space is not reused for a while: the
+/// next sync scans again).
+unsafe fn changed(known: &Known) -> Option<Changed> {
+    let counter = counter_at(known.cells)?;
     let value = counter.value();
     let status = if !counter.has_base() {
         NEEDS_BASE
@@ -539,9 +631,9 @@ fn changed(record: Record<'static, AtomicU64>) -> Option<Changed> {
         0
     };
     Some(Changed {
-        cells: record.cells().as_ptr(),
-        key: key[1..].as_ptr(),
-        key_len: (key.len() - 1) as u32,
+        cells: known.cells,
+        key: known.key,
+        key_len: known.key_len,
         status,
         value,
     })
@@ -683,47 +775,40 @@ pub unsafe extern "C" fn rc_counter_sync_begin(
             order,
             scratch,
             changed: listed,
+            counters,
+            counters_mark,
             ..
         } = engine;
+        // The mark before the scan: a record published after it moves the
+        // next sync's mark on.
+        let mark = table.records_mark();
+        if mark.is_none() || mark != *counters_mark {
+            scan_counters(table, offsets, order, scratch, counters);
+            *counters_mark = mark;
+        }
         listed.clear();
         let dict = store.map(|store| DictStore { zone, store });
-        offsets.clear();
-        table.offsets_in_slots(0..table.index_slots(), offsets);
-        order.clear();
-        order.extend(offsets.iter().map(|&offset| u64::from(offset)));
-        let max = offsets.iter().max().copied().unwrap_or(0);
-        radix_sort(order, scratch, 0..32 - max.leading_zeros());
-        listed.extend(
-            order
-                .iter()
-                .filter_map(|&offset| changed(table.record_in_arena(offset as u32))),
-        );
+        // Plain changes are written as they are found, in the order of the
+        // dict's tree: each store's lookup walks from the last one's
+        // neighbour, its path mostly still in the cache (100,000 keys, one
+        // worker, runs side by side on a busy machine: 54 and 57 ms against
+        // 82 in the order of the records).
         let mut wrote = 0;
-        if let Some(dict) = dict {
-            // Plain changes in the order of the dict's tree: each store's
-            // lookup walks from the last one's neighbour, its path mostly
-            // still in the cache (100,000 keys, one worker, runs side by side
-            // on a busy machine: 54 and 57 ms against 82).
-            order.clear();
-            order.extend(
-                listed
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, change)| change.status == 0)
-                    .map(|(i, change)| {
-                        let key = std::slice::from_raw_parts(change.key, change.key_len as usize);
-                        (u64::from(counter::dict_hash(key)) << 32) | i as u64
-                    }),
-            );
-            radix_sort(order, scratch, 32..64);
-            for &place in order.iter() {
-                let change = &mut listed[place as u32 as usize];
-                if dict.write(change) {
-                    change.status = WRITTEN;
+        for (i, known) in counters.iter().enumerate() {
+            if let Some(ahead) = counters.get(i + PREFETCH_AHEAD) {
+                ahead.prefetch();
+            }
+            let change = match changed(known) {
+                Some(change) => change,
+                None => continue,
+            };
+            if let Some(dict) = dict {
+                if dict.write(&change) {
                     wrote += 1;
+                    continue;
                 }
             }
-            listed.retain(|change| change.status != WRITTEN);
+            listed.push(change);
         }
         if listed.is_empty() {
             progress.finish(number);
@@ -738,8 +823,35 @@ pub unsafe extern "C" fn rc_counter_sync_begin(
     })
 }
 
-/// A [`Changed::status`] of this side's own: written into the dict.
-const WRITTEN: i32 = i32::MIN;
+/// [`rc_counter_sync_begin`] without a dict (every change listed), waiting
+/// up to `wait_ms`: its code and a copy of the list; the caller ends the
+/// sync ([`rc_counter_sync_end`]) after code 0 or 2. For tests.
+///
+/// # Safety
+///
+/// As [`rc_counter_sync_begin`]'s.
+#[doc(hidden)]
+pub unsafe fn sync_listing(engine: &mut Engine, wait_ms: u32) -> (i32, Vec<Changed>) {
+    let (mut out, mut count, mut written) = (std::ptr::null(), 0, 0);
+    let rc = rc_counter_sync_begin(
+        engine,
+        wait_ms,
+        std::ptr::null_mut(),
+        None,
+        &mut out,
+        &mut count,
+        &mut written,
+    );
+    let listed = if count == 0 {
+        Vec::new()
+    } else {
+        std::slice::from_raw_parts(out, count as usize).to_vec()
+    };
+    (rc, listed)
+}
+
+/// How many counters ahead of the one it checks a sync prefetches.
+const PREFETCH_AHEAD: usize = 8;
 
 /// Sorts `values` by their bits `bits` (within 0..64), least significant
 /// digit first, 11 bits a digit: a stable radix sort, with `scratch` as
@@ -2473,20 +2585,47 @@ mod tests {
     /// Starts a sync by hand (no dict: it lists what changed) that waits up
     /// to `wait_ms`: its code, how many it listed, how long it took.
     fn sync_by_hand(engine: &mut Engine, wait_ms: u32) -> (i32, u32, Duration) {
-        let (mut out, mut count, mut written) = (std::ptr::null(), 0, 0);
         let start = Instant::now();
-        let rc = unsafe {
-            rc_counter_sync_begin(
-                engine,
-                wait_ms,
-                std::ptr::null_mut(),
-                None,
-                &mut out,
-                &mut count,
-                &mut written,
-            )
+        let (rc, listed) = unsafe { sync_listing(engine, wait_ms) };
+        (rc, listed.len() as u32, start.elapsed())
+    }
+
+    /// A whole sync without a dict: what it listed (key, value, status),
+    /// each plain change then marked mirrored as the Lua side does.
+    fn listed(engine: &mut Engine) -> Vec<(Vec<u8>, f64, i32)> {
+        let (rc, changes) = unsafe { sync_listing(engine, 0) };
+        assert_eq!(rc, 0);
+        let list = changes
+            .iter()
+            .map(|change| {
+                if change.status == 0 {
+                    unsafe { rc_counter_mirrored(change.cells, change.value) };
+                }
+                let key = unsafe { key_bytes(change.key, change.key_len as usize) };
+                (key.to_vec(), change.value, change.status)
+            })
+            .collect();
+        assert_eq!(unsafe { rc_counter_sync_end(engine) }, 1);
+        list
+    }
+
+    #[test]
+    fn a_sync_finds_the_keys_made_and_made_again_since_the_last_one() {
+        let mut engine = engine_with_a_count();
+        assert_eq!(listed(&mut engine), [(b"k".to_vec(), 5.0, 0)]);
+        assert_eq!(listed(&mut engine), []);
+        let count = |engine: &Engine, step| {
+            let (record, _) = engine.table.get_or_insert(b"cn", counter::WIDTH).unwrap();
+            Counter::new(record.cells()).add(step).unwrap();
         };
-        (rc, count, start.elapsed())
+        count(&engine, 2);
+        assert_eq!(listed(&mut engine), [(b"n".to_vec(), 2.0, NEEDS_BASE)]);
+        Counter::new(engine.table.lookup(b"cn").unwrap().cells()).import_base(0.0);
+        assert_eq!(listed(&mut engine), [(b"n".to_vec(), 2.0, 0)]);
+        // Removed and made again: as many records as before, in a new one.
+        assert!(engine.table.remove(b"cn").unwrap());
+        count(&engine, 3);
+        assert_eq!(listed(&mut engine), [(b"n".to_vec(), 3.0, NEEDS_BASE)]);
     }
 
     /// Another worker of this nginx (its pid: our parent's, alive).

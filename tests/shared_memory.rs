@@ -26,11 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 mod common;
-use common::{assert_ended, shared_words};
+use common::{assert_ended, record_of, shared_words, Worker};
 
 use resty_counter_core::engine::cell::{add_i64, load_i64};
-use resty_counter_core::engine::lock::Holder;
-use resty_counter_core::engine::table::{Owner, Table};
+use resty_counter_core::engine::table::Table;
 use resty_counter_core::engine::Error;
 
 const PROCESSES: usize = 6;
@@ -63,47 +62,9 @@ fn churn_width(i: usize) -> u32 {
     1 + (i % 3) as u32
 }
 
-/// This process as an nginx worker: its pid, `kill(pid, 0)`, and a clock
-/// in milliseconds (the 10 s grace period lasts 10 ms).
-struct Worker;
-
-impl Owner for Worker {
-    fn me(&self) -> Holder {
-        Holder {
-            pid: std::process::id(),
-            instance: 1,
-        }
-    }
-
-    fn alive(&self, pid: u32) -> bool {
-        unsafe { libc::kill(pid as i32, 0) == 0 }
-    }
-
-    fn now(&self) -> u64 {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-        now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
-    }
-}
-
-/// The record of `key`, waiting out a busy table lock (a holder
-/// descheduled among six processes on two cores).
-fn record_of<'a>(
-    table: &Table<'a, AtomicU64>,
-    key: &[u8],
-    width: u32,
-) -> resty_counter_core::engine::table::Record<'a, AtomicU64> {
-    loop {
-        match table.get_or_insert_by(key, width, &Worker) {
-            Ok((record, _)) => return record,
-            Err(Error::Busy) => continue,
-            Err(_) => unsafe { libc::_exit(3) },
-        }
-    }
-}
+/// This process as an nginx worker, on a clock in milliseconds (the 10 s
+/// grace period lasts 10 ms).
+const WORKER: Worker = Worker { ms_clock: true };
 
 /// A child's life: once every process is ready, all make the same new keys
 /// in the same order (insert races on every one), then OPS adds on shared
@@ -124,7 +85,7 @@ fn child(
         std::hint::spin_loop();
     }
     for key in race_keys {
-        if add_i64(&record_of(table, key, 2).cells()[0], 1).is_err() {
+        if add_i64(&record_of(table, key, 2, &WORKER).cells()[0], 1).is_err() {
             unsafe { libc::_exit(5) }
         }
     }
@@ -144,13 +105,13 @@ fn child(
         } else {
             churn_width(key - churn)
         };
-        if add_i64(&record_of(table, &keys[key], width).cells()[0], 1).is_err() {
+        if add_i64(&record_of(table, &keys[key], width, &WORKER).cells()[0], 1).is_err() {
             unsafe { libc::_exit(4) }
         }
         done[key].fetch_add(1, Relaxed);
         if key >= churn && (state >> 4) % 8 == 0 {
             loop {
-                match table.remove_if(&keys[key], &Worker, |_| true) {
+                match table.remove_if(&keys[key], &WORKER, |_| true) {
                     Ok(true) => break,
                     Err(Error::Busy) => continue,
                     _ => unsafe { libc::_exit(6) },

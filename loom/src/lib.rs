@@ -7,6 +7,8 @@
 
 #[path = "../../src/engine/cell.rs"]
 pub mod cell;
+#[path = "../../src/engine/counter.rs"]
+pub mod counter;
 #[path = "../../src/engine/error.rs"]
 mod error;
 #[path = "../../src/histogram.rs"]

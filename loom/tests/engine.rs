@@ -11,6 +11,7 @@ use loom::thread;
 use siphasher::sip::SipHasher13;
 
 use resty_counter_loom::cell::{add_i64, load_i64};
+use resty_counter_loom::counter::SyncProgress;
 use resty_counter_loom::lock::{holder, try_lock, unlock, Holder, Taken};
 use resty_counter_loom::table::{Owner, Table, GRACE_SECONDS, MIN_WORDS};
 
@@ -122,6 +123,66 @@ fn keys_racing_for_one_slot_both_land() {
             assert_eq!(load_i64(&table.lookup(key).unwrap().cells()[0]), 1);
         }
         assert_eq!(table.records().count(), 2);
+    });
+}
+
+/// A sync keeps the records one scan of the index found while the table's
+/// records mark stays as it was before that scan: a record published
+/// meanwhile is either in the scan or moves the mark (else its counts
+/// would never reach the dict).
+#[test]
+fn a_records_mark_unchanged_since_before_a_scan_means_the_scan_saw_every_record() {
+    loom::model(|| {
+        let region = region();
+        let inserter = insert_and_count(&region, b"new key", 1);
+        let table = Table::attach(&region, 0).unwrap();
+        let before = table.records_mark();
+        let scanned = table.records().count();
+        inserter.join().unwrap();
+        let after = table.records_mark();
+        assert!(after.is_some());
+        if before == after {
+            assert_eq!(scanned, 1, "a record the scan missed, mark {:?}", before);
+        }
+    });
+}
+
+/// A count made before a sync's ticket is in a sync begun after it, also
+/// when that sync keeps the records of an earlier scan: its key was made
+/// before, so the mark moved, or it was in that scan.
+#[test]
+fn a_sync_begun_after_a_ticket_lists_the_key_counted_before_it() {
+    loom::model(|| {
+        let region = region();
+        let table = Table::attach(&region, 0).unwrap();
+        // The sync's list from an earlier scan: the empty table's.
+        let kept = table.records_mark();
+        let progress_word = Arc::new(AtomicU64::new(0));
+        let counting = {
+            let region = Arc::clone(&region);
+            let progress_word = Arc::clone(&progress_word);
+            thread::spawn(move || {
+                let table = Table::attach(&region, 0).unwrap();
+                let (record, _) = table.get_or_insert_by(b"k", 2, &worker(1)).unwrap();
+                add_i64(&record.cells()[0], 1).unwrap();
+                SyncProgress::new(&*progress_word).ticket()
+            })
+        };
+        let progress = SyncProgress::new(&*progress_word);
+        let number = progress.begin();
+        let mark = table.records_mark();
+        let listed = if mark.is_some() && mark == kept {
+            0
+        } else {
+            table
+                .records()
+                .filter(|record| load_i64(&record.cells()[0]) == 1)
+                .count()
+        };
+        let ticket = counting.join().unwrap();
+        if ticket < number {
+            assert_eq!(listed, 1, "began after the ticket, mark {:?}", mark);
+        }
     });
 }
 

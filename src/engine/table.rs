@@ -676,7 +676,9 @@ impl<'a, W: Word> Table<'a, W> {
         }
         let entry = ((hash >> 32) << 32) | offset as u64;
         self.words[INDEX_START + target].store(entry, Release);
-        self.words[S_RECORDS].fetch_add(1, Relaxed);
+        // Release: whoever reads the new count reads the entry too
+        // ([`Table::records_mark`]).
+        self.words[S_RECORDS].fetch_add(1, Release);
         if into_tomb {
             self.words[S_TOMBS].fetch_add(u64::MAX, Relaxed);
         }
@@ -897,6 +899,27 @@ impl<'a, W: Word> Table<'a, W> {
                 offsets.push(entry as u32);
             }
         }
+    }
+
+    /// A mark of the set of published records, for a caller that keeps a
+    /// list of them from a scan of the index ([`Table::offsets_in_slots`])
+    /// and scans again only when it changed: take a mark before the scan;
+    /// while a later mark is equal to it, no record was published or
+    /// removed since (every publication counts a record, every removal
+    /// moves the epoch on, each under the table lock). None while the table
+    /// lock is held, by a live worker or a dead one (killed between
+    /// publishing a record and counting it): scan then.
+    pub fn records_mark(&self) -> Option<[u64; 2]> {
+        // Acquire: the critical sections done before the lock was last
+        // released are seen whole; a count or epoch seen from a later one
+        // (Release) brings its index writes with it.
+        if self.words[TABLE_LOCK].load(Acquire) != 0 {
+            return None;
+        }
+        Some([
+            self.words[EPOCH].load(Acquire),
+            self.words[S_RECORDS].load(Acquire),
+        ])
     }
 
     /// The record at `offset`, one that [`Table::offsets_in_arena_order`]
@@ -1127,6 +1150,54 @@ mod tests {
             pid: 1,
             dead: 0,
             clock: std::sync::atomic::AtomicU64::new(now),
+        }
+    }
+
+    #[test]
+    fn the_records_mark_moves_with_each_new_record_and_removal() {
+        let words = region(4096);
+        let table = Table::init(&words, [1, 2], 0).unwrap();
+        let empty = table.records_mark().unwrap();
+        table.get_or_insert(b"a", 4).unwrap();
+        let one = table.records_mark().unwrap();
+        assert_ne!(one, empty, "a new record");
+        table.get_or_insert(b"a", 4).unwrap();
+        assert_eq!(table.records_mark().unwrap(), one, "no new record");
+        table.get_or_insert(b"b", 4).unwrap();
+        assert!(table.remove(b"a").unwrap());
+        let removed = table.records_mark().unwrap();
+        assert_ne!(removed, one, "as many records, but another set");
+
+        // A worker killed between publishing a record and counting it
+        // leaves the count as it was, and the table lock held: no mark
+        // (the caller scans) until a new holder takes the lock over, which
+        // moves the epoch on.
+        table.get_or_insert(b"c", 4).unwrap();
+        words[S_RECORDS].fetch_sub(1, Relaxed);
+        let dead = lock::Holder {
+            pid: 0x7FFF_FFF0,
+            instance: 1,
+        };
+        assert!(lock::try_lock(&words[TABLE_LOCK], dead, |_| true).is_ok());
+        assert_eq!(table.records_mark(), None);
+        table.get_or_insert_by(b"a", 4, &DeadAt(dead)).unwrap();
+        let taken_over = table.records_mark().unwrap();
+        assert_ne!(taken_over[0], removed[0], "the epoch");
+    }
+
+    /// An owner for whom `dead` is dead (its lock is taken over).
+    struct DeadAt(lock::Holder);
+
+    impl Owner for DeadAt {
+        fn me(&self) -> lock::Holder {
+            lock::Holder {
+                pid: 0x7FFF_FFF1,
+                instance: 1,
+            }
+        }
+
+        fn alive(&self, pid: u32) -> bool {
+            pid != self.0.pid
         }
     }
 

@@ -2,7 +2,10 @@
 
 use std::sync::atomic::AtomicU64;
 
+use resty_counter_core::engine::lock::Holder;
+use resty_counter_core::engine::table::{Owner, Record, Table};
 use resty_counter_core::engine::word::words_at;
+use resty_counter_core::engine::Error;
 
 /// `words` zeroed words in an anonymous shared mapping: what a fork()ed
 /// child writes, its parent and siblings see, as nginx's workers see a
@@ -75,4 +78,58 @@ pub fn kill_every_other(pids: &[i32], ops: u64, progress: impl Fn(usize) -> u64)
         }
     }
     killed
+}
+
+/// This process as an nginx worker: its pid and `kill(pid, 0)`; with
+/// `ms_clock`, on a clock whose "seconds" are milliseconds (the 10 s grace
+/// period lasts 10 ms: removed records come back soon), else on the real
+/// one.
+#[allow(dead_code)]
+pub struct Worker {
+    pub ms_clock: bool,
+}
+
+impl Owner for Worker {
+    fn me(&self) -> Holder {
+        Holder {
+            pid: std::process::id(),
+            instance: 1,
+        }
+    }
+
+    fn alive(&self, pid: u32) -> bool {
+        unsafe { libc::kill(pid as i32, 0) == 0 }
+    }
+
+    fn now(&self) -> u64 {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        if !self.ms_clock {
+            unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+            return now.tv_sec as u64;
+        }
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
+    }
+}
+
+/// The record of `key` for `worker`, waiting out a busy table lock (a
+/// holder descheduled among several processes on two cores); a child that
+/// finds no room exits with 3.
+#[allow(dead_code)]
+pub fn record_of<'a>(
+    table: &Table<'a, AtomicU64>,
+    key: &[u8],
+    width: u32,
+    worker: &Worker,
+) -> Record<'a, AtomicU64> {
+    loop {
+        match table.get_or_insert_by(key, width, worker) {
+            Ok((record, _)) => return record,
+            Err(Error::Busy) => continue,
+            Err(_) => unsafe { libc::_exit(3) },
+        }
+    }
 }
