@@ -650,3 +650,47 @@ mod tests {
         }
     }
 }
+
+/// `cargo test --release --no-default-features counter_text_timing --
+/// --ignored --nocapture`: a render of 10,000 and 100,000 keys in plain
+/// memory, best of 5.
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore]
+    fn counter_text_timing() {
+        for &keys in &[10_000usize, 100_000] {
+            let words: &'static [AtomicU64] = Box::leak(
+                (0..keys * 24)
+                    .map(|_| AtomicU64::new(0))
+                    .collect::<Vec<_>>()
+                    .into_boxed_slice(),
+            );
+            let table = Table::init(words, [1, 2], 0).unwrap();
+            for i in 0..keys {
+                let key = format!("c/path/{}", i);
+                let (record, _) = table.get_or_insert(key.as_bytes(), counter::WIDTH).unwrap();
+                Counter::new(record.cells()).add(i as i64).unwrap();
+            }
+            let mut render = Render::default();
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let start = Instant::now();
+                assert_eq!(
+                    render.counters(&table, b"resty_counts_total", Labels::DictAndKey(b"d")),
+                    keys
+                );
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            println!(
+                "{} keys: {:.2} ms, {} bytes",
+                keys,
+                best * 1e3,
+                render.text.len()
+            );
+        }
+    }
+}
