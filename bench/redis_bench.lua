@@ -6,6 +6,7 @@
 local lax = require "resty.counter.lax"
 local redis = require "resty.counter.redis"
 local strict = require "resty.counter.strict"
+local clock_best = require("clock").best
 
 local _M = {}
 
@@ -19,13 +20,7 @@ end
 
 
 local function best(fn)
-    local b = math.huge
-    for _ = 1, ROUNDS do
-        local start = now()
-        fn()
-        b = math.min(b, now() - start)
-    end
-    return b
+    return clock_best(ROUNDS, fn, now)
 end
 
 

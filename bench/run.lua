@@ -120,6 +120,12 @@ say("Alone: `luajit bench/requests_run.lua`.")
 say("")
 say(require("requests_table")(one))
 
+io.stderr:write("resty.counter's keys in the Prometheus text format...\n")
+say("")
+for _, line in ipairs(require("counter_prom_run").table_lines()) do
+    say(line)
+end
+
 io.stderr:write(string.format("HTTP with wrk: %d rounds of %d variants, %d s each...\n",
                               HTTP_ROUNDS, #http.VARIANTS, HTTP_SECONDS))
 local rows = http.run(HTTP_ROUNDS, HTTP_SECONDS)

@@ -45,7 +45,10 @@ local DICTS = { "counters 1m", "other 1m", "tiny 12k", "requests 1m",
                 -- than one step reads (unit.conf has it for the #http ones).
                 "requests_steps 16m",
                 -- spec/resty/lax_engine_spec.lua's.
-                "lax_engine 1m", "lax_engine_small 32k" }
+                "lax_engine 1m", "lax_engine_small 32k",
+                -- spec/resty/counter_prom_spec.lua's.
+                "counter_prom 1m", "counter_prom_random 1m",
+                "counter_prom_legacy 1m", "counter_prom_race 1m" }
 -- spec/resty/requests_spec.lua's: a dict per spec (nothing empties an
 -- engine).
 for i = 1, 26 do

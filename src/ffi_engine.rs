@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::engine::counter::{self, Counter, SyncProgress};
+use crate::engine::counter_text::{Labels, Render};
 use crate::engine::lax;
 use crate::engine::limit::{self, Rule};
 use crate::engine::lock::{self, Holder, Taken};
@@ -950,6 +951,78 @@ pub unsafe extern "C" fn rc_counter_sync_end(engine: *mut Engine) -> i32 {
         Some(engine) => i32::from(lock::unlock(engine.table.lock_word(MIRROR_LOCK), me())),
         None => 0,
     }
+}
+
+thread_local! {
+    /// The last [`rc_counter_prometheus`]'s text and its room.
+    static COUNTER_TEXT: RefCell<Render> = RefCell::new(Render::default());
+}
+
+/// Renders every counter key of the engine as Prometheus samples of
+/// `family` (one line each, sorted by key: `src/engine/counter_text.rs`),
+/// each value as a counter with a sync interval reads it; `*text` and
+/// `*text_len` give the text, valid until the next call in this process.
+/// With `names_len` 0 the labels are `dict` (`dict`, the dict's name) and
+/// `key`; else `names` holds label names joined by commas, which take the
+/// key's parts between `separator`s. Reads the records without a lock.
+///
+/// # Errors
+///
+/// The number of keys, or `CODE_BAD_ARGUMENT`, `CODE_INTERNAL`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `family`, `dict`, `names`
+/// and `separator` point to as many readable bytes as their lengths say
+/// (or the length is 0); `text` and `text_len` are writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn rc_counter_prometheus(
+    engine: *const Engine,
+    family: *const u8,
+    family_len: usize,
+    dict: *const u8,
+    dict_len: usize,
+    names: *const u8,
+    names_len: usize,
+    separator: *const u8,
+    separator_len: usize,
+    text: *mut *const u8,
+    text_len: *mut usize,
+) -> i32 {
+    let given = |ptr: *const u8, len: usize| !ptr.is_null() || len == 0;
+    let (engine, text, text_len) = match (engine.as_ref(), text.as_mut(), text_len.as_mut()) {
+        (Some(engine), Some(text), Some(text_len))
+            if given(family, family_len)
+                && given(dict, dict_len)
+                && given(names, names_len)
+                && given(separator, separator_len) =>
+        {
+            (engine, text, text_len)
+        }
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    *text = std::ptr::null();
+    *text_len = 0;
+    guarded(CODE_INTERNAL, || {
+        let family = key_bytes(family, family_len);
+        let names: Vec<&[u8]> = key_bytes(names, names_len).split(|&b| b == b',').collect();
+        let labels = if names_len == 0 {
+            Labels::DictAndKey(key_bytes(dict, dict_len))
+        } else {
+            Labels::Split {
+                names: &names,
+                separator: key_bytes(separator, separator_len),
+            }
+        };
+        COUNTER_TEXT.with(|render| {
+            let mut render = render.borrow_mut();
+            let count = render.counters(&engine.table, family, labels);
+            *text = render.text.as_ptr();
+            *text_len = render.text.len();
+            i32::try_from(count).unwrap_or(i32::MAX)
+        })
+    })
 }
 
 /// The request path's [`Roller`]: this process and `kill(pid, 0)`; the

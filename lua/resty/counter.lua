@@ -40,6 +40,7 @@ local pcall = pcall
 local setmetatable = setmetatable
 local tostring = tostring
 local type = type
+local find = string.find
 local fmt = string.format
 
 
@@ -494,6 +495,100 @@ function _M.get_keys(self, max_count)
 
     check.integer(max_count, "max_count", 0, 1 / 0, 2)
     return self.dict:get_keys(max_count)
+end
+
+
+local text_out = ffi_new("const unsigned char *[1]")
+local text_len_out = ffi_new("size_t[1]")
+
+
+-- Gives a record to every key whose dict value is a number and that the
+-- engine has none for (counted before the engine, by an older version,
+-- and not since), with that value as its base, as incr would: c:get reads
+-- the dict for such a key, and the engine's rendering lists records only.
+-- Once per worker and dict; again after a refusal (the engine full: `nil,
+-- err` then, logged by record()).
+local function import_dict_keys(self)
+    local handle = self.engine
+    if handle.counter_keys_imported then
+        return true
+    end
+    local dict, cells = self.dict, self.cells
+    local keys = dict:get_keys(0)
+    for i = 1, #keys do
+        local key = keys[i]
+        if not cells[key] and #key <= MAX_KEY_LEN
+           and type(dict:get(key)) == "number"
+        then
+            local ok, err = record(self, key, true)
+            if not ok then
+                return nil, err
+            end
+        end
+    end
+    handle.counter_keys_imported = true
+    return true
+end
+
+
+-- The engine's rendering of the counter's keys (see c:prometheus): the
+-- text and the number of keys, or nil and an error. `names` (label names
+-- joined by commas) and `separator` split each key into labels; without
+-- them the labels are the dict's name and the key. For metrics.lua too.
+local function prometheus_text(self, family, names, separator)
+    if not self.exact then
+        return nil, fmt('dict "%s": a counter without a sync interval reads '
+                        .. 'the dict, not the engine', self.dict_name)
+    end
+    local ok, err = import_dict_keys(self)
+    if not ok then
+        return nil, err
+    end
+    local dict_name = self.dict_name
+    local n = C.rc_counter_prometheus(self.engine.ptr, family, #family,
+                                      dict_name, #dict_name,
+                                      names, names and #names or 0,
+                                      separator,
+                                      separator and #separator or 0,
+                                      text_out, text_len_out)
+    if n < 0 then
+        return nil, "cannot render the keys: " .. engine.last_error()
+    end
+    return ffi_string(text_out[0], text_len_out[0]), n
+end
+_M._prometheus_text = prometheus_text
+
+
+-- syntax: text, err = c:prometheus(name?)
+--
+-- context: any phase
+--
+-- The counter's keys in the Prometheus text format, rendered in the
+-- engine without a lock: one line `name{dict="...",key="..."} value` per
+-- key, sorted by key, as resty.counter.metrics renders them (name
+-- defaults to "resty_counts_total"; no HELP or TYPE line). Each value is
+-- what c:get(key) reads at that moment, every worker's counts; a key
+-- whose dict value is no number is left out. The first call in a worker
+-- also gives engine records to the dict's numbers that have none (keys
+-- counted before the engine: `get_keys(0)`, once). Only for a counter
+-- made with a sync interval: one synced by hand reads the dict (`nil,
+-- err`); and `nil, err` when the engine cannot render or has no room for
+-- such a key.
+function _M.prometheus(self, name)
+    if type(self) ~= "table" then
+        dot_call("c", "prometheus", 2)
+    end
+    if name == nil then
+        name = "resty_counts_total"
+    elseif type(name) ~= "string" or not find(name, "^[%a_:][%w_:]*$") then
+        check.expected("name", "a metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)",
+                       name, 2)
+    end
+    local text, err = prometheus_text(self, name)
+    if not text then
+        return nil, err
+    end
+    return text
 end
 
 

@@ -8,6 +8,7 @@
 //! - [`table`]: keys to records of cells, lock-free.
 //! - [`cell`]: counting in a cell (`i64` exact, `f64`).
 //! - [`counter`]: `resty.counter`'s records.
+//! - [`counter_text`]: their keys in the Prometheus text format.
 //! - [`lax`]: lax counters on Redis: totals added and sent, the journal.
 //! - [`requests`]: the request counter's records (windows in a ring).
 //! - [`strict`]: strict counters' records (a value and its state changed by
@@ -19,6 +20,7 @@
 
 pub mod cell;
 pub mod counter;
+pub mod counter_text;
 mod error;
 pub mod lax;
 pub mod limit;

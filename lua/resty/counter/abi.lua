@@ -139,6 +139,12 @@ int32_t rc_counter_sync_begin(rc_engine_t *engine, uint32_t wait_ms,
     uint32_t *count, uint32_t *written);
 void rc_counter_mirrored(const uint64_t *cells, double value);
 int32_t rc_counter_sync_end(rc_engine_t *engine);
+int32_t rc_counter_prometheus(const rc_engine_t *engine,
+    const unsigned char *family, size_t family_len,
+    const unsigned char *dict, size_t dict_len,
+    const unsigned char *names, size_t names_len,
+    const unsigned char *separator, size_t separator_len,
+    const unsigned char **text, size_t *text_len);
 
 int32_t rc_requests_layout(const rc_engine_t *engine, uint32_t ring,
     uint32_t edges);

@@ -332,6 +332,24 @@ local function sample(f, name, labels, value)
 end
 
 
+-- The labels of lines written elsewhere (the engine's rendering of a
+-- counter's keys), which a family holds in the place of a sample.
+local LINES = {}
+
+
+-- Adds `text`, lines of samples rendered elsewhere, each ending in a
+-- newline, to family `f`: written as they are, in their place among its
+-- samples. The caller makes sure that no other sample has their labels.
+local function sample_lines(f, text)
+    if text ~= "" then
+        local i = #f.values + 1
+        f.names[i] = sub(text, 1, -2)
+        f.labels[i] = LINES
+        f.values[i] = 0
+    end
+end
+
+
 local function exposition_text(expo)
     local lines = {}
     for _, f in ipairs(expo.families) do
@@ -341,8 +359,13 @@ local function exposition_text(expo)
                                 .. gsub(f.help, "[\\\n]", HELP_ESCAPES)
             lines[#lines + 1] = "# TYPE " .. f.name .. " " .. f.type
             for i = 1, #values do
-                lines[#lines + 1] = f.names[i] .. f.labels[i] .. " "
-                                    .. number_text(values[i])
+                local labels = f.labels[i]
+                if labels == LINES then
+                    lines[#lines + 1] = f.names[i]
+                else
+                    lines[#lines + 1] = f.names[i] .. labels .. " "
+                                        .. number_text(values[i])
+                end
             end
         end
     end
@@ -899,9 +922,67 @@ end
 -- Rendering --------------------------------------------------------------
 
 
-local function render_keys(expo, entry, level)
+-- Whether the engine renders the keys of counters (metrics._engine_keys
+-- = false: Lua does, as before; for tests that compare the two).
+_M._engine_keys = true
+
+
+-- The families whose counters' keys the engine renders (see
+-- render_keys): those whose every counter reads the engine (it has a
+-- sync interval) and maps keys by default or by a list of names, and
+-- where no two counters can write the same series: one counter alone, or
+-- several mapped by default, each of another dict.
+local function engine_families(entries)
+    local by_family = {}
+    for _, entry in ipairs(entries) do
+        if entry.kind == "counter" then
+            local mapping, dict_name = entry.mapping, entry.obj.dict_name
+            local name = mapping.family
+            local fit = _M._engine_keys and entry.obj.exact
+                        and type(mapping.labels) ~= "function"
+            local seen = by_family[name]
+            if not seen then
+                by_family[name] = { fit = fit, [dict_name] = true,
+                                    listed = mapping.labels ~= nil }
+            else
+                if seen[dict_name] or seen.listed or mapping.labels ~= nil
+                then
+                    fit = false
+                end
+                seen.fit = seen.fit and fit
+                seen[dict_name] = true
+            end
+        end
+    end
+    local families = {}
+    for name, seen in pairs(by_family) do
+        families[name] = seen.fit or nil
+    end
+    return families
+end
+
+
+-- Renders a counter's keys in the engine (`by_engine`: its family is one
+-- of engine_families()): every key it holds, sorted, the value c:get
+-- reads, in one pass and without a lock, the lines the Lua code below
+-- writes; or, when the engine cannot, in Lua: the dict's keys (those
+-- synced), each read with c:get.
+local function render_keys(expo, entry, level, by_engine)
     local obj, mapping = entry.obj, entry.mapping
     local f = family(expo, mapping.family, mapping.type, mapping.help)
+    if by_engine then
+        local labels = mapping.labels
+        local text, err = counter._prometheus_text(
+            obj, mapping.family, labels and concat(labels, ","),
+            mapping.separator)
+        if text then
+            sample_lines(f, text)
+            return
+        end
+        log_failure(SOURCE, 'keys of dict "' .. obj.dict_name .. '" '
+                    .. 'rendered in Lua: ' .. tostring(err), nil, ngx_WARN)
+    end
+
     local dict_name = obj.dict_name
     local keys = obj:get_keys(0)
     sort(keys)
@@ -1041,10 +1122,11 @@ function _M.render(self)
     publish(self)
 
     local expo = exposition()
+    local by_engine = engine_families(self.entries)
     for _, entry in ipairs(self.entries) do
         local kind = entry.kind
         if kind == "counter" then
-            render_keys(expo, entry, 2)
+            render_keys(expo, entry, 2, by_engine[entry.mapping.family])
         elseif kind == "requests" then
             local text, err = entry.obj:prometheus()
             if text then
