@@ -4,10 +4,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use resty_counter_core::engine::requests::Layout;
+use resty_counter_core::histogram::{MAX_EDGES, PROMETHEUS_EDGES_MS};
 use resty_counter_core::ffi::*;
 use resty_counter_core::ffi_engine::{rc_requests_record, rc_requests_report, RequestsShape};
 use resty_counter_core::ffi_int::*;
-use resty_counter_core::histogram::{MAX_EDGES, PROMETHEUS_EDGES_MS};
 use resty_counter_core::int64::MAX_TEXT_LEN;
 use std::ptr;
 use std::sync::atomic::AtomicU64;
