@@ -611,6 +611,47 @@ describe("resty.counter.strict", function()
             assert.equal(1, g:get("k"))
         end)
 
+        -- What a remover killed between its swap to GONE and the removal
+        -- leaves: a record still in the index whose pair is GONE (written
+        -- here by hand). Every call that meets it goes on with a new
+        -- record for the key.
+        it("a record left GONE is reclaimed by the next call", function()
+            local ffi = require "ffi"
+            local abi = require "resty.counter.abi"
+            local engine = require "resty.counter.engine"
+            local handle = assert(engine.attach("strict"))
+            local function leave_gone(name, key)
+                local cells = assert(engine.record(handle, abi.STRICT_KIND,
+                                                   name .. "/" .. key,
+                                                   abi.STRICT_WIDTH, false))
+                local at = ffi.cast("uintptr_t", cells)
+                local pair = ffi.cast("uint64_t *", (at + 15) - (at + 15) % 16)
+                pair[0] = -1ULL
+                pair[1] = 2
+            end
+            local g = assert(strict.new("strict", { name = "left_gone" }))
+            assert(g:clear())
+            assert.equal(5, g:inc("k", 5))
+            assert.equal(1, g:set("absent", 1))
+            assert.equal(1, g:del("absent"))
+            local removed = engine.stats(handle).removed
+            -- Its cells are in g's cache, and no epoch moved: the update
+            -- itself meets GONE.
+            leave_gone("left_gone", "k")
+            assert.equal(0, g:get("k"), "GONE reads absent")
+            assert.equal(2, g:inc("k", 2))
+            assert.equal(removed + 1, engine.stats(handle).removed)
+            assert.equal(2, g:get("k"))
+            -- A batch meets it: rolled back, run again on a new record.
+            leave_gone("left_gone", "k")
+            assert.same({ 3, 1 }, g:inc_all({ { "k", 3 }, { "b" } }))
+            assert.same({ 3, 1 }, g:get_all({ "k", "b" }))
+            -- A snapshot too.
+            leave_gone("left_gone", "b")
+            assert.same({ 3, 0 }, g:get_all({ "k", "b" }))
+            assert.equal(0, g:del("b"))
+        end)
+
         it("leaves a batch's keys whole", function()
             local g = assert(strict.new("strict", { name = "gone_batch" }))
             assert(g:clear())
