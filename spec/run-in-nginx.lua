@@ -35,6 +35,7 @@ local WATCHDOG_TOTAL = 120
 local DICTS = { "counters 1m", "other 1m", "tiny 12k", "requests 1m",
                 "greencheek 1m", "strict 1m", "lax 1m", "limit 1m", "small 12k",
                 "small_engine 32k", "strict_small 32k", "limit_small 32k",
+                "strict_churn 32k", "strict_churn_full 32k",
                 "limit_churn 32k", "limit_churn_full 32k",
                 "requests_small 64k",
                 "requests_http 1m", "requests_idle 256k", "metrics 1m",

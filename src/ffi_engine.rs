@@ -22,7 +22,7 @@ use crate::engine::lax;
 use crate::engine::limit::{self, Rule};
 use crate::engine::lock::{self, Holder, Taken};
 use crate::engine::requests::{self, Layout, Recorded, Requests, Roller};
-use crate::engine::strict::{self, AtomicPair, Batches, Change, Current, Refused};
+use crate::engine::strict::{self, AtomicPair, Batches, Change, Current, Pair, Refused};
 use crate::engine::table::{self, Record, Table};
 use crate::engine::zone::{self, SlabApi};
 use crate::engine::Error;
@@ -1523,6 +1523,10 @@ pub unsafe extern "C" fn rc_requests_report_walk(
 pub const CODE_BUSY: i32 = -40;
 /// This CPU has no double-width compare-and-swap.
 pub const CODE_NO_DWCAS: i32 = -41;
+/// A strict update (or batch) met a record that was removed (its pair
+/// [`strict::GONE`]): nothing changed; [`rc_strict_reclaim`] its key, look
+/// it up again, then again.
+pub const CODE_GONE: i32 = -44;
 
 /// The kind byte of a strict record, and its width in cells.
 pub const STRICT_KIND: i32 = 115;
@@ -1619,7 +1623,8 @@ pub extern "C" fn rc_strict_supported() -> i32 {
 ///
 /// 1 applied, 0 the comparison failed (`new == old`), `CODE_OVERFLOW`
 /// (nothing changed), `CODE_BUSY` (a batch holds the key: see
-/// [`rc_strict_help`]), `CODE_BAD_ARGUMENT`.
+/// [`rc_strict_help`]), `CODE_GONE` (the record was removed: nothing
+/// changed), `CODE_BAD_ARGUMENT`.
 ///
 /// # Safety
 ///
@@ -1659,6 +1664,7 @@ pub unsafe extern "C" fn rc_strict_update(
             i32::from(outcome.applied)
         }
         (Err(Refused::Busy), _) => CODE_BUSY,
+        (Err(Refused::Gone(_)), _) => CODE_GONE,
         (Err(Refused::Op(_)), _) => CODE_OVERFLOW,
         (Ok(_), None) => CODE_INTERNAL,
     }
@@ -1687,7 +1693,8 @@ pub unsafe extern "C" fn rc_strict_get(cells: *const AtomicU64, value: *mut i64)
 }
 
 /// Removes a strict key: 1 it was present (its value in `*old`), 0 it was
-/// not, `CODE_BUSY`, `CODE_BAD_ARGUMENT`.
+/// not (or its record was removed), `CODE_BUSY`, `CODE_BAD_ARGUMENT`. The
+/// record stays: [`rc_strict_reclaim`] takes it out of the table.
 ///
 /// # Safety
 ///
@@ -1714,6 +1721,7 @@ pub unsafe extern "C" fn rc_strict_del(cells: *const AtomicU64, old: *mut i64) -
             *old = state.value;
             i32::from(state.live)
         }
+        Err(Refused::Gone(_)) => 0,
         Err(_) => CODE_BUSY,
     }
 }
@@ -1793,7 +1801,9 @@ pub unsafe extern "C" fn rc_strict_help(engine: *mut Engine) -> i32 {
 /// # Errors
 ///
 /// 0 done; `CODE_OVERFLOW` with the failing update in `*failed` (nothing
-/// changed); `CODE_BUSY` (another batch runs: wait, then again);
+/// changed); `CODE_GONE` with the removed record's index in `*failed`
+/// (nothing changed: reclaim and look up its key, then again);
+/// `CODE_BUSY` (another batch runs: wait, then again);
 /// `CODE_FULL` (no room for the journal); `CODE_BAD_ARGUMENT`.
 ///
 /// # Safety
@@ -1927,6 +1937,10 @@ pub unsafe extern "C" fn rc_strict_batch(
                 0
             }
             Err(Refused::Busy) => CODE_BUSY,
+            Err(Refused::Gone(r)) => {
+                *failed = r as u32;
+                CODE_GONE
+            }
             Err(Refused::Op(i)) => {
                 *failed = i as u32;
                 CODE_OVERFLOW
@@ -2004,6 +2018,95 @@ pub unsafe extern "C" fn rc_strict_next(
             }
         }
         0
+    })
+}
+
+/// Whether `record` is a strict record whose key (after the kind byte)
+/// starts with `prefix`, and `test` holds of its pair.
+fn strict_record_where(
+    record: &Record<'static, AtomicU64>,
+    prefix: &[u8],
+    test: impl FnOnce(&AtomicPair) -> bool,
+) -> bool {
+    let bytes = record.key_bytes();
+    bytes.first() == Some(&strict::KIND)
+        && record.width() == strict::WIDTH
+        && bytes[1..].starts_with(prefix)
+        // SAFETY: a strict record's cells: three words of the region.
+        && test(unsafe { AtomicPair::of_cells(record.cells().as_ptr()) })
+}
+
+/// One step of a sweep of a strict counter's records (keys
+/// `s<prefix>...`): removes those absent (deleted) or expired, and any a
+/// remover killed halfway left [`strict::GONE`], among the records of
+/// `slots` index slots from `*cursor` (as [`rc_limit_expire`]). Each goes
+/// to GONE first, by a compare-and-swap from the pair judged, under the
+/// table lock ([`strict::retire`]): an update that lands before keeps the
+/// record, one after finds GONE (`CODE_GONE`) and lands nowhere. Returns
+/// how many it removed; `CODE_BAD_ARGUMENT`, `CODE_INTERNAL`, or the
+/// table lock's error code.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `prefix` is null (with
+/// `len` 0) or `len` readable bytes; `cursor` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_expire(
+    engine: *mut Engine,
+    prefix: *const u8,
+    len: usize,
+    cursor: *mut u32,
+    slots: u32,
+) -> i32 {
+    let (engine, cursor) = match (engine.as_mut(), cursor.as_mut()) {
+        (Some(engine), Some(cursor)) if !prefix.is_null() || len == 0 => (engine, cursor),
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    guarded(CODE_INTERNAL, || {
+        let prefix = key_bytes(prefix, len);
+        let clock = Clock::new();
+        let now = || clock.ms();
+        sweep_step(
+            engine,
+            cursor,
+            slots,
+            |record| {
+                strict_record_where(record, prefix, |pair| strict::reclaimable(pair.load(), now))
+            },
+            |record| strict_record_where(record, prefix, |pair| strict::retire(pair, now)),
+        )
+    })
+}
+
+/// Removes the record of the strict key `key` (after the kind byte) when
+/// it is absent, expired or [`strict::GONE`] (as [`rc_strict_expire`]
+/// judges, under the table lock): after a `del`, and after `CODE_GONE`
+/// (a remover killed halfway may have left the record GONE in the table).
+/// 1 removed, 0 not (no record, or a live or frozen one), or a negative
+/// code.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `key` points to `len`
+/// readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rc_strict_reclaim(engine: *mut Engine, key: *const u8, len: usize) -> i32 {
+    let engine = match engine.as_mut() {
+        Some(engine) if !key.is_null() || len == 0 => engine,
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    guarded(CODE_INTERNAL, || {
+        engine.set_key(strict::KIND, key_bytes(key, len));
+        let clock = Clock::new();
+        let now = || clock.ms();
+        let owner = table::Process { me, alive };
+        let retired = |record: &Record<'static, AtomicU64>| {
+            strict_record_where(record, &[], |pair| strict::retire(pair, now))
+        };
+        match engine.table.remove_if(&engine.key, &owner, retired) {
+            Ok(removed) => i32::from(removed),
+            Err(e) => code_of(e),
+        }
     })
 }
 
@@ -2542,46 +2645,47 @@ fn limit_stale(record: &Record<'static, AtomicU64>, prefix: &[u8], index: u64) -
         && limit::stale(unsafe { AtomicPair::of_cells(record.cells().as_ptr()) }, index)
 }
 
-/// The whole keys (kind byte first) of the stale limit records of `prefix`
-/// at window `index` in the index slots `slots`, into `keys`.
-fn stale_limit_keys(
+/// One step of a sweep (the limits', the strict counters'): among the
+/// records of `slots` index slots from `*cursor` (which moves on past
+/// them, back to 0 at the index's end; `slots` 0: to the index's end),
+/// lists those `listed` (read without the lock) says may go, then removes
+/// each that `remove` (asked again under the table lock: a write since
+/// the listing keeps its record) says must: how many it removed, or the
+/// table lock's error code.
+fn sweep_step(
     engine: &mut Engine,
-    prefix: &[u8],
-    index: u64,
-    slots: std::ops::Range<usize>,
-    keys: &mut Vec<Vec<u8>>,
-) {
+    cursor: &mut u32,
+    slots: u32,
+    listed: impl Fn(&Record<'static, AtomicU64>) -> bool,
+    remove: impl Fn(&Record<'static, AtomicU64>) -> bool,
+) -> i32 {
+    let end = engine.table.index_slots();
+    let from = (*cursor as usize).min(end);
+    let to = if slots == 0 {
+        end
+    } else {
+        from.saturating_add(slots as usize).min(end)
+    };
+    *cursor = if to >= end { 0 } else { to as u32 };
     let Engine { table, offsets, .. } = engine;
     offsets.clear();
-    table.offsets_in_slots(slots, offsets);
-    for &offset in offsets.iter() {
-        let record = table.record_in_arena(offset);
-        if limit_stale(&record, prefix, index) {
-            keys.push(record.key_bytes().to_vec());
-        }
-    }
-}
-
-/// Removes the records of `keys` that are still stale at window `index`,
-/// asked again under the table lock (an event since they were listed
-/// keeps its record): how many.
-fn remove_stale_limits(
-    engine: &Engine,
-    prefix: &[u8],
-    index: u64,
-    keys: &[Vec<u8>],
-) -> Result<u32, Error> {
+    table.offsets_in_slots(from..to, offsets);
+    let keys: Vec<Vec<u8>> = offsets
+        .iter()
+        .map(|&offset| table.record_in_arena(offset))
+        .filter(|record| listed(record))
+        .map(|record| record.key_bytes().to_vec())
+        .collect();
     let owner = table::Process { me, alive };
     let mut removed = 0;
-    for key in keys {
-        if engine
-            .table
-            .remove_if(key, &owner, |record| limit_stale(record, prefix, index))?
-        {
-            removed += 1;
+    for key in &keys {
+        match table.remove_if(key, &owner, |record| remove(record)) {
+            Ok(true) => removed += 1,
+            Ok(false) => {}
+            Err(e) => return code_of(e),
         }
     }
-    Ok(removed)
+    removed
 }
 
 /// One step of a sweep of a limiter's records (keys `w<prefix>...`):
@@ -2616,20 +2720,8 @@ pub unsafe extern "C" fn rc_limit_expire(
     };
     guarded(CODE_INTERNAL, || {
         let prefix = key_bytes(prefix, len);
-        let end = engine.table.index_slots();
-        let from = (*cursor as usize).min(end);
-        let to = if slots == 0 {
-            end
-        } else {
-            from.saturating_add(slots as usize).min(end)
-        };
-        *cursor = if to >= end { 0 } else { to as u32 };
-        let mut keys = Vec::new();
-        stale_limit_keys(engine, prefix, index, from..to, &mut keys);
-        match remove_stale_limits(engine, prefix, index, &keys) {
-            Ok(removed) => removed as i32,
-            Err(e) => code_of(e),
-        }
+        let stale = |record: &Record<'static, AtomicU64>| limit_stale(record, prefix, index);
+        sweep_step(engine, cursor, slots, stale, stale)
     })
 }
 
@@ -2986,14 +3078,39 @@ mod tests {
         }
         engine.table.get_or_insert(b"wa/unwritten", 3).unwrap();
 
-        let slots = engine.table.index_slots();
-        let mut keys = Vec::new();
-        stale_limit_keys(&mut engine, b"a/", 10, 0..slots, &mut keys);
+        let listed = std::cell::RefCell::new(Vec::new());
+        let stale = |record: &Record<'static, AtomicU64>| limit_stale(record, b"a/", 10);
+        let removed = sweep_step(
+            &mut engine,
+            &mut 0,
+            0,
+            |record| {
+                let stale = stale(record);
+                if stale {
+                    listed.borrow_mut().push(record.key_bytes().to_vec());
+                }
+                stale
+            },
+            |record| {
+                if record.key_bytes() == b"wa/meanwhile" {
+                    // An event after the listing: asked again under the
+                    // lock, kept.
+                    let rule = Rule {
+                        limit: 10,
+                        window: 1.0,
+                        sliding: true,
+                    };
+                    // SAFETY: a limit record's cells.
+                    let pair = unsafe { AtomicPair::of_cells(record.cells().as_ptr()) };
+                    assert!(limit::incoming(pair, &rule, 10, 0.0, true).allowed);
+                }
+                stale(record)
+            },
+        );
+        let mut keys = listed.into_inner();
         keys.sort();
         assert_eq!(keys, [b"wa/meanwhile".to_vec(), b"wa/old".to_vec()]);
-        // An event after the listing: asked again under the lock, kept.
-        limit_event(&engine, b"wa/meanwhile", 10);
-        assert_eq!(remove_stale_limits(&engine, b"a/", 10, &keys), Ok(1));
+        assert_eq!(removed, 1);
         let present = |engine: &Engine, key: &[u8]| engine.table.lookup(key).is_some();
         assert!(!present(&engine, b"wa/old"));
         for key in [
@@ -3023,7 +3140,7 @@ mod tests {
             }
         }
         assert_eq!(removed, 3);
-        assert_eq!(steps, (slots + 6) / 7);
+        assert_eq!(steps, (engine.table.index_slots() + 6) / 7);
         assert_eq!(engine.table.epoch(), epoch + 3);
         assert!(present(&engine, b"wb/old") && present(&engine, b"wa/unwritten"));
         assert!(!present(&engine, b"wa/current"));

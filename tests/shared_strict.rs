@@ -86,6 +86,7 @@ fn child(shared: &Shared, start: &AtomicU64, done: &[AtomicU64]) -> ! {
                         std::thread::yield_now();
                     },
                     Err(Refused::Op(())) => unsafe { libc::_exit(3) },
+                    Err(Refused::Gone(_)) => unsafe { libc::_exit(4) },
                 }
             }
             done[which].fetch_add(1, Relaxed);

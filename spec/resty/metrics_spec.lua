@@ -317,6 +317,8 @@ describe("resty.counter.metrics", function()
                                     .. 'name="metrics_l"}'])
             assert.equal(0, samples['resty_strict_lock_waits_total'
                                     .. '{dict="strict",name="metrics_s"}'])
+            assert.is_number(samples['resty_strict_removed_keys_total'
+                                     .. '{dict="strict",name="metrics_s"}'])
             local labels = '{algorithm="sliding",limiter="metrics_lim"}'
             assert.equal(10, samples["resty_limit_max_events" .. labels])
             assert.equal(60, samples["resty_limit_window_seconds" .. labels])

@@ -38,6 +38,16 @@ pub const TOUCHED: u64 = 4;
 /// The expiry (ms since the epoch, 0 none) sits above the flags.
 pub const EXPIRY_SHIFT: u32 = 3;
 
+/// The pair of a record a remover took (or is taking) out of the table:
+/// FROZEN with no other flag and every value bit set, a pair no batch or
+/// update ever writes (a frozen pair of a batch is TOUCHED, or `[0,
+/// FROZEN]`). Terminal: nothing writes a GONE pair, so an update that
+/// meets it has not landed and looks its key up again; the remover moves
+/// a pair here only from the exact absent or expired pair it judged
+/// ([`retire`]). As it carries FROZEN, the update's fast path (not frozen)
+/// needs no test of its own for it.
+pub const GONE: [u64; 2] = [u64::MAX, FROZEN];
+
 /// The batch control record's cells: the batch lock, the journal's state,
 /// its entries and where it is.
 pub const CONTROL_WIDTH: u32 = 4;
@@ -96,6 +106,9 @@ pub enum Refused<E> {
     /// A batch holds the record (single updates), or the batch lock
     /// (batches): see [`help`], then try again.
     Busy,
+    /// The record was removed ([`GONE`]): nothing changed; look the key
+    /// up again (a batch: with the index of that record among its pairs).
+    Gone(usize),
     /// The caller's computation refused (an overflow, ...); nothing
     /// changed. For a batch, with the index of the update.
     Op(E),
@@ -184,7 +197,12 @@ pub fn update<P: Pair, E>(
                 Err(_) => {}
             }
         } else if whole {
-            return Err(Refused::Busy);
+            // Only here, off the fast path: GONE carries FROZEN.
+            return Err(if seen == GONE {
+                Refused::Gone(0)
+            } else {
+                Refused::Busy
+            });
         }
         seen = pair.load();
         whole = true;
@@ -198,10 +216,45 @@ pub fn update<P: Pair, E>(
 /// `Busy` when a batch holds the record.
 pub fn get<P: Pair>(pair: &P, now: impl Fn() -> u64) -> Result<Current, Refused<()>> {
     let seen = pair.load();
+    if seen == GONE {
+        // Removed: absent (its key has no record, or a new one).
+        return Ok(current([0, TOUCHED], now));
+    }
     if seen[1] & FROZEN != 0 {
         return Err(Refused::Busy);
     }
     Ok(current(seen, now))
+}
+
+/// Whether a pair may be removed at `now`: [`GONE`] already, or written,
+/// not frozen, and absent (deleted) or expired. An untouched pair (a
+/// worker made the record and is about to import into it) and a frozen one
+/// (a batch holds it) are kept.
+pub fn reclaimable(pair: [u64; 2], now: impl Fn() -> u64) -> bool {
+    let meta = pair[1];
+    pair == GONE || (meta & (FROZEN | TOUCHED) == TOUCHED && !current(pair, now).live)
+}
+
+/// Moves a record that is [`reclaimable`] to [`GONE`], by a
+/// compare-and-swap from the exact pair judged (an update that lands
+/// first makes the key live, or changes the pair: judged again). True when
+/// the pair is GONE: from then on no update lands in it and the record may
+/// leave the table (the caller removes it under the table lock, asking
+/// this again there).
+pub fn retire<P: Pair>(pair: &P, now: impl Fn() -> u64 + Copy) -> bool {
+    let mut seen = pair.load();
+    loop {
+        if seen == GONE {
+            return true;
+        }
+        if !reclaimable(seen, now) {
+            return false;
+        }
+        match pair.compare_exchange(seen, GONE) {
+            Ok(()) => return true,
+            Err(there) => seen = there,
+        }
+    }
 }
 
 /// Whether nobody has written the record yet (see [`import`]).
@@ -252,7 +305,9 @@ unsafe fn journal_of<'j, W: Word>(control: &[W]) -> &'j [W] {
 /// is): only the batch lock's holder calls it, and only it freezes.
 fn thaw<P: Pair>(pair: &P, to: Option<[u64; 2]>) {
     let mut seen = pair.load();
-    while seen[1] & FROZEN != 0 {
+    // A GONE pair was never frozen by a batch: a record the batch had
+    // unfrozen, then removed.
+    while seen[1] & FROZEN != 0 && seen != GONE {
         let new = to.unwrap_or([seen[0], seen[1] & !FROZEN]);
         match pair.compare_exchange(seen, new) {
             Ok(()) => return,
@@ -319,7 +374,10 @@ impl<'a, W: Word> Batches<'a, W> {
     ///
     /// # Errors
     ///
-    /// `None` when another live batch holds the lock.
+    /// [`Refused::Busy`] when another live batch holds the lock;
+    /// [`Refused::Gone`] with the index of a pair that was removed (every
+    /// pair frozen so far is unfrozen as it was, the lock freed: look its
+    /// key up again).
     ///
     /// # Safety
     ///
@@ -329,12 +387,12 @@ impl<'a, W: Word> Batches<'a, W> {
         &'b self,
         pairs: &'b [&'b P],
         journal: &'b [W],
-    ) -> Option<Open<'b, 'a, P, W>> {
+    ) -> Result<Open<'b, 'a, P, W>, Refused<()>> {
         assert!(
             journal.len() >= pairs.len() * ENTRY_WORDS,
             "journal too short"
         );
-        self.take().ok()?;
+        self.take().map_err(|_| Refused::Busy)?;
         // Free or taken from a dead holder: finish whatever it left.
         self.recover::<P>();
 
@@ -346,9 +404,18 @@ impl<'a, W: Word> Batches<'a, W> {
         self.control[C_STATE].store(FREEZING, Release);
 
         let mut frozen = Vec::with_capacity(pairs.len());
-        for pair in pairs {
+        for (i, pair) in pairs.iter().enumerate() {
             let mut seen = pair.load();
             loop {
+                if seen == GONE {
+                    // Rolled back as a dead batch's would be (FREEZING).
+                    for pair in &pairs[..i] {
+                        thaw(*pair, None);
+                    }
+                    self.control[C_STATE].store(IDLE, Release);
+                    lock::unlock(&self.control[C_LOCK], self.me);
+                    return Err(Refused::Gone(i));
+                }
                 debug_assert!(seen[1] & FROZEN == 0, "frozen outside a batch");
                 match pair.compare_exchange(seen, [seen[0], seen[1] | FROZEN]) {
                     Ok(()) => break,
@@ -357,7 +424,7 @@ impl<'a, W: Word> Batches<'a, W> {
             }
             frozen.push(seen);
         }
-        Some(Open {
+        Ok(Open {
             batches: self,
             pairs,
             journal,
@@ -374,7 +441,8 @@ impl<'a, W: Word> Batches<'a, W> {
     /// # Errors
     ///
     /// [`Refused::Busy`] when another live batch holds the lock;
-    /// [`Refused::Op`] with `decide`'s error (nothing changed).
+    /// [`Refused::Gone`] as [`Batches::begin`]; [`Refused::Op`] with
+    /// `decide`'s error (nothing changed).
     ///
     /// # Safety
     ///
@@ -388,7 +456,12 @@ impl<'a, W: Word> Batches<'a, W> {
         states: &mut Vec<Current>,
         changes: &mut Vec<Change>,
     ) -> Result<(), Refused<E>> {
-        let mut open = self.begin(pairs, journal).ok_or(Refused::Busy)?;
+        let mut open = self
+            .begin(pairs, journal)
+            .map_err(|refused| match refused {
+                Refused::Gone(i) => Refused::Gone(i),
+                _ => Refused::Busy,
+            })?;
         states.clear();
         states.extend(open.frozen.iter().map(|&seen| current(seen, now)));
         changes.clear();
@@ -653,6 +726,30 @@ pub(crate) mod tests {
         }
     }
 
+    /// A batch that adds 1 to each of `pairs`.
+    fn add_one_to_each(
+        batch: &Batches<'_, AtomicU64>,
+        pairs: &[&AtomicPair],
+        journal: &[AtomicU64],
+    ) -> Result<(), Refused<&'static str>> {
+        let (mut states, mut changes) = (Vec::new(), Vec::new());
+        unsafe {
+            batch.run(
+                pairs,
+                journal,
+                NOW,
+                |states, changes| {
+                    for (state, change) in states.iter().zip(changes.iter_mut()) {
+                        *change = add(1)(state)?;
+                    }
+                    Ok(())
+                },
+                &mut states,
+                &mut changes,
+            )
+        }
+    }
+
     #[test]
     fn a_batch_is_all_or_nothing() {
         let (a, b) = (cells(), cells());
@@ -663,21 +760,7 @@ pub(crate) mod tests {
         let batch = batches(&control, 10, &alive);
         update(pairs[1], NOW, add(i64::MAX)).unwrap();
         let (mut states, mut changes) = (Vec::new(), Vec::new());
-        let refused = unsafe {
-            batch.run(
-                &pairs,
-                &journal,
-                NOW,
-                |states, changes| {
-                    for (state, change) in states.iter().zip(changes.iter_mut()) {
-                        *change = add(1)(state)?;
-                    }
-                    Ok::<_, &str>(())
-                },
-                &mut states,
-                &mut changes,
-            )
-        };
+        let refused = add_one_to_each(&batch, &pairs, &journal);
         assert_eq!(refused, Err(Refused::Op("overflow")));
         assert!(!get(pairs[0], NOW).unwrap().live, "nothing written");
         assert_eq!(get(pairs[1], NOW).unwrap().value, i64::MAX);
@@ -753,6 +836,171 @@ pub(crate) mod tests {
             assert_eq!(lock::holder(&control[C_LOCK]), None);
             update(pairs[0], NOW, add(1)).unwrap();
         }
+    }
+
+    #[test]
+    fn only_absent_or_expired_written_pairs_are_retired_and_gone_is_final() {
+        let remove = |_: &Current| Ok::<_, ()>(Change::Remove);
+        // Untouched (a worker is about to import), live: kept.
+        let cells = cells();
+        let p = pair(&cells);
+        assert!(!retire(p, NOW));
+        update(p, NOW, add(2)).unwrap();
+        assert!(!retire(p, NOW));
+        assert_eq!(get(p, NOW).unwrap().value, 2);
+        // Frozen by a batch: kept.
+        let [v, m] = p.load();
+        p.compare_exchange([v, m], [v, m | FROZEN]).unwrap();
+        update(p, NOW, remove).unwrap_err();
+        assert!(!retire(p, NOW));
+        p.compare_exchange([v, m | FROZEN], [v, m]).unwrap();
+        // Deleted: retired, and from then on nothing lands in it.
+        update(p, NOW, remove).unwrap();
+        assert!(reclaimable(p.load(), NOW));
+        assert!(retire(p, NOW));
+        assert_eq!(p.load(), GONE);
+        assert!(retire(p, NOW), "GONE stays GONE");
+        assert_eq!(update(p, NOW, add(1)), Err(Refused::Gone(0)));
+        assert_eq!(update(p, NOW, remove), Err(Refused::Gone(0)));
+        assert!(!get(p, NOW).unwrap().live, "reads absent");
+        assert!(!import(p, Some((7, 0))));
+        assert_eq!(p.load(), GONE);
+        // Expired: retired at its expiry, not a millisecond before.
+        let cells = self::cells();
+        let q = pair(&cells);
+        update(q, NOW, |c| {
+            Ok::<_, ()>(Change::Write {
+                value: 9,
+                expiry_ms: expiry_after(c, false, 500, NOW),
+            })
+        })
+        .unwrap();
+        assert!(!retire(q, || 1_499));
+        assert!(retire(q, || 1_500));
+        assert_eq!(q.load(), GONE);
+    }
+
+    #[test]
+    fn a_batch_that_meets_a_removed_record_changes_nothing() {
+        let (a, b, c) = (cells(), cells(), cells());
+        let pairs = [pair(&a), pair(&b), pair(&c)];
+        update(pairs[0], NOW, add(5)).unwrap();
+        update(pairs[1], NOW, |_| Ok::<_, ()>(Change::Remove)).unwrap();
+        assert!(retire(pairs[1], NOW));
+        let control: Vec<AtomicU64> = (0..CONTROL_WIDTH).map(|_| AtomicU64::new(0)).collect();
+        let journal: Vec<AtomicU64> = (0..9).map(|_| AtomicU64::new(0)).collect();
+        let alive = |_| true;
+        let batch = batches(&control, 10, &alive);
+        let ran = add_one_to_each(&batch, &pairs, &journal);
+        assert_eq!(ran, Err(Refused::Gone(1)));
+        assert_eq!(get(pairs[0], NOW).unwrap().value, 5, "unfrozen as it was");
+        update(pairs[0], NOW, add(1)).unwrap();
+        assert_eq!(pairs[1].load(), GONE);
+        assert!(untouched(pairs[2]), "never frozen");
+        assert_eq!(lock::holder(&control[C_LOCK]), None);
+        assert_eq!(control[C_STATE].load(Relaxed), IDLE);
+    }
+
+    /// A dead batch's recovery leaves alone a record it had unfrozen and
+    /// that was removed since (GONE carries FROZEN).
+    #[test]
+    fn recovery_leaves_a_removed_record_gone() {
+        let a = cells();
+        let p = pair(&a);
+        let control: Vec<AtomicU64> = (0..CONTROL_WIDTH).map(|_| AtomicU64::new(0)).collect();
+        let journal: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        let alive = |pid| pid != 10;
+        let dead = batches(&control, 10, &alive);
+        lock::try_lock(&control[C_LOCK], dead.me, |_| true).unwrap();
+        journal[0].store(p as *const _ as u64, Relaxed);
+        journal[1].store(6, Relaxed);
+        journal[2].store(TOUCHED | PRESENT, Relaxed);
+        control[C_COUNT].store(1, Relaxed);
+        control[C_JOURNAL].store(journal.as_ptr() as u64, Relaxed);
+        control[C_STATE].store(COMMITTED, Relaxed);
+        // Written back (absent), then removed.
+        p.compare_exchange([0, 0], [0, TOUCHED]).unwrap();
+        assert!(retire(p, NOW));
+        let helper = batches(&control, 11, &alive);
+        assert!(unsafe { helper.help::<AtomicPair>() });
+        assert_eq!(p.load(), GONE);
+    }
+
+    /// Updaters add to a key's record while a deleter deletes it and
+    /// removes its record (a new one takes its place, as a new look-up
+    /// would make): every add is either in what a delete took or in the
+    /// last record. An add that landed in a removed record would be lost.
+    #[test]
+    fn no_update_lands_in_a_removed_record() {
+        const RECORDS: usize = 20_000;
+        const ADDS: i64 = 30_000;
+        let region: Arc<Vec<AtomicU64>> = Arc::new(
+            (0..RECORDS * WIDTH as usize)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        );
+        // The index of the key's record now: the table's lookup.
+        let current = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let record = |region: &Arc<Vec<AtomicU64>>, i: usize| {
+            let w = WIDTH as usize;
+            unsafe { AtomicPair::of_cells(region[i * w..].as_ptr()) as *const AtomicPair }
+        };
+        let updaters: Vec<_> = (0..3)
+            .map(|_| {
+                let (region, current) = (region.clone(), current.clone());
+                std::thread::spawn(move || {
+                    let mut gone = 0;
+                    for n in 0..ADDS {
+                        if n % 4 == 0 {
+                            // Leaves the deleter room to find the key
+                            // absent now and then.
+                            std::thread::yield_now();
+                        }
+                        loop {
+                            let i = current.load(Acquire);
+                            let p = unsafe { &*record(&region, i) };
+                            match update(p, NOW, add(1)) {
+                                Ok(_) => break,
+                                Err(Refused::Gone(_)) => gone += 1,
+                                Err(e) => panic!("{:?}", e),
+                            }
+                        }
+                    }
+                    gone
+                })
+            })
+            .collect();
+        let deleter = {
+            let (region, current) = (region.clone(), current.clone());
+            std::thread::spawn(move || {
+                let (mut taken, mut removed) = (0i64, 0);
+                while removed + 1 < RECORDS && Arc::strong_count(&region) > 2 {
+                    let i = current.load(Acquire);
+                    let p = unsafe { &*record(&region, i) };
+                    taken += update(p, NOW, |_| Ok::<_, ()>(Change::Remove))
+                        .map_or(0, |state| state.value);
+                    if retire(p, NOW) {
+                        // The table's removal takes a while (its lock,
+                        // the index): updates that come meanwhile must
+                        // not land.
+                        let until =
+                            std::time::Instant::now() + std::time::Duration::from_micros(20);
+                        while std::time::Instant::now() < until {
+                            std::hint::spin_loop();
+                        }
+                        removed += 1;
+                        current.store(i + 1, Release);
+                    }
+                }
+                (taken, removed)
+            })
+        };
+        let gone: i32 = updaters.into_iter().map(|t| t.join().unwrap()).sum();
+        let (taken, removed) = deleter.join().unwrap();
+        let last = current.load(Acquire);
+        let left = get(unsafe { &*record(&region, last) }, NOW).unwrap().value;
+        assert!(removed > 10, "{} removed", removed);
+        assert_eq!(taken + left, 3 * ADDS, "{} gone", gone);
     }
 
     #[test]

@@ -195,6 +195,10 @@ int32_t rc_strict_batch(rc_engine_t *engine, uint32_t records,
 int32_t rc_strict_next(rc_engine_t *engine, const unsigned char *prefix,
     size_t len, uint32_t *cursor, const unsigned char **key, size_t *key_len,
     int64_t *value, const uint64_t **cells);
+int32_t rc_strict_expire(rc_engine_t *engine, const unsigned char *prefix,
+    size_t len, uint32_t *cursor, uint32_t slots);
+int32_t rc_strict_reclaim(rc_engine_t *engine, const unsigned char *key,
+    size_t len);
 
 typedef struct {
     uint64_t nonce;
@@ -297,6 +301,9 @@ local codes = {
     -- rc_strict_help, then again; no 16-byte compare-and-swap here.
     BUSY = -40,
     NO_DWCAS = -41,
+    -- A strict update or batch met a removed record: nothing changed;
+    -- rc_strict_reclaim its key, look it up again, then again.
+    GONE = -44,
     -- rc_changed_t.status (src/ffi_engine.rs): import the dict's old value
     -- first; the same for a key whose dict value was no number.
     NEEDS_BASE = 1,

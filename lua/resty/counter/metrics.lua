@@ -133,6 +133,9 @@ local STRICT_FIGURES = {
     figure("waits", "resty_strict_lock_waits_total", "counter",
            "Calls of strict counters that found a key's lock taken and "
            .. "waited."),
+    figure("swept", "resty_strict_removed_keys_total", "counter",
+           "Records of deleted and expired strict keys removed from the "
+           .. "shared engine."),
 }
 
 local LAX_FIGURES = {
@@ -186,7 +189,8 @@ local ENGINE_FIGURES = {
     figure("arena_bytes", "resty_engine_arena_bytes", "gauge",
            "Bytes the shared engine has for records."),
     figure("removed", "resty_engine_removed_keys_total", "counter",
-           "Keys removed from the shared engine (idle ones)."),
+           "Keys removed from the shared engine (idle, stale, deleted "
+           .. "or expired ones)."),
 }
 
 local DEFAULT_KEYS_FAMILY = "resty_counts_total"

@@ -20,6 +20,12 @@
 -- does not see them: read them with c:get / c:get_all). Values an older
 -- version of this library left in the dict under "<name>/<key>" are moved
 -- into the engine the first time a worker touches the key.
+--
+-- Records of deleted and expired keys give their room back: `del` removes
+-- its key's record at once, and a sweep removes such records of the
+-- counter a step at a time (see `sweep`). A removed record's pair is GONE
+-- first (src/engine/strict.rs): an update that meets it changed nothing
+-- and looks its key up again, so no count lands in a removed record.
 
 
 local check = require "resty.counter.check"
@@ -46,6 +52,7 @@ local lua_value = int.lua_value
 local int_text = int.text
 local engine_attach = engine.attach
 local engine_record = engine.record
+local check_epoch = engine.check_epoch
 local ffi_new = ffi.new
 local ffi_string = ffi.string
 local C = abi.C
@@ -59,6 +66,8 @@ local fmt = string.format
 
 
 local BUSY = abi.BUSY
+local GONE = abi.GONE
+local FULL = abi.FULL
 local OVERFLOW = abi.OVERFLOW
 local NOT_FOUND = abi.NOT_FOUND
 local STRICT_KIND = abi.STRICT_KIND
@@ -152,9 +161,20 @@ local function construct(shdict_name, opts, known, level)
         -- batch (or a batch that found another running) and had to wait:
         -- how contended the keys are.
         waits = 0,
-        -- key -> the cells of its record: this worker's cache.
+        -- key -> the cells of its record: this worker's cache, while the
+        -- engine's epoch (bumped by each removal of a record) is
+        -- `seen_epoch`.
         cells = {},
-        cells_count = 0,
+        cached = 0,
+        epoch = C.rc_engine_epoch(handle.ptr),
+        seen_epoch = C.rc_engine_epoch(handle.ptr)[0],
+        -- The sweep of this counter's records of deleted and expired keys:
+        -- the next index slot, and when it may run again (periodic, and on
+        -- a refusal); how many records this object removed in this worker.
+        cursor = ffi_new("uint32_t[1]"),
+        next_sweep = 0,
+        next_refused_sweep = 0,
+        swept = 0,
     }, mt)
 end
 
@@ -248,15 +268,66 @@ end
 -- afresh: records stay in the engine).
 local MAX_CELLS = 10000
 
+-- Sweeps of a counter's records of deleted and expired keys, one step of
+-- SWEEP_STEP index slots at a time, resuming where the last stopped, at
+-- most once every SWEEP_EVERY seconds per counter object and worker when
+-- it looks a key up in the engine (a key not in its cache: every new key
+-- passes there, so records cannot pile up unswept), and once as often
+-- when a new key is refused for room (then tried again).
+local SWEEP_STEP = 16384
+local SWEEP_EVERY = 1
+
+-- How many times an update looks up again a key whose record was removed
+-- under it before it gives up (each time another worker's sweep or delete
+-- removed the record between the look-up and the update: rare twice).
+local MAX_GONE = 100
+
+
+-- One sweep step: how many records it removed (0 when the engine could
+-- not: the next step tries again).
+local function sweep(self)
+    local prefix = self.prefix
+    local n = C.rc_strict_expire(self.handle.ptr, prefix, #prefix,
+                                 self.cursor, SWEEP_STEP)
+    if n > 0 then
+        self.swept = self.swept + n
+        return n
+    end
+    return 0
+end
+
+
+-- Removes `key`'s record if it is deleted, expired or GONE (a removal
+-- under way, or one whose worker died halfway), and drops its cells from
+-- the cache.
+local function reclaim(self, key)
+    local dkey = self.prefix .. key
+    if C.rc_strict_reclaim(self.handle.ptr, dkey, #dkey) == 1 then
+        self.swept = self.swept + 1
+    end
+    if self.cells[key] then
+        self.cells[key] = nil
+        self.cached = self.cached - 1
+    end
+end
+
+
 -- The cells of `key`'s record; nil, nil when the key has none and
 -- `create` is false (nor a value from an older version in the dict);
 -- nil, err when the engine refuses it (full).
 local function cells_of(self, key, create)
+    -- A removed record's kept cells are dropped first.
+    check_epoch(self)
     local cells = self.cells[key]
     if cells then
         return cells
     end
 
+    local now = ngx_now()
+    if now >= self.next_sweep then
+        self.next_sweep = now + SWEEP_EVERY
+        sweep(self)
+    end
     local dkey = self.prefix .. key
     local err, code
     cells, err, code = engine_record(self.handle, STRICT_KIND, dkey,
@@ -270,8 +341,17 @@ local function cells_of(self, key, create)
         if raw == nil and not create then
             return nil
         end
-        cells, err = engine_record(self.handle, STRICT_KIND, dkey,
-                                   STRICT_WIDTH, true)
+        cells, err, code = engine_record(self.handle, STRICT_KIND, dkey,
+                                         STRICT_WIDTH, true)
+        -- Full: records of deleted and expired keys may hold the room.
+        if not cells and code == FULL and now >= self.next_refused_sweep
+        then
+            self.next_refused_sweep = now + SWEEP_EVERY
+            if sweep(self) > 0 then
+                cells, err = engine_record(self.handle, STRICT_KIND, dkey,
+                                           STRICT_WIDTH, true)
+            end
+        end
         if not cells then
             return nil, err
         end
@@ -280,18 +360,51 @@ local function cells_of(self, key, create)
         import(self, cells, dkey, raw)
     end
 
-    if self.cells_count >= MAX_CELLS then
+    if self.cached >= MAX_CELLS then
         self.cells = {}
-        self.cells_count = 0
+        self.cached = 0
     end
     self.cells[key] = cells
-    self.cells_count = self.cells_count + 1
+    self.cached = self.cached + 1
     return cells
 end
 
 
 local function try_update(cells, op, cmp, operand, n, ms)
     return C.rc_strict_update(cells, op, cmp, operand, n, ms, result)
+end
+
+
+-- An update of `key` that rc_strict_update refused with `rc`: waits while
+-- a batch holds the key; looks the key up again when its record was
+-- removed (GONE: nothing changed), then again. Returns the update's code
+-- (>= 0) or nil, err.
+local function refused(self, key, cells, rc, op, cmp, operand, n, ms)
+    for _ = 1, MAX_GONE do
+        if rc == BUSY then
+            rc = wait_busy(self, try_update, cells, op, cmp, operand, n, ms)
+        end
+        if rc ~= GONE then
+            break
+        end
+        reclaim(self, key)
+        local err
+        cells, err = cells_of(self, key, true)
+        if not cells then
+            return nil, err
+        end
+        rc = try_update(cells, op, cmp, operand, n, ms)
+    end
+    if rc >= 0 then
+        return rc
+    end
+    if rc == OVERFLOW then
+        return nil, OVERFLOW_MSG
+    end
+    if rc == BUSY then
+        return nil, "timeout"
+    end
+    return nil, abi.failure(rc)
 end
 
 
@@ -316,17 +429,11 @@ local function update(self, key, op, cmp, operand, n, ttl)
     local ms = ttl_ms(ttl)
     operand = operand or 0
     local rc = C.rc_strict_update(cells, op, cmp, operand, n, ms, result)
-    if rc == BUSY then
-        rc = wait_busy(self, try_update, cells, op, cmp, operand, n, ms)
-    end
     if rc < 0 then
-        if rc == OVERFLOW then
-            return nil, OVERFLOW_MSG
+        rc, err = refused(self, key, cells, rc, op, cmp, operand, n, ms)
+        if not rc then
+            return nil, err
         end
-        if rc == BUSY then
-            return nil, "timeout"
-        end
-        return nil, abi.failure(rc)
     end
     return lua_value(result.new_value), lua_value(result.old_value)
 end
@@ -476,7 +583,12 @@ function _M.del(self, key)
         return strict_redis.del(self.engine, key)
     end
 
-    return read(self, key, try_del)
+    local old, err = read(self, key, try_del)
+    if old and self.cells[key] then
+        -- Its record goes at once (kept if an update made it live since).
+        reclaim(self, key)
+    end
+    return old, err
 end
 
 
@@ -538,13 +650,15 @@ function _M.set_if(self, key, cmp, operand, n, ttl)
 end
 
 
--- The distinct records of a batch's keys: how many, their cells, and
--- per entry the index (from 0) of its record; nil, err, i when the i-th
--- key has no room in the engine.
+-- The distinct records of a batch's keys: how many, their cells, per
+-- entry the index (from 0) of its record, and per record (from 1) the
+-- index of its first entry; nil, err, i when the i-th key has no room in
+-- the engine.
 local function batch_records(self, keys, count)
     local index = new_tab(0, count)
     local cells = ffi_new("const uint64_t *[?]", count)
     local record_of = ffi_new("uint32_t[?]", count)
+    local first = new_tab(count, 0)
     local records = 0
     for i = 1, count do
         local key = keys[i]
@@ -558,10 +672,11 @@ local function batch_records(self, keys, count)
             cells[r] = key_cells
             index[key] = r
             records = records + 1
+            first[records] = i
         end
         record_of[i - 1] = r
     end
-    return records, cells, record_of
+    return records, cells, record_of, first
 end
 
 
@@ -575,13 +690,15 @@ end
 -- The arguments of rc_strict_batch for `count` keys and `updates` updates
 -- (0: a snapshot); nil, err, i when the i-th key has no room.
 local function new_batch(self, keys, count, updates, op)
-    local records, cells, record_of = batch_records(self, keys, count)
+    local records, cells, record_of, first = batch_records(self, keys,
+                                                           count)
     if not records then
         return nil, cells, record_of
     end
     local b = {
         ptr = self.handle.ptr, records = records, cells = cells,
         updates = updates, op = op, record_of = record_of,
+        keys = keys, first = first,
         news = ffi_new("int64_t[?]", records > count and records or count),
     }
     if updates > 0 then
@@ -595,12 +712,40 @@ local function new_batch(self, keys, count, updates, op)
 end
 
 
+-- A batch met a removed record (GONE, nothing changed): its key is
+-- looked up again, and every record's cells with it (the removal dropped
+-- the cache). Returns true or nil, err, i.
+local function batch_gone(self, b)
+    local keys, first = b.keys, b.first
+    reclaim(self, keys[first[failed_out[0] + 1]])
+    for r = 1, b.records do
+        local i = first[r]
+        local cells, err = cells_of(self, keys[i], true)
+        if not cells then
+            return nil, err, i
+        end
+        b.cells[r - 1] = cells
+    end
+    return true
+end
+
+
 -- Runs a batch (`b`, the arguments of rc_strict_batch), waiting while
 -- another runs. Returns true or nil, err, i.
 local function run_batch(self, b)
     local rc = try_batch(b)
-    if rc == BUSY then
-        rc = wait_busy(self, try_batch, b)
+    for _ = 1, MAX_GONE do
+        if rc == BUSY then
+            rc = wait_busy(self, try_batch, b)
+        end
+        if rc ~= GONE then
+            break
+        end
+        local ok, err, i = batch_gone(self, b)
+        if not ok then
+            return nil, err, i
+        end
+        rc = try_batch(b)
     end
     if rc >= 0 then
         return true
@@ -850,13 +995,15 @@ function _M.clear(self)
     end
 
     local first_err
-    for _, cells in each_key(self) do
+    for key, cells in each_key(self) do
         local rc = try_del(cells)
         if rc == BUSY then
             rc = wait_busy(self, try_del, cells)
         end
         if rc == BUSY then
             first_err = first_err or "timeout"
+        else
+            reclaim(self, key)
         end
     end
 
@@ -873,12 +1020,14 @@ end
 --
 -- This worker's figures for this counter: `waits` (calls that found a
 -- key's lock taken and waited for it: how contended the keys are; 0 on
--- Redis, where there are no locks).
+-- Redis, where there are no locks); `swept` (records of deleted and
+-- expired keys this worker removed from the engine for this counter, by
+-- its sweep and its deletes; 0 on Redis, where Redis expires keys).
 function _M.self_metrics(self)
     if type(self) ~= "table" then
         dot_call("c", "self_metrics", 2)
     end
-    return { waits = self.waits }
+    return { waits = self.waits, swept = self.swept or 0 }
 end
 
 
