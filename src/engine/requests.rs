@@ -398,6 +398,17 @@ impl<'a, W: Word> Requests<'a, W> {
         )
     }
 
+    /// What a report without percentiles shows of window `window`: its
+    /// count, sum and maximum, as [`Summary::without_buckets`], read
+    /// without its buckets.
+    pub fn window_counts(&self, window: u64) -> Option<Summary> {
+        self.read_window(
+            window,
+            |count, sum, max, _| Summary::without_buckets(count, sum, max),
+            Summary::without_buckets,
+        )
+    }
+
     /// Reads window `window` with `with_buckets` (count, sum, max and the
     /// (bucket, count) pairs, ascending) or, kept without histograms,
     /// `without_buckets`; None when its slot holds another window.

@@ -497,8 +497,9 @@ end
 
 -- A report of every key (or of `only_key`), read a step at a time where
 -- the phase can yield (see the README's "What a scrape costs"); with the
--- step size for its rendering.
-local function report(self, only_key)
+-- step size for its rendering. With `for_prometheus`, the windows'
+-- percentiles (their histograms) are not read: the text shows none.
+local function report(self, only_key, for_prometheus)
     local now = now_of(self)
     local ptr
     if type(now) == "number" then
@@ -514,6 +515,9 @@ local function report(self, only_key)
                     .. ")"
     end
     ptr = ffi_gc(ptr, C.rc_report_free)
+    if for_prometheus then
+        C.rc_report_without_percentiles(ptr)
+    end
 
     local n = YIELDABLE[get_phase()] and SCRAPE_STEP or 0
     if not only_key then
@@ -652,7 +656,7 @@ function _M.prometheus(self, write)
         dot_call("r", "prometheus", 2)
     end
     write = check_func(write, "write", 2, false)
-    local ptr, n = report(self)
+    local ptr, n = report(self, nil, true)
     if not ptr then
         return nil, n
     end
