@@ -13,7 +13,7 @@ use serde_json::ser::{CompactFormatter, Formatter};
 
 use crate::engine::requests::{Layout, Total};
 use crate::error::Error;
-use crate::histogram::{check_edges, Summary, DEFAULT_EDGES_S};
+use crate::histogram::{bucket_of, bucket_value, check_edges, Summary, BUCKETS, DEFAULT_EDGES_S};
 
 /// The most previous windows a report may show.
 pub const MAX_PREVIOUS_WINDOWS: usize = 64;
@@ -177,6 +177,9 @@ pub struct Report {
     window_names: Vec<Vec<u8>>,
     /// The JSON of an empty window at each age (see json_windows).
     empty_windows: Vec<Vec<u8>>,
+    /// The JSON of each bucket's value (a percentile is one, or the
+    /// maximum): made once per report, copied for every percentile.
+    bucket_texts: Vec<Vec<u8>>,
     rendering: Option<Rendering>,
     /// The engine walk filling this report, when it takes several steps.
     pub walk: Option<Walk>,
@@ -214,6 +217,7 @@ impl Report {
                 })
                 .collect(),
             empty_windows: Vec::new(),
+            bucket_texts: Vec::new(),
             rendering: None,
             walk: None,
         })
@@ -492,6 +496,15 @@ impl Report {
     pub fn begin_json(&mut self, free_space: f64, capacity: f64, single: bool) {
         self.start_merge();
         self.empty_windows = self.empty_windows();
+        if self.bucket_texts.is_empty() {
+            self.bucket_texts = (0..BUCKETS)
+                .map(|bucket| {
+                    let mut text = Vec::new();
+                    json_f64(&mut text, bucket_value(bucket));
+                    text
+                })
+                .collect();
+        }
         // Some 130 bytes a window, and the key (with quotes).
         let per_key = self.bytes_per_key(16 + 130 * (self.previous + 1), 1);
         let mut out = std::mem::take(&mut self.buf.rendered);
@@ -590,7 +603,16 @@ impl Report {
                 }
                 (Some(p), _) => {
                     let start = out.len();
-                    json_f64(out, p[i]);
+                    // A bucket's value (unless the maximum was below it):
+                    // its text made once.
+                    let text = self
+                        .bucket_texts
+                        .get(bucket_of(p[i]) as usize)
+                        .filter(|_| bucket_value(bucket_of(p[i])).to_bits() == p[i].to_bits());
+                    match text {
+                        Some(text) => out.extend_from_slice(text),
+                        None => json_f64(out, p[i]),
+                    }
                     before = Some((p[i], start..out.len()));
                 }
                 (None, _) => out.extend_from_slice(b"null"),
