@@ -215,6 +215,25 @@ pub unsafe extern "C" fn rc_report_free(report: *mut Report) {
     }
 }
 
+/// Makes a report, before its walk, one for the Prometheus text only:
+/// its walk reads no histogram (see
+/// [`crate::stats::Report::without_percentiles`]); the JSON is then
+/// refused. 0, or `CODE_BAD_ARGUMENT` for a null report.
+///
+/// # Safety
+///
+/// `report` is null or live.
+#[no_mangle]
+pub unsafe extern "C" fn rc_report_without_percentiles(report: *mut Report) -> i32 {
+    match report.as_mut() {
+        Some(report) => {
+            report.without_percentiles();
+            0
+        }
+        None => Error::BadArgument.code(),
+    }
+}
+
 /// Says in the JSON how many keys are tracked, the cap and the key that
 /// counts what is beyond it.
 ///
@@ -271,11 +290,12 @@ pub unsafe extern "C" fn rc_report_begin_json(
     single: i32,
 ) -> i32 {
     match report.as_mut() {
-        Some(report) => guarded(Error::Internal.code(), || {
+        // A report without percentiles has none to show.
+        Some(report) if report.percentiles() => guarded(Error::Internal.code(), || {
             report.begin_json(free_space, capacity, single != 0);
             0
         }),
-        None => Error::BadArgument.code(),
+        _ => Error::BadArgument.code(),
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::ser::{CompactFormatter, Formatter};
 
 use crate::engine::requests::{Layout, Total};
 use crate::error::Error;
-use crate::histogram::{check_edges, Summary, DEFAULT_EDGES_S};
+use crate::histogram::{bucket_of, bucket_value, check_edges, Summary, BUCKETS, DEFAULT_EDGES_S};
 
 /// The most previous windows a report may show.
 pub const MAX_PREVIOUS_WINDOWS: usize = 64;
@@ -157,36 +157,30 @@ pub struct Report {
     previous: usize,
     /// The Prometheus edges, seconds.
     edges: Vec<f64>,
-    /// Every key's text (UTF-8, lossy), one after another.
-    key_text: String,
-    /// In the order added.
-    entries: Vec<Entry>,
-    /// `previous` + 1 window summaries per entry, the current first.
-    summaries: Vec<Summary>,
-    /// One count per edge and entry: requests at or below the edge.
-    at_or_below: Vec<u64>,
-    /// Entries in runs (the keys of one step of a walk), each run sorted
-    /// by key when it ends; `runs` their ranges, `run_start` the first
+    /// Every key's figures, the keys' order and the text.
+    buf: Buffers,
+    /// The runs of `buf.sorted`: their ranges; `run_start` the first
     /// entry not in a run yet.
-    sorted: Vec<u32>,
     runs: Vec<(usize, usize)>,
     run_start: usize,
     /// The runs being merged: a heap of (next position, end) in `sorted`,
     /// by the key at the position. A scrape in steps merges a step's keys
     /// at a time: no sort of every key at once stalls the worker.
     heap: Vec<(usize, usize)>,
-    /// Entries in key order, the last added of equal keys (every worker
-    /// renders the same text): as far as the merge went, all of them once
-    /// `merged`.
-    order: Vec<u32>,
+    /// Whether `buf.order` has every entry.
     merged: bool,
+    /// Whether the windows' percentiles are read (false: a report for
+    /// Prometheus, which shows none; see [`Report::without_percentiles`]).
+    percentiles: bool,
     key_info: Option<KeyInfo>,
     /// "current", "prev1", "prev2", ... quoted, with their colon.
     window_names: Vec<Vec<u8>>,
     /// The JSON of an empty window at each age (see json_windows).
     empty_windows: Vec<Vec<u8>>,
+    /// The JSON of each bucket's value (a percentile is one, or the
+    /// maximum): made once per report, copied for every percentile.
+    bucket_texts: Vec<Vec<u8>>,
     rendering: Option<Rendering>,
-    rendered: Vec<u8>,
     /// The engine walk filling this report, when it takes several steps.
     pub walk: Option<Walk>,
 }
@@ -209,16 +203,12 @@ impl Report {
             now,
             previous,
             edges: DEFAULT_EDGES_S.to_vec(),
-            key_text: String::new(),
-            entries: Vec::new(),
-            summaries: Vec::new(),
-            at_or_below: Vec::new(),
-            sorted: Vec::new(),
+            buf: Buffers::take(),
             runs: Vec::new(),
             run_start: 0,
             heap: Vec::new(),
-            order: Vec::new(),
             merged: false,
+            percentiles: true,
             key_info: None,
             window_names: (0..=previous)
                 .map(|age| match age {
@@ -227,8 +217,8 @@ impl Report {
                 })
                 .collect(),
             empty_windows: Vec::new(),
+            bucket_texts: Vec::new(),
             rendering: None,
-            rendered: Vec::new(),
             walk: None,
         })
     }
@@ -241,7 +231,7 @@ impl Report {
     /// `BadArgument` for edges [`crate::histogram::check_edges`] refuses,
     /// or once keys were added.
     pub fn set_edges(&mut self, edges: &[f64]) -> Result<(), Error> {
-        if !self.entries.is_empty() || !check_edges(edges) {
+        if !self.buf.entries.is_empty() || !check_edges(edges) {
             return Err(Error::BadArgument);
         }
         self.edges = edges.to_vec();
@@ -273,53 +263,93 @@ impl Report {
         sum: f64,
         at_or_below: &[u64],
     ) {
-        let start = self.key_text.len();
+        let start = self.buf.key_text.len();
         match std::str::from_utf8(key) {
-            Ok(text) => self.key_text.push_str(text),
-            Err(_) => self.key_text.push_str(&String::from_utf8_lossy(key)),
+            Ok(text) => self.buf.key_text.push_str(text),
+            Err(_) => self.buf.key_text.push_str(&String::from_utf8_lossy(key)),
         }
-        self.entries.push(Entry {
-            key: (start, self.key_text.len()),
+        self.buf.entries.push(Entry {
+            key: (start, self.buf.key_text.len()),
             count,
             sum,
         });
         let shown = windows.len().min(self.previous + 1);
-        self.summaries.extend_from_slice(&windows[..shown]);
-        self.summaries
+        self.buf.summaries.extend_from_slice(&windows[..shown]);
+        self.buf
+            .summaries
             .extend((shown..=self.previous).map(|_| Summary::default()));
         let edges = self.edges.len();
         let given = at_or_below.len().min(edges);
-        self.at_or_below.extend_from_slice(&at_or_below[..given]);
-        self.at_or_below.extend((given..edges).map(|_| 0));
+        self.buf
+            .at_or_below
+            .extend_from_slice(&at_or_below[..given]);
+        self.buf.at_or_below.extend((given..edges).map(|_| 0));
         self.merged = false;
-        self.order.clear();
+        self.buf.order.clear();
     }
 
     /// Makes room for `keys` more keys at once: a report filled in steps
     /// then never grows a vector by copying it (megabytes at 100,000 keys)
     /// in one of its steps.
     pub fn reserve_keys(&mut self, keys: usize) {
-        self.entries.reserve(keys);
-        self.summaries.reserve(keys * (self.previous + 1));
-        self.at_or_below.reserve(keys * self.edges.len());
-        self.sorted.reserve(keys);
-        self.order.reserve(keys);
-        self.key_text.reserve(keys * 16);
+        self.buf.entries.reserve(keys);
+        self.buf.summaries.reserve(keys * (self.previous + 1));
+        self.buf.at_or_below.reserve(keys * self.edges.len());
+        self.buf.sorted.reserve(keys);
+        self.buf.order.reserve(keys);
+        self.buf.key_text.reserve(keys * 16);
     }
 
     /// Ends a run of keys: those added since the last run, sorted now (a
     /// walk's step ends one). Rendering merges the runs.
     pub fn end_run(&mut self) {
-        let (start, end) = (self.sorted.len(), self.entries.len());
+        let (start, end) = (self.buf.sorted.len(), self.buf.entries.len());
         if self.run_start >= end {
             return;
         }
-        let mut sorted = std::mem::take(&mut self.sorted);
-        sorted.extend(self.run_start as u32..end as u32);
-        sorted[start..].sort_unstable_by(|&a, &b| self.entry_order(a, b));
-        self.sorted = sorted;
-        self.runs.push((start, self.sorted.len()));
+        // Sorted by the 8 bytes after the prefix every key of the run has
+        // (keys such as "/api/v1/..." share one), then by the whole key
+        // where those tie: a comparison of words, not of strings apart in
+        // memory, for nearly every pair.
+        let first = self.key(self.run_start).as_bytes();
+        let common = (self.run_start..end).fold(first.len(), |common, entry| {
+            let key = self.key(entry).as_bytes();
+            first[..common]
+                .iter()
+                .zip(key)
+                .take_while(|(a, b)| a == b)
+                .count()
+        });
+        let mut keyed = std::mem::take(&mut self.buf.keyed);
+        keyed.clear();
+        keyed.extend((self.run_start..end).map(|entry| {
+            let rest = &self.key(entry).as_bytes()[common..];
+            let mut word = [0u8; 8];
+            let n = rest.len().min(8);
+            word[..n].copy_from_slice(&rest[..n]);
+            (u64::from_be_bytes(word), entry as u32)
+        }));
+        keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| self.entry_order(a.1, b.1)));
+        let mut sorted = std::mem::take(&mut self.buf.sorted);
+        sorted.extend(keyed.iter().map(|&(_, entry)| entry));
+        self.buf.sorted = sorted;
+        self.buf.keyed = keyed;
+        self.runs.push((start, self.buf.sorted.len()));
         self.run_start = end;
+    }
+
+    /// Says, before keys are added, that this report is for the
+    /// Prometheus text only, which shows the windows' counts and no
+    /// percentiles: the walk then reads no histogram (at 100,000 keys
+    /// with traffic in every window, some 300 MB of shared memory).
+    /// [`Report::begin_json`] must not be called on it.
+    pub fn without_percentiles(&mut self) {
+        self.percentiles = false;
+    }
+
+    /// Whether the windows' percentiles are wanted.
+    pub fn percentiles(&self) -> bool {
+        self.percentiles
     }
 
     /// How many windows before the current one the report shows.
@@ -337,13 +367,13 @@ impl Report {
     }
 
     fn key(&self, entry: usize) -> &str {
-        let (start, end) = self.entries[entry].key;
-        &self.key_text[start..end]
+        let (start, end) = self.buf.entries[entry].key;
+        &self.buf.key_text[start..end]
     }
 
     fn windows(&self, entry: usize) -> &[Summary] {
         let n = self.previous + 1;
-        &self.summaries[entry * n..(entry + 1) * n]
+        &self.buf.summaries[entry * n..(entry + 1) * n]
     }
 
     /// Keys in byte order, equal keys in the order added.
@@ -360,7 +390,7 @@ impl Report {
             return;
         }
         self.end_run();
-        self.order.clear();
+        self.buf.order.clear();
         let mut heap = std::mem::take(&mut self.heap);
         heap.clear();
         heap.extend(self.runs.iter().filter(|(start, end)| start < end));
@@ -372,7 +402,7 @@ impl Report {
 
     fn sift_down(&self, heap: &mut [(usize, usize)], mut i: usize) {
         let less = |a: (usize, usize), b: (usize, usize)| {
-            self.entry_order(self.sorted[a.0], self.sorted[b.0]) == std::cmp::Ordering::Less
+            self.entry_order(self.buf.sorted[a.0], self.buf.sorted[b.0]) == std::cmp::Ordering::Less
         };
         loop {
             let left = 2 * i + 1;
@@ -406,13 +436,13 @@ impl Report {
         }
         self.sift_down(&mut heap, 0);
         self.heap = heap;
-        Some(self.sorted[top.0])
+        Some(self.buf.sorted[top.0])
     }
 
     /// The entry at position `at` in key order (`at` at most one past the
     /// last one asked for), merging on as needed; None past the last.
     fn entry_at(&mut self, at: usize) -> Option<usize> {
-        if let Some(&entry) = self.order.get(at) {
+        if let Some(&entry) = self.buf.order.get(at) {
             return Some(entry as usize);
         }
         if self.merged {
@@ -427,17 +457,17 @@ impl Report {
         };
         // Of equal keys (in the order added), the last added.
         while let Some(&(next, _)) = self.heap.first() {
-            if self.key(self.sorted[next] as usize) != self.key(entry as usize) {
+            if self.key(self.buf.sorted[next] as usize) != self.key(entry as usize) {
                 break;
             }
             entry = self.merge_pop().unwrap_or(entry);
         }
-        self.order.push(entry);
+        self.buf.order.push(entry);
         Some(entry as usize)
     }
 
     fn keys(&self) -> usize {
-        self.entries.len()
+        self.buf.entries.len()
     }
 
     /// The sliding-window estimate of requests per window:
@@ -453,7 +483,7 @@ impl Report {
     /// `per_key` besides its own, which is written `key_times` times.
     fn bytes_per_key(&self, per_key: usize, key_times: usize) -> usize {
         let keys = self.keys().max(1);
-        per_key + (self.key_text.len() * key_times + keys - 1) / keys
+        per_key + (self.buf.key_text.len() * key_times + keys - 1) / keys
     }
 
     /// Starts rendering the JSON of `stats` (every key) or, with `single`,
@@ -466,9 +496,18 @@ impl Report {
     pub fn begin_json(&mut self, free_space: f64, capacity: f64, single: bool) {
         self.start_merge();
         self.empty_windows = self.empty_windows();
+        if self.bucket_texts.is_empty() {
+            self.bucket_texts = (0..BUCKETS)
+                .map(|bucket| {
+                    let mut text = Vec::new();
+                    json_f64(&mut text, bucket_value(bucket));
+                    text
+                })
+                .collect();
+        }
         // Some 130 bytes a window, and the key (with quotes).
         let per_key = self.bytes_per_key(16 + 130 * (self.previous + 1), 1);
-        let mut out = std::mem::take(&mut self.rendered);
+        let mut out = std::mem::take(&mut self.buf.rendered);
         out.clear();
         let info = DictInfo {
             free_space,
@@ -497,7 +536,7 @@ impl Report {
                 per_key,
             });
         }
-        self.rendered = out;
+        self.buf.rendered = out;
     }
 
     fn json_end(&self, out: &mut Vec<u8>) {
@@ -564,7 +603,16 @@ impl Report {
                 }
                 (Some(p), _) => {
                     let start = out.len();
-                    json_f64(out, p[i]);
+                    // A bucket's value (unless the maximum was below it):
+                    // its text made once.
+                    let text = self
+                        .bucket_texts
+                        .get(bucket_of(p[i]) as usize)
+                        .filter(|_| bucket_value(bucket_of(p[i])).to_bits() == p[i].to_bits());
+                    match text {
+                        Some(text) => out.extend_from_slice(text),
+                        None => json_f64(out, p[i]),
+                    }
                     before = Some((p[i], start..out.len()));
                 }
                 (None, _) => out.extend_from_slice(b"null"),
@@ -595,8 +643,9 @@ impl Report {
         let le: usize = self.edges.iter().map(|e| format!("{}", e).len()).sum();
         let per_key = (edges + 5) * (15 + escaped.len()) + 185 + 45 * edges + le + 12 * (edges + 6);
         let per_key = self.bytes_per_key(per_key, edges + 5);
-        self.rendered.clear();
-        self.rendered
+        self.buf.rendered.clear();
+        self.buf
+            .rendered
             .extend_from_slice(PROMETHEUS_SECTIONS[0].as_bytes());
         let edges = self
             .edges
@@ -619,9 +668,9 @@ impl Report {
     /// [`Report::begin_json`] or [`Report::begin_prometheus`] began: true
     /// when the text is whole.
     pub fn render(&mut self, max_keys: usize) -> bool {
-        let mut out = std::mem::take(&mut self.rendered);
+        let mut out = std::mem::take(&mut self.buf.rendered);
         let done = self.render_into(&mut out, max_keys.max(1));
-        self.rendered = out;
+        self.buf.rendered = out;
         if done {
             self.rendering = None;
         }
@@ -758,7 +807,7 @@ impl Report {
         window: &[u8],
         entry: usize,
     ) {
-        let total = &self.entries[entry];
+        let total = &self.buf.entries[entry];
         let line = |out: &mut Vec<u8>, name: &[u8], rest: &[u8]| {
             out.extend_from_slice(name);
             out.extend_from_slice(labels);
@@ -771,7 +820,7 @@ impl Report {
             }
             1 => {
                 let n = self.edges.len();
-                let at_or_below = &self.at_or_below[entry * n..(entry + 1) * n];
+                let at_or_below = &self.buf.at_or_below[entry * n..(entry + 1) * n];
                 for (below, edge) in at_or_below.iter().zip(edges) {
                     line(out, b"resty_request_latency_seconds_bucket", edge);
                     push_u64(out, *below);
@@ -798,13 +847,13 @@ impl Report {
     /// The text rendered so far (whole once [`Report::render`] said so),
     /// since the last [`Report::clear_text`].
     pub fn text(&self) -> &[u8] {
-        &self.rendered
+        &self.buf.rendered
     }
 
     /// Forgets the text rendered so far (it was handed on): a report
     /// rendered in steps then holds one step's text at a time.
     pub fn clear_text(&mut self) {
-        self.rendered.clear();
+        self.buf.rendered.clear();
     }
 
     /// The JSON of `stats` (or `single_stats`), rendered in one step.
@@ -812,7 +861,7 @@ impl Report {
         self.begin_json(free_space, capacity, single);
         self.render(usize::MAX);
         // serde_json writes UTF-8 only.
-        std::str::from_utf8(&self.rendered).unwrap_or_default()
+        std::str::from_utf8(&self.buf.rendered).unwrap_or_default()
     }
 
     /// The Prometheus text, rendered in one step.
@@ -820,7 +869,110 @@ impl Report {
         self.begin_prometheus(dict);
         self.render(usize::MAX);
         // Keys and the dict's name are UTF-8 (lossy), the rest ASCII.
-        std::str::from_utf8(&self.rendered).unwrap_or_default()
+        std::str::from_utf8(&self.buf.rendered).unwrap_or_default()
+    }
+}
+
+/// The large buffers of a report, kept by the process when the report is
+/// freed for its next one: at 100,000 keys they are some 180 MB (150 MB
+/// of them the Prometheus text), which a fresh report would take from the
+/// kernel again, one zeroed page at a time (a fifth of the scrape's time).
+/// Kept lazily freed (`MADV_FREE`): the kernel takes their pages back when
+/// it needs memory (a page it took reads as zero, and is zeroed again on
+/// its next write: the fresh report's cost, no more); until then a page
+/// is reused as it is. Empty (length 0) while kept: nothing is read from
+/// them before it is written again.
+#[derive(Debug, Default)]
+struct Buffers {
+    /// Every key's text (UTF-8, lossy), one after another.
+    key_text: String,
+    /// In the order added.
+    entries: Vec<Entry>,
+    /// `previous` + 1 window summaries per entry, the current first.
+    summaries: Vec<Summary>,
+    /// One count per edge and entry: requests at or below the edge.
+    at_or_below: Vec<u64>,
+    /// Entries in runs (the keys of one step of a walk), each run sorted
+    /// by key when it ends.
+    sorted: Vec<u32>,
+    /// A run's sort keys (see [`Report::end_run`]).
+    keyed: Vec<(u64, u32)>,
+    /// Entries in key order, the last added of equal keys (every worker
+    /// renders the same text): as far as the merge went.
+    order: Vec<u32>,
+    /// The text.
+    rendered: Vec<u8>,
+}
+
+/// The buffers of the reports freed so far, each the largest of its kind.
+static SPARE: std::sync::Mutex<Option<Buffers>> = std::sync::Mutex::new(None);
+
+impl Buffers {
+    /// The buffers kept, or new ones (empty either way).
+    fn take() -> Buffers {
+        SPARE
+            .lock()
+            .ok()
+            .and_then(|mut spare| spare.take())
+            .unwrap_or_default()
+    }
+
+    /// Keeps `self`'s buffers where they are larger than those kept.
+    fn keep(self) {
+        let mut kept = match SPARE.lock() {
+            Ok(kept) => kept,
+            Err(_) => return,
+        };
+        let kept = kept.get_or_insert_with(Buffers::default);
+        let mut text = self.key_text.into_bytes();
+        text.clear();
+        let mut kept_text = std::mem::take(&mut kept.key_text).into_bytes();
+        keep_larger(&mut kept_text, text);
+        // Empty: valid UTF-8.
+        kept.key_text = String::from_utf8(kept_text).unwrap_or_default();
+        keep_larger(&mut kept.entries, self.entries);
+        keep_larger(&mut kept.summaries, self.summaries);
+        keep_larger(&mut kept.at_or_below, self.at_or_below);
+        keep_larger(&mut kept.sorted, self.sorted);
+        keep_larger(&mut kept.keyed, self.keyed);
+        keep_larger(&mut kept.order, self.order);
+        keep_larger(&mut kept.rendered, self.rendered);
+    }
+}
+
+/// Keeps the larger of `kept` and `offered`, emptied, its pages lazily
+/// freed; the other is freed.
+fn keep_larger<T>(kept: &mut Vec<T>, mut offered: Vec<T>) {
+    if offered.capacity() <= kept.capacity() {
+        return;
+    }
+    offered.clear();
+    lazy_free(
+        offered.as_ptr() as usize,
+        offered.capacity() * std::mem::size_of::<T>(),
+    );
+    *kept = offered;
+}
+
+/// Gives the whole pages of `bytes` bytes at `start` (an allocation of
+/// ours, its contents no longer needed) back to the kernel lazily: see
+/// [`Buffers`]. Small ones are left as they are.
+fn lazy_free(start: usize, bytes: usize) {
+    const PAGE: usize = 4096;
+    if bytes < 256 * PAGE {
+        return;
+    }
+    let from = (start + PAGE - 1) & !(PAGE - 1);
+    let to = (start + bytes) & !(PAGE - 1);
+    if to > from {
+        // Advice only: refused (a kernel before 4.5), the pages stay.
+        unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_FREE) };
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        std::mem::take(&mut self.buf).keep();
     }
 }
 
@@ -986,7 +1138,7 @@ mod tests {
         /// Every key in order, at once.
         fn sort(&mut self) {
             self.start_merge();
-            while self.entry_at(self.order.len()).is_some() {}
+            while self.entry_at(self.buf.order.len()).is_some() {}
         }
     }
 
@@ -1070,7 +1222,7 @@ mod tests {
             )?;
             if self.single {
                 let empty = vec![Summary::default(); report.previous + 1];
-                let windows = match report.order.first() {
+                let windows = match report.buf.order.first() {
                     Some(&entry) => report.windows(entry as usize),
                     None => &empty,
                 };
@@ -1088,7 +1240,7 @@ mod tests {
     impl Serialize for AllKeys<'_> {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
             let report = self.0;
-            let order = &report.order;
+            let order = &report.buf.order;
             assert!(report.merged, "sorted");
             let mut map = serializer.serialize_map(Some(order.len()))?;
             for &entry in order {
@@ -1320,7 +1472,7 @@ mod tests {
             String::from_utf8(out).unwrap()
         }
         report.sort();
-        let order = report.order.clone();
+        let order = report.buf.order.clone();
         let mut text = String::new();
         for (section, header) in PROMETHEUS_SECTIONS.iter().enumerate() {
             text.push_str(header);
@@ -1331,12 +1483,12 @@ mod tests {
                     label(dict),
                     label(report.key(entry))
                 );
-                let e = report.entries[entry];
+                let e = report.buf.entries[entry];
                 let n = report.edges.len();
                 match section {
                     0 => text.push_str(&format!("resty_requests_total{}}} {}\n", labels, e.count)),
                     1 => {
-                        let below = &report.at_or_below[entry * n..(entry + 1) * n];
+                        let below = &report.buf.at_or_below[entry * n..(entry + 1) * n];
                         for (le, count) in report.edges.iter().zip(below) {
                             text.push_str(&format!(
                                 "resty_request_latency_seconds_bucket{},le=\"{}\"}} {}\n",
@@ -1490,6 +1642,69 @@ mod tests {
             let mut out = Vec::new();
             json_f64(&mut out, whole);
             assert_eq!(out, serde_json::to_vec(&whole).unwrap(), "{:e}", whole);
+        }
+    }
+
+    /// The keys of a Prometheus text, in the order of its first section.
+    fn keys_in(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("resty_requests_total{dict=\"d\",key=\""))
+            .map(|rest| rest[..rest.rfind("\"}").unwrap()].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn keys_are_in_byte_order_whatever_prefix_they_share() {
+        // Keys of a few bytes of a small alphabet (zero bytes among them),
+        // many sharing a long prefix, some a prefix of others, some equal
+        // in their first 8 bytes after the prefix: each run's sort keys
+        // (8 bytes after the run's common prefix) tie, differ and run out.
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for case in 0..200 {
+            let prefix = ["", "/api/v1/", "/api/v1/users/0000000"][case % 3];
+            let mut report = Report::new(60, 120.0, 0).unwrap();
+            let mut keys = Vec::new();
+            for _ in 0..1 + next(60) {
+                let mut key = prefix.to_string();
+                for _ in 0..next(14) {
+                    key.push(['a', 'b', '\0', '/', 'é'][next(5) as usize]);
+                }
+                report.add(key.as_bytes(), vec![histogram(&[1.0])], total(&[1.0]));
+                keys.push(key);
+                if next(8) == 0 {
+                    report.end_run();
+                }
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys_in(report.prometheus("d")), keys, "case {}", case);
+        }
+    }
+
+    #[test]
+    fn a_report_renders_the_same_in_buffers_another_left() {
+        // Reports of every size made and freed one after another (their
+        // buffers kept for the next), some freed half rendered: each
+        // renders what the reference writes of it.
+        for keys in [40, 3, 0, 25, 40, 1] {
+            let mut report = report_of(keys, true);
+            let reference = prometheus_by_format(&mut report, "d");
+            assert_eq!(report.prometheus("d"), reference, "{} keys", keys);
+            let mut half = report_of(keys + 5, false);
+            half.begin_json(1.0, 2.0, false);
+            half.render(2);
+            drop(half);
+            let mut report = report_of(keys, false);
+            let mut again = report_of(keys, false);
+            let json = again.json(1.0, 2.0, false).to_string();
+            assert_eq!(report.json(1.0, 2.0, false), json);
+            assert_eq!(keys_in(report.prometheus("d")).len(), keys);
         }
     }
 

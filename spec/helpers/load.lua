@@ -53,6 +53,21 @@ function _M.wait(run)
 end
 
 
+-- wrk's p99 latency in ms, from its --latency report.
+function _M.p99_ms(report)
+    local value, unit = report:match("\n%s*99%%%s+([%d.]+)(%a+)")
+    assert(value, "no p99 in wrk's report: " .. report)
+    local scale = { us = 1e-3, ms = 1, s = 1e3 }
+    return tonumber(value) * assert(scale[unit], unit)
+end
+
+
+-- How many requests wrk's report says it sent.
+function _M.requests_done(report)
+    return tonumber(report:match("(%d+) requests in")) or 0
+end
+
+
 -- Requests per URI, and the pids that served them, from the access log.
 function _M.logged(srv)
     local per_uri, pids, total = {}, {}, 0

@@ -715,6 +715,37 @@ describe("resty.counter.requests", function()
             assert.equal(KEYS, keys)
         end)
 
+        it("hands write() pieces of 32 keys in one call where the phase "
+           .. "cannot yield", function()
+            -- As in log_by_lua*: the timer phase taken off the table of
+            -- phases that can yield, for the call.
+            local yieldable = require("resty.counter.check").yieldable
+            for _, method in ipairs({ "stats", "prometheus" }) do
+                local whole = assert(r[method](r))
+                local pieces, longest = {}, 0
+                local ran = false
+                assert(ngx.timer.at(0, function() ran = true end))
+                local was = yieldable.timer
+                yieldable.timer = nil
+                local ok, res, err = pcall(r[method], r, function(piece)
+                    pieces[#pieces + 1] = piece
+                    longest = math.max(longest, #piece)
+                    return true
+                end)
+                yieldable.timer = was
+                assert(ok, res)
+                assert.is_true(res, err)
+                -- No pause: the event loop never turned.
+                assert.is_false(ran, method)
+                assert.equal(whole, table.concat(pieces))
+                -- 2,500 keys in pieces of 32 (each section's, in
+                -- Prometheus' three), none of the whole text's size.
+                assert.is_true(#pieces >= KEYS / 32, method .. ": "
+                               .. #pieces)
+                assert.is_true(longest < 32 * 1600, method .. ": " .. longest)
+            end
+        end)
+
         it("stops when write() fails, with write's error", function()
             for _, method in ipairs({ "stats", "prometheus" }) do
                 local calls = 0

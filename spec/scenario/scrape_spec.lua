@@ -15,18 +15,8 @@ local ROUNDS = 3
 local SECONDS = 4
 
 
--- wrk's p99 latency in ms, from its --latency report.
-local function p99_ms(report)
-    local value, unit = report:match("\n%s*99%%%s+([%d.]+)(%a+)")
-    assert(value, "no p99 in wrk's report: " .. report)
-    local scale = { us = 1e-3, ms = 1, s = 1e3 }
-    return tonumber(value) * assert(scale[unit], unit)
-end
-
-
-local function requests_done(report)
-    return tonumber(report:match("(%d+) requests in")) or 0
-end
+local p99_ms = load.p99_ms
+local requests_done = load.requests_done
 
 
 -- The p99 of /cheap over SECONDS, with a client scraping /scrape in a

@@ -928,6 +928,15 @@ impl<'a, W: Word> Table<'a, W> {
         self.record_at(offset as usize)
     }
 
+    /// Asks for the first cache line of the record at `offset` (its hash,
+    /// lengths and key's start) ahead of [`Table::record_in_arena`]: see
+    /// [`super::word::prefetch`]. Nothing for an offset past the region.
+    pub fn prefetch_record(&self, offset: u32) {
+        if let Some(word) = self.words.get(offset as usize) {
+            super::word::prefetch(word);
+        }
+    }
+
     /// Lock word `i` (below [`LOCKS`]), each on its own cache line, zero
     /// when the region was made. See [`super::lock`].
     pub fn lock_word(&self, i: usize) -> &'a W {

@@ -25,6 +25,23 @@ pub trait Word: Send + Sync {
     fn fetch_add(&self, value: u64, order: Ordering) -> u64;
 }
 
+/// A hint that `value` will be read soon: its cache line is fetched
+/// meanwhile (on x86_64; elsewhere nothing). It reads and changes nothing,
+/// so it never races: a walk over records thousands of bytes apart (no
+/// hardware prefetcher follows such strides) asks for the next ones'
+/// lines while it reads this one's.
+#[inline]
+pub fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch of any address is only a hint: it faults never.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(value as *const T as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 /// Implements [`Word`] for an atomic type with `std`'s `AtomicU64` methods
 /// (`std`'s own here, loom's in the model tests).
 #[macro_export]

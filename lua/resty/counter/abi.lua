@@ -59,6 +59,7 @@ uint32_t rc_store_pending_keys(const rc_store_t *store);
 int32_t rc_utf8_valid(const unsigned char *ptr, size_t len);
 
 void rc_report_free(rc_report_t *report);
+int32_t rc_report_without_percentiles(rc_report_t *report);
 void rc_report_key_info(rc_report_t *report, uint32_t tracked,
     uint32_t max_keys, const unsigned char *overflow_key, size_t len);
 void rc_report_engine_memory(rc_report_t *report, uint64_t used_bytes,

@@ -78,6 +78,12 @@ local TOTAL_ONLY = abi.TOTAL_ONLY
 -- the same pass of the event loop, which then serves nothing meanwhile.
 local SCRAPE_STEP = 500
 local SCRAPE_PAUSE = 0.001
+-- Keys rendered per piece handed to write() in a phase that cannot yield:
+-- pieces of some 50 KB of Prometheus text (15 KB of JSON), each a small
+-- Lua string made in memory the Lua heap reuses, where the whole text of
+-- 100,000 keys (150 MB) as one string takes fresh pages from the kernel
+-- (some 40 to 100 ms for the copy alone).
+local WRITE_STEP = 32
 local YIELDABLE = check.yieldable
 
 local cells_out = ffi_new("const uint64_t *[1]")
@@ -470,10 +476,10 @@ function _M.flush(self)
 end
 
 
--- Calls `step()` until it says 1 (done), pausing between calls: the worker
--- serves others meanwhile. Nil and the error (its own, or its code's) for
--- a failure.
-local function in_steps(step)
+-- Calls `step()` until it says 1 (done), pausing between calls unless
+-- `no_pause`: the worker serves others meanwhile. Nil and the error (its
+-- own, or its code's) for a failure.
+local function in_steps(step, no_pause)
     while true do
         local rc, err = step()
         if rc == 1 then
@@ -482,15 +488,18 @@ local function in_steps(step)
         if rc ~= 0 then
             return nil, err or failure(rc)
         end
-        ngx_sleep(SCRAPE_PAUSE)
+        if not no_pause then
+            ngx_sleep(SCRAPE_PAUSE)
+        end
     end
 end
 
 
 -- A report of every key (or of `only_key`), read a step at a time where
 -- the phase can yield (see the README's "What a scrape costs"); with the
--- step size for its rendering.
-local function report(self, only_key)
+-- step size for its rendering. With `for_prometheus`, the windows'
+-- percentiles (their histograms) are not read: the text shows none.
+local function report(self, only_key, for_prometheus)
     local now = now_of(self)
     local ptr
     if type(now) == "number" then
@@ -506,6 +515,9 @@ local function report(self, only_key)
                     .. ")"
     end
     ptr = ffi_gc(ptr, C.rc_report_free)
+    if for_prometheus then
+        C.rc_report_without_percentiles(ptr)
+    end
 
     local n = YIELDABLE[get_phase()] and SCRAPE_STEP or 0
     if not only_key then
@@ -545,13 +557,15 @@ end
 
 
 -- The text begun on `ptr` (begin's return code `rc`), rendered `n` keys a
--- step: returned whole or, with `write`, handed to it a step at a time
--- (then true). The report is freed at once (its text may be 100 MB).
+-- step (0: at once): returned whole or, with `write`, handed to it a step
+-- at a time (then true; WRITE_STEP keys a piece, without pauses, for an
+-- `n` of 0). The report is freed at once (its text may be 100 MB).
 local function render(ptr, n, rc, write)
     local ok, err
     if rc == 0 then
+        local keys = (write and n == 0) and WRITE_STEP or n
         ok, err = in_steps(function()
-            local done = C.rc_report_render(ptr, n)
+            local done = C.rc_report_render(ptr, keys)
             if write and done >= 0 then
                 local written, write_err = hand_on(ptr, write)
                 if not written then
@@ -559,7 +573,7 @@ local function render(ptr, n, rc, write)
                 end
             end
             return done
-        end)
+        end, n == 0)
     else
         err = failure(rc)
     end
@@ -642,7 +656,7 @@ function _M.prometheus(self, write)
         dot_call("r", "prometheus", 2)
     end
     write = check_func(write, "write", 2, false)
-    local ptr, n = report(self)
+    local ptr, n = report(self, nil, true)
     if not ptr then
         return nil, n
     end
