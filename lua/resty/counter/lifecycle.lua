@@ -17,9 +17,9 @@
 -- * On reload and graceful shutdown (HUP, QUIT) nginx runs every timer
 --   once more, `premature`: the first such tick runs the final work of
 --   every job of the worker, once each, in the jobs' `order` (resty.counter
---   syncs, then lax flushes, then metrics publish what they counted); a job
---   still running is waited for first (up to FINAL_WAIT seconds). From then
---   on `lifecycle.draining()` is true.
+--   syncs, then lax flushes, then metrics publish what they counted; jobs
+--   of one order at once, each in a light thread); a job still running is
+--   waited for first (up to FINAL_WAIT seconds). No tick runs after it.
 -- * `lifecycle.exit()` in exit_worker_by_lua* runs the same final work
 --   again, in the same order, for what requests in flight counted after
 --   the premature tick (or for all of it after a fast shutdown, TERM,
@@ -323,18 +323,6 @@ function _M.later(handler, arg)
         return nil, err
     end
     return true
-end
-
-
--- syntax: draining = lifecycle.draining()
---
--- context: any phase
---
--- True once a premature tick has run in this worker: it exits (reload or
--- graceful shutdown), its timers are gone, and requests in flight still
--- count (what they count needs a run of its own: lifecycle.later).
-function _M.draining()
-    return registry.finalizing
 end
 
 
