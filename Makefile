@@ -58,6 +58,7 @@ endif
 MODULE_SO := target/lua/resty_counter_core.so
 
 .PHONY: help run test bench chaos chaos-full fuzz deps run-deps bench-deps \
+	lint-timers \
 	build serve check unit-test loom lint spec scenario chaos-short \
 	fuzz-short msrv-check clean openresty peer test-stack
 
@@ -162,6 +163,7 @@ lint: ## cargo fmt, cargo clippy -D warnings, luacheck
 		$(CARGO) clippy -q --no-default-features --all-targets -- -D warnings; \
 	else echo "SKIPPED: cargo clippy (clippy not installed)"; fi
 	luacheck -q lua spec bench examples
+	@$(MAKE) -s lint-timers
 	@echo "$(CARGO) build --future-incompat-report (none but mlua 0.8.10's)"
 	@out=$$($(CARGO) build --release --future-incompat-report 2>&1) || { \
 		echo "$$out"; exit 1; }; \
@@ -170,6 +172,17 @@ lint: ## cargo fmt, cargo clippy -D warnings, luacheck
 	if [ -n "$$crates" ] && [ "$$crates" != "mlua v0.8.10" ]; then \
 		echo "$$out"; echo "future-incompatible code in: $$crates (only"\
 			"mlua 0.8.10's is known: see Cargo.toml)"; exit 1; fi
+
+# Only lua/resty/counter/lifecycle.lua makes nginx timers (issue 11): a
+# line of code elsewhere in lua/ that names ngx.timer fails (comments may).
+lint-timers: ## no ngx.timer in lua/ outside resty/counter/lifecycle.lua
+	@echo "ngx.timer only in lua/resty/counter/lifecycle.lua"
+	@if grep -rnE "ngx[[:space:]]*(\.[[:space:]]*timer|\[[[:space:]]*[\"']timer)" \
+		--include='*.lua' lua \
+		| grep -v '^lua/resty/counter/lifecycle\.lua:' \
+		| grep -vE '^[^:]+:[0-9]+:[[:space:]]*--'; then \
+		echo "ngx.timer used outside lua/resty/counter/lifecycle.lua (above):"\
+			"register a job with resty.counter.lifecycle"; exit 1; fi
 
 # busted specs inside a real nginx worker (spec/resty/).
 spec: build ## busted specs inside a real nginx worker (spec/resty/)

@@ -33,6 +33,7 @@ build = {
             ["resty.counter.backoff"] = "lua/resty/counter/backoff.lua",
             ["resty.counter.check"] = "lua/resty/counter/check.lua",
             ["resty.counter.engine"] = "lua/resty/counter/engine.lua",
+            ["resty.counter.lifecycle"] = "lua/resty/counter/lifecycle.lua",
             ["resty.counter.log"] = "lua/resty/counter/log.lua",
             ["resty.counter.metrics"] = "lua/resty/counter/metrics.lua",
             ["resty.counter.redis"] = "lua/resty/counter/redis.lua",

@@ -16,6 +16,7 @@
 local abi = require "resty.counter.abi"
 local check = require "resty.counter.check"
 local engine = require "resty.counter.engine"
+local lifecycle = require "resty.counter.lifecycle"
 local log = require "resty.counter.log"
 local ffi = require "ffi"
 
@@ -24,7 +25,6 @@ local C = abi.C
 local ngx = ngx
 local ngx_WARN = ngx.WARN
 local get_phase = ngx.get_phase
-local timer_every = ngx.timer.every
 local check_key = check.key
 local check_amount = check.amount
 local dot_call = check.dot_call
@@ -64,8 +64,8 @@ local _M = { _VERSION = "0.2.0" }
 local mt = { __index = _M }
 
 
--- This worker's counters by dict name: { counters = {...}, timed = {...},
--- interval = n, generation = n }.
+-- This worker's counters by dict name: { counters = {...}, timed = {...} },
+-- each the argument of the dict's lifecycle job.
 local syncers = {}
 
 
@@ -247,25 +247,30 @@ end
 _M.sync = sync
 
 
+-- Syncs each counter of a list: true, or nil and the first error.
 local function sync_list(counters, wait_ms)
-    local ok = true
+    local ok, first_err = true, nil
     for i = 1, #counters do
-        if not sync_waiting(counters[i], wait_ms) then
-            ok = nil
+        local synced, err = sync_waiting(counters[i], wait_ms)
+        if not synced then
+            ok, first_err = nil, first_err or err
         end
     end
-    return ok
+    return ok, first_err
 end
 
 
--- The timer callback of one dict's counters in this worker. On reload and
--- shutdown it runs once more with `premature` set: that last sync waits
--- for another worker's, as a sync by hand does, so that what this worker
--- counted last reaches the dict before it goes.
-local function tick(premature, syncer, generation)
-    if generation == syncer.generation then
-        sync_list(syncer.timed, premature and SYNC_WAIT_MS or 0)
+-- The lifecycle job of one dict's counters in this worker: a tick syncs
+-- the timed ones, and returns at once when another worker is syncing (its
+-- next tick copies what that sync began too early to see). The final work
+-- (reload, shutdown, exit_worker_by_lua*) syncs every counter of the dict,
+-- waiting for another worker's sync as a sync by hand does, so that what
+-- this worker counted last reaches the dict before it goes.
+local function sync_job(syncer, reason)
+    if reason == "tick" then
+        return sync_list(syncer.timed, 0)
     end
+    return sync_list(syncer.counters, SYNC_WAIT_MS)
 end
 
 
@@ -284,28 +289,20 @@ function _M.new(shdict_name, sync_interval)
 
     local syncer = syncers[shdict_name]
     if not syncer then
-        syncer = { counters = {}, timed = {}, generation = 0 }
+        syncer = { counters = {}, timed = {} }
     end
 
-    if sync_interval and (not syncer.interval
-                          or sync_interval < syncer.interval)
-    then
-        if get_phase() == "init" then
-            return nil, "cannot create a sync timer in init_by_lua*: "
-                        .. "create the counter in init_worker_by_lua*"
-        end
-
-        -- A shorter interval replaces the dict's timer; the old one sees
-        -- its generation retired and does nothing from then on.
-        local generation = syncer.generation + 1
-        local ok
-        ok, err = timer_every(sync_interval, tick, syncer, generation)
-        if not ok then
-            return nil, "failed to create the sync timer: " .. err
-        end
-
-        syncer.interval = sync_interval
-        syncer.generation = generation
+    if sync_interval and get_phase() == "init" then
+        return nil, "cannot create a sync timer in init_by_lua*: "
+                    .. "create the counter in init_worker_by_lua*"
+    end
+    -- One job per dict: a shorter interval replaces its timer.
+    local ok
+    ok, err = lifecycle.every("resty.counter sync " .. shdict_name,
+                              sync_interval, sync_job, syncer,
+                              { order = lifecycle.ORDER_SYNC })
+    if not ok then
+        return nil, "failed to create the sync timer: " .. err
     end
 
     -- Every counter of the dict in this worker shares one key cache.
@@ -634,9 +631,14 @@ end
 -- context: any phase
 --
 -- Syncs every counter of this worker, timed or not. Counts are safe in the
--- engine without it; in `exit_worker_by_lua_block` it copies the last
--- values into the dict before the worker goes.
+-- engine without it. In `exit_worker_by_lua_block` it runs the final work
+-- of every periodic job of the worker (lifecycle.exit(): syncs, then lax
+-- flushes, then metrics), which copies the last values into the dict
+-- before the worker goes.
 function _M.sync_all()
+    if get_phase() == "exit_worker" then
+        return lifecycle.exit()
+    end
     local ok = true
     for _, syncer in pairs(syncers) do
         if not sync_list(syncer.counters, SYNC_WAIT_MS) then

@@ -30,9 +30,9 @@
 
 
 local strict = require "resty.counter.strict"
-local backoff = require "resty.counter.backoff"
 local check = require "resty.counter.check"
 local int = require "resty.counter.int"
+local lifecycle = require "resty.counter.lifecycle"
 local log = require "resty.counter.log"
 local redis = require "resty.counter.redis"
 local abi = require "resty.counter.abi"
@@ -53,8 +53,7 @@ local ngx_update_time = ngx.update_time
 local ngx_prefix = ngx.config.prefix
 local worker_pid = ngx.worker.pid
 local get_phase = ngx.get_phase
-local timer_every = ngx.timer.every
-local timer_at = ngx.timer.at
+local run_later = lifecycle.later
 local check_key = check.key
 local dot_call = check.dot_call
 local log_failure = log.failure
@@ -125,9 +124,13 @@ local mt = { __index = _M }
 -- Every lax counter of this worker, for flush_all().
 local counters = {}
 
--- True once a premature timer tick has run: the worker is exiting (HUP or
--- QUIT) and its flush timers are gone, while requests in flight still
--- count.
+-- How many lax counters of this worker have a job of each name, for the
+-- names of the lifecycle jobs (unique: "#2" for the second).
+local job_names = {}
+
+-- True once a premature tick has run a lax counter's final flush: the
+-- worker is exiting (HUP or QUIT) and its flush timers are gone, while
+-- requests in flight still count.
 local draining = false
 
 -- How long an explicit flush waits for the flush of the same counter that
@@ -546,14 +549,15 @@ local flush
 
 
 -- Phases without cosockets: a flush to Redis from there goes through a
--- zero-delay timer, which has them. exit_worker_by_lua* has neither.
+-- zero-delay run (lifecycle.later), which has them. exit_worker_by_lua*
+-- has neither.
 local NO_COSOCKET = {
     init = true, init_worker = true, set = true, header_filter = true,
     body_filter = true, log = true, balancer = true,
 }
 
 
-local function flush_later(premature, self) -- luacheck: ignore premature
+local function flush_later(self)
     flush(self)
 end
 
@@ -766,10 +770,10 @@ local function flush_to_redis(self, is_tick)
     end
 
     if NO_COSOCKET[phase] then
-        local fine, ok, err = pcall(timer_at, 0, flush_later, self)
-        if not (fine and ok) then
+        local ok, err = run_later(flush_later, self)
+        if not ok then
             err = "cannot flush to redis from the " .. phase
-                  .. " phase: " .. tostring(fine and err or ok)
+                  .. " phase: " .. tostring(err)
             log_failure(SOURCE, err)
             return nil, err
         end
@@ -881,36 +885,33 @@ end
 -- during a flush that succeeded get a flush of their own (one that failed
 -- has retried already: trying again would keep the worker alive).
 local function flush_from_timer(self, is_tick)
-    local ok
+    local ok, err
     if self.redis then
-        ok = flush_to_redis(self, is_tick)
+        ok, err = flush_to_redis(self, is_tick)
     else
-        ok = flush(self)
+        ok, err = flush(self)
     end
     if ok and draining and has_work(self) then
         drain(self)
     end
-    return ok
+    return ok, err
 end
 
 
-local function tick(premature, self)
-    -- The premature run (reload, shutdown) flushes too, after the flush in
-    -- progress if any (no tick comes after it); from then on increments
-    -- schedule flushes (see drain).
-    -- On Redis, after a failed flush the next timed one waits for its
-    -- backoff.
-    if premature then
+-- The counter's lifecycle job. A tick flushes (on Redis, after a failed
+-- flush the next waits for the job's backoff); the premature run (reload,
+-- shutdown) flushes too, after the flush in progress if any (no tick
+-- comes after it), and from then on increments schedule flushes (see
+-- drain); in exit_worker_by_lua* a flush does what it can there.
+local function flush_job(self, reason)
+    if reason == "tick" then
+        return flush_from_timer(self, true)
+    end
+    if reason == "premature" then
         draining = true
-        flush_from_timer(self, false)
-        return
+        return flush_from_timer(self, false)
     end
-    local retry = self.retry
-    if not retry then
-        flush_from_timer(self, true)
-    elseif retry:due() then
-        retry:result(flush_from_timer(self, true))
-    end
+    return flush(self)
 end
 
 
@@ -924,22 +925,20 @@ for name in pairs(strict._OPTIONS) do
 end
 
 
-local function drain_tick(premature, self) -- luacheck: ignore premature
+local function drain_run(self)
     self.drain_timer = false
     flush_from_timer(self, false)
 end
 
 
 -- While the worker exits, an increment gets a flush from a zero-delay
--- timer (one pending at a time per counter): a request still in flight
--- counts after the last tick. nginx runs such a timer normally then, with
--- cosockets, and waits for it before exit_worker_by_lua.
+-- run (lifecycle.later; one pending at a time per counter): a request
+-- still in flight counts after the last tick. nginx runs it normally
+-- then, with cosockets, and waits for it before exit_worker_by_lua*,
+-- where none can be made and lifecycle.exit() takes over.
 drain = function(self)
     if not self.drain_timer then
-        -- pcall: ngx.timer.at raises in exit_worker_by_lua*, where
-        -- flush_all() takes over.
-        local ok, made = pcall(timer_at, 0, drain_tick, self)
-        self.drain_timer = ok and made ~= nil
+        self.drain_timer = run_later(drain_run, self) ~= nil
     end
 end
 
@@ -1029,7 +1028,6 @@ function _M.new(shdict_name, opts)
         drain_timer = false,
         last_error = nil,
         exit_deadline = nil,
-        retry = shared.engine and backoff.new(lag, MAX_RETRY_WAIT),
         metrics = { duplicates = 0, dropped = 0, refused = 0, spooled = 0,
                     unspooled = 0 },
         spool_dir = nil,
@@ -1067,8 +1065,20 @@ function _M.new(shdict_name, opts)
         end
     end
 
+    -- One job per counter, named after its dict and name ("#2" for the
+    -- second of the same).
+    local job_name = "resty.counter.lax flush " .. tostring(shdict_name)
+                     .. "/" .. shared.name
+    local same = (job_names[job_name] or 0) + 1
+    job_names[job_name] = same
+    if same > 1 then
+        job_name = job_name .. " #" .. same
+    end
     local ok
-    ok, err = timer_every(lag, tick, self)
+    ok, err = lifecycle.every(job_name, lag, flush_job, self,
+                              { order = lifecycle.ORDER_FLUSH,
+                                retry = self.redis and MAX_RETRY_WAIT
+                                        or nil })
     if not ok then
         return nil, "failed to create the flush timer: " .. err
     end
@@ -1697,12 +1707,17 @@ end
 -- context: any phase; meant for exit_worker_by_lua*
 --
 -- Flushes every lax counter of this worker, each on its own: one that
--- fails or raises does not stop the others. Never raises. Put it in
--- `exit_worker_by_lua_block` (beside resty.counter's sync_all): there it
--- flushes what a dict counter still holds, and a counter on Redis (which
--- cannot be reached from there) logs in one line what it could not send
--- before. Failures are logged; nil when there was any.
+-- fails or raises does not stop the others. Never raises. In
+-- `exit_worker_by_lua_block` it runs the final work of every periodic job
+-- of the worker (lifecycle.exit(): resty.counter's syncs, then these
+-- flushes, then metrics): there it flushes what a dict counter still
+-- holds, and a counter on Redis (which cannot be reached from there)
+-- spools what it could not send before. Failures are logged; nil when
+-- there was any.
 function _M.flush_all()
+    if get_phase() == "exit_worker" then
+        return lifecycle.exit()
+    end
     local ok = true
     for i = 1, #counters do
         local fine, flushed = pcall(flush, counters[i])

@@ -9,23 +9,27 @@
 --
 -- A module's own figures are counted in each worker's Lua memory, where
 -- no other worker can read them. So every worker publishes its figures to
--- a shared dict: each `interval` seconds (a timer), once more when it
--- exits (the timer's premature tick; `publish_all()` in
--- exit_worker_by_lua* for what comes after it), and right before it
--- renders. A counter is published as the worker's increase since its last
--- publication, added to the node's sum with `incr`: the sum never goes
--- down when a worker is reloaded or replaced. A gauge (pending keys) is
--- published as the worker's current value under its worker id, and the
--- render sums the ids of the running workers. A scrape thus sees another
--- worker's figures as they were at most `interval` seconds ago, and its
--- own as they are; the counts themselves (keys, requests, values) live in
--- shared memory and are read as they are.
+-- a shared dict: each `interval` seconds (a lifecycle job), once more
+-- when it exits (the premature tick, after the counters' syncs and
+-- flushes; `lifecycle.exit()` in exit_worker_by_lua* for what comes after
+-- it), and right before it renders. A counter is published as the
+-- worker's increase since its last publication, added to the node's sum
+-- with `incr`: the sum never goes down when a worker is reloaded or
+-- replaced. A gauge (pending keys) is published as the worker's current
+-- value under its worker id, and the render sums the ids of the running
+-- workers. A scrape thus sees another worker's figures as they were at
+-- most `interval` seconds ago, and its own as they are; the counts
+-- themselves (keys, requests, values) live in shared memory and are read
+-- as they are. The figures of the periodic jobs (resty.counter.lifecycle:
+-- runs, failures, overruns, last duration) are exported as the library's
+-- own, by job.
 
 
 local abi = require "resty.counter.abi"
 local check = require "resty.counter.check"
 local counter = require "resty.counter"
 local lax = require "resty.counter.lax"
+local lifecycle = require "resty.counter.lifecycle"
 local limit = require "resty.counter.limit"
 local log = require "resty.counter.log"
 local requests = require "resty.counter.requests"
@@ -40,7 +44,6 @@ local ngx_shared = ngx.shared
 local ngx_WARN = ngx.WARN
 local ngx_now = ngx.now
 local get_phase = ngx.get_phase
-local timer_every = ngx.timer.every
 local worker_id = ngx.worker.id
 local worker_count = ngx.worker.count
 local dot_call = check.dot_call
@@ -82,8 +85,8 @@ local mt = { __index = _M }
 -- Every registry of this worker, for publish_all().
 local registries = {}
 
--- The timer's callback (defined with publish, below).
-local tick
+-- The registry's lifecycle job (defined with publish, below).
+local publish_job
 
 
 -- A module's own figures: the field of its self_metrics(), the family it
@@ -172,6 +175,24 @@ local LIMIT_FIGURES = {
            .. "(on_redis_error = \"reject\")."),
 }
 
+-- The periodic jobs' figures (resty.counter.lifecycle), by job.
+local LIFECYCLE_FIGURES = {
+    figure("runs", "resty_lifecycle_runs_total", "counter",
+           "Runs of a periodic job (syncs, flushes, publications): ticks "
+           .. "and final runs."),
+    figure("failures", "resty_lifecycle_failures_total", "counter",
+           "Runs of a periodic job that returned an error or raised."),
+    figure("overruns", "resty_lifecycle_overruns_total", "counter",
+           "Ticks of a periodic job skipped because its previous run still "
+           .. "ran."),
+    figure("deferred", "resty_lifecycle_deferred_total", "counter",
+           "Ticks of a periodic job skipped while it waited to retry after "
+           .. "a failure."),
+    figure("last_duration", "resty_lifecycle_last_duration_seconds",
+           "gauge", "Duration of a periodic job's last run (the longest "
+                    .. "of the workers' last runs).", true),
+}
+
 -- The engine's figures, node-wide already (read, not summed).
 local ENGINE_FIGURES = {
     figure("keys", "resty_engine_keys", "gauge",
@@ -212,7 +233,8 @@ for name in pairs(REQUEST_FAMILIES) do
     RESERVED[name] = true
 end
 for _, figures in ipairs({ COUNTER_FIGURES, REQUESTS_FIGURES, STRICT_FIGURES,
-                            LAX_FIGURES, LIMIT_FIGURES, ENGINE_FIGURES }) do
+                            LAX_FIGURES, LIMIT_FIGURES, ENGINE_FIGURES,
+                            LIFECYCLE_FIGURES }) do
     for _, f in ipairs(figures) do
         RESERVED[f.family] = true
     end
@@ -732,7 +754,10 @@ function _M.new(shdict_name, opts)
         published = {},         -- series -> the counter value published
     }, mt)
 
-    local ok, err = timer_every(interval, tick, self)
+    local ok, err = lifecycle.every("resty.counter.metrics publish "
+                                    .. shdict_name .. "/" .. name, interval,
+                                    publish_job, self,
+                                    { order = lifecycle.ORDER_PUBLISH })
     if not ok then
         return nil, "failed to create the publishing timer: " .. err
     end
@@ -818,9 +843,29 @@ function _M.add(self, obj, opts)
 end
 
 
+-- The entries of the registry's objects, then one per periodic job of
+-- this worker (its figures read from lifecycle.jobs()).
+local function all_entries(self)
+    local entries = {}
+    for i, entry in ipairs(self.entries) do
+        entries[i] = entry
+    end
+    for _, job in ipairs(lifecycle.jobs()) do
+        local entry = { kind = "lifecycle", figures = LIFECYCLE_FIGURES,
+                        values = job }
+        set_labels(entry, { "job" }, { job = job.name })
+        entries[#entries + 1] = entry
+    end
+    return entries
+end
+
+
 -- An object's own figures in this worker, as self_metrics() gives them
--- (a lax counter's lock waits are its strict store's).
+-- (a lax counter's lock waits are its strict store's), or a job's.
 local function figures_of(entry)
+    if entry.kind == "lifecycle" then
+        return entry.values
+    end
     local values = entry.obj:self_metrics()
     if entry.kind == "lax" then
         values.waits = entry.shared.waits
@@ -833,7 +878,7 @@ end
 -- summed over the objects that share a series.
 local function collect(self)
     local counters, gauges = {}, {}
-    for _, entry in ipairs(self.entries) do
+    for _, entry in ipairs(all_entries(self)) do
         local values = figures_of(entry)
         for _, f in ipairs(entry.figures) do
             local series = f.family .. entry.labels
@@ -882,10 +927,10 @@ local function publish(self)
 end
 
 
--- The timer's callback. On reload and shutdown it runs once more with
--- `premature` set, and publishes then too: shared dicts work there.
-tick = function(premature, self) -- luacheck: ignore premature
-    publish(self)
+-- Every tick, and at reload, shutdown and exit_worker_by_lua* after the
+-- counters' final syncs and flushes: shared dicts work there.
+publish_job = function(self)
+    return publish(self)
 end
 
 
@@ -908,10 +953,15 @@ end
 --
 -- context: any phase; meant for exit_worker_by_lua*
 --
--- Publishes the figures of every registry of this worker: in
--- exit_worker_by_lua_block, what the worker counted after its timer's last
--- tick reaches the node's sums. Never raises; nil when one failed.
+-- Publishes the figures of every registry of this worker. Never raises;
+-- nil when one failed. In exit_worker_by_lua_block it runs the final work
+-- of every periodic job of the worker (lifecycle.exit(): resty.counter's
+-- syncs, lax flushes, then these publications), so that what the worker
+-- counted after its last tick reaches the node's sums.
 function _M.publish_all()
+    if get_phase() == "exit_worker" then
+        return lifecycle.exit()
+    end
     local ok = true
     for _, registry in ipairs(registries) do
         local fine, published = pcall(publish, registry)
@@ -1076,7 +1126,7 @@ end
 -- figures, once per dict.
 local function each_figure(self, emit)
     local done = {}
-    for _, entry in ipairs(self.entries) do
+    for _, entry in ipairs(all_entries(self)) do
         for _, f in ipairs(entry.figures) do
             local series = f.family .. entry.labels
             if not done[series] then
@@ -1205,7 +1255,11 @@ end
 --   allowed, near_limit, rejected, shadow_rejected, failed_open,
 --   failed_closed;
 -- * figures: every module's own figures as render() has them, a list of
---   {name, type, help, labels, value}.
+--   {name, type, help, labels, value};
+-- * jobs: the periodic jobs of the worker that answered (lifecycle.jobs()),
+--   a list of {job, interval, runs, failures, overruns, deferred,
+--   last_duration, last_error} (interval, last_duration and last_error
+--   left out when there is none).
 --
 -- Keys are strings escaped as JSON needs, and <, > and & too; a key that
 -- is not UTF-8 shows its bytes from 0x80 on as \xNN, as in render().
@@ -1216,7 +1270,15 @@ function _M.json(self)
     publish(self)
 
     local doc = { time = ngx_now(), counters = array(), requests = array(),
-                  values = array(), limits = array(), figures = array() }
+                  values = array(), limits = array(), figures = array(),
+                  jobs = array() }
+    for i, job in ipairs(lifecycle.jobs()) do
+        doc.jobs[i] = { job = job.name, interval = job.interval,
+                        runs = job.runs, failures = job.failures,
+                        overruns = job.overruns, deferred = job.deferred,
+                        last_duration = job.last_duration,
+                        last_error = job.last_error }
+    end
     for _, entry in ipairs(self.entries) do
         local kind, obj = entry.kind, entry.obj
         local dict_name = obj.dict_name

@@ -82,6 +82,8 @@ local BODY = [[
 <section><h2>Strict and lax values</h2><div id="values"></div></section>
 <section><h2>Self-metrics (all workers)</h2><div id="figures"></div>
 </section>
+<section><h2>Periodic jobs (the worker that answered)</h2>
+<div id="jobs"></div></section>
 </main>
 ]]
 
@@ -214,6 +216,17 @@ local SCRIPT = [[
               }));
     }
 
+    function jobs(doc) {
+        table("jobs", ["job", "interval s", "runs", "failures", "overruns",
+                       "deferred", "last run s", "last error"],
+              (doc.jobs || []).map(function (j) {
+                  return [text(j.job), num(j.interval), num(j.runs),
+                          num(j.failures, "bad"), num(j.overruns, "warn"),
+                          num(j.deferred, "warn"), num(j.last_duration),
+                          text(j.last_error, "bad")];
+              }));
+    }
+
     function show(doc) {
         requests(doc);
         limits(doc);
@@ -224,6 +237,7 @@ local SCRIPT = [[
                   return [text(v.kind), text(v.dict), text(v.name)];
               });
         figures(doc);
+        jobs(doc);
         var updated = document.getElementById("updated");
         updated.textContent = new Date(doc.time * 1000).toISOString();
         updated.setAttribute("data-time", String(doc.time));
