@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::engine::counter::{self, Counter, SyncProgress};
+use crate::engine::heavy;
 use crate::engine::lax;
 use crate::engine::limit::{self, Rule};
 use crate::engine::lock::{self, Holder, Taken};
@@ -1132,7 +1133,7 @@ pub unsafe extern "C" fn rc_requests_expire(
         }
         let owner = table::Process { me, alive };
         let mut removed = 0;
-        for name in idle_keys {
+        for mut name in idle_keys {
             key.clear();
             key.extend_from_slice(&name);
             match table.remove_if(key, &owner, |record| is_idle(record)) {
@@ -1141,6 +1142,9 @@ pub unsafe extern "C" fn rc_requests_expire(
                     if let Some(keys) = table.lookup(requests::KEYS_KEY) {
                         requests::unregister(&keys.cells()[0]);
                     }
+                    if let Err(e) = heavy::forget_error(table, key, &owner, &mut name) {
+                        return code_of(e);
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => return code_of(e),
@@ -1148,6 +1152,95 @@ pub unsafe extern "C" fn rc_requests_expire(
         }
         removed
     })
+}
+
+/// A request for request key `key` that `max_keys` refused
+/// ([`rc_requests_key`] said `CODE_KEYS_FULL`), at `now` (seconds): counted
+/// in the engine's sketch of refused keys; a key whose estimate beats a
+/// tracked key's count takes its place ([`heavy::admit`]: the tracked key
+/// is removed and folded into the overflow key `overflow_key`, whose record
+/// exists). Records as [`rc_requests_key`] (ring, histograms, `count`
+/// edges `edges`, seconds).
+///
+/// # Errors
+///
+/// 1 when the key was admitted (its cells in `cells`), 0 when another
+/// worker admitted it meanwhile (likewise), `CODE_KEYS_FULL` when it stays
+/// out (the request goes to the overflow key), `CODE_FULL` (the table lock
+/// was busy), `CODE_BAD_ARGUMENT`, `CODE_INTERNAL`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `key` and `overflow_key`
+/// point to `len` and `overflow_len` readable bytes; `edges` to `count`
+/// doubles; `cells` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_admit(
+    engine: *mut Engine,
+    key: *const u8,
+    len: usize,
+    ring: u32,
+    histogram: i32,
+    edges: *const f64,
+    count: u32,
+    max_keys: u32,
+    overflow_key: *const u8,
+    overflow_len: usize,
+    now: f64,
+    cells: *mut *const AtomicU64,
+) -> i32 {
+    let (engine, cells) = match key_call(engine, key, len, cells) {
+        Some(both) if !edges.is_null() && (!overflow_key.is_null() || overflow_len == 0) => both,
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let layout = match Layout::with_edges(ring as usize, histogram != 0, count as usize) {
+        Some(layout) if now.is_finite() && now >= 0.0 => layout,
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let edges = std::slice::from_raw_parts(edges, count as usize);
+    guarded(CODE_INTERNAL, || {
+        let edges_ms: Vec<f64> = edges.iter().map(|&e| edge_ms(e)).collect();
+        engine.set_key(requests::KIND, key_bytes(key, len));
+        let mut overflow = vec![requests::KIND];
+        overflow.extend_from_slice(key_bytes(overflow_key, overflow_len));
+        let refused = heavy::Refused {
+            key: &engine.key,
+            overflow: &overflow,
+            layout,
+            edges_ms: &edges_ms,
+            max_keys: u64::from(max_keys),
+            second: now as u64,
+        };
+        let owner = table::Process { me, alive };
+        match heavy::admit(&engine.table, &owner, &Worker, &refused) {
+            Ok(Some((record, made))) if record.width() == layout.width() => {
+                *cells = record.cells().as_ptr();
+                i32::from(made)
+            }
+            Ok(_) => CODE_KEYS_FULL,
+            Err(e) => code_of(e),
+        }
+    })
+}
+
+/// Adds to the key info of `report` (set by
+/// [`crate::ffi::rc_report_key_info`]) what the admission past `max_keys`
+/// did: requests and keys refused, keys admitted and evicted, and each
+/// admitted key's error bound.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `report` is null or
+/// live.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_admission(engine: *const Engine, report: *mut Report) {
+    if let (Some(engine), Some(report)) = (engine.as_ref(), report.as_mut()) {
+        guarded((), || {
+            let mut errors = Vec::new();
+            let figures = heavy::figures(&engine.table, &mut errors);
+            report.set_admission(figures, errors);
+        });
+    }
 }
 
 fn registered(engine: &Engine) -> u64 {
