@@ -145,8 +145,8 @@ unit-test: ## cargo test of the Rust core
 LOOM_MIN_MINOR := 95
 loom: ## loom model tests of the shared engine's lock-free code
 	@if [ -n "$(CARGO_MINOR)" ] && [ "$(CARGO_MINOR)" -ge $(LOOM_MIN_MINOR) ]; then \
-		echo "cd loom && $(CARGO) test --release --test engine --test requests --test strict --test lax --test limit"; \
-		cd loom && $(CARGO) test -q --release --test engine --test requests --test strict --test lax --test limit; \
+		echo "cd loom && $(CARGO) test --release --test engine --test requests --test strict --test lax --test limit --test heavy"; \
+		cd loom && $(CARGO) test -q --release --test engine --test requests --test strict --test lax --test limit --test heavy; \
 	else echo "SKIPPED: loom model tests (need cargo 1.$(LOOM_MIN_MINOR)+, e.g. rustup's stable)"; fi
 
 # clippy and rustfmt come with rustup's toolchain; Debian's cargo has

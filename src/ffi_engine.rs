@@ -1212,7 +1212,12 @@ pub unsafe extern "C" fn rc_requests_admit(
             second: now as u64,
         };
         let owner = table::Process { me, alive };
-        match heavy::admit(&engine.table, &owner, &Worker, &refused) {
+        let sketch = match heavy::sketch(&engine.table) {
+            Some(sketch) => sketch,
+            // An engine too small for the sketch admits nothing.
+            None => return CODE_KEYS_FULL,
+        };
+        match heavy::admit(&engine.table, &sketch, &owner, &Worker, &refused) {
             Ok(Some((record, made))) if record.width() == layout.width() => {
                 *cells = record.cells().as_ptr();
                 i32::from(made)

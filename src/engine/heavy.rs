@@ -275,15 +275,19 @@ pub struct Refused<'k> {
     pub second: u64,
 }
 
-/// Whether `record` may be evicted for another key: a request key of this
-/// layout, not "all" nor the overflow key.
+/// Whether `record` may be evicted for the refused key: a request key of
+/// this layout, not "all", the overflow key, nor the refused key itself
+/// (admitted by another worker since this one looked).
 fn is_victim<W: Word>(record: &Record<'_, W>, refused: &Refused<'_>, name: &mut Vec<u8>) -> bool {
     if record.width() != refused.layout.width() {
         return false;
     }
     name.clear();
     record.key_into(name);
-    requests::is_request_key(name) && &name[1..] != b"all" && &name[..] != refused.overflow
+    requests::is_request_key(name)
+        && &name[1..] != b"all"
+        && &name[..] != refused.overflow
+        && &name[..] != refused.key
 }
 
 /// The smallest (by total count) of up to [`SAMPLES`] tracked keys found
@@ -332,7 +336,8 @@ fn victim<W: Word>(
     best
 }
 
-/// A request for a key that `max_keys` refused: counted in the sketch;
+/// A request for a key that `max_keys` refused: counted in `sketch` (the
+/// table's, [`sketch`]);
 /// when its estimate beats a sampled victim's count by [`MARGIN`], the
 /// victim is removed (folded into the overflow key, its place given back)
 /// and the key made in its place. The key's record (and whether this call
@@ -344,14 +349,11 @@ fn victim<W: Word>(
 /// overflow key.
 pub fn admit<'a, W: Word>(
     table: &Table<'a, W>,
+    sketch: &Sketch<'_, W>,
     owner: &impl Owner,
     roller: &impl Roller,
     refused: &Refused<'_>,
 ) -> Result<Option<(Record<'a, W>, bool)>, Error> {
-    let sketch = match sketch(table) {
-        Some(sketch) => sketch,
-        None => return Ok(None),
-    };
     let hash = table.hash(refused.key);
     let estimate = sketch.add(hash);
     if estimate < MARGIN + 1 {
@@ -525,7 +527,10 @@ mod tests {
                     max_keys,
                     second,
                 };
-                own = admit(table, me, me, &refused).unwrap().map(|(r, _)| r);
+                let sketch = sketch(table).unwrap();
+                own = admit(table, &sketch, me, me, &refused)
+                    .unwrap()
+                    .map(|(r, _)| r);
             }
         }
         let cells = own.as_ref().unwrap_or(&overflow).cells();

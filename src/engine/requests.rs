@@ -328,7 +328,9 @@ impl<'a, W: Word> Requests<'a, W> {
     }
 
     /// Rolls `slot` on to stamp `want` unless someone did; Err when a live
-    /// writer holds the roll lock.
+    /// writer holds the roll lock. Inlined, as it was when the request path
+    /// was its only caller: the request path's code stays as measured.
+    #[inline(always)]
     fn roll(&self, slot: &[W], want: u64, roller: &impl Roller) -> Result<(), ()> {
         let word = &self.cells[self.layout.roll_lock()];
         let me = roller.me();
@@ -380,6 +382,8 @@ impl<'a, W: Word> Requests<'a, W> {
     /// record's slot of that window (rolled on to it if older; a window
     /// this record's ring has passed is in the total only). What an
     /// eviction folds into the overflow key, so that totals stay exact.
+    /// Never inlined: it stays out of the request path's code.
+    #[inline(never)]
     pub fn fold(&self, from: &Requests<'_, W>, roller: &impl Roller) {
         if from.layout.width() != self.layout.width() {
             return;
