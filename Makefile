@@ -187,7 +187,7 @@ chaos-short: build ## the short chaos run (about a minute)
 # cargo fuzz needs rustup's nightly toolchain; `make fuzz` installs the
 # cargo-fuzz command from crates.io when it is missing.
 FUZZ_TARGETS := request_record report_render pending_store \
-	ffi_calls int64_ops engine_table strict_ops
+	ffi_calls int64_ops engine_table strict_ops request_admission
 FUZZ_SECONDS ?= 60
 RUSTUP_CARGO := $(HOME)/.cargo/bin/cargo
 

@@ -431,6 +431,39 @@ pub fn admit<'a, W: Word>(
     }
 }
 
+/// The record a request for `refused.key` goes to, as the request
+/// counter finds it when its worker has no cells for the key
+/// (lua/resty/counter/requests.lua's key_cells, through `rc_requests_key`
+/// and `rc_requests_admit`): the key's own, made under `max_keys`, or
+/// admitted past it; None: the overflow key's. For tests and fuzzing of
+/// the path as a whole.
+///
+/// # Errors
+///
+/// As [`Table::get_or_insert`] and [`admit`].
+pub fn key_record<'a, W: Word>(
+    table: &Table<'a, W>,
+    owner: &impl Owner,
+    roller: &impl Roller,
+    refused: &Refused<'_>,
+) -> Result<Option<Record<'a, W>>, Error> {
+    if let Some(record) = table.lookup(refused.key) {
+        return Ok(Some(record));
+    }
+    let keys = table.get_or_insert_by(requests::KEYS_KEY, 1, owner)?.0;
+    if requests::register(&keys.cells()[0], refused.max_keys) {
+        let made = table.get_or_insert_by(refused.key, refused.layout.width(), owner);
+        if !matches!(made, Ok((_, true))) {
+            requests::unregister(&keys.cells()[0]);
+        }
+        return made.map(|(record, _)| Some(record));
+    }
+    match sketch(table) {
+        Some(sketch) => Ok(admit(table, &sketch, owner, roller, refused)?.map(|(r, _)| r)),
+        None => Ok(None),
+    }
+}
+
 /// The sketch's figures, and the error bound of every admitted key (kind
 /// byte excluded) into `errors`.
 pub fn figures<W: Word>(table: &Table<'_, W>, errors: &mut Vec<(Vec<u8>, u64)>) -> Figures {
@@ -492,10 +525,8 @@ mod tests {
         Layout::new(3, false).unwrap()
     }
 
-    /// One request for `key` as the request counter makes it
-    /// (lua/resty/counter/requests.lua's key_cells): its own record, a new
-    /// one under the cap, an admitted one, or the overflow key's. Whether
-    /// it went to a record of its own.
+    /// One request for `key` as the request counter makes it: whether it
+    /// went to a record of its own (else the overflow key's).
     fn request(
         table: &Table<'_, AtomicU64>,
         me: &Me,
@@ -504,35 +535,16 @@ mod tests {
         second: u64,
     ) -> bool {
         let layout = layout();
-        let width = layout.width();
-        let overflow = table.get_or_insert(OVERFLOW, width).unwrap().0;
-        let mut own = table.lookup(key);
-        if own.is_none() {
-            let keys = table.get_or_insert(requests::KEYS_KEY, 1).unwrap().0;
-            if requests::register(&keys.cells()[0], max_keys) {
-                match table.get_or_insert(key, width) {
-                    Ok((record, true)) => own = Some(record),
-                    Ok((record, false)) => {
-                        requests::unregister(&keys.cells()[0]);
-                        own = Some(record);
-                    }
-                    Err(_) => requests::unregister(&keys.cells()[0]),
-                }
-            } else {
-                let refused = Refused {
-                    key,
-                    overflow: OVERFLOW,
-                    layout,
-                    edges_ms: &PROMETHEUS_EDGES_MS,
-                    max_keys,
-                    second,
-                };
-                let sketch = sketch(table).unwrap();
-                own = admit(table, &sketch, me, me, &refused)
-                    .unwrap()
-                    .map(|(r, _)| r);
-            }
-        }
+        let overflow = table.get_or_insert(OVERFLOW, layout.width()).unwrap().0;
+        let refused = Refused {
+            key,
+            overflow: OVERFLOW,
+            layout,
+            edges_ms: &PROMETHEUS_EDGES_MS,
+            max_keys,
+            second,
+        };
+        let own = key_record(table, me, me, &refused).unwrap();
         let cells = own.as_ref().unwrap_or(&overflow).cells();
         let record = Requests::new(cells, layout).unwrap();
         record.record(second / 60, 1.0, me);
