@@ -60,7 +60,8 @@ pub const MARGIN: u64 = 3;
 
 /// Evictions a second per engine at most: records removed wait
 /// [`super::table::GRACE_SECONDS`] before reuse, so at most
-/// `EVICTIONS_PER_SECOND * (GRACE_SECONDS + 1)` of them wait at once.
+/// `EVICTIONS_PER_SECOND * (GRACE_SECONDS + 1)` of them wait at once. Each
+/// eviction in a second doubles the margin the next one needs.
 pub const EVICTIONS_PER_SECOND: u64 = 8;
 
 /// Tracked keys sampled for a victim, and the index slots looked at a run
@@ -178,19 +179,28 @@ impl<'a, W: Word> Sketch<'a, W> {
         }
     }
 
-    /// Takes one of this second's evictions: false when
-    /// [`EVICTIONS_PER_SECOND`] were taken in second `second`.
-    pub fn take_eviction(&self, second: u64) -> bool {
+    /// Takes one of this second's evictions for a key whose estimate is
+    /// `surplus` above its victim's count: false when
+    /// [`EVICTIONS_PER_SECOND`] were taken in second `second`, or the
+    /// surplus is below [`MARGIN`] doubled for each taken, up to half the
+    /// [`Sketch::period`] (so that keys of a few requests each, arriving
+    /// first, cannot take a second's evictions from a key with hundreds).
+    pub fn take_eviction(&self, second: u64, surplus: u64) -> bool {
         let cell = &self.cells[H_SECOND];
+        let second = second & 0xFFFF_FFFF;
         let mut word = cell.load(Relaxed);
         loop {
-            let next = if word >> 32 != second & 0xFFFF_FFFF {
-                (second << 32) | 1
-            } else if word & 0xFFFF_FFFF < EVICTIONS_PER_SECOND {
-                word + 1
+            let taken = if word >> 32 == second {
+                word & 0xFFFF_FFFF
             } else {
-                return false;
+                0
             };
+            // Up to half the halving period: an estimate can reach that.
+            let margin = (MARGIN << taken).min(self.period() / 2).max(MARGIN);
+            if taken >= EVICTIONS_PER_SECOND || surplus < margin {
+                return false;
+            }
+            let next = (second << 32) | (taken + 1);
             match cell.compare_exchange(word, next, Relaxed, Relaxed) {
                 Ok(_) => return true,
                 Err(now) => word = now,
@@ -370,7 +380,7 @@ pub fn admit<'a, W: Word>(
         Some(found) => found,
         None => return Ok(None),
     };
-    if estimate < victim_count.saturating_add(MARGIN) || !sketch.take_eviction(refused.second) {
+    if !sketch.take_eviction(refused.second, estimate.saturating_sub(victim_count)) {
         return Ok(None);
     }
     let overflow = match table.lookup(refused.overflow) {
@@ -671,25 +681,53 @@ mod tests {
         let words = region(1 << 16);
         let table = Table::init(&words, [1, 1], 0).unwrap();
         let me = Me(1);
-        // The cap full of one-hit keys, then 30 keys of 10 requests each,
-        // all in one second: 8 admitted, the rest under the overflow.
+        // The cap full of one-hit keys, then 30 keys of 500 requests each
+        // (one after the other), all in one second: the n-th admitted needs
+        // an estimate of 1 + 3 * 2^n (at most 1 + 128: a quarter of the
+        // 512 columns), so 8 are.
         for i in 0..50 {
             request(&table, &me, format!("rone{}", i).as_bytes(), 50, 0);
         }
+        let mut own = 0;
         for i in 0..30 {
-            for _ in 0..10 {
-                request(&table, &me, format!("rten{}", i).as_bytes(), 50, 1);
+            for _ in 0..500 {
+                if request(&table, &me, format!("rbig{}", i).as_bytes(), 50, 1) {
+                    own += 1;
+                }
             }
         }
         let f = existing_sketch(&table).unwrap().figures();
         assert_eq!(f.evicted, EVICTIONS_PER_SECOND);
         assert_eq!(f.admitted, EVICTIONS_PER_SECOND);
-        // The next second, 8 more.
-        for i in 0..30 {
-            request(&table, &me, format!("rten{}", i).as_bytes(), 50, 2);
+        // The first admitted after 4 requests, the 8th after some 130
+        // (halvings of the sketch on the way may delay one).
+        assert!(
+            own >= 8 * 500 - 2 * (3 + 6 + 12 + 24 + 48 + 96 + 128 + 128),
+            "{}",
+            own
+        );
+        assert!(
+            own <= 8 * 500 - (3 + 6 + 12 + 24 + 48 + 96 + 128 + 128),
+            "{}",
+            own
+        );
+        // Keys of 10 requests each in the next second: only 2 (estimates
+        // 4 and 7 reached); keys of 500 take the rest.
+        for i in 0..6 {
+            for _ in 0..10 {
+                request(&table, &me, format!("rten{}", i).as_bytes(), 50, 2);
+            }
         }
-        assert_eq!(existing_sketch(&table).unwrap().figures().evicted, 16);
-        assert_eq!(sum_of_counts(&table), 50 + 300 + 30);
+        let f = existing_sketch(&table).unwrap().figures();
+        assert_eq!(f.evicted, EVICTIONS_PER_SECOND + 2);
+        for i in 8..9 {
+            for _ in 0..500 {
+                request(&table, &me, format!("rbig{}", i).as_bytes(), 50, 2);
+            }
+        }
+        let f = existing_sketch(&table).unwrap().figures();
+        assert_eq!(f.evicted, EVICTIONS_PER_SECOND + 3);
+        assert_eq!(sum_of_counts(&table), 50 + 30 * 500 + 60 + 500);
         assert_eq!(registered(&table), 50);
     }
 
