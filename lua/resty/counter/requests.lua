@@ -11,7 +11,9 @@
 -- a ring of `previous` + 1 window slots (reused as windows roll on) and a
 -- total since the key was first recorded (for Prometheus' counters). At
 -- most `max_keys` keys are made: requests for keys beyond are recorded
--- under `overflow_key`. With `idle_timeout`, a key with no request for that
+-- under `overflow_key`, and one that keeps coming takes the place of the
+-- tracked key with the fewest requests (docs/engine.md, "Admission past
+-- max_keys"). With `idle_timeout`, a key with no request for that
 -- long is removed (by scrapes, and by a new key that finds max_keys full),
 -- and counts from 0 if it comes back. There is nothing to flush.
 
