@@ -44,8 +44,9 @@ use super::Error;
 pub const SKETCH_KEY: &[u8] = b"r\0sketch";
 
 /// An admitted key's error bound record: this prefix, then the key (without
-/// the kind byte); one cell.
-pub const ERROR_PREFIX: &[u8] = b"r\0e";
+/// the kind byte); one cell. Two 0 bytes: no other record of the engine
+/// ("r\0keys", "r\0edges", [`SKETCH_KEY`]) starts so, whatever the key.
+pub const ERROR_PREFIX: &[u8] = b"r\0\0";
 
 /// Rows of the sketch: the estimate is the smallest of a key's counters.
 pub const ROWS: usize = 4;
@@ -736,6 +737,8 @@ mod tests {
         let words = region(1 << 16);
         let table = Table::init(&words, [2, 3], 0).unwrap();
         let me = Me(1);
+        // The engine's other one-cell records are no error records.
+        table.get_or_insert(requests::EDGES_KEY, 1).unwrap();
         request(&table, &me, b"rone", 1, 0);
         for _ in 0..4 {
             request(&table, &me, b"rtwo", 1, 1);
