@@ -1230,8 +1230,9 @@ pub unsafe extern "C" fn rc_requests_admit(
 
 /// Adds to the key info of `report` (set by
 /// [`crate::ffi::rc_report_key_info`]) what the admission past `max_keys`
-/// did: requests and keys refused, keys admitted and evicted, and each
-/// admitted key's error bound.
+/// did: requests and keys refused, keys admitted and evicted (from the
+/// sketch), and each admitted key's error bound (read by the report's walk
+/// with the keys, or with the one key of a report of one).
 ///
 /// # Safety
 ///
@@ -1241,9 +1242,9 @@ pub unsafe extern "C" fn rc_requests_admit(
 pub unsafe extern "C" fn rc_requests_admission(engine: *const Engine, report: *mut Report) {
     if let (Some(engine), Some(report)) = (engine.as_ref(), report.as_mut()) {
         guarded((), || {
-            let mut errors = Vec::new();
-            let figures = heavy::figures(&engine.table, &mut errors);
-            report.set_admission(figures, errors);
+            let figures = heavy::existing_sketch(&engine.table)
+                .map_or_else(Default::default, |sketch| sketch.figures());
+            report.set_admission(figures);
         });
     }
 }
@@ -1336,6 +1337,10 @@ pub unsafe extern "C" fn rc_requests_report(
                 }
                 None => report.add(key, Vec::new(), Default::default()),
             }
+            let error = heavy::error_of(&engine.table, &engine.key, &mut Vec::new());
+            if error > 0 {
+                report.add_admission_error(key, error);
+            }
         } else {
             let address = engine as *const Engine as usize;
             let slots = engine.table.index_slots();
@@ -1404,6 +1409,12 @@ pub unsafe extern "C" fn rc_requests_report_walk(
         for offset in walk.take(max) {
             let record = engine.table.record_in_arena(offset);
             let key = record.key_bytes();
+            if record.width() == 1 && key.starts_with(heavy::ERROR_PREFIX) {
+                // An admitted key's error bound, for the key info.
+                let error = record.cells()[0].load(Relaxed);
+                report.add_admission_error(&key[heavy::ERROR_PREFIX.len()..], error);
+                continue;
+            }
             if record.width() != width || !requests::is_request_key(key) {
                 continue;
             }

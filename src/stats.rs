@@ -195,6 +195,8 @@ pub struct Report {
     order: Vec<u32>,
     merged: bool,
     key_info: Option<KeyInfo>,
+    /// Admitted keys' error bounds read so far, for the key info.
+    admission_errors: Vec<(String, u64)>,
     /// "current", "prev1", "prev2", ... quoted, with their colon.
     window_names: Vec<Vec<u8>>,
     /// The JSON of an empty window at each age (see json_windows).
@@ -234,6 +236,7 @@ impl Report {
             order: Vec::new(),
             merged: false,
             key_info: None,
+            admission_errors: Vec::new(),
             window_names: (0..=previous)
                 .map(|age| match age {
                     0 => b"\"current\":".to_vec(),
@@ -345,14 +348,19 @@ impl Report {
         self.key_info = Some(info);
     }
 
-    /// Adds the admission's figures and error bounds (keys as bytes) to
-    /// the key info, once set.
-    pub fn set_admission(&mut self, figures: Figures, errors: Vec<(Vec<u8>, u64)>) {
+    /// An admitted key's error bound, met while the records are read: for
+    /// [`Report::set_admission`].
+    pub fn add_admission_error(&mut self, key: &[u8], error: u64) {
+        self.admission_errors
+            .push((String::from_utf8_lossy(key).into_owned(), error));
+    }
+
+    /// Adds the admission's figures, and the error bounds met, to the key
+    /// info, once set.
+    pub fn set_admission(&mut self, figures: Figures) {
+        let mut errors = std::mem::take(&mut self.admission_errors);
+        errors.sort();
         if let Some(info) = self.key_info.as_mut() {
-            let errors = errors
-                .into_iter()
-                .map(|(key, error)| (String::from_utf8_lossy(&key).into_owned(), error))
-                .collect();
             info.admission = Some(Admission { figures, errors });
         }
     }

@@ -476,7 +476,8 @@ pub fn key_record<'a, W: Word>(
 }
 
 /// The sketch's figures, and the error bound of every admitted key (kind
-/// byte excluded) into `errors`.
+/// byte excluded) into `errors`: a walk of every record at once (tests and
+/// fuzzing; a report reads the error records in its stepped walk).
 pub fn figures<W: Word>(table: &Table<'_, W>, errors: &mut Vec<(Vec<u8>, u64)>) -> Figures {
     errors.clear();
     let mut name = Vec::new();
