@@ -146,8 +146,8 @@ unit-test: ## cargo test of the Rust core
 LOOM_MIN_MINOR := 95
 loom: ## loom model tests of the shared engine's lock-free code
 	@if [ -n "$(CARGO_MINOR)" ] && [ "$(CARGO_MINOR)" -ge $(LOOM_MIN_MINOR) ]; then \
-		echo "cd loom && $(CARGO) test --release --test engine --test requests --test strict --test lax --test limit"; \
-		cd loom && $(CARGO) test -q --release --test engine --test requests --test strict --test lax --test limit; \
+		echo "cd loom && $(CARGO) test --release --test engine --test requests --test strict --test lax --test limit --test heavy"; \
+		cd loom && $(CARGO) test -q --release --test engine --test requests --test strict --test lax --test limit --test heavy; \
 	else echo "SKIPPED: loom model tests (need cargo 1.$(LOOM_MIN_MINOR)+, e.g. rustup's stable)"; fi
 
 # clippy and rustfmt come with rustup's toolchain; Debian's cargo has
@@ -200,7 +200,7 @@ chaos-short: build ## the short chaos run (about a minute)
 # cargo fuzz needs rustup's nightly toolchain; `make fuzz` installs the
 # cargo-fuzz command from crates.io when it is missing.
 FUZZ_TARGETS := request_record report_render pending_store \
-	ffi_calls int64_ops engine_table strict_ops
+	ffi_calls int64_ops engine_table strict_ops request_admission
 FUZZ_SECONDS ?= 60
 RUSTUP_CARGO := $(HOME)/.cargo/bin/cargo
 

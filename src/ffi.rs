@@ -256,6 +256,7 @@ pub unsafe extern "C" fn rc_report_key_info(
                 max_keys: u64::from(max_keys),
                 overflow_key,
                 engine: None,
+                admission: None,
             })
         });
     }

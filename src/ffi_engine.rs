@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::counter::{self, Counter, SyncProgress};
 use crate::engine::counter_text::{Labels, Render};
+use crate::engine::heavy;
 use crate::engine::lax;
 use crate::engine::limit::{self, Rule};
 use crate::engine::lock::{self, Holder, Taken};
@@ -1317,7 +1318,7 @@ pub unsafe extern "C" fn rc_requests_expire(
         }
         let owner = table::Process { me, alive };
         let mut removed = 0;
-        for name in idle_keys {
+        for mut name in idle_keys {
             key.clear();
             key.extend_from_slice(&name);
             match table.remove_if(key, &owner, |record| is_idle(record)) {
@@ -1326,6 +1327,9 @@ pub unsafe extern "C" fn rc_requests_expire(
                     if let Some(keys) = table.lookup(requests::KEYS_KEY) {
                         requests::unregister(&keys.cells()[0]);
                     }
+                    if let Err(e) = heavy::forget_error(table, key, &owner, &mut name) {
+                        return code_of(e);
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => return code_of(e),
@@ -1333,6 +1337,101 @@ pub unsafe extern "C" fn rc_requests_expire(
         }
         removed
     })
+}
+
+/// A request for request key `key` that `max_keys` refused
+/// ([`rc_requests_key`] said `CODE_KEYS_FULL`), at `now` (seconds): counted
+/// in the engine's sketch of refused keys; a key whose estimate beats a
+/// tracked key's count takes its place ([`heavy::admit`]: the tracked key
+/// is removed and folded into the overflow key `overflow_key`, whose record
+/// exists). Records as [`rc_requests_key`] (ring, histograms, `count`
+/// edges `edges`, seconds).
+///
+/// # Errors
+///
+/// 1 when the key was admitted (its cells in `cells`), 0 when another
+/// worker admitted it meanwhile (likewise), `CODE_KEYS_FULL` when it stays
+/// out (the request goes to the overflow key), `CODE_FULL` (the table lock
+/// was busy), `CODE_BAD_ARGUMENT`, `CODE_INTERNAL`.
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `key` and `overflow_key`
+/// point to `len` and `overflow_len` readable bytes; `edges` to `count`
+/// doubles; `cells` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_admit(
+    engine: *mut Engine,
+    key: *const u8,
+    len: usize,
+    ring: u32,
+    histogram: i32,
+    edges: *const f64,
+    count: u32,
+    max_keys: u32,
+    overflow_key: *const u8,
+    overflow_len: usize,
+    now: f64,
+    cells: *mut *const AtomicU64,
+) -> i32 {
+    let (engine, cells) = match key_call(engine, key, len, cells) {
+        Some(both) if !edges.is_null() && (!overflow_key.is_null() || overflow_len == 0) => both,
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let layout = match Layout::with_edges(ring as usize, histogram != 0, count as usize) {
+        Some(layout) if now.is_finite() && now >= 0.0 => layout,
+        _ => return CODE_BAD_ARGUMENT,
+    };
+    let edges = std::slice::from_raw_parts(edges, count as usize);
+    guarded(CODE_INTERNAL, || {
+        let edges_ms: Vec<f64> = edges.iter().map(|&e| edge_ms(e)).collect();
+        engine.set_key(requests::KIND, key_bytes(key, len));
+        let mut overflow = vec![requests::KIND];
+        overflow.extend_from_slice(key_bytes(overflow_key, overflow_len));
+        let refused = heavy::Refused {
+            key: &engine.key,
+            overflow: &overflow,
+            layout,
+            edges_ms: &edges_ms,
+            max_keys: u64::from(max_keys),
+            second: now as u64,
+        };
+        let owner = table::Process { me, alive };
+        let sketch = match heavy::sketch(&engine.table) {
+            Some(sketch) => sketch,
+            // An engine too small for the sketch admits nothing.
+            None => return CODE_KEYS_FULL,
+        };
+        match heavy::admit(&engine.table, &sketch, &owner, &Worker, &refused) {
+            Ok(Some((record, made))) if record.width() == layout.width() => {
+                *cells = record.cells().as_ptr();
+                i32::from(made)
+            }
+            Ok(_) => CODE_KEYS_FULL,
+            Err(e) => code_of(e),
+        }
+    })
+}
+
+/// Adds to the key info of `report` (set by
+/// [`crate::ffi::rc_report_key_info`]) what the admission past `max_keys`
+/// did: requests and keys refused, keys admitted and evicted (from the
+/// sketch), and each admitted key's error bound (read by the report's walk
+/// with the keys, or with the one key of a report of one).
+///
+/// # Safety
+///
+/// `engine` is null or from [`rc_engine_attach`]; `report` is null or
+/// live.
+#[no_mangle]
+pub unsafe extern "C" fn rc_requests_admission(engine: *const Engine, report: *mut Report) {
+    if let (Some(engine), Some(report)) = (engine.as_ref(), report.as_mut()) {
+        guarded((), || {
+            let figures = heavy::existing_sketch(&engine.table)
+                .map_or_else(Default::default, |sketch| sketch.figures());
+            report.set_admission(figures);
+        });
+    }
 }
 
 fn registered(engine: &Engine) -> u64 {
@@ -1430,6 +1529,10 @@ pub unsafe extern "C" fn rc_requests_report(
                 }
                 None => report.add(key, Vec::new(), Default::default()),
             }
+            let error = heavy::error_of(&engine.table, &engine.key, &mut Vec::new());
+            if error > 0 {
+                report.add_admission_error(key, error);
+            }
         } else {
             let address = engine as *const Engine as usize;
             let slots = engine.table.index_slots();
@@ -1522,6 +1625,12 @@ pub unsafe extern "C" fn rc_requests_report_walk(
             }
             let record = engine.table.record_in_arena(offset);
             let key = record.key_bytes();
+            if record.width() == 1 && key.starts_with(heavy::ERROR_PREFIX) {
+                // An admitted key's error bound, for the key info.
+                let error = record.cells()[0].load(Relaxed);
+                report.add_admission_error(&key[heavy::ERROR_PREFIX.len()..], error);
+                continue;
+            }
             if record.width() != width || !requests::is_request_key(key) {
                 continue;
             }

@@ -5,12 +5,14 @@
 //! The engine's walk ([`crate::ffi_engine`]) hands the records over key by
 //! key; rendering, escaping and the arithmetic happen here.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::ops::Range;
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::ser::{CompactFormatter, Formatter};
 
+use crate::engine::heavy::Figures;
 use crate::engine::requests::{Layout, Total};
 use crate::error::Error;
 use crate::histogram::{bucket_of, bucket_value, check_edges, Summary, BUCKETS, DEFAULT_EDGES_S};
@@ -30,6 +32,18 @@ pub struct KeyInfo {
     pub overflow_key: String,
     /// The engine's bytes in records (free ones included) and its size.
     pub engine: Option<EngineMemory>,
+    /// What the admission past `max_keys` did (docs/engine.md).
+    pub admission: Option<Admission>,
+}
+
+/// The admission past `max_keys`, shown with the key info: the flood
+/// refused, the keys admitted in place of others, and each admitted key's
+/// error bound (requests it may have had under the overflow key before).
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    pub figures: Figures,
+    /// Admitted keys and their error bounds, in key order.
+    pub errors: Vec<(String, u64)>,
 }
 
 /// The engine's memory, shown with the key info.
@@ -173,6 +187,8 @@ pub struct Report {
     /// Prometheus, which shows none; see [`Report::without_percentiles`]).
     percentiles: bool,
     key_info: Option<KeyInfo>,
+    /// Admitted keys' error bounds read so far, for the key info.
+    admission_errors: Vec<(String, u64)>,
     /// "current", "prev1", "prev2", ... quoted, with their colon.
     window_names: Vec<Vec<u8>>,
     /// The JSON of an empty window at each age (see json_windows).
@@ -210,6 +226,7 @@ impl Report {
             merged: false,
             percentiles: true,
             key_info: None,
+            admission_errors: Vec::new(),
             window_names: (0..=previous)
                 .map(|age| match age {
                     0 => b"\"current\":".to_vec(),
@@ -359,6 +376,23 @@ impl Report {
 
     pub fn set_key_info(&mut self, info: KeyInfo) {
         self.key_info = Some(info);
+    }
+
+    /// An admitted key's error bound, met while the records are read: for
+    /// [`Report::set_admission`].
+    pub fn add_admission_error(&mut self, key: &[u8], error: u64) {
+        self.admission_errors
+            .push((String::from_utf8_lossy(key).into_owned(), error));
+    }
+
+    /// Adds the admission's figures, and the error bounds met, to the key
+    /// info, once set.
+    pub fn set_admission(&mut self, figures: Figures) {
+        let mut errors = std::mem::take(&mut self.admission_errors);
+        errors.sort();
+        if let Some(info) = self.key_info.as_mut() {
+            info.admission = Some(Admission { figures, errors });
+        }
     }
 
     /// The key info, once set.
@@ -795,6 +829,45 @@ impl Report {
                 engine.bytes,
             );
         }
+        if let Some(admission) = &info.admission {
+            let f = &admission.figures;
+            for (name, help, value) in [
+                (
+                    "resty_requests_refused_requests",
+                    "Requests of keys past max_keys (under the overflow key).",
+                    f.refused_requests,
+                ),
+                (
+                    "resty_requests_refused_keys",
+                    "Keys refused past max_keys (about: first sightings).",
+                    f.refused_keys,
+                ),
+                (
+                    "resty_requests_admitted_keys",
+                    "Keys admitted past max_keys in place of a tracked one.",
+                    f.admitted,
+                ),
+                (
+                    "resty_requests_evicted_keys",
+                    "Tracked keys evicted for an admitted one (folded into the overflow key).",
+                    f.evicted,
+                ),
+            ] {
+                gauge(name, help, value);
+            }
+            let name = "resty_requests_admission_error";
+            let _ = write!(
+                out,
+                "# HELP {name} Requests an admitted key may have had under the overflow key.\n\
+                 # TYPE {name} gauge\n",
+                name = name
+            );
+            for (key, error) in &admission.errors {
+                let _ = write!(out, "{}{{dict=\"{}\",key=\"", name, dict);
+                escape_label(out, key);
+                let _ = writeln!(out, "\"}} {}", error);
+            }
+        }
     }
 
     /// One key's lines of Prometheus section `section`.
@@ -1107,6 +1180,19 @@ impl Serialize for KeyInfo {
             map.serialize_entry("engine_used_bytes", &engine.used_bytes)?;
             map.serialize_entry("engine_bytes", &engine.bytes)?;
         }
+        if let Some(admission) = &self.admission {
+            let f = &admission.figures;
+            map.serialize_entry("refused_requests", &f.refused_requests)?;
+            map.serialize_entry("refused_keys", &f.refused_keys)?;
+            map.serialize_entry("admitted_keys", &f.admitted)?;
+            map.serialize_entry("evicted_keys", &f.evicted)?;
+            let errors: BTreeMap<&str, u64> = admission
+                .errors
+                .iter()
+                .map(|(key, error)| (key.as_str(), *error))
+                .collect();
+            map.serialize_entry("errors", &errors)?;
+        }
         map.end()
     }
 }
@@ -1383,6 +1469,7 @@ mod tests {
                     used_bytes: 4096,
                     bytes: 8192,
                 }),
+                admission: None,
             });
         }
         report

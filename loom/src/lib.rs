@@ -11,6 +11,8 @@ pub mod cell;
 pub mod counter;
 #[path = "../../src/engine/error.rs"]
 mod error;
+#[path = "../../src/engine/heavy.rs"]
+pub mod heavy;
 #[path = "../../src/histogram.rs"]
 pub mod histogram;
 #[path = "../../src/engine/lax.rs"]

@@ -188,6 +188,55 @@ local function kill_case()
 end
 
 
+-- A flood of 20,000 keys (each sent a few times), then a real key under
+-- load with it, in a request counter of 50 keys: the real key is admitted
+-- past the full cap and counts 99% of its requests or more, every request
+-- is counted under some key or the overflow key, evictions stay within 8
+-- a second.
+local function heavy_case()
+    local srv = start(2)
+    local seconds = 3
+    -- The flood first (the cap full of its keys), then the real key.
+    local runs = {
+        load.start(srv, "/heavy/x", { seconds = seconds + 1, keys = 20000 }),
+    }
+    nginx.sleep(1)
+    runs[2] = load.start(srv, "/heavy/login", { seconds = seconds,
+                                                threads = 1, connections = 2 })
+    wait_all(runs)
+    nginx.sleep(0.5)
+    local lines = access(srv, "heavy.log")
+    local logged = 0
+    for _, line in ipairs(lines) do
+        if line[3] == "/heavy/login" then
+            logged = logged + 1
+        end
+    end
+    local _, text = srv:get("/heavy-metrics")
+    text = text or ""
+    local counted, login = 0, 0
+    for key, n in text:gmatch('resty_requests_total{dict="heavy_requests",'
+                              .. 'key="([^"]+)"} (%d+)') do
+        counted = counted + tonumber(n)
+        if key == "/heavy/login" then
+            login = tonumber(n)
+        end
+    end
+    local error = tonumber(text:match('admission_error{dict="heavy_requests",'
+                                      .. 'key="/heavy/login"} (%d+)')) or -1
+    local evicted = tonumber(text:match(
+        'resty_requests_evicted_keys{dict="heavy_requests"} (%d+)')) or -1
+    row("flood of 20,000 keys and a real key, key cap 50 (request counter)",
+        #lines, counted, #lines - counted, math.max(counted - #lines, 0),
+        counted == #lines and login >= 0.99 * logged and logged > 0
+            and evicted >= 0 and evicted <= 8 * (seconds + 3),
+        "the real key admitted past the cap: " .. login .. " of " .. logged
+        .. " counted, error bound " .. error .. "; " .. evicted
+        .. " keys evicted (folded into the overflow key)")
+    srv:cleanup()
+end
+
+
 local function flood_case()
     local srv = start(2)
     local run = load.start(srv, "/flood/x", { seconds = 3, keys = 20000 })
@@ -220,6 +269,7 @@ local function flood_case()
         "cap respected, nothing evicted; keys refused for lack of room in "
         .. "the engine (counted under the overflow key): " .. (v[3] or "?"))
     srv:cleanup()
+    heavy_case()
 end
 
 

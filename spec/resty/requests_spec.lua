@@ -153,6 +153,19 @@ describe("resty.counter.requests", function()
                            < key_info.engine_bytes)
             assert.equal(r.handle.bytes, key_info.engine_bytes)
             key_info.engine_used_bytes, key_info.engine_bytes = nil, nil
+            -- The admission past max_keys: nothing refused yet.
+            assert.same({ refused_requests = 0, refused_keys = 0,
+                          admitted_keys = 0, evicted_keys = 0, errors = {} },
+                        {
+                            refused_requests = key_info.refused_requests,
+                            refused_keys = key_info.refused_keys,
+                            admitted_keys = key_info.admitted_keys,
+                            evicted_keys = key_info.evicted_keys,
+                            errors = key_info.errors,
+                        })
+            key_info.refused_requests, key_info.refused_keys = nil, nil
+            key_info.admitted_keys, key_info.evicted_keys = nil, nil
+            key_info.errors = nil
             assert.same({ tracked = 1, max_keys = 1000,
                           overflow_key = "_overflow" }, key_info)
         end)

@@ -5,6 +5,7 @@
 
 package.path = "spec/?.lua;" .. package.path
 local nginx = require "helpers.nginx"
+local requests_http = require "helpers.requests_http"
 local load = require "helpers.load"
 
 local CONF = assert(nginx.read_file("spec/scenario/churn.conf"))
@@ -14,41 +15,6 @@ local CONF = assert(nginx.read_file("spec/scenario/churn.conf"))
 -- the next scrape and its record reused 10 s later: some 50 records in
 -- use at a time.
 local SECONDS = 30
-
-
--- { [key] = requests } from the access log.
-local function logged(srv)
-    local per_key, total = {}, 0
-    for line in io.lines(srv.dir .. "/access.log") do
-        per_key[line] = (per_key[line] or 0) + 1
-        total = total + 1
-    end
-    return per_key, total
-end
-
-
--- { [key] = total } from the Prometheus text (a scrape: it expires keys).
-local function scraped(srv)
-    local status, text = srv:get("/metrics")
-    assert(status == 200, "GET /metrics failed: " .. tostring(status))
-    local per_key = {}
-    for key, n in text:gmatch('resty_requests_total{dict="request_churn",'
-                              .. 'key="([^"]+)"} (%d+)') do
-        per_key[key] = tonumber(n)
-    end
-    return per_key, text
-end
-
-
-local function engine_stats(srv)
-    local status, body = srv:get("/engine")
-    assert(status == 200, "GET /engine failed: " .. tostring(status))
-    local stats = {}
-    for name, value in body:gmatch("(%S+) (%S+)") do
-        stats[name] = tonumber(value)
-    end
-    return stats
-end
 
 
 describe("request keys churning under load", function()
@@ -70,16 +36,16 @@ describe("request keys churning under load", function()
         local stop = os.time() + SECONDS - 2
         while os.time() < stop do
             nginx.sleep(0.5)
-            scraped(srv)
-            local stats = engine_stats(srv)
+            requests_http.scraped(srv, "request_churn")
+            local stats = requests_http.engine_stats(srv)
             peak = math.max(peak, stats.keys + stats.free)
         end
         load.wait(run)
         nginx.sleep(0.3)    -- the last requests log after their responses
 
-        local expected, sent = logged(srv)
-        local got, text = scraped(srv)
-        local stats = engine_stats(srv)
+        local expected, sent = requests_http.logged(srv)
+        local got, text = requests_http.scraped(srv, "request_churn")
+        local stats = requests_http.engine_stats(srv)
         local keys_made = 0
         for key in pairs(expected) do
             if key:match("^/k/") then

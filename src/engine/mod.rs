@@ -11,6 +11,8 @@
 //! - [`counter_text`]: their keys in the Prometheus text format.
 //! - [`lax`]: lax counters on Redis: totals added and sent, the journal.
 //! - [`requests`]: the request counter's records (windows in a ring).
+//! - [`heavy`]: admission of keys with real traffic past `max_keys` (a
+//!   count-min sketch of refused keys; evictions folded into the overflow).
 //! - [`strict`]: strict counters' records (a value and its state changed by
 //!   one double-width compare-and-swap; batches through a journal).
 //! - [`limit`]: the limits' records (two windows' counts and the window in
@@ -22,6 +24,7 @@ pub mod cell;
 pub mod counter;
 pub mod counter_text;
 mod error;
+pub mod heavy;
 pub mod lax;
 pub mod limit;
 pub mod lock;

@@ -328,7 +328,9 @@ impl<'a, W: Word> Requests<'a, W> {
     }
 
     /// Rolls `slot` on to stamp `want` unless someone did; Err when a live
-    /// writer holds the roll lock.
+    /// writer holds the roll lock. Inlined, as it was when the request path
+    /// was its only caller: the request path's code stays as measured.
+    #[inline(always)]
     fn roll(&self, slot: &[W], want: u64, roller: &impl Roller) -> Result<(), ()> {
         let word = &self.cells[self.layout.roll_lock()];
         let me = roller.me();
@@ -386,6 +388,75 @@ impl<'a, W: Word> Requests<'a, W> {
             .filter(|&stamp| stamp != 0 && stamp != ROLLING)
             .max()
             .map(|stamp| stamp - 1)
+    }
+
+    /// The total count: every request since the key was made.
+    pub fn count(&self) -> u64 {
+        self.cells[T_COUNT].load(Acquire)
+    }
+
+    /// Adds everything `from` (a record of the same layout, removed from
+    /// the index: no writer adds to it any more but one in flight) counted
+    /// into this record: its total, and each of its windows into this
+    /// record's slot of that window (rolled on to it if older; a window
+    /// this record's ring has passed is in the total only). What an
+    /// eviction folds into the overflow key, so that totals stay exact.
+    /// Never inlined: it stays out of the request path's code.
+    #[inline(never)]
+    pub fn fold(&self, from: &Requests<'_, W>, roller: &impl Roller) {
+        if from.layout.width() != self.layout.width() {
+            return;
+        }
+        self.cells[T_COUNT].fetch_add(from.cells[T_COUNT].load(Acquire), Relaxed);
+        add_f64(&self.cells[T_SUM], load_f64(&from.cells[T_SUM]));
+        for edge in 0..self.layout.edges {
+            let n = from.cells[T_EDGES + edge].load(Acquire);
+            self.cells[T_EDGES + edge].fetch_add(n, Release);
+        }
+        let header = self.layout.header();
+        let words = self.layout.slot_words();
+        for i in 0..self.layout.ring {
+            let theirs = &from.cells[header + i * words..header + (i + 1) * words];
+            let stamp = theirs[S_STAMP].load(Acquire);
+            if stamp == 0 || stamp == ROLLING {
+                continue;
+            }
+            let ours = self.slot(stamp - 1);
+            if !self.stamped(ours, stamp, roller) {
+                continue;
+            }
+            ours[S_COUNT].fetch_add(theirs[S_COUNT].load(Relaxed), Relaxed);
+            add_f64(&ours[S_SUM], load_f64(&theirs[S_SUM]));
+            add_max(&ours[S_MAX], load_f64(&theirs[S_MAX]));
+            for (cell, pair) in ours[S_BUCKETS..].iter().zip(&theirs[S_BUCKETS..]) {
+                // Two u32 halves: each sum stays below 2^32 as recording's.
+                cell.fetch_add(pair.load(Relaxed), Relaxed);
+            }
+        }
+    }
+
+    /// Whether `slot` holds stamp `want` (rolled on to it when older) so
+    /// that a fold may add to it: false when it holds a newer window, or a
+    /// live roller kept it past the spins allowed.
+    fn stamped(&self, slot: &[W], want: u64, roller: &impl Roller) -> bool {
+        let mut spins = 0;
+        loop {
+            let stamp = slot[S_STAMP].load(Acquire);
+            if stamp == want {
+                return true;
+            }
+            if stamp != ROLLING && stamp > want {
+                return false;
+            }
+            let rolled = stamp != ROLLING && self.roll(slot, want, roller).is_ok();
+            if !rolled {
+                if spins >= roller.spins() {
+                    return false;
+                }
+                roller.pause(spins);
+                spins += 1;
+            }
+        }
     }
 
     /// What a report shows of window `window`, as [`Summary::of`] the

@@ -173,6 +173,11 @@ rc_report_t *rc_requests_report(rc_engine_t *engine, uint32_t ring,
     double now, const unsigned char *key, size_t len, int32_t single);
 int32_t rc_requests_report_walk(const rc_engine_t *engine,
     rc_report_t *report, uint32_t max_records);
+int32_t rc_requests_admit(rc_engine_t *engine, const unsigned char *key,
+    size_t len, uint32_t ring, int32_t histogram, const double *edges,
+    uint32_t count, uint32_t max_keys, const unsigned char *overflow_key,
+    size_t overflow_len, double now, const uint64_t **cells);
+void rc_requests_admission(const rc_engine_t *engine, rc_report_t *report);
 
 typedef struct {
     int64_t new_value;

@@ -11,7 +11,9 @@
 -- a ring of `previous` + 1 window slots (reused as windows roll on) and a
 -- total since the key was first recorded (for Prometheus' counters). At
 -- most `max_keys` keys are made: requests for keys beyond are recorded
--- under `overflow_key`. With `idle_timeout`, a key with no request for that
+-- under `overflow_key`, and one that keeps coming takes the place of the
+-- tracked key with the fewest requests (docs/engine.md, "Admission past
+-- max_keys"). With `idle_timeout`, a key with no request for that
 -- long is removed (by scrapes, and by a new key that finds max_keys full),
 -- and counts from 0 if it comes back. There is nothing to flush.
 
@@ -212,6 +214,22 @@ local function key_cells(self, key, level)
             end
         end
     end
+    if rc == KEYS_FULL and capped then
+        -- Counted among the keys refused; one that shows more requests
+        -- than a tracked key takes its place (docs/engine.md, "Admission
+        -- past max_keys").
+        local now = now_of(self)
+        if type(now) == "number" and now >= 0 then
+            local overflow_key = self.overflow_key
+            rc = C.rc_requests_admit(self.engine, key, #key, self.ring,
+                                     self.histogram, self.edges_s,
+                                     self.edges, self.max_keys, overflow_key,
+                                     #overflow_key, now, cells_out)
+            if rc == 1 then
+                self.metrics.admitted = self.metrics.admitted + 1
+            end
+        end
+    end
     if rc >= 0 then
         local cells = cells_out[0]
         self.cells[key] = cells
@@ -336,7 +354,9 @@ local function construct(shdict_name, opts, level)
         -- `cells` was last known good, and where to read it.
         epoch = C.rc_engine_epoch(handle.ptr),
         seen_epoch = C.rc_engine_epoch(handle.ptr)[0],
-        metrics = { overflowed = 0, refused = 0, total_only = 0 },
+        metrics = {
+            overflowed = 0, refused = 0, total_only = 0, admitted = 0,
+        },
     }, mt)
     return self
 end
@@ -533,6 +553,7 @@ local function report(self, only_key, for_prometheus)
     local overflow_key = self.overflow_key
     C.rc_report_key_info(ptr, tonumber(C.rc_requests_tracked(self.engine)),
                          self.max_keys, overflow_key, #overflow_key)
+    C.rc_requests_admission(self.engine, ptr)
     local memory = engine_stats(self.handle)
     C.rc_report_engine_memory(ptr, memory.used_bytes, memory.bytes)
     return ptr, n
@@ -672,7 +693,9 @@ end
 -- This worker's own counts: overflowed (new keys past max_keys, recorded
 -- under the overflow key), refused (new keys the engine had no room for,
 -- likewise), total_only (requests whose window slot held a newer window:
--- in the total only), cached (keys whose record this worker knows); and
+-- in the total only), admitted (new keys past max_keys this worker made
+-- in place of a tracked key with fewer requests), cached (keys whose
+-- record this worker knows); and
 -- pending, always 0 (nothing waits for a flush: kept for the flushing
 -- versions' callers).
 function _M.self_metrics(self)
@@ -682,7 +705,8 @@ function _M.self_metrics(self)
     local m = self.metrics
     return {
         overflowed = m.overflowed, refused = m.refused,
-        total_only = m.total_only, cached = self.cached, pending = 0,
+        total_only = m.total_only, admitted = m.admitted,
+        cached = self.cached, pending = 0,
     }
 end
 
