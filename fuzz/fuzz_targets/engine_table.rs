@@ -13,29 +13,13 @@ use std::sync::atomic::AtomicU64;
 
 use libfuzzer_sys::fuzz_target;
 use resty_counter_core::engine::cell::{add_i64, load_i64};
-use resty_counter_core::engine::lock::Holder;
-use resty_counter_core::engine::table::{Owner, Table, MIN_WORDS};
+use resty_counter_core::engine::table::{Table, MIN_WORDS};
 use resty_counter_core::engine::Error;
 
-/// One worker, on a clock the input moves.
-struct Clock(Cell<u64>);
+#[path = "common/clock.rs"]
+mod clock;
 
-impl Owner for Clock {
-    fn me(&self) -> Holder {
-        Holder {
-            pid: 1,
-            instance: 1,
-        }
-    }
-
-    fn alive(&self, _: u32) -> bool {
-        true
-    }
-
-    fn now(&self) -> u64 {
-        self.0.get()
-    }
-}
+use clock::Clock;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {

@@ -21,25 +21,10 @@ use resty_counter_core::histogram::PROMETHEUS_EDGES_MS;
 
 const OVERFLOW: &[u8] = b"r_overflow";
 
-/// One worker, on a clock the input moves.
-struct Clock(Cell<u64>);
+#[path = "common/clock.rs"]
+mod clock;
 
-impl Owner for Clock {
-    fn me(&self) -> Holder {
-        Holder {
-            pid: 1,
-            instance: 1,
-        }
-    }
-
-    fn alive(&self, _: u32) -> bool {
-        true
-    }
-
-    fn now(&self) -> u64 {
-        self.0.get()
-    }
-}
+use clock::Clock;
 
 impl Roller for Clock {
     fn me(&self) -> Holder {
