@@ -48,24 +48,34 @@ pub unsafe fn compare_exchange(
     current: [u64; 2],
     new: [u64; 2],
 ) -> Result<(), [u64; 2]> {
-    #[cfg(target_arch = "x86_64")]
-    let seen = cmpxchg16b(dst, current, new);
-    #[cfg(target_arch = "aarch64")]
-    let seen = if has_lse() {
-        caspal(dst, current, new)
-    } else {
-        ldaxp_stlxp(dst, current, new)
-    };
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let seen: [u64; 2] = {
-        let _ = (dst, new);
-        unreachable!("no 16-byte compare-and-swap on this target")
-    };
+    let seen = hardware(dst, current, new);
     if seen == current {
         Ok(())
     } else {
         Err(seen)
     }
+}
+
+/// The instruction: what the 16 bytes held (swapped when `current`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn hardware(dst: *mut u64, current: [u64; 2], new: [u64; 2]) -> [u64; 2] {
+    cmpxchg16b(dst, current, new)
+}
+
+#[cfg(target_arch = "aarch64")]
+#[inline]
+unsafe fn hardware(dst: *mut u64, current: [u64; 2], new: [u64; 2]) -> [u64; 2] {
+    if has_lse() {
+        caspal(dst, current, new)
+    } else {
+        ldaxp_stlxp(dst, current, new)
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+unsafe fn hardware(_: *mut u64, _: [u64; 2], _: [u64; 2]) -> [u64; 2] {
+    unreachable!("no 16-byte compare-and-swap on this target")
 }
 
 #[cfg(target_arch = "x86_64")]
