@@ -569,12 +569,7 @@ impl Known {
     /// Asks the hardware for the record's cells ahead of [`changed`].
     #[inline]
     fn prefetch(&self) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch only hints; it never faults.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch(self.cells as *const i8, _MM_HINT_T0);
-        }
+        crate::engine::word::prefetch_ptr(self.cells);
     }
 }
 
@@ -1746,10 +1741,19 @@ fn strict_decide(
 /// the reason in [`rc_engine_error`]).
 #[no_mangle]
 pub extern "C" fn rc_strict_supported() -> i32 {
-    if strict::supported() {
+    strict_support(strict::supported())
+}
+
+/// [`rc_strict_supported`]'s answer for a CPU that has the instruction or
+/// not (testable on one that has it).
+fn strict_support(supported: bool) -> i32 {
+    if supported {
         0
     } else {
-        remember("strict counters in the shared engine need a 16-byte compare-and-swap (x86_64)");
+        remember(
+            "strict counters in the shared engine need a 16-byte compare-and-swap \
+             (x86_64 or aarch64)",
+        );
         CODE_NO_DWCAS
     }
 }
@@ -3333,5 +3337,24 @@ mod tests {
         assert_eq!(engine.table.epoch(), epoch + 3);
         assert!(present(&engine, b"wb/old") && present(&engine, b"wa/unwritten"));
         assert!(!present(&engine, b"wa/current"));
+    }
+
+    /// Strict counters, limits and one-node lax run where the CPU has the
+    /// 16-byte compare-and-swap (x86_64, aarch64: this CPU, as the tests
+    /// run on one of them); elsewhere the Lua side's `new` returns `nil`
+    /// and this message.
+    #[test]
+    fn strict_records_are_refused_with_a_reason_where_no_pair_swaps() {
+        assert_eq!(rc_strict_supported(), 0);
+        assert_eq!(strict_support(true), 0);
+        assert_eq!(strict_support(false), CODE_NO_DWCAS);
+        let mut len = 0;
+        let text = unsafe { rc_engine_error(&mut len) };
+        let text = unsafe { std::slice::from_raw_parts(text, len) };
+        assert_eq!(
+            std::str::from_utf8(text).unwrap(),
+            "strict counters in the shared engine need a 16-byte \
+             compare-and-swap (x86_64 or aarch64)"
+        );
     }
 }

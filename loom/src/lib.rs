@@ -9,6 +9,8 @@
 pub mod cell;
 #[path = "../../src/engine/counter.rs"]
 pub mod counter;
+#[path = "../../src/engine/dwcas.rs"]
+pub mod dwcas;
 #[path = "../../src/engine/error.rs"]
 mod error;
 #[path = "../../src/engine/heavy.rs"]

@@ -54,6 +54,47 @@ describe("resty.counter.strict", function()
             assert.equal('shared dict "no_such_dict" not found', err)
         end)
 
+        -- This CPU has the instruction (x86_64 or aarch64); one without is
+        -- played by the library's answer replaced (its message on such a
+        -- CPU is src/ffi_engine.rs's test): strict, lax and limit on one
+        -- node refuse in `new`, with the library's last error.
+        it("returns nil, err from strict, lax and limit where no pair swaps",
+           function()
+            local abi = require "resty.counter.abi"
+            assert.equal(0, abi.C.rc_strict_supported())
+            local names = { "resty.counter.strict", "resty.counter.lax",
+                            "resty.counter.limit" }
+            local saved = {}
+            for _, name in ipairs(names) do
+                saved[name] = package.loaded[name]
+                package.loaded[name] = nil
+            end
+            local real = abi.C
+            local fake = setmetatable({
+                rc_strict_supported = function() return abi.NO_DWCAS end,
+            }, { __index = function(_, k) return real[k] end })
+            package.loaded["resty.counter.abi"] =
+                setmetatable({ C = fake }, { __index = abi })
+            local ok, err = pcall(function()
+                local made = {
+                    { require("resty.counter.strict").new("strict") },
+                    { require("resty.counter.lax").new("strict") },
+                    { require("resty.counter.limit").new("limit",
+                                                         { limit = 1,
+                                                           window = 1 }) },
+                }
+                for i, got in ipairs(made) do
+                    assert.is_nil(got[1], names[i])
+                    assert.equal("string", type(got[2]), names[i])
+                end
+            end)
+            package.loaded["resty.counter.abi"] = abi
+            for _, name in ipairs(names) do
+                package.loaded[name] = saved[name]
+            end
+            assert(ok, err)
+        end)
+
         it("raises on bad arguments, blaming the caller", function()
             assert.matches('bad "shdict_name" argument: string expected, got nil',
                            raised(strict.new), 1, true)

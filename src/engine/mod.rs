@@ -17,12 +17,15 @@
 //!   one double-width compare-and-swap; batches through a journal).
 //! - [`limit`]: the limits' records (two windows' counts and the window in
 //!   one pair, one double-width compare-and-swap an event).
+//! - [`dwcas`]: the hardware's 16-byte compare-and-swap (x86_64,
+//!   aarch64) under strict and limit records.
 //! - [`lock`]: a try-lock that a dead holder cannot keep.
 //! - [`zone`]: finding or making the region in an nginx zone.
 
 pub mod cell;
 pub mod counter;
 pub mod counter_text;
+pub mod dwcas;
 mod error;
 pub mod heavy;
 pub mod lax;

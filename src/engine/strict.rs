@@ -19,6 +19,7 @@
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
+use super::dwcas;
 use super::lock::{self, Holder, Taken};
 use super::word::Word;
 
@@ -531,11 +532,12 @@ impl<'b, 'a, P: Pair, W: Word> Open<'b, 'a, P, W> {
     }
 }
 
-/// A pair in memory: 16 bytes, 16-byte aligned, changed by `lock
-/// cmpxchg16b` (x86_64; every x86_64 CPU since 2006 has it, and
-/// [`supported`] checks). The cells of the table are words, so its two
-/// halves are also read as 64-bit atomics ([`Pair::load_fast`]): mixed-size
-/// access, which the hardware orders like any other.
+/// A pair in memory: 16 bytes, 16-byte aligned, changed by the hardware's
+/// 16-byte compare-and-swap ([`dwcas`]: `lock cmpxchg16b` on x86_64,
+/// `caspal` or an `ldaxp`/`stlxp` loop on aarch64; [`supported`]
+/// checks). The cells of the table are words, so its two halves are also
+/// read as 64-bit atomics ([`Pair::load_fast`]): mixed-size access, which
+/// the hardware orders like any other.
 #[repr(C, align(16))]
 pub struct AtomicPair {
     words: [std::sync::atomic::AtomicU64; 2],
@@ -556,14 +558,7 @@ impl AtomicPair {
 
 /// Whether this CPU has the double-width compare-and-swap.
 pub fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("cmpxchg16b")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    dwcas::supported()
 }
 
 impl Pair for AtomicPair {
@@ -582,44 +577,10 @@ impl Pair for AtomicPair {
 
     #[inline]
     fn compare_exchange(&self, current: [u64; 2], new: [u64; 2]) -> Result<(), [u64; 2]> {
-        cmpxchg16b(&self.words as *const _ as *mut u64, current, new)
+        // SAFETY: 16-byte aligned (AtomicPair's alignment), valid, only
+        // accessed atomically; the FFI checks supported() before any pair.
+        unsafe { dwcas::compare_exchange(&self.words as *const _ as *mut u64, current, new) }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn cmpxchg16b(dst: *mut u64, current: [u64; 2], new: [u64; 2]) -> Result<(), [u64; 2]> {
-    let (low, high): (u64, u64);
-    // SAFETY: `dst` is 16-byte aligned (AtomicPair's alignment) and valid.
-    // rbx may be LLVM's: the new low word goes in through rdi, is swapped
-    // into rbx and rbx is restored after. Registers are named, so that no
-    // operand lands in rbx. The instruction leaves the pair it found in
-    // rdx:rax: it equals `current` exactly when it swapped.
-    unsafe {
-        std::arch::asm!(
-            "xchg rdi, rbx",
-            "lock cmpxchg16b xmmword ptr [rsi]",
-            "mov rbx, rdi",
-            in("rsi") dst,
-            inout("rdi") new[0] => _,
-            in("rcx") new[1],
-            inout("rax") current[0] => low,
-            inout("rdx") current[1] => high,
-            options(nostack),
-        );
-    }
-    if [low, high] == current {
-        Ok(())
-    } else {
-        Err([low, high])
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cmpxchg16b(_: *mut u64, _: [u64; 2], _: [u64; 2]) -> Result<(), [u64; 2]> {
-    // supported() is false here: the FFI refuses strict counters before
-    // any pair is touched.
-    unreachable!("no double-width compare-and-swap on this target")
 }
 
 #[cfg(test)]

@@ -26,20 +26,35 @@ pub trait Word: Send + Sync {
 }
 
 /// A hint that `value` will be read soon: its cache line is fetched
-/// meanwhile (on x86_64; elsewhere nothing). It reads and changes nothing,
-/// so it never races: a walk over records thousands of bytes apart (no
-/// hardware prefetcher follows such strides) asks for the next ones'
-/// lines while it reads this one's.
+/// meanwhile (on x86_64 and aarch64; elsewhere nothing). It reads and
+/// changes nothing, so it never races: a walk over records thousands of
+/// bytes apart (no hardware prefetcher follows such strides) asks for the
+/// next ones' lines while it reads this one's.
 #[inline]
 pub fn prefetch<T>(value: &T) {
+    prefetch_ptr(value as *const T);
+}
+
+/// [`prefetch`] of an address: any, as a prefetch never faults.
+#[inline]
+pub fn prefetch_ptr<T>(ptr: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch of any address is only a hint: it faults never.
     unsafe {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(value as *const T as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(ptr as *const i8);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: as above (`prfm`: prefetch for a load, into L1, kept).
+    unsafe {
+        std::arch::asm!(
+            "prfm pldl1keep, [{0}]",
+            in(reg) ptr,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = ptr;
 }
 
 /// Implements [`Word`] for an atomic type with `std`'s `AtomicU64` methods

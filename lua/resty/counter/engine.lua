@@ -122,11 +122,11 @@ end
 -- `seen_epoch` (the epoch when `cells` was last known good). When the
 -- epoch moved (a record was removed), any kept cells may be the removed
 -- record's: all are dropped, to be looked up again. Call it before any
--- use of kept cells; its load of the epoch comes before the look-ups that
--- follow (x86 keeps loads in order), so a removal after it is seen at the
--- next call, and a write that loaded the epoch just before a removal
--- lands in the removed record, whose space is not reused for 10 s
--- (docs/engine.md, "Removal and reuse").
+-- use of kept cells; a removal after its load of the epoch is seen at the
+-- next call, and a write that loaded the epoch just before a removal (or,
+-- on aarch64, whose plain load the CPU performed after the write) lands in
+-- the removed record, whose space is not reused for 10 s (docs/engine.md,
+-- "Removal and reuse").
 function _M.check_epoch(cache)
     local epoch = cache.epoch[0]
     if epoch ~= cache.seen_epoch then
