@@ -1881,6 +1881,99 @@ mod tests {
         }
     }
 
+    /// A report as the engine's walk fills it for `scrape_timing` (in
+    /// src/ffi_engine.rs): keys "/path/1".. in the order made, one request
+    /// of 12 ms each or, `busy`, 7 in each of three windows; with the
+    /// windows' percentiles or without (Prometheus).
+    fn walked_like(keys: usize, busy: bool, percentiles: bool) -> Report {
+        let mut report = Report::new(60, 27_000_000.0 * 60.0 + 1.5, 2).unwrap();
+        if !percentiles {
+            report.without_percentiles();
+        }
+        report.reserve_keys(keys);
+        let mut latencies = Vec::new();
+        for i in 1..=keys {
+            latencies.clear();
+            if busy {
+                for ms in [1.1, 4.0, 12.0, 30.0, 90.0, 250.0, 800.0] {
+                    latencies.push(ms * (1.0 + (i % 13) as f64 / 13.0));
+                }
+            } else {
+                latencies.push(12.0);
+            }
+            let window = if percentiles {
+                histogram(&latencies)
+            } else {
+                let h = histogram(&latencies);
+                Summary::without_buckets(h.count, h.sum, h.max)
+            };
+            let windows = if busy {
+                [window; 3]
+            } else {
+                [window, Summary::default(), Summary::default()]
+            };
+            let mut t = total(&latencies);
+            if busy {
+                t.count *= 3;
+                t.sum *= 3.0;
+                t.at_or_below.iter_mut().for_each(|n| *n *= 3);
+            }
+            let key = format!("/path/{}", i);
+            report.add_parts(key.as_bytes(), &windows, t.count, t.sum, &t.at_or_below);
+        }
+        report
+    }
+
+    /// Times the rendering alone (no walk), as the FFI renders it (begin,
+    /// one render, the text), of the reports `scrape_timing` renders, best
+    /// of 9: `cargo test --release --no-default-features --lib
+    /// render_timing -- --ignored --nocapture` (SCRAPE_KEYS and
+    /// SCRAPE_BUSY as there; SCRAPE_FORMAT=json or prometheus for one only,
+    /// as under `perf record` for a profile of the text alone;
+    /// SCRAPE_DUMP=path writes the texts to path.json and path.prometheus,
+    /// to compare two builds' bytes).
+    #[test]
+    #[ignore]
+    fn render_timing() {
+        let var = |name| std::env::var(name).ok();
+        let keys = var("SCRAPE_KEYS")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(100_000);
+        let busy = var("SCRAPE_BUSY").is_some();
+        let format = var("SCRAPE_FORMAT").unwrap_or_default();
+        let mut best = [std::time::Duration::MAX; 2];
+        let mut bytes = [0; 2];
+        for _ in 0..9 {
+            for (i, name) in ["json", "prometheus"].iter().enumerate() {
+                if !format.is_empty() && format != *name {
+                    continue;
+                }
+                let mut report = walked_like(keys, busy, i == 0);
+                let start = std::time::Instant::now();
+                if i == 0 {
+                    report.begin_json(1.0, 2.0, false);
+                } else {
+                    report.begin_prometheus("bench_stats_0_100000");
+                }
+                assert!(report.render(usize::MAX));
+                bytes[i] = report.text().len();
+                best[i] = best[i].min(start.elapsed());
+                if let Some(path) = var("SCRAPE_DUMP") {
+                    std::fs::write(format!("{}.{}", path, name), report.text()).unwrap();
+                }
+            }
+        }
+        eprintln!(
+            "{} keys{}: JSON {:?} ({} B), Prometheus {:?} ({} B)",
+            keys,
+            if busy { " (busy)" } else { "" },
+            best[0],
+            bytes[0],
+            best[1],
+            bytes[1]
+        );
+    }
+
     #[test]
     fn bad_input_is_refused() {
         assert_eq!(Report::new(0, 1.0, 2).unwrap_err(), Error::BadArgument);
