@@ -2353,7 +2353,8 @@ mod tests {
     /// SCRAPE_BUSY as there; SCRAPE_FORMAT=json or prometheus for one only,
     /// as under `perf record` for a profile of the text alone;
     /// SCRAPE_DUMP=path writes the texts to path.json and path.prometheus,
-    /// to compare two builds' bytes).
+    /// to compare two builds' bytes; SCRAPE_STEP=n renders n keys a step,
+    /// each step's text copied out then cleared, as `write` gets it).
     #[test]
     #[ignore]
     fn render_timing() {
@@ -2363,6 +2364,7 @@ mod tests {
             .unwrap_or(100_000);
         let busy = var("SCRAPE_BUSY").is_some();
         let format = var("SCRAPE_FORMAT").unwrap_or_default();
+        let step = var("SCRAPE_STEP").and_then(|n| n.parse().ok());
         // Wall time, and the thread's CPU time (steadier on a loaded
         // machine: time waiting for a CPU is not in it).
         let cpu = || {
@@ -2389,8 +2391,26 @@ mod tests {
                 } else {
                     report.begin_prometheus("bench_stats_0_100000");
                 }
-                assert!(report.render(usize::MAX));
-                bytes[i] = report.text().len();
+                match step {
+                    Some(step) => {
+                        let mut piece = Vec::new();
+                        bytes[i] = 0;
+                        loop {
+                            let done = report.render(step);
+                            piece.clear();
+                            piece.extend_from_slice(report.text());
+                            bytes[i] += piece.len();
+                            report.clear_text();
+                            if done {
+                                break;
+                            }
+                        }
+                    }
+                    None => {
+                        assert!(report.render(usize::MAX));
+                        bytes[i] = report.text().len();
+                    }
+                }
                 best[i] = best[i].min(start.elapsed());
                 best_cpu[i] = best_cpu[i].min(cpu() - start_cpu);
                 if let Some(path) = var("SCRAPE_DUMP") {
