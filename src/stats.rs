@@ -1418,41 +1418,20 @@ fn push_u64(out: &mut Vec<u8>, value: u64) {
 }
 
 /// A number as Rust's `{}` writes an f64 (the shortest form that reads
-/// back the same, never an exponent), then a newline. The shortest
-/// decimal of 15 digits or fewer is found without either library (see
-/// [`short_decimal`]); otherwise ryu finds the same digits faster when
-/// they are 15 or fewer: then no other decimal of as few digits reads back
-/// as the same f64. With 16 or 17, two such decimals may, and the two
-/// libraries may choose differently, so Rust's own formatting writes those
-/// (and the exponents ryu chooses, and what is not finite).
+/// back the same, never an exponent), then a newline: a whole number as
+/// an integer, the shortest decimal of 15 digits or fewer without either
+/// library (see [`short_decimal`]), any other (16 or 17 digits, where ryu
+/// and Rust's formatter may choose between two decimals differently; very
+/// small or large; not finite) by Rust's formatter itself.
 fn push_display_f64(out: &mut Vec<u8>, value: f64) {
     if let Some(whole) = small_whole(value) {
         push_i64(out, whole);
-        return;
-    }
-    if let Some((negative, m, k)) = short_decimal(value) {
+    } else if let Some((negative, m, k)) = short_decimal(value) {
         put_short_decimal(out, negative, m, k);
         out.push(b'\n');
-        return;
-    }
-    let mut buffer = ryu::Buffer::new();
-    let text = if value.is_finite() {
-        buffer.format_finite(value)
     } else {
-        "e"
-    };
-    let text = text.strip_suffix(".0").unwrap_or(text);
-    let significant = text
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .skip_while(|&b| b == b'0')
-        .count();
-    if significant > 15 || text.contains('e') {
         let _ = writeln!(out, "{}", value);
-        return;
     }
-    put(out, text.as_bytes());
-    out.push(b'\n');
 }
 
 /// The header of each Prometheus section, each over every key.
@@ -2418,16 +2397,21 @@ mod tests {
                 }
             }
         }
+        let shown = |i: usize| match best[i] {
+            std::time::Duration::MAX => "not timed".to_string(),
+            wall => format!(
+                "{:.1} ms, CPU {:.1} ({} B)",
+                wall.as_secs_f64() * 1e3,
+                best_cpu[i].as_secs_f64() * 1e3,
+                bytes[i]
+            ),
+        };
         eprintln!(
-            "{} keys{}: JSON {:.1} ms, CPU {:.1} ({} B); Prometheus {:.1} ms, CPU {:.1} ({} B)",
+            "{} keys{}: JSON {}; Prometheus {}",
             keys,
             if busy { " (busy)" } else { "" },
-            best[0].as_secs_f64() * 1e3,
-            best_cpu[0].as_secs_f64() * 1e3,
-            bytes[0],
-            best[1].as_secs_f64() * 1e3,
-            best_cpu[1].as_secs_f64() * 1e3,
-            bytes[1]
+            shown(0),
+            shown(1)
         );
     }
 
