@@ -917,20 +917,18 @@ impl Report {
                 let start = out.len();
                 line(out, b"resty_request_latency_seconds_bucket", b"");
                 let prefix = start..out.len();
-                for (i, (below, edge)) in at_or_below.iter().zip(edges).enumerate() {
+                let buckets = edges
+                    .iter()
+                    .map(|le| &le[..])
+                    .zip(at_or_below.iter().copied());
+                let inf = (&b",le=\"+Inf\"} "[..], total.count);
+                for (i, (le, count)) in buckets.chain(std::iter::once(inf)).enumerate() {
                     if i > 0 {
                         put_within(out, prefix.clone());
                     }
-                    put(out, edge);
-                    push_u64(out, *below);
+                    put(out, le);
+                    push_u64(out, count);
                 }
-                if at_or_below.is_empty() {
-                    put(out, b",le=\"+Inf\"} ");
-                } else {
-                    put_within(out, prefix);
-                    put(out, b",le=\"+Inf\"} ");
-                }
-                push_u64(out, total.count);
                 line(out, b"resty_request_latency_seconds_sum", b"} ");
                 push_display_f64(out, total.sum / 1000.0);
                 line(out, b"resty_request_latency_seconds_count", b"} ");
