@@ -10,7 +10,6 @@ use std::io::Write as _;
 use std::ops::Range;
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
-use serde_json::ser::{CompactFormatter, Formatter};
 
 use crate::engine::heavy::Figures;
 use crate::engine::requests::{Layout, Total};
@@ -191,6 +190,11 @@ pub struct Report {
     admission_errors: Vec<(String, u64)>,
     /// "current", "prev1", "prev2", ... quoted, with their colon.
     window_names: Vec<Vec<u8>>,
+    /// Each window's start field, `,"startofminute_epoch":` and the
+    /// number, by age; the current window's `,"epoch":` and number, then
+    /// `,"rate":`: the same for every key, written once per report.
+    window_starts: Vec<Vec<u8>>,
+    epoch_and_rate: Vec<u8>,
     /// The JSON of an empty window at each age (see json_windows).
     empty_windows: Vec<Vec<u8>>,
     /// The JSON of each bucket's value (a percentile is one, or the
@@ -233,11 +237,30 @@ impl Report {
                     _ => format!("\"prev{}\":", age).into_bytes(),
                 })
                 .collect(),
+            window_starts: Vec::new(),
+            epoch_and_rate: Vec::new(),
             empty_windows: Vec::new(),
             bucket_texts: Vec::new(),
             rendering: None,
             walk: None,
-        })
+        }
+        .with_fixed_fields())
+    }
+
+    /// The JSON fields whose text is the same for every key.
+    fn with_fixed_fields(mut self) -> Report {
+        self.window_starts = (0..=self.previous)
+            .map(|age| {
+                let mut text = b",\"startofminute_epoch\":".to_vec();
+                put_i64(&mut text, self.window_start(age));
+                text
+            })
+            .collect();
+        let mut text = b",\"epoch\":".to_vec();
+        put_i64(&mut text, self.now.floor() as i64);
+        text.extend_from_slice(b",\"rate\":");
+        self.epoch_and_rate = text;
+        self
     }
 
     /// The Prometheus edges (seconds, as [`crate::histogram::check_edges`]
@@ -585,20 +608,20 @@ impl Report {
     /// on most keys) is the same text at its age for every key: written
     /// once per report, then copied.
     fn json_windows(&self, out: &mut Vec<u8>, windows: &[Summary]) {
-        out.push(b'{');
+        put(out, b"{");
         for (age, h) in windows.iter().enumerate() {
             if age > 0 {
-                out.push(b',');
+                put(out, b",");
             }
-            out.extend_from_slice(&self.window_names[age]);
+            put(out, &self.window_names[age]);
             // The current window's rate counts the one before it too.
             let empty = is_empty(h) && (age > 0 || windows.get(1).map_or(true, is_empty));
             match self.empty_windows.get(age) {
-                Some(text) if empty => out.extend_from_slice(text),
+                Some(text) if empty => put(out, text),
                 _ => self.json_window(out, windows, age, h),
             }
         }
-        out.push(b'}');
+        put(out, b"}");
     }
 
     /// The text of an empty window at each age.
@@ -615,13 +638,11 @@ impl Report {
 
     /// One window as serde_json writes a map of its fields.
     fn json_window(&self, out: &mut Vec<u8>, windows: &[Summary], age: usize, h: &Summary) {
-        let mut f = CompactFormatter;
-        out.extend_from_slice(b"{\"requests\":");
-        let _ = f.write_u64(out, h.count);
-        out.extend_from_slice(b",\"latency_ms\":");
+        put(out, b"{\"requests\":");
+        put_u64(out, h.count);
+        put(out, b",\"latency_ms\":");
         json_f64(out, h.mean());
-        out.extend_from_slice(b",\"startofminute_epoch\":");
-        let _ = f.write_i64(out, self.window_start(age));
+        put(out, &self.window_starts[age]);
         // null when the engine keeps no histograms (too small for them).
         // A percentile equal to the one before (a key of few distinct
         // latencies) is the same text again.
@@ -630,10 +651,10 @@ impl Report {
             .iter()
             .enumerate()
         {
-            out.extend_from_slice(name);
+            put(out, name);
             match (h.percentiles, &before) {
                 (Some(p), Some((v, text))) if v.to_bits() == p[i].to_bits() => {
-                    out.extend_from_within(text.clone())
+                    put_within(out, text.clone())
                 }
                 (Some(p), _) => {
                     let start = out.len();
@@ -644,23 +665,21 @@ impl Report {
                         .get(bucket_of(p[i]) as usize)
                         .filter(|_| bucket_value(bucket_of(p[i])).to_bits() == p[i].to_bits());
                     match text {
-                        Some(text) => out.extend_from_slice(text),
+                        Some(text) => put(out, text),
                         None => json_f64(out, p[i]),
                     }
                     before = Some((p[i], start..out.len()));
                 }
-                (None, _) => out.extend_from_slice(b"null"),
+                (None, _) => put(out, b"null"),
             }
         }
-        out.extend_from_slice(b",\"max\":");
+        put(out, b",\"max\":");
         json_f64(out, h.max);
         if age == 0 {
-            out.extend_from_slice(b",\"epoch\":");
-            let _ = f.write_i64(out, self.now.floor() as i64);
-            out.extend_from_slice(b",\"rate\":");
+            put(out, &self.epoch_and_rate);
             json_f64(out, self.rate(h, windows.get(1)));
         }
-        out.push(b'}');
+        put(out, b"}");
     }
 
     /// Starts rendering the Prometheus text exposition format: requests as
@@ -736,10 +755,9 @@ impl Report {
                 match &format {
                     Format::Json => {
                         if next > 0 {
-                            out.push(b',');
+                            put(out, b",");
                         }
-                        let _ = serde_json::to_writer(&mut *out, self.key(entry));
-                        out.push(b':');
+                        json_key(out, self.key(entry));
                         self.json_windows(out, self.windows(entry));
                     }
                     Format::Prometheus {
@@ -748,11 +766,11 @@ impl Report {
                         window,
                     } => {
                         labels.clear();
-                        labels.extend_from_slice(b"{dict=\"");
-                        labels.extend_from_slice(dict);
-                        labels.extend_from_slice(b"\",key=\"");
+                        put(&mut labels, b"{dict=\"");
+                        put(&mut labels, dict);
+                        put(&mut labels, b"\",key=\"");
                         escape_label(&mut labels, self.key(entry));
-                        labels.push(b'"');
+                        put(&mut labels, b"\"");
                         self.prometheus_key(out, section, &labels, edges, window, entry);
                     }
                 }
@@ -882,9 +900,9 @@ impl Report {
     ) {
         let total = &self.buf.entries[entry];
         let line = |out: &mut Vec<u8>, name: &[u8], rest: &[u8]| {
-            out.extend_from_slice(name);
-            out.extend_from_slice(labels);
-            out.extend_from_slice(rest);
+            put(out, name);
+            put(out, labels);
+            put(out, rest);
         };
         match section {
             0 => {
@@ -894,16 +912,23 @@ impl Report {
             1 => {
                 let n = self.edges.len();
                 let at_or_below = &self.buf.at_or_below[entry * n..(entry + 1) * n];
-                for (below, edge) in at_or_below.iter().zip(edges) {
-                    line(out, b"resty_request_latency_seconds_bucket", edge);
-                    push_u64(out, *below);
+                // The bucket lines' name and labels, once, then copied
+                // from the first line to the next ones.
+                let start = out.len();
+                line(out, b"resty_request_latency_seconds_bucket", b"");
+                let prefix = start..out.len();
+                let buckets = edges
+                    .iter()
+                    .map(|le| &le[..])
+                    .zip(at_or_below.iter().copied());
+                let inf = (&b",le=\"+Inf\"} "[..], total.count);
+                for (i, (le, count)) in buckets.chain(std::iter::once(inf)).enumerate() {
+                    if i > 0 {
+                        put_within(out, prefix.clone());
+                    }
+                    put(out, le);
+                    push_u64(out, count);
                 }
-                line(
-                    out,
-                    b"resty_request_latency_seconds_bucket",
-                    b",le=\"+Inf\"} ",
-                );
-                push_u64(out, total.count);
                 line(out, b"resty_request_latency_seconds_sum", b"} ");
                 push_display_f64(out, total.sum / 1000.0);
                 line(out, b"resty_request_latency_seconds_count", b"} ");
@@ -1080,69 +1105,331 @@ fn is_empty(h: &Summary) -> bool {
         && h.percentiles.map_or(false, |p| p.iter().all(|&v| zero(v)))
 }
 
+/// Appends `bytes` to `out`. The text is written in pieces of a few bytes
+/// to a hundred (labels, names, numbers): copied here with a few unaligned
+/// loads and stores, where `extend_from_slice` calls `memcpy` for each
+/// piece of a length not known when compiling (some 5 million calls for
+/// the Prometheus text of 100,000 keys).
+#[inline(always)]
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    let (len, n) = (out.len(), bytes.len());
+    if out.capacity() - len < n {
+        grow(out, n);
+    }
+    // SAFETY: `n` bytes are free past `len` (just checked or made), and
+    // `bytes` cannot overlap `out`'s spare capacity (borrowed apart).
+    unsafe {
+        copy_short(bytes.as_ptr(), out.as_mut_ptr().add(len), n);
+        out.set_len(len + n);
+    }
+}
+
+/// Appends the bytes of `out` in `range` again (as `extend_from_within`).
+#[inline(always)]
+fn put_within(out: &mut Vec<u8>, range: Range<usize>) {
+    let (len, n) = (out.len(), range.len());
+    assert!(range.end <= len);
+    if out.capacity() - len < n {
+        grow(out, n);
+    }
+    // SAFETY: the range is within the text (checked), the `n` bytes past
+    // `len` free and apart from it.
+    unsafe {
+        let base = out.as_mut_ptr();
+        copy_short(base.add(range.start), base.add(len), n);
+        out.set_len(len + n);
+    }
+}
+
+/// Room for `more` bytes, out of the writers' way.
+#[cold]
+#[inline(never)]
+fn grow(out: &mut Vec<u8>, more: usize) {
+    reserve(out, more);
+}
+
+/// Copies `n` bytes from `src` to `dst`: up to 128 with overlapping loads
+/// and stores of 16, 8, 4 or 1 byte that never read or write outside the
+/// two ranges; more with `copy_nonoverlapping`.
+///
+/// # Safety
+///
+/// `src` readable and `dst` writable for `n` bytes, not overlapping.
+#[inline(always)]
+unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
+    use std::ptr::{read_unaligned as load, write_unaligned as store};
+    if n >= 16 {
+        if n > 128 {
+            std::ptr::copy_nonoverlapping(src, dst, n);
+            return;
+        }
+        let mut at = 0;
+        while at + 16 < n {
+            store(dst.add(at) as *mut u128, load(src.add(at) as *const u128));
+            at += 16;
+        }
+        let last = n - 16;
+        store(
+            dst.add(last) as *mut u128,
+            load(src.add(last) as *const u128),
+        );
+    } else if n >= 8 {
+        let (head, tail) = (load(src as *const u64), load(src.add(n - 8) as *const u64));
+        store(dst as *mut u64, head);
+        store(dst.add(n - 8) as *mut u64, tail);
+    } else if n >= 4 {
+        let (head, tail) = (load(src as *const u32), load(src.add(n - 4) as *const u32));
+        store(dst as *mut u32, head);
+        store(dst.add(n - 4) as *mut u32, tail);
+    } else {
+        for i in 0..n {
+            *dst.add(i) = *src.add(i);
+        }
+    }
+}
+
+/// "00" to "99", two digits at a time.
+const DIGITS2: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
+/// 10^0 to 10^19.
+const POW10: [u64; 20] = {
+    let mut pow = [1u64; 20];
+    let mut i = 1;
+    while i < 20 {
+        pow[i] = pow[i - 1] * 10;
+        i += 1;
+    }
+    pow
+};
+
+/// The number of decimal digits of `value`.
+#[inline(always)]
+fn decimal_len(value: u64) -> usize {
+    // floor(log10(2^bits)) is bits * 1233 >> 12 for bits up to 64: the
+    // length, or one more than it below the next power of ten.
+    let bits = 64 - (value | 1).leading_zeros();
+    let t = ((bits * 1233) >> 12) as usize;
+    t + usize::from(value >= POW10[t]).max(usize::from(t == 0))
+}
+
+/// Writes the `len` digits of `value` (`len` its [`decimal_len`], or more
+/// for leading zeros) ending at `end`.
+///
+/// # Safety
+///
+/// The `len` bytes before `end` are writable.
+#[inline(always)]
+unsafe fn write_digits(mut value: u64, end: *mut u8, len: usize) {
+    let mut at = end;
+    let stop = end.sub(len);
+    while value >= 100 {
+        let pair = (value % 100) as usize * 2;
+        value /= 100;
+        at = at.sub(2);
+        std::ptr::copy_nonoverlapping(DIGITS2.as_ptr().add(pair), at, 2);
+    }
+    if value >= 10 {
+        at = at.sub(2);
+        std::ptr::copy_nonoverlapping(DIGITS2.as_ptr().add(value as usize * 2), at, 2);
+    } else if at > stop {
+        at = at.sub(1);
+        *at = b'0' + value as u8;
+    }
+    while at > stop {
+        at = at.sub(1);
+        *at = b'0';
+    }
+}
+
+/// Appends an integer as itoa (and Rust's `{}`) writes it: a minus sign
+/// when `negative`, then the digits of `magnitude`; then a newline with
+/// `newline`.
+#[inline(always)]
+fn put_integer(out: &mut Vec<u8>, negative: bool, magnitude: u64, newline: bool) {
+    let len = decimal_len(magnitude);
+    let sign = usize::from(negative);
+    let n = sign + len + usize::from(newline);
+    let at = out.len();
+    if out.capacity() - at < n {
+        grow(out, n);
+    }
+    // SAFETY: `n` bytes are free past `at`.
+    unsafe {
+        let start = out.as_mut_ptr().add(at);
+        if negative {
+            *start = b'-';
+        }
+        write_digits(magnitude, start.add(sign + len), len);
+        if newline {
+            *start.add(sign + len) = b'\n';
+        }
+        out.set_len(at + n);
+    }
+}
+
+fn put_u64(out: &mut Vec<u8>, value: u64) {
+    put_integer(out, false, value, false);
+}
+
+fn put_i64(out: &mut Vec<u8>, value: i64) {
+    put_integer(out, value < 0, value.unsigned_abs(), false);
+}
+
+/// A finite `value` of magnitude 1e-4 to below 1e15 that a decimal of
+/// at most 15 significant digits reads back as: that decimal's digits
+/// `m` and the digits `k` after its point (value = ±m / 10^k, k >= 1, no
+/// trailing zero), the fewest; None for any other value (whole numbers
+/// included).
+///
+/// Why this is the text ryu (serde_json) and Rust's `{}` write: both
+/// write the shortest decimal that reads back as `value` (the closest of
+/// them where several are as short). With `d` = floor(log10 |value|),
+/// decimals of 15 significant digits lie 10^(d-14) apart, more than the
+/// width of the interval that reads back as `value` (under one ulp, at
+/// most 2^-52 * 10^(d+1) < 0.23 * 10^(d-14)): at most one decimal of 15
+/// digits or fewer (at magnitude d, or 10^(d+1) at the interval's top)
+/// reads back as `value`. Found here as `m` = |value| * 10^K rounded, K =
+/// 14 - d: with |m| < 10^15 the product's rounding (< 1/16) and the
+/// interval (< 0.12) leave it within 0.18 of the decimal, so rounding finds
+/// it; `m` / 10^K (a correctly rounded division of two exact doubles) is
+/// `value` exactly when that decimal reads back as `value`. Its trailing
+/// zeros dropped, it is the shortest: a shorter decimal would be one more
+/// point of the same grid. A wrong `d` (the estimate below is off by one
+/// near powers of ten) only makes the grid coarser (then still unique)
+/// or `m` 10^15 or more (refused).
+#[inline]
+fn short_decimal(value: f64) -> Option<(bool, u64, usize)> {
+    let a = value.abs();
+    if !(1e-4..1e15).contains(&a) {
+        return None;
+    }
+    // floor(log10 a) from the binary exponent (within one).
+    let e = ((a.to_bits() >> 52) as i32) - 1023;
+    let d = (e * 78913) >> 18;
+    let d = d + i32::from(a >= POW10_F[(d + 1 + POW10_F_ZERO) as usize]);
+    let k = (14 - d) as usize;
+    let scaled = a * POW10_F[k + POW10_F_ZERO as usize];
+    if scaled >= 1e15 {
+        return None;
+    }
+    // Exact: below 2^50 the double's ulp is 1/8 or less.
+    let mut m = (scaled + 0.5) as u64;
+    // The decimal, if any, is within 0.18 of `scaled` (the difference is
+    // exact): most values of 16 or 17 digits need no division to refuse.
+    if (scaled - m as f64).abs() > 0.18
+        || m as f64 / POW10_F[k + POW10_F_ZERO as usize] != a
+        || m == 0
+    {
+        return None;
+    }
+    let mut k = k;
+    while k > 0 && m % 10 == 0 {
+        m /= 10;
+        k -= 1;
+    }
+    if k == 0 {
+        return None;
+    }
+    Some((value < 0.0, m, k))
+}
+
+/// Index of 10^0 in [`POW10_F`].
+const POW10_F_ZERO: i32 = 5;
+
+/// 10^-5 to 10^19 as doubles (exact from 10^0 on).
+const POW10_F: [f64; 25] = [
+    1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+    1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19,
+];
+
+/// Appends a [`short_decimal`]: its sign, digits and point.
+fn put_short_decimal(out: &mut Vec<u8>, negative: bool, m: u64, k: usize) {
+    let len = decimal_len(m);
+    // "0.000m" when m has no more digits than the fraction.
+    let whole = len.saturating_sub(k);
+    let n = usize::from(negative) + whole.max(1) + 1 + k;
+    let at = out.len();
+    if out.capacity() - at < n {
+        grow(out, n);
+    }
+    // SAFETY: `n` bytes are free past `at`.
+    unsafe {
+        let mut p = out.as_mut_ptr().add(at);
+        if negative {
+            *p = b'-';
+            p = p.add(1);
+        }
+        let fraction = m % POW10[k];
+        if whole == 0 {
+            *p = b'0';
+            p = p.add(1);
+        } else {
+            write_digits(m / POW10[k], p.add(whole), whole);
+            p = p.add(whole);
+        }
+        *p = b'.';
+        write_digits(fraction, p.add(1 + k), k);
+        out.set_len(at + n);
+    }
+}
+
 /// A number as serde_json writes an f64: ryu's shortest form, null when
 /// not finite.
 fn json_f64(out: &mut Vec<u8>, value: f64) {
     if let Some(whole) = small_whole(value) {
         // What ryu writes of a whole number below 1e15: its digits, ".0".
-        out.extend_from_slice(itoa::Buffer::new().format(whole).as_bytes());
-        out.extend_from_slice(b".0");
+        put_i64(out, whole);
+        put(out, b".0");
+    } else if let Some((negative, m, k)) = short_decimal(value) {
+        put_short_decimal(out, negative, m, k);
     } else if value.is_finite() {
-        let _ = CompactFormatter.write_f64(out, value);
+        put(out, ryu::Buffer::new().format_finite(value).as_bytes());
     } else {
-        out.extend_from_slice(b"null");
+        put(out, b"null");
     }
 }
 
 /// A whole number of magnitude below 1e15, not -0.0 (which both
 /// formatters write with its sign): as an integer, the fast way to its
 /// text (counts, rates and sums of whole milliseconds often are).
+#[inline]
 fn small_whole(value: f64) -> Option<i64> {
-    let whole =
-        value.abs() < 1e15 && value.trunc() == value && value.to_bits() != (-0.0f64).to_bits();
+    // Below 1e15 the conversion is exact for a whole number (and NaN
+    // fails the bound).
+    let whole = value.abs() < 1e15
+        && (value as i64) as f64 == value
+        && value.to_bits() != (-0.0f64).to_bits();
     whole.then_some(value as i64)
 }
 
 fn push_i64(out: &mut Vec<u8>, value: i64) {
-    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
-    out.push(b'\n');
+    put_integer(out, value < 0, value.unsigned_abs(), true);
 }
 
 fn push_u64(out: &mut Vec<u8>, value: u64) {
-    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
-    out.push(b'\n');
+    put_integer(out, false, value, true);
 }
 
 /// A number as Rust's `{}` writes an f64 (the shortest form that reads
-/// back the same, never an exponent), then a newline. ryu finds the same
-/// digits faster when they are 15 or fewer: then no other decimal of as
-/// few digits reads back as the same f64. With 16 or 17, two such decimals
-/// may, and the two libraries may choose differently, so Rust's own
-/// formatting writes those (and the exponents ryu chooses, and what is
-/// not finite).
+/// back the same, never an exponent), then a newline: a whole number as
+/// an integer, the shortest decimal of 15 digits or fewer without either
+/// library (see [`short_decimal`]), any other (16 or 17 digits, where ryu
+/// and Rust's formatter may choose between two decimals differently; very
+/// small or large; not finite) by Rust's formatter itself.
 fn push_display_f64(out: &mut Vec<u8>, value: f64) {
     if let Some(whole) = small_whole(value) {
         push_i64(out, whole);
-        return;
-    }
-    let mut buffer = ryu::Buffer::new();
-    let text = if value.is_finite() {
-        buffer.format_finite(value)
+    } else if let Some((negative, m, k)) = short_decimal(value) {
+        put_short_decimal(out, negative, m, k);
+        out.push(b'\n');
     } else {
-        "e"
-    };
-    let text = text.strip_suffix(".0").unwrap_or(text);
-    let significant = text
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .skip_while(|&b| b == b'0')
-        .count();
-    if significant > 15 || text.contains('e') {
         let _ = writeln!(out, "{}", value);
-        return;
     }
-    out.extend_from_slice(text.as_bytes());
-    out.push(b'\n');
 }
 
 /// The header of each Prometheus section, each over every key.
@@ -1197,11 +1484,24 @@ impl Serialize for KeyInfo {
     }
 }
 
+/// A JSON object's key (a string as serde_json writes it) and its colon:
+/// quoted as it is when serde_json would escape none of its bytes.
+fn json_key(out: &mut Vec<u8>, key: &str) {
+    if key.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        let _ = serde_json::to_writer(&mut *out, key);
+    } else {
+        put(out, b"\"");
+        put(out, key.as_bytes());
+        put(out, b"\"");
+    }
+    put(out, b":");
+}
+
 /// A label value as the exposition format wants it, appended to `out`:
 /// backslash, double quote and newline escaped.
 fn escape_label(out: &mut Vec<u8>, value: &str) {
     if !value.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
-        out.extend_from_slice(value.as_bytes());
+        put(out, value.as_bytes());
         return;
     }
     for b in value.bytes() {
@@ -1704,6 +2004,31 @@ mod tests {
             f64::INFINITY,
             -f64::INFINITY,
         ];
+        // The short decimals' edges: m / 10^k of every length and scale,
+        // their neighbours one ulp away, powers of ten and the bounds of
+        // the fast paths (1e-4, 1e15), of both signs.
+        let mut edges = Vec::new();
+        for k in 0..=20 {
+            let p = 10f64.powi(k);
+            for m in [
+                1.0,
+                5.0,
+                12.0,
+                999.0,
+                13825.0,
+                123456789012345.0,
+                999999999999999.0,
+            ] {
+                edges.extend([m / p, m * p, (m + 0.5) / p]);
+            }
+            edges.extend([p, 1.0 / p, 0.1 + p, 1e15 - 1.0 / p, 1e-4 + 1.0 / p / 1e4]);
+        }
+        for v in edges {
+            for v in [v, -v] {
+                let bits = v.to_bits();
+                values.extend([v, f64::from_bits(bits + 1), f64::from_bits(bits - 1)]);
+            }
+        }
         for _ in 0..200_000 {
             let bits = next();
             values.push(f64::from_bits(bits));
@@ -1729,6 +2054,80 @@ mod tests {
             let mut out = Vec::new();
             json_f64(&mut out, whole);
             assert_eq!(out, serde_json::to_vec(&whole).unwrap(), "{:e}", whole);
+        }
+    }
+
+    #[test]
+    fn short_decimals_are_found_where_they_exist() {
+        // The fast path is taken for the figures it is there for (rates,
+        // sums in seconds), not for the decimals of 16 or 17 digits.
+        assert_eq!(short_decimal(13.825), Some((false, 13825, 3)));
+        assert_eq!(short_decimal(0.012), Some((false, 12, 3)));
+        assert_eq!(short_decimal(-0.0001), Some((true, 1, 4)));
+        assert_eq!(
+            short_decimal(123456789.012345),
+            Some((false, 123456789012345, 6))
+        );
+        assert_eq!(short_decimal(0.1 + 0.2), None);
+        assert_eq!(short_decimal(12.0), None);
+        assert_eq!(short_decimal(9.9e-5), None);
+        assert_eq!(short_decimal(1e15 + 0.5), None);
+        // Every decimal of 15 digits or fewer (not whole, 1e-4 or more) is
+        // found: m / 10^k, its trailing zeros dropped.
+        let mut rng = 0x853c_49e6_748f_ea9bu64;
+        for _ in 0..300_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let mut m = rng % POW10[1 + (rng >> 59) as usize % 15];
+            let mut k = 1 + (rng >> 32) as usize % 19;
+            let value = m as f64 / 10f64.powi(k as i32);
+            while k > 0 && m % 10 == 0 {
+                m /= 10;
+                k -= 1;
+            }
+            if k == 0 || value < 1e-4 {
+                continue;
+            }
+            assert_eq!(short_decimal(value), Some((false, m, k)), "{}", value);
+            assert_eq!(short_decimal(-value), Some((true, m, k)), "{}", value);
+        }
+        for (value, text) in [(0.5, "0.5"), (1.25e-4, "0.000125"), (-7.05, "-7.05")] {
+            let mut out = Vec::new();
+            json_f64(&mut out, value);
+            assert_eq!(out, text.as_bytes());
+        }
+        // Integers of every length.
+        for value in POW10
+            .iter()
+            .flat_map(|&p| [p - 1, p, p + 1])
+            .chain([u64::MAX])
+        {
+            let mut out = Vec::new();
+            put_u64(&mut out, value);
+            assert_eq!(out, value.to_string().into_bytes());
+            let signed = value as i64;
+            let mut out = Vec::new();
+            put_i64(&mut out, signed);
+            assert_eq!(out, signed.to_string().into_bytes());
+        }
+        let mut out = Vec::new();
+        put_i64(&mut out, i64::MIN);
+        assert_eq!(out, i64::MIN.to_string().into_bytes());
+    }
+
+    #[test]
+    fn pieces_of_every_length_are_copied_whole() {
+        let source: Vec<u8> = (0..300u32).map(|i| (i * 7 + 1) as u8).collect();
+        for n in 0..=source.len() {
+            // After a few bytes, so that no piece starts aligned.
+            let mut out = b"xyz".to_vec();
+            put(&mut out, &source[..n]);
+            put(&mut out, &source[n / 2..n]);
+            let mut want = b"xyz".to_vec();
+            want.extend_from_slice(&source[..n]);
+            want.extend_from_slice(&source[n / 2..n]);
+            assert_eq!(out, want, "{} bytes", n);
         }
     }
 
@@ -1879,6 +2278,139 @@ mod tests {
                 assert_eq!(16 * 15 + 185 + 45 * 11 + le, 955);
             }
         }
+    }
+
+    /// A report as the engine's walk fills it for `scrape_timing` (in
+    /// src/ffi_engine.rs): keys "/path/1".. in the order made, one request
+    /// of 12 ms each or, `busy`, 7 in each of three windows; with the
+    /// windows' percentiles or without (Prometheus).
+    fn walked_like(keys: usize, busy: bool, percentiles: bool) -> Report {
+        let mut report = Report::new(60, 27_000_000.0 * 60.0 + 1.5, 2).unwrap();
+        if !percentiles {
+            report.without_percentiles();
+        }
+        report.reserve_keys(keys);
+        let mut latencies = Vec::new();
+        for i in 1..=keys {
+            latencies.clear();
+            if busy {
+                for ms in [1.1, 4.0, 12.0, 30.0, 90.0, 250.0, 800.0] {
+                    latencies.push(ms * (1.0 + (i % 13) as f64 / 13.0));
+                }
+            } else {
+                latencies.push(12.0);
+            }
+            let window = if percentiles {
+                histogram(&latencies)
+            } else {
+                let h = histogram(&latencies);
+                Summary::without_buckets(h.count, h.sum, h.max)
+            };
+            let windows = if busy {
+                [window; 3]
+            } else {
+                [window, Summary::default(), Summary::default()]
+            };
+            let mut t = total(&latencies);
+            if busy {
+                t.count *= 3;
+                t.sum *= 3.0;
+                t.at_or_below.iter_mut().for_each(|n| *n *= 3);
+            }
+            let key = format!("/path/{}", i);
+            report.add_parts(key.as_bytes(), &windows, t.count, t.sum, &t.at_or_below);
+        }
+        report
+    }
+
+    /// Times the rendering alone (no walk), as the FFI renders it (begin,
+    /// one render, the text), of the reports `scrape_timing` renders, best
+    /// of 9: `cargo test --release --no-default-features --lib
+    /// render_timing -- --ignored --nocapture` (SCRAPE_KEYS and
+    /// SCRAPE_BUSY as there; SCRAPE_FORMAT=json or prometheus for one only,
+    /// as under `perf record` for a profile of the text alone;
+    /// SCRAPE_DUMP=path writes the texts to path.json and path.prometheus,
+    /// to compare two builds' bytes; SCRAPE_STEP=n renders n keys a step,
+    /// each step's text copied out then cleared, as `write` gets it).
+    #[test]
+    #[ignore]
+    fn render_timing() {
+        let var = |name| std::env::var(name).ok();
+        let keys = var("SCRAPE_KEYS")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(100_000);
+        let busy = var("SCRAPE_BUSY").is_some();
+        let format = var("SCRAPE_FORMAT").unwrap_or_default();
+        let step = var("SCRAPE_STEP").and_then(|n| n.parse().ok());
+        // Wall time, and the thread's CPU time (steadier on a loaded
+        // machine: time waiting for a CPU is not in it).
+        let cpu = || {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: a valid clock and a writable timespec.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+            std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        };
+        let mut best = [std::time::Duration::MAX; 2];
+        let mut best_cpu = best;
+        let mut bytes = [0; 2];
+        for _ in 0..9 {
+            for (i, name) in ["json", "prometheus"].iter().enumerate() {
+                if !format.is_empty() && format != *name {
+                    continue;
+                }
+                let mut report = walked_like(keys, busy, i == 0);
+                let (start, start_cpu) = (std::time::Instant::now(), cpu());
+                if i == 0 {
+                    report.begin_json(1.0, 2.0, false);
+                } else {
+                    report.begin_prometheus("bench_stats_0_100000");
+                }
+                match step {
+                    Some(step) => {
+                        let mut piece = Vec::new();
+                        bytes[i] = 0;
+                        loop {
+                            let done = report.render(step);
+                            piece.clear();
+                            piece.extend_from_slice(report.text());
+                            bytes[i] += piece.len();
+                            report.clear_text();
+                            if done {
+                                break;
+                            }
+                        }
+                    }
+                    None => {
+                        assert!(report.render(usize::MAX));
+                        bytes[i] = report.text().len();
+                    }
+                }
+                best[i] = best[i].min(start.elapsed());
+                best_cpu[i] = best_cpu[i].min(cpu() - start_cpu);
+                if let Some(path) = var("SCRAPE_DUMP") {
+                    std::fs::write(format!("{}.{}", path, name), report.text()).unwrap();
+                }
+            }
+        }
+        let shown = |i: usize| match best[i] {
+            std::time::Duration::MAX => "not timed".to_string(),
+            wall => format!(
+                "{:.1} ms, CPU {:.1} ({} B)",
+                wall.as_secs_f64() * 1e3,
+                best_cpu[i].as_secs_f64() * 1e3,
+                bytes[i]
+            ),
+        };
+        eprintln!(
+            "{} keys{}: JSON {}; Prometheus {}",
+            keys,
+            if busy { " (busy)" } else { "" },
+            shown(0),
+            shown(1)
+        );
     }
 
     #[test]
