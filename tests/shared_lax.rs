@@ -1,11 +1,15 @@
 //! Lax flushes across processes, as nginx workers run them: forked
 //! processes add to the same lax keys and flush them through the counter's
 //! journal to a model of Redis that applies a batch once by its id, while
-//! some are killed with SIGKILL at arbitrary points (mid-add, mid-journal,
-//! mid-send, mid-settle, holding the lock). A flush is also told at random
-//! that its batch's fate is unknown (it ran) or that it surely was not
-//! sent. Afterwards a last flush (taking over dead holders' lock, sending a
-//! left batch first) empties the engine, and:
+//! some are killed with SIGKILL: one holding the lock with its batch
+//! built and not yet sent, one holding it with its batch applied and not
+//! yet settled (each parks there when asked, and is killed once it says
+//! so: a kill timed from outside missed every flush on a busy machine),
+//! one at an arbitrary point (mid-add, mid-journal, mid-send, mid-settle,
+//! or holding the lock if that comes within a second). A flush is also
+//! told at random that its batch's fate is unknown (it ran) or that it
+//! surely was not sent. Afterwards a last flush (taking over dead
+//! holders' lock, sending a left batch first) empties the engine, and:
 //!
 //! - for every key, the model's value equals the total added: no count
 //!   sent twice, none lost;
@@ -40,6 +44,30 @@ const REGION_WORDS: usize = 1 << 14;
 /// Batches the model of Redis can hold, each in its own slot.
 const MODEL_BATCHES: usize = 1 << 17;
 const SLOT_WORDS: usize = 2 + 2 * KEYS;
+
+/// Where a flush parks when its process is asked to (`Park`'s word): its
+/// batch built and not sent, or applied by Redis and not settled.
+const PARK_BUILT: u64 = 1;
+const PARK_APPLIED: u64 = 2;
+/// What the parked process writes to that word, then waits for its kill.
+const PARKED: u64 = 3;
+
+/// A process's park word: 0, or the point its next flush with a batch
+/// parks at (set by the parent), then `PARKED` (set by the process).
+struct Park<'a>(&'a AtomicU64);
+
+impl<'a> Park<'a> {
+    /// At `point` of a flush, holding the lock: when asked to park here,
+    /// says so and waits (without allocating) for the parent's SIGKILL.
+    fn at(&self, point: u64) {
+        if self.0.load(Relaxed) == point {
+            self.0.store(PARKED, Relaxed);
+            loop {
+                unsafe { libc::usleep(1000) };
+            }
+        }
+    }
+}
 
 fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as i32, 0) == 0 }
@@ -113,8 +141,9 @@ impl<'a> Shared<'a> {
     /// One flush as lax.lua runs it, with `outcome` for a new batch's
     /// send (a left batch is always sent again and applied); false when
     /// another live holder has the lock. `round_trip` spins stand for the
-    /// send's time on the network, before and after Redis applies it.
-    fn flush(&self, me: Holder, outcome: Outcome, round_trip: u32) -> bool {
+    /// send's time on the network, before and after Redis applies it;
+    /// `park`, a child's, parks it mid-flush when the parent asks.
+    fn flush(&self, me: Holder, outcome: Outcome, round_trip: u32, park: Option<&Park>) -> bool {
         if lock::try_lock(self.journal.lock_word(), me, alive).is_err() {
             return false;
         }
@@ -126,9 +155,16 @@ impl<'a> Shared<'a> {
         } else {
             outcome
         };
+        let park_at = |point| {
+            if let Some(park) = park {
+                park.at(point);
+            }
+        };
+        park_at(PARK_BUILT);
         spin(round_trip);
         if outcome != Outcome::NotSent {
             self.redis.apply(&self.journal, |offset| self.index(offset));
+            park_at(PARK_APPLIED);
         }
         spin(round_trip);
         self.journal.settle(outcome, |offset| {
@@ -148,6 +184,7 @@ fn child(
     start: &AtomicU64,
     stop: &AtomicU64,
     done: &[AtomicU64],
+    park: &Park,
 ) -> ! {
     let me = Holder {
         pid: std::process::id(),
@@ -176,7 +213,7 @@ fn child(
                 1 => Outcome::NotSent,
                 _ => Outcome::Applied,
             };
-            shared.flush(me, outcome, 20_000);
+            shared.flush(me, outcome, 20_000, Some(park));
         }
     }
     unsafe { libc::_exit(0) }
@@ -214,17 +251,23 @@ fn flushers_killed_anywhere_send_every_count_exactly_once() {
     let stop = &shared_words(1)[0];
     let done: Vec<&[AtomicU64]> = (0..PROCESSES).map(|_| shared_words(KEYS)).collect();
 
+    let parks: Vec<Park> = (0..PROCESSES).map(|_| Park(&shared_words(1)[0])).collect();
     let mut pids = Vec::new();
     for (process, done) in done.iter().enumerate() {
         match unsafe { libc::fork() } {
-            0 => child(&shared, process, start, stop, done),
+            0 => child(&shared, process, start, stop, done, &parks[process]),
             pid if pid > 0 => pids.push(pid),
             _ => panic!("fork failed"),
         }
     }
 
-    // Kill every other process mid-run, each at another point of its run,
-    // and reap it at once (a zombie still answers kill(pid, 0)).
+    // Kill every other process mid-run, each at another point of its run:
+    // process 1 parked with its batch built, 3 parked with its batch
+    // applied, 5 wherever it is (holding the flush lock if that comes
+    // within a second); each reaped at once (a zombie still answers
+    // kill(pid, 0)).
+    let holds_lock =
+        |pid: i32| lock::holder(shared.journal.lock_word()).map(|h| h.pid) == Some(pid as u32);
     let mut killed = HashSet::new();
     let mut killed_holding = 0;
     for (process, &pid) in pids.iter().enumerate() {
@@ -240,16 +283,35 @@ fn flushers_killed_anywhere_send_every_count_exactly_once() {
             while progress() < at {
                 std::thread::sleep(Duration::from_micros(50));
             }
-            // Then while it holds the flush lock (mid-flush), if that
-            // comes within a second.
-            let deadline = std::time::Instant::now() + Duration::from_secs(1);
-            while lock::holder(shared.journal.lock_word()).map(|h| h.pid) != Some(pid as u32)
-                && std::time::Instant::now() < deadline
-            {
-                std::hint::spin_loop();
+            let point = match process {
+                1 => PARK_BUILT,
+                3 => PARK_APPLIED,
+                _ => 0,
+            };
+            if point != 0 {
+                parks[process].0.store(point, Relaxed);
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while parks[process].0.load(Relaxed) != PARKED {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "process {} did not park mid-flush within 60 s",
+                        process
+                    );
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                assert!(
+                    holds_lock(pid),
+                    "process {} parked without the lock",
+                    process
+                );
+            } else {
+                let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                while !holds_lock(pid) && std::time::Instant::now() < deadline {
+                    std::hint::spin_loop();
+                }
             }
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            if lock::holder(shared.journal.lock_word()).map(|h| h.pid) == Some(pid as u32) {
+            if holds_lock(pid) {
                 killed_holding += 1;
             }
             let mut status = 0;
@@ -274,12 +336,19 @@ fn flushers_killed_anywhere_send_every_count_exactly_once() {
         instance: 2,
     };
     for _ in 0..1000 {
-        assert!(shared.flush(me, Outcome::Applied, 0), "the lock is stuck");
+        assert!(
+            shared.flush(me, Outcome::Applied, 0, None),
+            "the lock is stuck"
+        );
         if shared.journal.in_flight() == 0 && shared.keys.iter().all(|(_, key)| key.unsent() == 0) {
             break;
         }
     }
-    assert!(killed_holding > 0, "no process was killed mid-flush");
+    assert!(
+        killed_holding >= 2,
+        "processes killed mid-flush: {}",
+        killed_holding
+    );
     let values = shared.redis.values();
     let killed_count = killed.len() as i64;
     for (i, (_, key)) in shared.keys.iter().enumerate() {

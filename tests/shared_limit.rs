@@ -1,6 +1,8 @@
 //! Limit records across processes, as nginx workers use them: forked
 //! processes race for one key's window at its cap on one shared mapping,
-//! some killed with SIGKILL mid-run. An event is one compare-and-swap, so
+//! some killed with SIGKILL mid-run (those run events until killed: with
+//! a bounded run, a fast child on a busy machine, its parent descheduled,
+//! ended before its kill). An event is one compare-and-swap, so
 //! a kill leaves no half-written pair: the record's count is the events
 //! reported allowed, plus at most one in flight per killed process, and
 //! never more than the limit.
@@ -11,13 +13,15 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 mod common;
-use common::{kill_every_other, shared_words};
+use common::{kill_every_other, killed_mid_run, shared_words};
 
 use resty_counter_core::engine::limit::{self, Rule};
 use resty_counter_core::engine::strict::{self, AtomicPair};
 use resty_counter_core::engine::table::Table;
 
 const PROCESSES: usize = 6;
+/// Events of a process that is not killed (and the run by which
+/// `kill_every_other` places the kills).
 const EVENTS: u64 = 400_000;
 const LIMIT: u64 = 1_000_000;
 const REGION_WORDS: usize = 1 << 12;
@@ -31,12 +35,13 @@ const RULE: Rule = Rule {
 const ALLOWED: usize = 0;
 const REJECTED: usize = 1;
 
-fn child(pair: &AtomicPair, start: &AtomicU64, done: &[AtomicU64]) -> ! {
+/// A child's life: `events` events (`u64::MAX`: until it is killed).
+fn child(pair: &AtomicPair, start: &AtomicU64, done: &[AtomicU64], events: u64) -> ! {
     start.fetch_add(1, Relaxed);
     while start.load(Relaxed) < PROCESSES as u64 {
         std::hint::spin_loop();
     }
-    for _ in 0..EVENTS {
+    for _ in 0..events {
         let which = if limit::incoming(pair, &RULE, 9, 0.5, true).allowed {
             ALLOWED
         } else {
@@ -57,9 +62,14 @@ fn processes_killed_at_the_cap_never_pass_it() {
     let done: Vec<&[AtomicU64]> = (0..PROCESSES).map(|_| shared_words(2)).collect();
 
     let mut pids = Vec::new();
-    for done in &done {
+    for (process, done) in done.iter().enumerate() {
+        let events = if killed_mid_run(process) {
+            u64::MAX
+        } else {
+            EVENTS
+        };
         match unsafe { libc::fork() } {
-            0 => child(pair, start, done),
+            0 => child(pair, start, done, events),
             pid if pid > 0 => pids.push(pid),
             _ => panic!("fork failed"),
         }

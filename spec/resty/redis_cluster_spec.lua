@@ -25,9 +25,19 @@ end
 local cluster = redis_server.cluster(PORTS, PASSWORD, REPLICAS)
 
 
+-- The clients' connect, send and read timeouts, in seconds. The default
+-- (0.1 s) keeps a request from waiting on Redis; these specs check where
+-- commands go, not how fast: with 7 nodes and nginx on 2 cores beside
+-- other tests (load 8-10), a node's first reply took longer than 0.1 s
+-- and a spec failed with "timeout" in 2 runs of 7.
+local TIMEOUT = 5
+
+
 -- Backend options with node i as the seed.
 local function seed(i, extra)
-    local opts = { port = PORTS[i], password = PASSWORD }
+    local opts = { port = PORTS[i], password = PASSWORD,
+                   connect_timeout = TIMEOUT, send_timeout = TIMEOUT,
+                   read_timeout = TIMEOUT }
     for k, v in pairs(extra or {}) do
         opts[k] = v
     end
