@@ -80,10 +80,7 @@ fn setup() -> (Arc<Vec<AtomicU64>>, Arc<Vec<AtomicU64>>) {
         let me = Worker(9);
         let width = layout().width();
         table.get_or_insert_by(OVERFLOW, width, &me).unwrap();
-        let keys = table
-            .get_or_insert_by(requests::KEYS_KEY, 1, &me)
-            .unwrap()
-            .0;
+        let keys = table.get_or_insert_by(requests::KEYS_KEY, 1, &me).unwrap().0;
         assert!(requests::register(&keys.cells()[0], 1));
         let victim = table.get_or_insert_by(VICTIM, width, &me).unwrap().0;
         let r = Requests::new(victim.cells(), layout()).unwrap();
@@ -144,10 +141,7 @@ fn two_workers_admitting_one_key_make_one_record_and_lose_nothing() {
         assert_eq!(count(&table, KEY), own);
         assert_eq!(count(&table, OVERFLOW), 1 + 2 - own);
         let keys = table.lookup(requests::KEYS_KEY).unwrap();
-        assert_eq!(
-            keys.cells()[0].load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(keys.cells()[0].load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(table.stats().removed, 1);
         // The error bound: the estimate of whichever worker made it, but
         // for its own request. The key's requests elsewhere than its record

@@ -64,10 +64,15 @@ fn layout() -> Layout {
 
 /// A record of one window slot, holding window 0 with one request of 5 ms.
 fn record() -> Arc<Vec<AtomicU64>> {
-    let cells: Vec<AtomicU64> = (0..layout().width()).map(|_| AtomicU64::new(0)).collect();
+    record_of(layout(), 5.0)
+}
+
+/// A record of `layout` holding window 0 with one request of `ms`.
+fn record_of(layout: Layout, ms: f64) -> Arc<Vec<AtomicU64>> {
+    let cells: Vec<AtomicU64> = (0..layout.width()).map(|_| AtomicU64::new(0)).collect();
     let setup = Worker { pid: 99, dead: 0 };
-    let r = Requests::new(&cells, layout()).unwrap();
-    assert_eq!(r.record(0, 5.0, &setup), Recorded::Window);
+    let r = Requests::new(&cells, layout).unwrap();
+    assert_eq!(r.record(0, ms, &setup), Recorded::Window);
     Arc::new(cells)
 }
 
@@ -186,11 +191,7 @@ fn dense() -> Layout {
 /// A record with histograms holding window 0 with one request of 30 ms:
 /// the line of 30 ms's bucket is marked.
 fn dense_record() -> Arc<Vec<AtomicU64>> {
-    let cells: Vec<AtomicU64> = (0..dense().width()).map(|_| AtomicU64::new(0)).collect();
-    let setup = Worker { pid: 99, dead: 0 };
-    let r = Requests::new(&cells, dense()).unwrap();
-    assert_eq!(r.record(0, 30.0, &setup), Recorded::Window);
-    Arc::new(cells)
+    record_of(dense(), 30.0)
 }
 
 /// A histogram of one request of `ms`.
