@@ -3,7 +3,11 @@
 --
 -- syntax: lines = requests_table(results)
 
-local KEYS = { 100, 1000, 10000, 100000 }
+-- Rows: key counts, and those timed busy too (7 requests in each of the
+-- three windows besides).
+local ROWS = { { 100, " keys" }, { 1000, " keys" }, { 10000, " keys" },
+               { 100000, " keys" }, { 10000, " busy keys" },
+               { 100000, " busy keys" } }
 
 
 return function(results)
@@ -18,17 +22,19 @@ return function(results)
     local function ms(case)
         return results[case] or 0 / 0
     end
-    for _, n in ipairs(KEYS) do
-        local suffix = ", " .. n .. " keys"
+    for _, row in ipairs(ROWS) do
+        local n, what = row[1], row[2]
+        local suffix = ", " .. n .. what
+        local label = what == " keys" and tostring(n) or n .. " busy"
         lines[#lines + 1] = string.format(
-            "| %-6d | %9.3f | %12.3f | %9.3f | %12.3f | %9.3f | %12.3f "
-            .. "| %12.0f |", n,
+            "| %-6s | %9.3f | %12.3f | %9.3f | %12.3f | %9.3f | %12.3f "
+            .. "| %12.0f |", label,
             ms("stats ms" .. suffix), ms("prometheus ms" .. suffix),
             ms("stats to write ms" .. suffix),
             ms("prometheus to write ms" .. suffix),
             ms("stats in steps ms" .. suffix),
             ms("prometheus in steps ms" .. suffix),
-            ms("engine bytes per key" .. suffix))
+            ms("engine bytes per key, " .. n .. " keys"))
     end
     return table.concat(lines, "\n")
 end

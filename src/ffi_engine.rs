@@ -1540,6 +1540,20 @@ pub unsafe extern "C" fn rc_requests_report(
     })
 }
 
+/// The request record at `offset` of a walk's table, if it is one of the
+/// walk's layout (for a prefetch: read nothing else of it).
+fn requests_at<'a>(
+    table: &Table<'a, AtomicU64>,
+    walk: &'a Walk,
+    offset: u32,
+) -> Option<Requests<'a, AtomicU64>> {
+    let record = table.record_in_arena(offset);
+    if record.width() != walk.layout.width() {
+        return None;
+    }
+    Requests::with_edges(record.cells(), walk.layout, &walk.edges_ms)
+}
+
 /// How many records ahead a walk asks for a record's cells (and twice
 /// as many for its first line): far enough ahead for the lines to
 /// arrive (a record is read in some 100 ns, a miss takes about as long
@@ -1598,6 +1612,7 @@ pub unsafe extern "C" fn rc_requests_report_walk(
             }
         }
         let width = walk.layout.width();
+        let percentiles = report.percentiles();
         let mut scratch = Scratch::default();
         let offsets = walk.take(max);
         let table = &engine.table;
@@ -1609,12 +1624,16 @@ pub unsafe extern "C" fn rc_requests_report_walk(
                 table.prefetch_record(far);
             }
             if let Some(&near) = offsets.get(i + PREFETCH_RECORDS) {
-                let record = table.record_in_arena(near);
-                if record.width() == width {
-                    if let Some(cells) =
-                        Requests::with_edges(record.cells(), walk.layout, &walk.edges_ms)
-                    {
-                        cells.prefetch();
+                if let Some(cells) = requests_at(table, &walk, near) {
+                    cells.prefetch();
+                }
+            }
+            // Nearer, the lines of the buckets with counts, by the lines
+            // words the prefetch above brought.
+            if percentiles {
+                if let Some(&nearer) = offsets.get(i + PREFETCH_RECORDS / 2) {
+                    if let Some(cells) = requests_at(table, &walk, nearer) {
+                        cells.prefetch_buckets();
                     }
                 }
             }

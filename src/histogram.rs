@@ -327,6 +327,20 @@ impl Summary {
     }
 }
 
+/// The highest rank among `count` observations that
+/// [`Summary::from_buckets`] looks for in the buckets (the reported
+/// percentiles at or past the count are the maximum): 0 when none. A
+/// reader of dense buckets whose every non-empty group holds at least one
+/// observation finds it within the first that many groups.
+pub fn last_rank_read(count: u64) -> u64 {
+    REPORTED_PERCENTILES
+        .iter()
+        .map(|&q| rank(q, count))
+        .filter(|&r| r < count)
+        .max()
+        .unwrap_or(0)
+}
+
 /// The 1-based rank of percentile `q` among `count` observations.
 fn rank(q: f64, count: u64) -> u64 {
     let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };

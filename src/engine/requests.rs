@@ -12,8 +12,10 @@
 //! 2+E        the roll lock (see super::lock)
 //! 3+E..      `ring` window slots of SLOT_WORDS words each:
 //!            stamp (window index + 1; 0 empty; ROLLING while zeroed),
-//!            count, sum (f64 bits), max (f64 bits),
-//!            then the histogram's buckets, two u32 counts per word
+//!            count, sum (f64 bits), max (f64 bits), the lines word
+//!            (bit g: line g of the buckets has a count; see
+//!            [`Requests::record`]), then the histogram's buckets, two u32
+//!            counts per word
 //! ```
 //!
 //! An engine too small to hold [`MIN_KEYS_WITH_HISTOGRAM`] records with
@@ -36,7 +38,8 @@ use super::cell::{add_f64, load_f64};
 use super::lock::{self, Holder};
 use super::word::{prefetch, Word};
 use crate::histogram::{
-    bucket_of, Histogram, Summary, BUCKETS, MAX_EDGES, MAX_VALUE, PROMETHEUS_EDGES_MS,
+    bucket_of, last_rank_read, Histogram, Summary, BUCKETS, MAX_EDGES, MAX_VALUE,
+    PROMETHEUS_EDGES_MS,
 };
 
 /// The first byte of every request key in the table.
@@ -62,7 +65,14 @@ const S_STAMP: usize = 0;
 const S_COUNT: usize = 1;
 const S_SUM: usize = 2;
 const S_MAX: usize = 3;
-const S_BUCKETS: usize = 4;
+/// The slot's lines word: bit g set when the g-th cache line (64 bytes,
+/// by address) of the slot's buckets had a count added in the slot's
+/// window. A reader loads only those lines: a busy key fills a few of the
+/// 25 (see [`Requests::record`], [`Requests::read_window`]).
+const S_LINES: usize = 4;
+const S_BUCKETS: usize = 5;
+/// Words per cache line, the unit of the lines word.
+const LINE_WORDS: usize = 8;
 
 /// Words of bucket counts in a slot: two u32 counts per word. A count
 /// would need 2^32 requests in one window and one bucket to carry into its
@@ -148,7 +158,8 @@ impl Layout {
         if self.histogram {
             SLOT_WORDS
         } else {
-            S_BUCKETS
+            // Without buckets, no lines word either.
+            S_LINES
         }
     }
 
@@ -215,6 +226,49 @@ pub struct Requests<'a, W: Word> {
     edges_ms: &'a [f64],
 }
 
+/// Where a slot's first bucket word lies in its cache line (0 to 7, by
+/// address): bucket word `i` is in the slot's line `(i + lead) / 8`. The
+/// same in every worker: the engine's memory is mapped page-aligned (by
+/// address modulo a page, every worker sees a word where the others do).
+#[inline(always)]
+fn lead<W: Word>(slot: &[W]) -> usize {
+    (&slot[S_BUCKETS] as *const W as usize / std::mem::size_of::<W>()) % LINE_WORDS
+}
+
+/// Adds `add` to bucket word `word` of `slot`, its line's bit in the lines
+/// word set first (a load and a test when it is set already: on all but
+/// a line's first request of a window). The bit before the count: a
+/// reader that loads the bit and skips the line misses a count it may
+/// miss (one being added), never one added before its read. A roll zeroes
+/// the lines word with the buckets, before the new stamp.
+#[inline(always)]
+fn add_to_bucket<W: Word>(slot: &[W], word: usize, add: u64) {
+    let bit = 1u64 << ((word + lead(slot)) / LINE_WORDS);
+    let lines = &slot[S_LINES];
+    let mut seen = lines.load(Relaxed);
+    while seen & bit == 0 {
+        match lines.compare_exchange(seen, seen | bit, Relaxed, Relaxed) {
+            Ok(_) => break,
+            Err(now) => seen = now,
+        }
+    }
+    slot[S_BUCKETS + word].fetch_add(add, Relaxed);
+}
+
+/// The bucket words of a slot whose lines word is `lines`, ascending:
+/// those of each line whose bit is set.
+fn occupied_words(lines: u64, lead: usize) -> impl Iterator<Item = usize> {
+    (0..u64::BITS as usize)
+        .filter(move |&line| lines & (1 << line) != 0)
+        .flat_map(move |line| {
+            let start = (line * LINE_WORDS).saturating_sub(lead);
+            let end = ((line + 1) * LINE_WORDS)
+                .saturating_sub(lead)
+                .min(BUCKET_WORDS);
+            start..end
+        })
+}
+
 fn add_max<W: Word>(cell: &W, value: f64) {
     let mut current = cell.load(Relaxed);
     while value > f64::from_bits(current) {
@@ -277,8 +331,11 @@ impl<'a, W: Word> Requests<'a, W> {
     /// Lua side checks; anything else counts as 0, above
     /// [`MAX_VALUE`] as that) in window `window` (the start time's index).
     pub fn record(&self, window: u64, latency_ms: f64, roller: &impl Roller) -> Recorded {
-        let value = if latency_ms >= 0.0 && latency_ms.is_finite() {
-            latency_ms.min(MAX_VALUE)
+        // The usual case first, in two comparisons (NaN fails both).
+        let value = if (0.0..=MAX_VALUE).contains(&latency_ms) {
+            latency_ms
+        } else if latency_ms > MAX_VALUE && latency_ms.is_finite() {
+            MAX_VALUE
         } else {
             0.0
         };
@@ -303,7 +360,7 @@ impl<'a, W: Word> Requests<'a, W> {
                 add_max(&slot[S_MAX], value);
                 if self.layout.histogram {
                     let bucket = bucket_of(value) as usize;
-                    slot[S_BUCKETS + bucket / 2].fetch_add(1 << (32 * (bucket % 2)), Relaxed);
+                    add_to_bucket(slot, bucket / 2, 1 << (32 * (bucket % 2)));
                 }
                 return Recorded::Window;
             }
@@ -365,7 +422,36 @@ impl<'a, W: Word> Requests<'a, W> {
         let words = self.layout.slot_words();
         for slot in self.cells[header..].chunks_exact(words) {
             prefetch(&slot[S_STAMP]);
-            prefetch(&slot[S_MAX]);
+            prefetch(&slot[words.min(S_BUCKETS) - 1]);
+        }
+    }
+
+    /// Asks for the cache lines of the buckets that a report with
+    /// percentiles reads next of each window slot (by its count and lines
+    /// word: read, so best when [`prefetch`] asked for the slot's first
+    /// words a while before): the lines with counts, up to the one of the
+    /// last rank it looks for (each line with its bit set holds a request
+    /// at least: rank r is within the first r).
+    ///
+    /// [`prefetch`]: Requests::prefetch
+    pub fn prefetch_buckets(&self) {
+        if !self.layout.histogram {
+            return;
+        }
+        let header = self.layout.header();
+        for slot in self.cells[header..].chunks_exact(SLOT_WORDS) {
+            let lead = lead(slot);
+            let mut lines = slot[S_LINES].load(Relaxed);
+            let mut left = last_rank_read(slot[S_COUNT].load(Relaxed));
+            while lines != 0 && left > 0 {
+                left -= 1;
+                let line = lines.trailing_zeros() as usize;
+                lines &= lines - 1;
+                let first = (line * LINE_WORDS).saturating_sub(lead);
+                if let Some(word) = slot[S_BUCKETS..].get(first) {
+                    prefetch(word);
+                }
+            }
         }
     }
 
@@ -428,9 +514,17 @@ impl<'a, W: Word> Requests<'a, W> {
             ours[S_COUNT].fetch_add(theirs[S_COUNT].load(Relaxed), Relaxed);
             add_f64(&ours[S_SUM], load_f64(&theirs[S_SUM]));
             add_max(&ours[S_MAX], load_f64(&theirs[S_MAX]));
-            for (cell, pair) in ours[S_BUCKETS..].iter().zip(&theirs[S_BUCKETS..]) {
+            if !self.layout.histogram {
+                continue;
+            }
+            // Every word (the records' lines differ by address): a fold is
+            // rare.
+            for (word, pair) in theirs[S_BUCKETS..].iter().enumerate() {
                 // Two u32 halves: each sum stays below 2^32 as recording's.
-                cell.fetch_add(pair.load(Relaxed), Relaxed);
+                let pair = pair.load(Relaxed);
+                if pair != 0 {
+                    add_to_bucket(ours, word, pair);
+                }
             }
         }
     }
@@ -500,11 +594,14 @@ impl<'a, W: Word> Requests<'a, W> {
         let sum = f64::from_bits(slot[S_SUM].load(Acquire));
         let max = f64::from_bits(slot[S_MAX].load(Acquire));
         let read = if self.layout.histogram {
-            // Straight from the words (most are zero): no buffer per window.
-            let mut pairs = slot[S_BUCKETS..]
-                .iter()
-                .enumerate()
-                .map(|(i, word)| (i, word.load(Acquire)))
+            // Straight from the words of the lines that have counts (a
+            // busy key fills a few of 25): no buffer per window. A line
+            // whose bit is set after this load has only counts added
+            // meanwhile.
+            let lines = slot[S_LINES].load(Acquire);
+            let buckets = &slot[S_BUCKETS..];
+            let mut pairs = occupied_words(lines, lead(slot))
+                .map(|i| (i, buckets[i].load(Acquire)))
                 .filter(|&(_, word)| word != 0)
                 .flat_map(|(i, word)| {
                     let bucket = (2 * i) as u16;
@@ -654,6 +751,76 @@ mod tests {
         assert_eq!(r.last_window(), Some(9));
         r.record(13, 1.0, &Here);
         assert_eq!(r.last_window(), Some(13));
+    }
+
+    /// The lines word of `r`'s slot of `window`.
+    fn lines_of(r: &Requests<'_, AtomicU64>, window: u64) -> u64 {
+        r.slot(window)[S_LINES].load(Relaxed)
+    }
+
+    /// The bit of the line of the bucket of `ms` in `r`'s slot of `window`.
+    fn line_bit(r: &Requests<'_, AtomicU64>, window: u64, ms: f64) -> u64 {
+        1 << ((bucket_of(ms) as usize / 2 + lead(r.slot(window))) / LINE_WORDS)
+    }
+
+    #[test]
+    fn a_window_is_read_from_the_lines_its_requests_marked() {
+        let cells = cells(3);
+        let r = Requests::new(&cells, dense(3)).unwrap();
+        let latencies = [0.0, 0.2, 1.1, 1.15, 4.0, 12.0, 30.0, 800.0, 5000.0, 2e6];
+        let mut expected = Histogram::new();
+        let mut bits = 0;
+        for ms in latencies {
+            r.record(10, ms, &Here);
+            expected.record(ms);
+            bits |= line_bit(&r, 10, ms);
+        }
+        assert_eq!(lines_of(&r, 10), bits);
+        assert_eq!(r.window(10).unwrap(), expected);
+        // A count in a line whose bit is not set is not read (none is
+        // there but one added after the reader's load of the lines word).
+        let unmarked = (0..BUCKET_WORDS)
+            .find(|&word| bits & (1 << ((word + lead(r.slot(10))) / LINE_WORDS)) == 0)
+            .unwrap();
+        r.slot(10)[S_BUCKETS + unmarked].fetch_add(5, Relaxed);
+        assert_eq!(r.window(10).unwrap(), expected);
+        assert_eq!(r.window_summary(10), Some(Summary::of(&expected)));
+        // A roll zeroes the lines word with the buckets.
+        r.record(13, 2.0, &Here);
+        assert_eq!(lines_of(&r, 13), line_bit(&r, 13, 2.0));
+        let mut two = Histogram::new();
+        two.record(2.0);
+        assert_eq!(r.window(13).unwrap(), two);
+    }
+
+    #[test]
+    fn bad_latencies_count_as_0_and_huge_ones_as_the_largest() {
+        let cells = cells(1);
+        let r = Requests::new(&cells, dense(1)).unwrap();
+        for ms in [f64::NAN, -3.0, f64::INFINITY, f64::NEG_INFINITY, 2e12, 5.0] {
+            r.record(4, ms, &Here);
+        }
+        let w = r.window(4).unwrap();
+        assert_eq!((w.count, w.sum, w.max), (6, MAX_VALUE + 5.0, MAX_VALUE));
+        assert_eq!(w.percentile(0.5), 0.0);
+        assert_eq!(r.total().sum, MAX_VALUE + 5.0);
+    }
+
+    #[test]
+    fn a_fold_marks_the_lines_of_what_it_adds() {
+        let (a, b) = (cells(3), cells(3));
+        let from = Requests::new(&a, dense(3)).unwrap();
+        let into = Requests::new(&b, dense(3)).unwrap();
+        let mut expected = Histogram::new();
+        for ms in [1.1, 4.0, 12.0, 30.0, 90.0, 250.0, 800.0] {
+            from.record(21, ms, &Here);
+            expected.record(ms);
+        }
+        into.record(21, 30.0, &Here);
+        expected.record(30.0);
+        into.fold(&from, &Here);
+        assert_eq!(into.window(21).unwrap(), expected);
+        assert_eq!(into.total().count, 8);
     }
 
     #[test]
@@ -859,10 +1026,10 @@ mod tests {
         let total = r.total();
         assert_eq!(total.at_or_below, vec![1, 2, 4]);
         assert_eq!(total.count, 5);
-        // docs/request-counter.md's formula: 3 + E + ring x 197 cells.
+        // docs/request-counter.md's formula: 3 + E + ring x 198 cells.
         for e in [1, 3, 11, MAX_EDGES] {
             let width = Layout::with_edges(3, true, e).unwrap().width() as usize;
-            assert_eq!(width, 3 + e + 3 * 197);
+            assert_eq!(width, 3 + e + 3 * 198);
             let bare = Layout::with_edges(3, false, e).unwrap().width() as usize;
             assert_eq!(bare, 3 + e + 3 * 4);
         }
