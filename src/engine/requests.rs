@@ -260,13 +260,18 @@ fn add_to_bucket<W: Word>(slot: &[W], word: usize, add: u64) {
 fn occupied_words(lines: u64, lead: usize) -> impl Iterator<Item = usize> {
     (0..u64::BITS as usize)
         .filter(move |&line| lines & (1 << line) != 0)
-        .flat_map(move |line| {
-            let start = (line * LINE_WORDS).saturating_sub(lead);
-            let end = ((line + 1) * LINE_WORDS)
-                .saturating_sub(lead)
-                .min(BUCKET_WORDS);
-            start..end
-        })
+        .flat_map(move |line| line_words(line, lead))
+}
+
+/// The bucket words in line `line` of a slot whose first bucket word is
+/// `lead` words into its cache line: the inverse of the bit
+/// [`add_to_bucket`] sets.
+fn line_words(line: usize, lead: usize) -> std::ops::Range<usize> {
+    let start = (line * LINE_WORDS).saturating_sub(lead);
+    let end = ((line + 1) * LINE_WORDS)
+        .saturating_sub(lead)
+        .min(BUCKET_WORDS);
+    start..end
 }
 
 fn add_max<W: Word>(cell: &W, value: f64) {
@@ -447,8 +452,7 @@ impl<'a, W: Word> Requests<'a, W> {
                 left -= 1;
                 let line = lines.trailing_zeros() as usize;
                 lines &= lines - 1;
-                let first = (line * LINE_WORDS).saturating_sub(lead);
-                if let Some(word) = slot[S_BUCKETS..].get(first) {
+                if let Some(word) = slot[S_BUCKETS..].get(line_words(line, lead).start) {
                     prefetch(word);
                 }
             }
