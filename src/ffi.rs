@@ -331,17 +331,49 @@ pub unsafe extern "C" fn rc_report_begin_prometheus(
 /// `report` is null or live.
 #[no_mangle]
 pub unsafe extern "C" fn rc_report_render(report: *mut Report, max_keys: u32) -> i32 {
-    match report.as_mut() {
-        Some(report) => guarded(Error::Internal.code(), || {
-            let max = if max_keys == 0 {
-                usize::MAX
-            } else {
-                max_keys as usize
-            };
-            i32::from(report.render(max))
-        }),
-        None => Error::BadArgument.code(),
+    rc_report_render_upto(report, max_keys, 0, std::ptr::null_mut())
+}
+
+/// Renders as [`rc_report_render`] does (up to `max_keys` more keys, 0:
+/// all), stopping as well after the key that brings the text held (since
+/// the last [`rc_report_clear_text`]) to `max_bytes` bytes or more (0: no
+/// such limit); the keys rendered in `*rendered` (null: not wanted), a
+/// key in each Prometheus section counting once per section. 1 when the
+/// text is whole, 0 when keys are left, `CODE_INTERNAL` on a caught panic,
+/// `CODE_BAD_ARGUMENT` for a null report.
+///
+/// # Safety
+///
+/// `report` is null or live; `rendered` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rc_report_render_upto(
+    report: *mut Report,
+    max_keys: u32,
+    max_bytes: usize,
+    rendered: *mut u32,
+) -> i32 {
+    let report = match report.as_mut() {
+        Some(report) => report,
+        None => return Error::BadArgument.code(),
+    };
+    let max_keys = if max_keys == 0 {
+        usize::MAX
+    } else {
+        max_keys as usize
+    };
+    let max_bytes = if max_bytes == 0 {
+        usize::MAX
+    } else {
+        max_bytes
+    };
+    let (done, keys) = match guarded(None, || Some(report.render_upto(max_keys, max_bytes))) {
+        Some(result) => result,
+        None => return Error::Internal.code(),
+    };
+    if let Some(rendered) = rendered.as_mut() {
+        *rendered = u32::try_from(keys).unwrap_or(u32::MAX);
     }
+    i32::from(done)
 }
 
 /// The text rendered so far, its length in `*out_len`: valid until the
@@ -443,13 +475,33 @@ mod tests {
             assert_eq!(rc_report_render(report, 1), 0);
             assert_eq!(rc_report_render(report, 1), 1);
             let text = rc_report_text(report, &mut len);
-            let text = String::from_utf8_lossy(bytes(text, len));
+            let text = String::from_utf8_lossy(bytes(text, len)).into_owned();
             assert!(
                 text.contains("resty_requests_window_rate{dict=\"\",key=\"all\",window=\"60\"} 1")
             );
+            // By bytes: one byte of text ends a piece after its first key,
+            // whose count is said; 0 keys and 0 bytes: no limit.
+            assert_eq!(rc_report_begin_prometheus(report, ptr::null(), 0), 0);
+            let mut rendered = 0;
+            assert_eq!(rc_report_render_upto(report, 0, 1, &mut rendered), 0);
+            assert_eq!(rendered, 1);
+            let first = rc_report_text(report, &mut len);
+            let first = String::from_utf8_lossy(bytes(first, len)).into_owned();
+            // The key's total, then the next section's header.
+            assert!(first.contains("key=\"all\"} 0\n# HELP"), "{}", first);
+            rc_report_clear_text(report);
+            assert_eq!(rc_report_render_upto(report, 0, 0, &mut rendered), 1);
+            assert_eq!(rendered, 2);
+            let rest = rc_report_text(report, &mut len);
+            let rest = String::from_utf8_lossy(bytes(rest, len));
+            assert_eq!(first + &rest, text);
             rc_report_free(report);
             assert_eq!(
                 rc_report_render(ptr::null_mut(), 0),
+                Error::BadArgument.code()
+            );
+            assert_eq!(
+                rc_report_render_upto(ptr::null_mut(), 0, 0, ptr::null_mut()),
                 Error::BadArgument.code()
             );
             assert!(rc_report_text(ptr::null(), &mut len).is_null());

@@ -721,33 +721,53 @@ impl Report {
     /// [`Report::begin_json`] or [`Report::begin_prometheus`] began: true
     /// when the text is whole.
     pub fn render(&mut self, max_keys: usize) -> bool {
+        self.render_upto(max_keys, usize::MAX).0
+    }
+
+    /// Renders as [`Report::render`] does, up to `max_keys` keys (at
+    /// least one), and stops as well after the key that brings the text
+    /// held (since the last [`Report::clear_text`]) to `max_bytes` bytes or
+    /// more: whether the text is whole, and how many keys were rendered
+    /// (a key in each Prometheus section counts once per section). A
+    /// `write` scrape hands its text on in pieces of about `max_bytes`.
+    pub fn render_upto(&mut self, max_keys: usize, max_bytes: usize) -> (bool, usize) {
         let mut out = std::mem::take(&mut self.buf.rendered);
-        let done = self.render_into(&mut out, max_keys.max(1));
+        let (done, rendered) = self.render_into(&mut out, max_keys.max(1), max_bytes);
         self.buf.rendered = out;
         if done {
             self.rendering = None;
         }
-        done
+        (done, rendered)
     }
 
-    fn render_into(&mut self, out: &mut Vec<u8>, max_keys: usize) -> bool {
+    fn render_into(
+        &mut self,
+        out: &mut Vec<u8>,
+        max_keys: usize,
+        max_bytes: usize,
+    ) -> (bool, usize) {
         let (format, mut section, mut next, per_key) = match self.rendering.take() {
             Some(r) => (r.format, r.section, r.next, r.per_key),
-            None => return true,
+            None => return (true, 0),
         };
         let sections = match format {
             Format::Json => 1,
             Format::Prometheus { .. } => PROMETHEUS_SECTIONS.len(),
         };
-        // Room for this step's keys at once: the text is never copied to
-        // grow (a copy of up to 150 MB).
+        // Room for this step's keys at once (or for its bytes, and a key
+        // more): the text is never copied to grow (a copy of up to 150 MB).
         let left = ((sections - section) * self.keys()).saturating_sub(next);
-        reserve(out, 512 + left.min(max_keys) * per_key / sections);
+        let room = (left.min(max_keys) * per_key / sections)
+            .min(max_bytes.saturating_sub(out.len()).saturating_add(per_key));
+        reserve(out, 512 + room);
         let mut labels = Vec::new();
         let mut left = max_keys;
+        // Whether the text reached max_bytes: the step ends as if its keys
+        // were all rendered.
+        let mut full = false;
         let mut done = true;
         while section < sections {
-            while left > 0 {
+            while left > 0 && !full {
                 let entry = match self.entry_at(next) {
                     Some(entry) => entry,
                     None => break,
@@ -776,6 +796,7 @@ impl Report {
                 }
                 next += 1;
                 left -= 1;
+                full = out.len() >= max_bytes;
             }
             if self.entry_at(next).is_some() {
                 done = false;
@@ -797,7 +818,7 @@ impl Report {
                     }
                 }
             }
-            if section < sections && left == 0 {
+            if section < sections && (left == 0 || full) {
                 done = false;
                 break;
             }
@@ -810,7 +831,7 @@ impl Report {
                 per_key,
             });
         }
-        done
+        (done, max_keys - left)
     }
 
     /// After the keys: how many are tracked and the engine's memory, when
@@ -1847,6 +1868,82 @@ mod tests {
         sorted.sort_unstable();
         assert_eq!(keys, sorted);
         assert_eq!(keys.len(), 40);
+    }
+
+    /// Renders `report` (begun) in pieces of `max_bytes` and steps of
+    /// `step` keys, each piece's text taken: the pieces, and the keys
+    /// rendered in all.
+    fn in_pieces(report: &mut Report, step: usize, max_bytes: usize) -> (Vec<Vec<u8>>, usize) {
+        let (mut pieces, mut keys) = (Vec::new(), 0);
+        loop {
+            let (done, rendered) = report.render_upto(step, max_bytes);
+            assert!(rendered >= 1 && rendered <= step, "{}", rendered);
+            keys += rendered;
+            pieces.push(report.text().to_vec());
+            report.clear_text();
+            if done {
+                return (pieces, keys);
+            }
+        }
+    }
+
+    #[test]
+    fn pieces_by_bytes_make_the_same_text() {
+        let keys = 40;
+        for prometheus in [false, true] {
+            let begin = |report: &mut Report| {
+                if prometheus {
+                    report.begin_prometheus("d\"x");
+                } else {
+                    report.begin_json(4096.0, 16384.0, false);
+                }
+            };
+            let mut whole = report_of(keys, true);
+            begin(&mut whole);
+            assert!(whole.render(usize::MAX));
+            let whole = whole.text().to_vec();
+            // The longest text of one key in one section, with a section's
+            // header or the end: no piece goes further past the limit.
+            let mut one = report_of(keys, true);
+            begin(&mut one);
+            let (singles, _) = in_pieces(&mut one, 1, usize::MAX);
+            let longest = singles.iter().map(Vec::len).max().unwrap_or(0);
+            assert_eq!(singles.concat(), whole);
+            for max_bytes in [1, 100, 1000, 4096, usize::MAX] {
+                for step in [1, 7, usize::MAX] {
+                    let mut report = report_of(keys, true);
+                    begin(&mut report);
+                    let (pieces, rendered) = in_pieces(&mut report, step, max_bytes);
+                    let what = format!("{} bytes, {} keys a step", max_bytes, step);
+                    assert_eq!(pieces.concat(), whole, "{}", what);
+                    let sections = if prometheus { 3 } else { 1 };
+                    assert_eq!(rendered, keys * sections, "{}", what);
+                    let last = pieces.len() - 1;
+                    for (i, piece) in pieces.iter().enumerate() {
+                        assert!(piece.len() < max_bytes.saturating_add(longest), "{}", what);
+                        // Only the key limit, or the end, ends a piece
+                        // short of max_bytes.
+                        if step == usize::MAX && i < last {
+                            assert!(piece.len() >= max_bytes, "{}: {}", what, i);
+                        }
+                    }
+                }
+            }
+            // Text already over the limit (not taken): still a key a call.
+            let mut report = report_of(keys, true);
+            begin(&mut report);
+            let mut calls = 0;
+            loop {
+                calls += 1;
+                let (done, rendered) = report.render_upto(usize::MAX, 1);
+                assert_eq!(rendered, 1);
+                if done {
+                    break;
+                }
+            }
+            assert_eq!(calls, keys * if prometheus { 3 } else { 1 });
+            assert_eq!(report.text(), &whole[..]);
+        }
     }
 
     /// The Prometheus text as the renderer wrote it before it was made

@@ -705,16 +705,24 @@ describe("resty.counter.requests", function()
             end
         end)
 
+        -- Pieces of about 32 KB (requests.lua's WRITE_BYTES): a piece ends
+        -- after the key that reaches them (a key's text here is under 2 KB
+        -- in any one of Prometheus' sections), or with its step's keys.
+        local PIECE = 32 * 1024
+
         it("hands write() the same text a step at a time", function()
             for _, method in ipairs({ "stats", "prometheus" }) do
                 local whole = assert(r[method](r))
-                local pieces = {}
+                local pieces, longest = {}, 0
                 assert.is_true(r[method](r, function(piece)
                     pieces[#pieces + 1] = piece
+                    longest = math.max(longest, #piece)
                     return true
                 end))
-                -- A piece per 500 keys or more.
+                -- A piece per 500 keys or more, none over a piece's size.
                 assert.is_true(#pieces >= 5, method .. ": " .. #pieces)
+                assert.is_true(longest < PIECE + 2048, method .. ": "
+                               .. longest)
                 assert.equal(whole, table.concat(pieces))
             end
             local decoded = json.decode((r:stats()))
@@ -728,19 +736,23 @@ describe("resty.counter.requests", function()
             assert.equal(KEYS, keys)
         end)
 
-        it("hands write() pieces of 32 keys in one call where the phase "
-           .. "cannot yield", function()
+        it("hands write() pieces of about 32 KB in one call where the "
+           .. "phase cannot yield", function()
             -- As in log_by_lua*: the timer phase taken off the table of
             -- phases that can yield, for the call.
             local yieldable = require("resty.counter.check").yieldable
             for _, method in ipairs({ "stats", "prometheus" }) do
                 local whole = assert(r[method](r))
-                local pieces, longest = {}, 0
+                local pieces, longest, shortest = {}, 0, math.huge
                 local ran = false
                 assert(ngx.timer.at(0, function() ran = true end))
                 local was = yieldable.timer
                 yieldable.timer = nil
                 local ok, res, err = pcall(r[method], r, function(piece)
+                    if #pieces > 0 then
+                        -- The piece before this one: not the last.
+                        shortest = math.min(shortest, #pieces[#pieces])
+                    end
                     pieces[#pieces + 1] = piece
                     longest = math.max(longest, #piece)
                     return true
@@ -751,11 +763,14 @@ describe("resty.counter.requests", function()
                 -- No pause: the event loop never turned.
                 assert.is_false(ran, method)
                 assert.equal(whole, table.concat(pieces))
-                -- 2,500 keys in pieces of 32 (each section's, in
-                -- Prometheus' three), none of the whole text's size.
-                assert.is_true(#pieces >= KEYS / 32, method .. ": "
-                               .. #pieces)
-                assert.is_true(longest < 32 * 1600, method .. ": " .. longest)
+                -- 2,500 keys (1 MB of JSON, 3.5 MB of Prometheus text) in
+                -- pieces of 32 KB and a key, the last one shorter: as few
+                -- as there can be, whatever the section.
+                assert.is_true(shortest >= PIECE, method .. ": " .. shortest)
+                assert.is_true(longest < PIECE + 2048, method .. ": "
+                               .. longest)
+                assert.is_true(#pieces <= math.ceil(#whole / PIECE),
+                               method .. ": " .. #pieces)
             end
         end)
 

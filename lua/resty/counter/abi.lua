@@ -69,6 +69,8 @@ int32_t rc_report_begin_json(rc_report_t *report, double free_space,
 int32_t rc_report_begin_prometheus(rc_report_t *report,
     const unsigned char *dict, size_t dict_len);
 int32_t rc_report_render(rc_report_t *report, uint32_t max_keys);
+int32_t rc_report_render_upto(rc_report_t *report, uint32_t max_keys,
+    size_t max_bytes, uint32_t *rendered);
 const unsigned char *rc_report_text(const rc_report_t *report,
     size_t *out_len);
 void rc_report_clear_text(rc_report_t *report);

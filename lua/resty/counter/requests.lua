@@ -80,16 +80,21 @@ local TOTAL_ONLY = abi.TOTAL_ONLY
 -- the same pass of the event loop, which then serves nothing meanwhile.
 local SCRAPE_STEP = 500
 local SCRAPE_PAUSE = 0.001
--- Keys rendered per piece handed to write() in a phase that cannot yield:
--- pieces of some 50 KB of Prometheus text (15 KB of JSON), each a small
--- Lua string made in memory the Lua heap reuses, where the whole text of
--- 100,000 keys (150 MB) as one string takes fresh pages from the kernel
--- (some 40 to 100 ms for the copy alone).
-local WRITE_STEP = 32
+-- Bytes of text per piece handed to write(), about (a piece ends after
+-- the key that reaches them). Each piece is a Lua string: made in memory
+-- the Lua heap reuses while under LuaJIT's 128 KB direct-mapping threshold
+-- (a larger one is mapped afresh, one page fault per 4 KB, and unmapped
+-- when collected), and each is one step of the garbage collector, whose
+-- cycles sweep every live string of the worker: the fewer the pieces,
+-- the less of that work per scrape (see docs/request-counter.md, "What a
+-- scrape costs"). The whole text of 100,000 keys (150 MB) as one string
+-- takes fresh pages from the kernel (some 60 ms for the copy alone).
+local WRITE_BYTES = 32 * 1024
 local YIELDABLE = check.yieldable
 
 local cells_out = ffi_new("const uint64_t *[1]")
 local out_len = ffi_new("size_t[1]")
+local rendered_out = ffi_new("uint32_t[1]")
 
 
 local _M = { _VERSION = abi._VERSION }
@@ -560,8 +565,6 @@ local function report(self, only_key, for_prometheus)
 end
 
 
--- The text begun on `ptr` (begin's return code `rc`), rendered `n` keys a
--- step; the report is freed at once (its text may be 100 MB).
 -- Hands the text rendered so far to `write`, then forgets it; what write
 -- returned.
 local function hand_on(ptr, write)
@@ -577,23 +580,46 @@ local function hand_on(ptr, write)
 end
 
 
+-- One step of a scrape with `write`: up to `n` more keys (0: all) rendered
+-- and handed to `write` in pieces of about WRITE_BYTES. 1 when the text is
+-- whole, 0 when keys are left, a negative code (and write's error).
+local function write_step(ptr, n, write)
+    local left = n
+    while true do
+        local done = C.rc_report_render_upto(ptr, left, WRITE_BYTES,
+                                             rendered_out)
+        if done < 0 then
+            return done
+        end
+        local ok, err = hand_on(ptr, write)
+        if not ok then
+            return -1, err or "write failed"
+        end
+        if done == 1 then
+            return 1
+        end
+        if n > 0 then
+            left = left - rendered_out[0]
+            if left <= 0 then
+                return 0
+            end
+        end
+    end
+end
+
+
 -- The text begun on `ptr` (begin's return code `rc`), rendered `n` keys a
--- step (0: at once): returned whole or, with `write`, handed to it a step
--- at a time (then true; WRITE_STEP keys a piece, without pauses, for an
--- `n` of 0). The report is freed at once (its text may be 100 MB).
+-- step (0: at once): returned whole or, with `write`, handed to it in
+-- pieces (then true; see write_step). The report is freed at once (its
+-- text may be 100 MB).
 local function render(ptr, n, rc, write)
     local ok, err
     if rc == 0 then
-        local keys = (write and n == 0) and WRITE_STEP or n
         ok, err = in_steps(function()
-            local done = C.rc_report_render(ptr, keys)
-            if write and done >= 0 then
-                local written, write_err = hand_on(ptr, write)
-                if not written then
-                    return -1, write_err or "write failed"
-                end
+            if write then
+                return write_step(ptr, n, write)
             end
-            return done
+            return C.rc_report_render(ptr, n)
         end, n == 0)
     else
         err = failure(rc)
