@@ -74,6 +74,10 @@ pub struct Walk {
     scanned: usize,
     offsets: Vec<u32>,
     next: usize,
+    /// The table's records mark taken before the scan (see
+    /// [`crate::engine::table::Table::records_mark`]), for the engine to
+    /// keep the offsets found with it.
+    pub mark: Option<[u64; 2]>,
 }
 
 impl Walk {
@@ -93,7 +97,22 @@ impl Walk {
             scanned: 0,
             offsets: Vec::new(),
             next: 0,
+            mark: None,
         }
+    }
+
+    /// Takes `offsets` (sorted: a scan's, from the records as they are)
+    /// as the scan's: nothing is left to scan.
+    pub fn scanned_as(&mut self, offsets: &[u32]) {
+        self.offsets.clear();
+        self.offsets.extend_from_slice(offsets);
+        self.scanned = self.slots;
+    }
+
+    /// Copies the offsets a finished scan found into `into`.
+    pub fn offsets_into(&self, into: &mut Vec<u32>) {
+        into.clear();
+        into.extend_from_slice(&self.offsets);
     }
 
     /// Scans the next `max` index slots (at least one): `fill` appends
@@ -195,6 +214,9 @@ pub struct Report {
     /// `,"rate":`: the same for every key, written once per report.
     window_starts: Vec<Vec<u8>>,
     epoch_and_rate: Vec<u8>,
+    /// `(window - elapsed) / window`, `elapsed` the seconds since the
+    /// current window began: the previous window's share in the rate.
+    left_of_window: f64,
     /// The JSON of an empty window at each age (see json_windows).
     empty_windows: Vec<Vec<u8>>,
     /// The JSON of each bucket's value (a percentile is one, or the
@@ -239,6 +261,7 @@ impl Report {
                 .collect(),
             window_starts: Vec::new(),
             epoch_and_rate: Vec::new(),
+            left_of_window: 0.0,
             empty_windows: Vec::new(),
             bucket_texts: Vec::new(),
             rendering: None,
@@ -260,6 +283,9 @@ impl Report {
         put_i64(&mut text, self.now.floor() as i64);
         text.extend_from_slice(b",\"rate\":");
         self.epoch_and_rate = text;
+        let window = self.window as f64;
+        let elapsed = self.now - self.window_start(0) as f64;
+        self.left_of_window = (window - elapsed) / window;
         self
     }
 
@@ -530,9 +556,7 @@ impl Report {
     /// The sliding-window estimate of requests per window:
     /// `previous * ((window - elapsed) / window) + current`.
     fn rate(&self, current: &Summary, previous: Option<&Summary>) -> f64 {
-        let window = self.window as f64;
-        let elapsed = self.now - self.window_start(0) as f64;
-        let carried = previous.map_or(0.0, |p| p.count as f64 * ((window - elapsed) / window));
+        let carried = previous.map_or(0.0, |p| p.count as f64 * self.left_of_window);
         carried + current.count as f64
     }
 
