@@ -1479,10 +1479,11 @@ fn round14(value: f64) -> Option<(bool, u64, i32)> {
         if m >= POW10[14] {
             k -= 1;
         } else if m < POW10[13] {
-            // Not for any exponent of this range: the estimate is low.
+            // Never in this range (the estimate of the logarithm is never
+            // high there): a guard.
             k += 1;
         } else if k < -1 {
-            // 10^15 (from 999999999999999.5 on): written with an exponent.
+            // 10^15 (from 999999999999999.5 on): json_f64's other path.
             return None;
         } else {
             return Some((value < 0.0, m, k));
