@@ -74,6 +74,10 @@ pub struct Walk {
     scanned: usize,
     offsets: Vec<u32>,
     next: usize,
+    /// The table's records mark taken before the scan (see
+    /// [`crate::engine::table::Table::records_mark`]), for the engine to
+    /// keep the offsets found with it.
+    pub mark: Option<[u64; 2]>,
 }
 
 impl Walk {
@@ -93,7 +97,22 @@ impl Walk {
             scanned: 0,
             offsets: Vec::new(),
             next: 0,
+            mark: None,
         }
+    }
+
+    /// Takes `offsets` (sorted: a scan's, from the records as they are)
+    /// as the scan's: nothing is left to scan.
+    pub fn scanned_as(&mut self, offsets: &[u32]) {
+        self.offsets.clear();
+        self.offsets.extend_from_slice(offsets);
+        self.scanned = self.slots;
+    }
+
+    /// Copies the offsets a finished scan found into `into`.
+    pub fn offsets_into(&self, into: &mut Vec<u32>) {
+        into.clear();
+        into.extend_from_slice(&self.offsets);
     }
 
     /// Scans the next `max` index slots (at least one): `fill` appends
@@ -195,6 +214,9 @@ pub struct Report {
     /// `,"rate":`: the same for every key, written once per report.
     window_starts: Vec<Vec<u8>>,
     epoch_and_rate: Vec<u8>,
+    /// `(window - elapsed) / window`, `elapsed` the seconds since the
+    /// current window began: the previous window's share in the rate.
+    left_of_window: f64,
     /// The JSON of an empty window at each age (see json_windows).
     empty_windows: Vec<Vec<u8>>,
     /// The JSON of each bucket's value (a percentile is one, or the
@@ -239,6 +261,7 @@ impl Report {
                 .collect(),
             window_starts: Vec::new(),
             epoch_and_rate: Vec::new(),
+            left_of_window: 0.0,
             empty_windows: Vec::new(),
             bucket_texts: Vec::new(),
             rendering: None,
@@ -260,6 +283,9 @@ impl Report {
         put_i64(&mut text, self.now.floor() as i64);
         text.extend_from_slice(b",\"rate\":");
         self.epoch_and_rate = text;
+        let window = self.window as f64;
+        let elapsed = self.now - self.window_start(0) as f64;
+        self.left_of_window = (window - elapsed) / window;
         self
     }
 
@@ -530,9 +556,7 @@ impl Report {
     /// The sliding-window estimate of requests per window:
     /// `previous * ((window - elapsed) / window) + current`.
     fn rate(&self, current: &Summary, previous: Option<&Summary>) -> f64 {
-        let window = self.window as f64;
-        let elapsed = self.now - self.window_start(0) as f64;
-        let carried = previous.map_or(0.0, |p| p.count as f64 * ((window - elapsed) / window));
+        let carried = previous.map_or(0.0, |p| p.count as f64 * self.left_of_window);
         carried + current.count as f64
     }
 
@@ -644,42 +668,50 @@ impl Report {
         json_f64(out, h.mean());
         put(out, &self.window_starts[age]);
         // null when the engine keeps no histograms (too small for them).
-        // A percentile equal to the one before (a key of few distinct
-        // latencies) is the same text again.
-        let mut before: Option<(f64, Range<usize>)> = None;
+        // A percentile equal to the one before, or the maximum equal to
+        // the last (a key of few distinct latencies: p99 of fewer than 100
+        // requests is the maximum), is the same text again.
+        let mut before: Option<(u64, Range<usize>)> = None;
         for (i, name) in [&b",\"p50\":"[..], b",\"p90\":", b",\"p99\":"]
             .iter()
             .enumerate()
         {
             put(out, name);
-            match (h.percentiles, &before) {
-                (Some(p), Some((v, text))) if v.to_bits() == p[i].to_bits() => {
-                    put_within(out, text.clone())
-                }
-                (Some(p), _) => {
-                    let start = out.len();
-                    // A bucket's value (unless the maximum was below it):
-                    // its text made once.
-                    let text = self
-                        .bucket_texts
-                        .get(bucket_of(p[i]) as usize)
-                        .filter(|_| bucket_value(bucket_of(p[i])).to_bits() == p[i].to_bits());
-                    match text {
-                        Some(text) => put(out, text),
-                        None => json_f64(out, p[i]),
-                    }
-                    before = Some((p[i], start..out.len()));
-                }
-                (None, _) => put(out, b"null"),
+            match h.percentiles {
+                Some(p) => self.json_number(out, p[i], &mut before),
+                None => put(out, b"null"),
             }
         }
         put(out, b",\"max\":");
-        json_f64(out, h.max);
+        self.json_number(out, h.max, &mut before);
         if age == 0 {
             put(out, &self.epoch_and_rate);
             json_f64(out, self.rate(h, windows.get(1)));
         }
         put(out, b"}");
+    }
+
+    /// A latency as [`json_f64`] writes it, copied from the text of the
+    /// one written `before` when it is the same (then the text of this one)
+    /// or from the text of its bucket's value made once per report.
+    #[inline]
+    fn json_number(&self, out: &mut Vec<u8>, value: f64, before: &mut Option<(u64, Range<usize>)>) {
+        let bits = value.to_bits();
+        if let Some((seen, text)) = before {
+            if *seen == bits {
+                put_within(out, text.clone());
+                return;
+            }
+        }
+        let start = out.len();
+        // A bucket's value (a percentile, unless the maximum was below
+        // it): its text made once.
+        let bucket = bucket_of(value);
+        match self.bucket_texts.get(bucket as usize) {
+            Some(text) if bucket_value(bucket).to_bits() == bits => put(out, text),
+            _ => json_f64(out, value),
+        }
+        *before = Some((bits, start..out.len()));
     }
 
     /// Starts rendering the Prometheus text exposition format: requests as
@@ -1399,20 +1431,161 @@ fn put_short_decimal(out: &mut Vec<u8>, negative: bool, m: u64, k: usize) {
     }
 }
 
-/// A number as serde_json writes an f64: ryu's shortest form, null when
-/// not finite.
+/// A number of the JSON (a latency, a percentile, a rate) as greencheek's
+/// original gives it, in serde_json's notation: rounded to 14 significant
+/// digits as C's `"%.14g"` rounds it (cjson's default precision, which the
+/// original encodes with: the nearest such decimal, a tie to the even
+/// digit), written as serde_json (ryu) writes that number: `33.0` for a
+/// whole number (cjson: `33`), no exponent from 1e-4 to below 1e15; null
+/// when not finite. The digits past the 14th of a latency in milliseconds
+/// are the arithmetic's (1.001 s is 1000.9999999999999 ms, a mean of
+/// those sums is as long), not the clock's (a microsecond at best).
+///
+/// Why the text is serde_json's of the rounded number: a decimal of 15
+/// significant digits or fewer is the shortest form of the double nearest
+/// to it (see [`short_decimal`]), which ryu writes.
 fn json_f64(out: &mut Vec<u8>, value: f64) {
-    if let Some(whole) = small_whole(value) {
-        // What ryu writes of a whole number below 1e15: its digits, ".0".
+    if let Some(whole) = small_whole(value).filter(|w| w.unsigned_abs() < POW10[14]) {
+        // A whole number of 14 digits or fewer: its digits, ".0".
         put_i64(out, whole);
         put(out, b".0");
-    } else if let Some((negative, m, k)) = short_decimal(value) {
-        put_short_decimal(out, negative, m, k);
+    } else if let Some((negative, m, k)) = round14(value) {
+        put_round14(out, negative, m, k);
     } else if value.is_finite() {
-        put(out, ryu::Buffer::new().format_finite(value).as_bytes());
+        // Below 1e-4 or from 1e15 (not a latency in milliseconds): Rust's
+        // formatter rounds as C's (exact, ties to even).
+        let rounded = format!("{:.13e}", value).parse().unwrap_or(value);
+        put(out, ryu::Buffer::new().format_finite(rounded).as_bytes());
     } else {
         put(out, b"null");
     }
+}
+
+/// `value` rounded to 14 significant digits as C's `"%.14g"` rounds it,
+/// when that is 1e-4 or more and below 1e15 in magnitude: its sign, and
+/// `m` (14 digits) and `k` (-1 to 18) with the rounded value ±m / 10^k;
+/// None for any other value (0 included).
+///
+/// Exact, with integers: `value` is `mantissa / 2^shift`, so `value x
+/// 10^k` (the 14 digits before the point) is `mantissa x 10^k` (below
+/// 2^113) shifted right, rounded by the bits shifted out (more than half:
+/// up; exactly half: to even), as glibc's `printf` rounds the exact value
+/// (in the default rounding mode).
+#[inline]
+fn round14(value: f64) -> Option<(bool, u64, i32)> {
+    let a = value.abs();
+    if !(1e-4..1e15).contains(&a) {
+        return None;
+    }
+    let bits = a.to_bits();
+    // A normal number (1e-4 is above 2^-14): shift 3 (below 2^50) to 66.
+    let mantissa = u128::from((bits & ((1 << 52) - 1)) | (1 << 52));
+    let exponent = (bits >> 52) as i32 - 1023;
+    let shift = (52 - exponent) as u32;
+    // 13 - floor(log10 a), or one more (the estimate of the logarithm
+    // may be one low); the rounding may carry to 10^14 (9.99999999999995
+    // is 10): then one less.
+    let mut k = 13 - ((exponent * 78913) >> 18);
+    loop {
+        let (quotient, rest, unit) = if k >= 0 {
+            let scaled = mantissa * u128::from(POW10[k as usize]);
+            (scaled >> shift, scaled & ((1 << shift) - 1), 1u128 << shift)
+        } else {
+            // 1e14 or more: a divisor of 10^-k x 2^shift.
+            let unit = u128::from(POW10[k.unsigned_abs() as usize]) << shift;
+            (mantissa / unit, mantissa % unit, unit)
+        };
+        let up = 2 * rest > unit || (2 * rest == unit && quotient & 1 == 1);
+        let m = quotient as u64 + u64::from(up);
+        if m >= POW10[14] {
+            k -= 1;
+        } else if m < POW10[13] {
+            // Never in this range (the estimate of the logarithm is never
+            // high there): a guard.
+            k += 1;
+        } else if k < -1 {
+            // 10^15 (from 999999999999999.5 on): json_f64's other path.
+            return None;
+        } else {
+            return Some((value < 0.0, m, k));
+        }
+    }
+}
+
+/// Appends a [`round14`]: ±m / 10^k, `m` of 14 digits, `k` from -1 to
+/// 18, as ryu writes that number (its trailing zeros dropped; `.0` after
+/// a whole number; `0.` and the zeros after the point below 1). The 14
+/// digits are made at once ([`eight_digits`]) and stored in a few
+/// unaligned stores, the point put in between: no division by a power of
+/// ten that depends on `k`.
+#[inline]
+fn put_round14(out: &mut Vec<u8>, negative: bool, m: u64, k: i32) {
+    debug_assert!((POW10[13]..POW10[14]).contains(&m) && (-1..=18).contains(&k));
+    // The 16 digits of m (two leading zeros), the first in the lowest
+    // byte; its trailing zeros are the top bytes that are '0'.
+    let ascii = u128::from(eight_digits((m / POW10[8]) as u32))
+        | u128::from(eight_digits((m % POW10[8]) as u32)) << 64;
+    let zeros = ((ascii ^ ASCII_ZEROS).leading_zeros() / 8) as i32;
+    let digits = ascii >> 16;
+    // Room for a sign, "0.0000", 14 digits and a 16-byte store's tail.
+    const MOST: usize = 40;
+    let at = out.len();
+    if out.capacity() - at < MOST {
+        grow(out, MOST);
+    }
+    // SAFETY: MOST bytes are free past `at`; every store below ends
+    // within them (the last one at most 1 + 6 + 16 bytes in).
+    unsafe {
+        use std::ptr::write_unaligned as store;
+        let start = out.as_mut_ptr().add(at);
+        *start = b'-';
+        let p = start.add(usize::from(negative));
+        // Digits after the point, trailing zeros dropped.
+        let fraction = k - zeros;
+        let n = if k >= 14 {
+            // Below 1: "0.", k - 14 zeros (0 to 4), the digits.
+            store(p as *mut [u8; 2], *b"0.");
+            store(p.add(2) as *mut u32, u32::from_le_bytes(*b"0000"));
+            store(p.add(2 + (k - 14) as usize) as *mut u128, digits);
+            2 + fraction as usize
+        } else {
+            // 14 - k digits before the point (15 from 1e14 on: a zero).
+            let whole = (14 - k) as usize;
+            store(p as *mut u128, digits);
+            *p.add(14) = b'0';
+            *p.add(whole) = b'.';
+            if fraction > 0 {
+                store(p.add(whole + 1) as *mut u128, digits >> (8 * whole));
+                whole + 1 + fraction as usize
+            } else {
+                *p.add(whole + 1) = b'0';
+                whole + 2
+            }
+        };
+        out.set_len(at + usize::from(negative) + n);
+    }
+}
+
+/// Sixteen ASCII zeros, as the bytes of a u128.
+const ASCII_ZEROS: u128 = u128::from_le_bytes([b'0'; 16]);
+
+/// The 8 digits of `value` (below 10^8, leading zeros included) in ASCII,
+/// the first in the lowest byte: its halves, quarters and digits split
+/// side by side in the lanes of one word (a multiply and a shift divides
+/// every lane by 10^4, 100 or 10 at once).
+#[inline(always)]
+fn eight_digits(value: u32) -> u64 {
+    debug_assert!(value < 100_000_000);
+    // Lanes of 32 bits: the first four digits, the last four.
+    let v = u64::from(value / 10_000) | u64::from(value % 10_000) << 32;
+    // Lanes of 16 bits: pairs of digits (x / 100 = x * 5243 >> 19 below
+    // 10^4).
+    let high = ((v * 5243) >> 19) & 0x0000_007f_0000_007f;
+    let v = high | (v - high * 100) << 16;
+    // Lanes of 8 bits: digits (x / 10 = x * 103 >> 10 below 100).
+    let high = ((v * 103) >> 10) & 0x000f_000f_000f_000f;
+    let v = high | (v - high * 10) << 8;
+    v | u64::from_le_bytes([b'0'; 8])
 }
 
 /// A whole number of magnitude below 1e15, not -0.0 (which both
@@ -1536,7 +1709,7 @@ fn escape_label(out: &mut Vec<u8>, value: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::histogram::{Histogram, PROMETHEUS_EDGES_MS};
     use serde_json::Value;
@@ -1547,6 +1720,27 @@ mod tests {
             self.start_merge();
             while self.entry_at(self.buf.order.len()).is_some() {}
         }
+    }
+
+    /// What C's `printf("%.14g", value)` writes (lua-cjson's default
+    /// number format: greencheek's original JSON), read back; not finite
+    /// as it is (serde_json writes it as null).
+    fn c_g14(value: f64) -> f64 {
+        if !value.is_finite() {
+            return value;
+        }
+        let mut text = [0u8; 64];
+        // SAFETY: a buffer of 64 bytes, a format of one double, a double.
+        let n = unsafe {
+            libc::snprintf(
+                text.as_mut_ptr() as *mut libc::c_char,
+                text.len(),
+                b"%.14g\0".as_ptr() as *const libc::c_char,
+                value,
+            )
+        };
+        let text = std::str::from_utf8(&text[..n as usize]).unwrap();
+        text.parse().unwrap()
     }
 
     /// The reference the fast writer is held to: one key's windows as
@@ -1588,18 +1782,19 @@ mod tests {
             let report = self.report;
             let h = &self.windows[self.age];
             let mut map = serializer.serialize_map(None)?;
+            // Every latency and rate as C's "%.14g" (cjson) gives it.
             map.serialize_entry("requests", &h.count)?;
-            map.serialize_entry("latency_ms", &h.mean())?;
+            map.serialize_entry("latency_ms", &c_g14(h.mean()))?;
             map.serialize_entry("startofminute_epoch", &report.window_start(self.age))?;
             // null when the engine keeps no histograms (too small for them).
-            let percentile = |i: usize| h.percentiles.map(|p| p[i]);
+            let percentile = |i: usize| h.percentiles.map(|p| c_g14(p[i]));
             map.serialize_entry("p50", &percentile(0))?;
             map.serialize_entry("p90", &percentile(1))?;
             map.serialize_entry("p99", &percentile(2))?;
-            map.serialize_entry("max", &h.max)?;
+            map.serialize_entry("max", &c_g14(h.max))?;
             if self.age == 0 {
                 map.serialize_entry("epoch", &(report.now.floor() as i64))?;
-                map.serialize_entry("rate", &report.rate(h, self.windows.get(1)))?;
+                map.serialize_entry("rate", &c_g14(report.rate(h, self.windows.get(1))))?;
             }
             map.end()
         }
@@ -2073,6 +2268,9 @@ mod tests {
         );
     }
 
+    /// The Prometheus text's numbers as Rust's `{}` writes them; the
+    /// JSON's as C's `"%.14g"` rounds them (see [`json_f64`]), in
+    /// serde_json's notation.
     #[test]
     fn numbers_are_written_as_rust_and_serde_json_write_them() {
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -2139,7 +2337,7 @@ mod tests {
             assert_eq!(out, format!("{}\n", v).into_bytes(), "{:e}", v);
             let mut out = Vec::new();
             json_f64(&mut out, v);
-            assert_eq!(out, serde_json::to_vec(&v).unwrap(), "{:e}", v);
+            assert_eq!(out, serde_json::to_vec(&c_g14(v)).unwrap(), "{:e}", v);
             let mut out = Vec::new();
             push_u64(&mut out, v.to_bits());
             assert_eq!(out, format!("{}\n", v.to_bits()).into_bytes());
@@ -2150,7 +2348,84 @@ mod tests {
             assert_eq!(out, format!("{}\n", whole).into_bytes());
             let mut out = Vec::new();
             json_f64(&mut out, whole);
-            assert_eq!(out, serde_json::to_vec(&whole).unwrap(), "{:e}", whole);
+            let want = serde_json::to_vec(&c_g14(whole)).unwrap();
+            assert_eq!(out, want, "{:e}", whole);
+        }
+    }
+
+    #[test]
+    fn json_numbers_have_14_digits_as_cjson_writes_them() {
+        let json = |value: f64| {
+            let mut out = Vec::new();
+            json_f64(&mut out, value);
+            String::from_utf8(out).unwrap()
+        };
+        for (value, text) in [
+            // Seconds times 1000, and a mean of such: the arithmetic's
+            // digits past the 14th are not shown.
+            (1.001 * 1000.0, "1001.0"),
+            (1000.9999999999999, "1001.0"),
+            (1278.4 / 7.0, "182.62857142857"),
+            (861.5384615384615, "861.53846153846"),
+            (13.825, "13.825"),
+            (33.0, "33.0"),
+            (0.12890625, "0.12890625"),
+            // Exact ties at the 15th digit go to the even 14th.
+            (12345678901234.5, "12345678901234.0"),
+            (12345678901235.5, "12345678901236.0"),
+            (1234567890123.25, "1234567890123.2"),
+            (123456789012345.0, "123456789012340.0"),
+            (123456789012355.0, "123456789012360.0"),
+            // Carried to the next power of ten.
+            (9.999999999999996, "10.0"),
+            (99999999999999.7, "100000000000000.0"),
+            (f64::from_bits(1e-4f64.to_bits() - 1), "0.0001"),
+            (999999999999999.7, "1000000000000000.0"),
+            (1e-5 + 1e-19, "0.00001"),
+            (1e-7 + 1e-21, "1e-7"),
+            (-1000.9999999999999, "-1001.0"),
+            (f64::NAN, "null"),
+        ] {
+            assert_eq!(json(value), text, "{:e}", value);
+        }
+        // Dyadic numbers of few bits (many exact ties at the 15th digit),
+        // and their neighbours, at every scale: C's rounding, exactly.
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..100_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let bits = 1 + (rng >> 40) % 24;
+            let i = ((rng >> 8) % (1 << bits)) | 1;
+            let v = i as f64 / f64::powi(2.0, (rng % 64) as i32 - 10);
+            let v = v * f64::powi(10.0, (rng >> 61) as i32 * 4 - 12);
+            for v in [
+                v,
+                f64::from_bits(v.to_bits() + 1),
+                f64::from_bits(v.to_bits() - 1),
+            ] {
+                let want = serde_json::to_string(&c_g14(v)).unwrap();
+                assert_eq!(json(v), want, "{:e}", v);
+            }
+        }
+    }
+
+    #[test]
+    fn eight_digits_are_the_decimal_digits() {
+        let text = |v: u32| eight_digits(v).to_le_bytes();
+        let check = |v: u32| assert_eq!(text(v), *format!("{:08}", v).as_bytes(), "{}", v);
+        // Every value of each half (the lanes split at 10^4), and spread
+        // values of both.
+        for v in 0..10_000 {
+            check(v);
+            check(v * 10_000);
+            check(v * 10_000 + 9_999 - v);
+        }
+        for v in (0..100_000_000)
+            .step_by(9_973)
+            .chain([99_999_999, 10_000_000])
+        {
+            check(v);
         }
     }
 
@@ -2420,6 +2695,18 @@ mod tests {
         report
     }
 
+    /// The calling thread's CPU time: steadier than wall time on a loaded
+    /// machine, as time waiting for a CPU is not in it (for the timings).
+    pub(crate) fn thread_cpu() -> std::time::Duration {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock and a writable timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    }
+
     /// Times the rendering alone (no walk), as the FFI renders it (begin,
     /// one render, the text), of the reports `scrape_timing` renders, best
     /// of 9: `cargo test --release --no-default-features --lib
@@ -2441,15 +2728,7 @@ mod tests {
         let step = var("SCRAPE_STEP").and_then(|n| n.parse().ok());
         // Wall time, and the thread's CPU time (steadier on a loaded
         // machine: time waiting for a CPU is not in it).
-        let cpu = || {
-            let mut t = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: a valid clock and a writable timespec.
-            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-            std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-        };
+        let cpu = thread_cpu;
         let mut best = [std::time::Duration::MAX; 2];
         let mut best_cpu = best;
         let mut bytes = [0; 2];

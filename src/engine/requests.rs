@@ -38,8 +38,8 @@ use super::cell::{add_f64, load_f64};
 use super::lock::{self, Holder};
 use super::word::{prefetch, Word};
 use crate::histogram::{
-    bucket_of, last_rank_read, Histogram, Summary, BUCKETS, MAX_EDGES, MAX_VALUE,
-    PROMETHEUS_EDGES_MS,
+    bucket_of, bucket_value, last_rank_read, reported_ranks, Histogram, Summary, BUCKETS,
+    MAX_EDGES, MAX_VALUE, PROMETHEUS_EDGES_MS,
 };
 
 /// The first byte of every request key in the table.
@@ -274,6 +274,65 @@ fn line_words(line: usize, lead: usize) -> std::ops::Range<usize> {
     start..end
 }
 
+/// [`Summary::from_buckets`] of the bucket words `buckets` of a slot whose
+/// lines word is `lines` (its first bucket word `lead` words into its
+/// cache line), read from the marked lines, ascending, up to the last
+/// rank looked for: the same summary, without an iterator of pairs.
+fn summary_of_lines<W: Word>(
+    count: u64,
+    sum: f64,
+    max: f64,
+    mut lines: u64,
+    lead: usize,
+    buckets: &[W],
+) -> Summary {
+    if count == 0 {
+        return Summary {
+            count,
+            sum,
+            max,
+            percentiles: Some([0.0; 3]),
+        };
+    }
+    let ranks = reported_ranks(count);
+    // Ranks at or past the count are the maximum; the others (ascending,
+    // as the percentiles) are found in the buckets.
+    let wanted = ranks.iter().filter(|&&rank| rank < count).count();
+    let mut percentiles = [max; 3];
+    let (mut found, mut seen) = (0, 0u64);
+    'lines: while found < wanted && lines != 0 {
+        let line = lines.trailing_zeros() as usize;
+        lines &= lines - 1;
+        for word in line_words(line, lead) {
+            let pair = buckets[word].load(Acquire);
+            if pair == 0 {
+                continue;
+            }
+            for (half, n) in [(0, pair & 0xFFFF_FFFF), (1, pair >> 32)] {
+                let bucket = (2 * word + half) as u16;
+                if n == 0 || bucket >= BUCKETS {
+                    continue;
+                }
+                // A foreign record's counts may not add up: never overflow.
+                seen = seen.saturating_add(n);
+                while found < wanted && seen >= ranks[found] {
+                    percentiles[found] = bucket_value(bucket).min(max);
+                    found += 1;
+                }
+                if found == wanted {
+                    break 'lines;
+                }
+            }
+        }
+    }
+    Summary {
+        count,
+        sum,
+        max,
+        percentiles: Some(percentiles),
+    }
+}
+
 fn add_max<W: Word>(cell: &W, value: f64) {
     let mut current = cell.load(Relaxed);
     while value > f64::from_bits(current) {
@@ -464,7 +523,16 @@ impl<'a, W: Word> Requests<'a, W> {
     pub fn window(&self, window: u64) -> Option<Histogram> {
         self.read_window(
             window,
-            |count, sum, max, pairs| Histogram::from_buckets(count, sum, max, pairs),
+            |count, sum, max, lines, lead, buckets| {
+                let pairs = occupied_words(lines, lead)
+                    .map(|i| (i, buckets[i].load(Acquire)))
+                    .filter(|&(_, word)| word != 0)
+                    .flat_map(|(i, word)| {
+                        let bucket = (2 * i) as u16;
+                        [(bucket, word & 0xFFFF_FFFF), (bucket + 1, word >> 32)]
+                    });
+                Histogram::from_buckets(count, sum, max, pairs)
+            },
             Histogram::without_buckets,
         )
     }
@@ -558,13 +626,12 @@ impl<'a, W: Word> Requests<'a, W> {
     }
 
     /// What a report shows of window `window`, as [`Summary::of`] the
-    /// [`Requests::window`], read without building the histogram.
+    /// [`Requests::window`], read without building the histogram: the
+    /// marked lines' words in one loop that ends at the last rank looked
+    /// for (as [`Summary::from_buckets`], whose iterator of pairs cost a
+    /// scrape of busy keys more than the loads).
     pub fn window_summary(&self, window: u64) -> Option<Summary> {
-        self.read_window(
-            window,
-            |count, sum, max, pairs| Summary::from_buckets(count, sum, max, pairs),
-            Summary::without_buckets,
-        )
+        self.read_window(window, summary_of_lines, Summary::without_buckets)
     }
 
     /// What a report without percentiles shows of window `window`: its
@@ -573,18 +640,20 @@ impl<'a, W: Word> Requests<'a, W> {
     pub fn window_counts(&self, window: u64) -> Option<Summary> {
         self.read_window(
             window,
-            |count, sum, max, _| Summary::without_buckets(count, sum, max),
+            |count, sum, max, _, _, _| Summary::without_buckets(count, sum, max),
             Summary::without_buckets,
         )
     }
 
-    /// Reads window `window` with `with_buckets` (count, sum, max and the
-    /// (bucket, count) pairs, ascending) or, kept without histograms,
-    /// `without_buckets`; None when its slot holds another window.
+    /// Reads window `window` with `with_buckets` (count, sum, max, the
+    /// lines word, where the first bucket word lies in its line, the
+    /// bucket words: read the words of the marked lines, see
+    /// [`occupied_words`]) or, kept without histograms, `without_buckets`;
+    /// None when its slot holds another window.
     fn read_window<T>(
         &self,
         window: u64,
-        with_buckets: impl FnOnce(u64, f64, f64, &mut dyn Iterator<Item = (u16, u64)>) -> T,
+        with_buckets: impl FnOnce(u64, f64, f64, u64, usize, &[W]) -> T,
         without_buckets: impl FnOnce(u64, f64, f64) -> T,
     ) -> Option<T> {
         let want = window.saturating_add(1).min(ROLLING - 1);
@@ -603,15 +672,7 @@ impl<'a, W: Word> Requests<'a, W> {
             // whose bit is set after this load has only counts added
             // meanwhile.
             let lines = slot[S_LINES].load(Acquire);
-            let buckets = &slot[S_BUCKETS..];
-            let mut pairs = occupied_words(lines, lead(slot))
-                .map(|i| (i, buckets[i].load(Acquire)))
-                .filter(|&(_, word)| word != 0)
-                .flat_map(|(i, word)| {
-                    let bucket = (2 * i) as u16;
-                    [(bucket, word & 0xFFFF_FFFF), (bucket + 1, word >> 32)]
-                });
-            with_buckets(count, sum, max, &mut pairs)
+            with_buckets(count, sum, max, lines, lead(slot), &slot[S_BUCKETS..])
         } else {
             without_buckets(count, sum, max)
         };
@@ -795,6 +856,73 @@ mod tests {
         let mut two = Histogram::new();
         two.record(2.0);
         assert_eq!(r.window(13).unwrap(), two);
+    }
+
+    #[test]
+    fn a_window_s_summary_is_its_histogram_s() {
+        // Slots filled at random, as no request path fills them: any
+        // words, lines words that mark them or not, counts that do not
+        // add up (a foreign or torn record), the bucket past the last.
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        // Two records: their slots' first bucket words lie at two places
+        // in their cache lines.
+        for ring in [3, 2] {
+            let cells = cells(ring);
+            let r = Requests::new(&cells, dense(ring)).unwrap();
+            for case in 0..3000 {
+                r.record(9, 1.0, &Here);
+                let slot = r.slot(9);
+                let filled = 1 + next() % 12;
+                let mut sum = 0u64;
+                for word in &slot[S_BUCKETS..] {
+                    word.store(0, Relaxed);
+                }
+                for _ in 0..filled {
+                    // The last word (its high half past the last
+                    // bucket) at times.
+                    let word = match next() % 8 {
+                        0 => BUCKET_WORDS - 1,
+                        _ => (next() % BUCKET_WORDS as u64) as usize,
+                    };
+                    let n = next() % 5 + (next() % 3) * 1000;
+                    let add = if next() % 2 == 0 { n } else { n << 32 };
+                    slot[S_BUCKETS + word].fetch_add(add, Relaxed);
+                    sum += n;
+                }
+                let marks = (0..BUCKET_WORDS)
+                    .filter(|&w| slot[S_BUCKETS + w].load(Relaxed) != 0)
+                    .fold(0, |bits, w| bits | 1 << ((w + lead(slot)) / LINE_WORDS));
+                let lines = match case % 3 {
+                    0 => marks,
+                    1 => marks & next(),
+                    _ => next() & ((1 << 26) - 1),
+                };
+                slot[S_LINES].store(lines, Relaxed);
+                let count = match case % 4 {
+                    0 => sum,
+                    1 => sum / 2,
+                    2 => sum + 3,
+                    _ => case % 3,
+                };
+                slot[S_COUNT].store(count, Relaxed);
+                // Past the last bucket's value at times (2^21 ms).
+                let max = (next() % 5000) as f64 * if case % 5 == 0 { 1e4 } else { 1.0 };
+                slot[S_MAX].store(max.to_bits(), Relaxed);
+                let histogram = r.window(9).unwrap();
+                assert_eq!(
+                    r.window_summary(9),
+                    Some(Summary::of(&histogram)),
+                    "case {}",
+                    case
+                );
+            }
+        }
     }
 
     #[test]
