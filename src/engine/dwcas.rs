@@ -259,44 +259,55 @@ mod tests {
     fn threads_adding_by_compare_and_swap_lose_nothing() {
         const THREADS: u64 = 8;
         const ADDS: u64 = 100_000;
+        // Rounds at most until the threads meet: on a loaded machine a
+        // round's threads may each run its adds in one time slice.
+        const ROUNDS: u32 = 50;
         for (name, cas) in implementations() {
-            let pair = Pair([AtomicU64::new(0), AtomicU64::new(0)]);
-            let start = std::sync::Barrier::new(THREADS as usize);
-            let retries = std::thread::scope(|scope| {
-                let threads: Vec<_> = (0..THREADS)
-                    .map(|_| {
-                        scope.spawn(|| {
-                            start.wait();
-                            let mut seen = [pair.0[0].load(Acquire), pair.0[1].load(Acquire)];
-                            let mut retries = 0u64;
-                            for _ in 0..ADDS {
-                                loop {
-                                    let new = [seen[0] + 1, seen[1] + 2];
-                                    let found = unsafe { cas(pair.ptr(), seen, new) };
-                                    if found == seen {
-                                        seen = new;
-                                        break;
-                                    }
-                                    assert_eq!(
-                                        found[1],
-                                        2 * found[0],
-                                        "{}: torn {:?}",
-                                        name,
-                                        found
-                                    );
-                                    seen = found;
-                                    retries += 1;
-                                }
-                            }
-                            retries
-                        })
-                    })
-                    .collect();
-                threads.into_iter().map(|t| t.join().unwrap()).sum::<u64>()
-            });
-            let total = [pair.0[0].load(Acquire), pair.0[1].load(Acquire)];
-            assert_eq!(total, [THREADS * ADDS, 2 * THREADS * ADDS], "{}", name);
-            assert!(retries > 0, "{}: the threads never met", name);
+            let mut met = false;
+            for _ in 0..ROUNDS {
+                met = adders_meet(name, cas, THREADS, ADDS);
+                if met {
+                    break;
+                }
+            }
+            assert!(met, "{}: the threads never met in {} rounds", name, ROUNDS);
         }
+    }
+
+    /// One round of `threads` threads each adding [1, 2] `adds` times by
+    /// `cas` to a pair from [0, 0]: whether any swap failed (the threads
+    /// met). The pair ends at exactly the sum.
+    fn adders_meet(name: &str, cas: Cas, threads: u64, adds: u64) -> bool {
+        let pair = Pair([AtomicU64::new(0), AtomicU64::new(0)]);
+        let start = std::sync::Barrier::new(threads as usize);
+        let retries = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        let mut seen = [pair.0[0].load(Acquire), pair.0[1].load(Acquire)];
+                        let mut retries = 0u64;
+                        for _ in 0..adds {
+                            loop {
+                                let new = [seen[0] + 1, seen[1] + 2];
+                                let found = unsafe { cas(pair.ptr(), seen, new) };
+                                if found == seen {
+                                    seen = new;
+                                    break;
+                                }
+                                assert_eq!(found[1], 2 * found[0], "{}: torn {:?}", name, found);
+                                seen = found;
+                                retries += 1;
+                            }
+                        }
+                        retries
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|t| t.join().unwrap()).sum::<u64>()
+        });
+        let total = [pair.0[0].load(Acquire), pair.0[1].load(Acquire)];
+        assert_eq!(total, [threads * adds, 2 * threads * adds], "{}", name);
+        retries > 0
     }
 }
