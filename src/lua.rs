@@ -6,12 +6,16 @@
 //! functions into the messages users read. Hot paths never come here: an
 //! mlua call costs ~65 ns and is never compiled by the JIT.
 
+use mlua::lua_State;
 use mlua::prelude::*;
 
 use crate::error::Error;
 use crate::ffi;
 use crate::pending::{MAX_KEY_LEN, MAX_PENDING_KEYS, MAX_SAFE_INTEGER};
 use crate::spool;
+use crate::stats::advise_huge_pages;
+use std::cell::Cell;
+use std::os::raw::{c_int, c_void};
 use std::path::Path;
 
 #[mlua::lua_module]
@@ -36,7 +40,95 @@ fn resty_counter_core(lua: &Lua) -> LuaResult<LuaTable<'_>> {
         lua.create_function(|_, ()| Ok(ffi::take_panic_message()))?,
     )?;
     spool_functions(lua, &module)?;
+    // SAFETY: a C function that reads one argument and never raises.
+    let advise = unsafe { lua.create_c_function(advise_huge_strings)? };
+    module.set("advise_huge_strings", advise)?;
+    module.set("advised_string_bytes", ADVISED_BYTES)?;
     Ok(module)
+}
+
+// Huge pages for a scrape's one big string.
+//
+// LuaJIT's allocator maps every block of 128 KB or more afresh with mmap
+// and unmaps it when freed, so `ffi.string` of a 147 MB text (100,000 keys
+// of Prometheus text) writes into 37,000 fresh 4 KB pages: a page fault
+// each, 67 ms of the worker's time here against 15 ms when the same memory
+// is backed by huge pages (transparent huge pages set to `always`; most
+// systems have `madvise`, where only memory advised with MADV_HUGEPAGE
+// gets them). No API of LuaJIT places or advises that memory, but its
+// allocator is a function of the VM (`lua_getallocf`): for the duration of
+// one `ffi.string`, resty.counter.abi puts `advising_allocator` in its
+// place, which calls the VM's own allocator and advises the large blocks
+// it returns before LuaJIT writes into them. Every block still comes from
+// and returns to the VM's allocator; the VM's own is back in place as soon
+// as the string is made (or making it failed: the Lua side calls it under
+// pcall), so nothing outlives the call.
+
+/// lua.h's `lua_Alloc`.
+type LuaAlloc = unsafe extern "C" fn(*mut c_void, *mut c_void, usize, usize) -> *mut c_void;
+
+// From the VM that loads this module (module mode: its host provides them);
+// none of them raises.
+extern "C" {
+    fn lua_getallocf(state: *mut lua_State, ud: *mut *mut c_void) -> LuaAlloc;
+    fn lua_setallocf(state: *mut lua_State, allocate: LuaAlloc, ud: *mut c_void);
+    fn lua_toboolean(state: *mut lua_State, index: c_int) -> c_int;
+}
+
+thread_local! {
+    /// The VM's own allocator while `advising_allocator` stands in for it
+    /// (a VM runs on one thread: nginx's workers have one).
+    static VM_ALLOCATOR: Cell<Option<LuaAlloc>> = const { Cell::new(None) };
+}
+
+/// Blocks from this size up are advised: at least one whole huge page is
+/// then within them wherever they start.
+const ADVISED_BYTES: usize = 4 << 20;
+
+/// The VM's allocator, and huge pages asked for the large blocks it gives
+/// (see above). Never unwinds: it is called by LuaJIT's C code.
+unsafe extern "C" fn advising_allocator(
+    ud: *mut c_void,
+    block: *mut c_void,
+    old_bytes: usize,
+    bytes: usize,
+) -> *mut c_void {
+    // Only called while installed, when VM_ALLOCATOR is set; a thread
+    // without it (its storage gone) gets a failed allocation, which LuaJIT
+    // raises as "not enough memory", rather than an abort.
+    let vm_allocator = match VM_ALLOCATOR.try_with(Cell::get) {
+        Ok(Some(allocate)) => allocate,
+        _ => return std::ptr::null_mut(),
+    };
+    let given = vm_allocator(ud, block, old_bytes, bytes);
+    if bytes >= ADVISED_BYTES && !given.is_null() {
+        advise_huge_pages(given as usize, bytes);
+    }
+    given
+}
+
+/// `advise_huge_strings(on)`: with `on`, puts `advising_allocator` in the
+/// place of the VM's allocator (remembering it); without, puts the VM's
+/// back. Either is a no-op when already so. Never raises.
+unsafe extern "C" fn advise_huge_strings(state: *mut lua_State) -> c_int {
+    let on = lua_toboolean(state, 1) != 0;
+    let mut ud = std::ptr::null_mut();
+    let current = lua_getallocf(state, &mut ud);
+    // VM_ALLOCATOR is set exactly while installed; the address check keeps
+    // the stand-in from ever being remembered as the VM's own (it would
+    // call itself).
+    let _ = VM_ALLOCATOR.try_with(|vm| match vm.get() {
+        None if on && current as *const () != advising_allocator as *const () => {
+            vm.set(Some(current));
+            lua_setallocf(state, advising_allocator, ud);
+        }
+        Some(vm_allocator) if !on => {
+            vm.set(None);
+            lua_setallocf(state, vm_allocator, ud);
+        }
+        _ => {}
+    });
+    0
 }
 
 /// The spool's file handling (src/spool.rs) for lax counters on Redis:

@@ -1132,19 +1132,28 @@ impl Drop for Report {
 /// in `madvise` mode): writing 150 MB into fresh 4 KB pages takes 37,000
 /// page faults, which cost more than the writing.
 fn reserve(out: &mut Vec<u8>, more: usize) {
-    const HUGE: usize = 2 << 20;
     if out.capacity() - out.len() >= more {
         return;
     }
     out.reserve(more);
-    if out.capacity() >= 4 * HUGE {
-        let start = out.as_ptr() as usize;
-        let from = (start + HUGE - 1) & !(HUGE - 1);
-        let to = (start + out.capacity()) & !(HUGE - 1);
-        if to > from {
-            // Advice only: refused (no such pages here), nothing changes.
-            unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
-        }
+    if out.capacity() >= 4 * HUGE_PAGE {
+        advise_huge_pages(out.as_ptr() as usize, out.capacity());
+    }
+}
+
+/// The huge page size that transparent huge pages use on x86_64 and on
+/// aarch64 with 4 KB pages.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks the kernel to back the whole huge pages within `bytes` from
+/// `start` by huge pages when they are first touched (transparent huge
+/// pages in `madvise` mode; `always` needs no asking).
+pub(crate) fn advise_huge_pages(start: usize, bytes: usize) {
+    let from = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+    let to = (start + bytes) & !(HUGE_PAGE - 1);
+    if to > from {
+        // Advice only: refused (no such pages here), nothing changes.
+        unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
     }
 }
 

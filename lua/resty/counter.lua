@@ -22,6 +22,7 @@ local ffi = require "ffi"
 
 
 local C = abi.C
+local abi_string = abi.string
 local ngx = ngx
 local ngx_WARN = ngx.WARN
 local get_phase = ngx.get_phase
@@ -551,7 +552,7 @@ local function prometheus_text(self, family, names, separator)
     if n < 0 then
         return nil, "cannot render the keys: " .. engine.last_error()
     end
-    return ffi_string(text_out[0], text_len_out[0]), n
+    return abi_string(text_out[0], text_len_out[0]), n
 end
 _M._prometheus_text = prometheus_text
 

@@ -26,6 +26,7 @@ local engine = require "resty.counter.engine"
 
 
 local C = abi.C
+local abi_string = abi.string
 local failure = abi.failure
 local ngx = ngx
 local ngx_now = ngx.now
@@ -627,7 +628,7 @@ local function render(ptr, n, rc, write)
     local text = ok
     if ok and not write then
         text = C.rc_report_text(ptr, out_len)
-        text = text ~= nil and ffi_string(text, out_len[0])
+        text = text ~= nil and abi_string(text, out_len[0])
     end
     C.rc_report_free(ffi_gc(ptr, nil))
     if not text then
