@@ -192,6 +192,12 @@ local header = {
     "- LuaJIT: " .. first_line("luajit -v"),
     "- rustc: " .. first_line("$HOME/.cargo/bin/rustc --version || rustc --version"),
     "- wrk: " .. first_line("wrk -v"),
+    -- LuaJIT maps every string over 128 KB afresh; whether that memory
+    -- gets huge pages decides the cost of a scrape's one big string (see
+    -- docs/request-counter.md, "What a scrape costs").
+    "- transparent huge pages: "
+        .. first_line("cat /sys/kernel/mm/transparent_hugepage/enabled")
+        .. " (/sys/kernel/mm/transparent_hugepage/enabled)",
     "",
 }
 if charted then
