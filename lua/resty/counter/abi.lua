@@ -272,6 +272,10 @@ end
 if core.int_abi ~= INT_ABI then
     refuse("int", core.int_abi, INT_ABI)
 end
+if not advise_huge_strings then
+    error("resty_counter_core has no advise_huge_strings: the Lua files and"
+          .. " the library come from different builds")
+end
 
 
 -- `require` above loaded the library; loading the same path again through
