@@ -53,8 +53,8 @@ fn resty_counter_core(lua: &Lua) -> LuaResult<LuaTable<'_>> {
 // and unmaps it when freed, so `ffi.string` of a 147 MB text (100,000 keys
 // of Prometheus text) writes into 37,000 fresh 4 KB pages: a page fault
 // each, 67 ms of the worker's time here against 15 ms when the same memory
-// is backed by huge pages (transparent huge pages set to `always`; most
-// systems have `madvise`, where only memory advised with MADV_HUGEPAGE
+// is backed by huge pages (transparent huge pages set to `always`; this
+// machine has `madvise`, where only memory advised with MADV_HUGEPAGE
 // gets them). No API of LuaJIT places or advises that memory, but its
 // allocator is a function of the VM (`lua_getallocf`): for the duration of
 // one `ffi.string`, resty.counter.abi puts `advising_allocator` in its
