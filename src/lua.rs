@@ -2,9 +2,10 @@
 //! module that knows Lua.
 //!
 //! It carries the cold paths: set-up (the panic hook, the ABI check, the
-//! core's limits as Lua numbers) and turning error codes from the FFI
-//! functions into the messages users read. Hot paths never come here: an
-//! mlua call costs ~65 ns and is never compiled by the JIT.
+//! core's limits as Lua numbers), turning error codes from the FFI
+//! functions into the messages users read, and the allocator stand-in that
+//! puts a scrape's one big string on huge pages. Hot paths never come
+//! here: an mlua call costs ~65 ns and is never compiled by the JIT.
 
 use mlua::lua_State;
 use mlua::prelude::*;

@@ -22,8 +22,9 @@ void *memset(void *s, int c, size_t n);
 local MB = 1024 * 1024
 
 
--- A buffer of `bytes` that no two 64 KB stretches repeat (LuaJIT interns
--- strings: equal ones would be one), freed with the returned cdata.
+-- A buffer of `bytes` whose bytes depend on `seed` (one marked every 4 KB,
+-- the rest zero): LuaJIT interns strings, so two strings of equal bytes
+-- would be one. Freed with the returned cdata.
 local function buffer(bytes, seed)
     local ptr = ffi.gc(ffi.cast("unsigned char *", C.malloc(bytes)), C.free)
     assert(ptr ~= nil, "malloc")
